@@ -1,0 +1,198 @@
+"""Data sets by name, and loaders that shard across ranks.
+
+    train, test, info = data.get_dataset("auto")          # staged CIFAR-10, else synthetic
+    loader = data.make_loader(train, batch_size=64, env=env, shuffle=True)
+
+Names:
+- `synthetic`: CIFAR-shaped (3x32x32, 10 classes), deterministic from a seed and learnable:
+  each class has its own colour, stripe orientation and blob position, seen through noise,
+  random shifts and brightness, so a small CNN climbs well above chance in a few CPU epochs.
+- `cifar10`: the real set from a staged folder ($WORKSHOP_DATA/cifar-10-batches-py), staged by
+  `scripts/stage_data.sh` on a machine with internet. Nothing is downloaded here.
+- `imagefolder`: your own images, one folder per class ($WORKSHOP_DATA/<name>/{train,test}/<class>/
+  or a path given with `root=`), resized to `image_size`.
+- `auto`: `cifar10` where it is staged, else `synthetic`; it says which it took.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from workshop.dist import DistEnv, print0
+from workshop.metrics import display_path
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+STAGE_HINT = (
+    "stage it on a machine with internet (a login node): `scripts/stage_data.sh cifar10 DIR`, "
+    "then `export WORKSHOP_DATA=DIR` (or pass dataset='synthetic' to run without it)"
+)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    num_train: int
+    num_test: int
+    source: str  # where it came from, for the record
+
+
+def data_root() -> Path:
+    """$WORKSHOP_DATA, else data/ at the top of the repository."""
+    default = Path(__file__).resolve().parent.parent / "data"
+    return Path(os.environ.get("WORKSHOP_DATA", default)).expanduser()
+
+
+def make_synthetic(n: int, seed: int = 0, num_classes: int = 10, size: int = 32):
+    """`n` learnable CIFAR-shaped images and labels, a pure function of (n, seed).
+
+    Returns (images uint8 [n, 3, size, size], labels int64 [n]).
+    """
+    # The class structure comes from a fixed generator: train and test sets (other seeds) share it.
+    g_class = torch.Generator().manual_seed(1234)
+    colours = torch.rand(num_classes, 3, 1, 1, generator=g_class) * 0.8 + 0.1  # (C, 3, 1, 1)
+    angles = torch.arange(num_classes) * math.pi / num_classes
+    freqs = 2 * math.pi * (2 + torch.randint(0, 3, (num_classes,), generator=g_class)) / size
+    centres = torch.rand(num_classes, 2, generator=g_class) * 0.6 + 0.2  # blob position (y, x)
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    shift = (torch.rand(n, 2, generator=g) - 0.5) * 0.3 * size  # random translation, pixels
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    ys = ys[None] + shift[:, 0, None, None]  # (n, H, W)
+    xs = xs[None] + shift[:, 1, None, None]
+    a, f = angles[labels][:, None, None], freqs[labels][:, None, None]
+    stripes = torch.sin(f * (xs * torch.cos(a) + ys * torch.sin(a)))  # (n, H, W) in [-1, 1]
+    cy, cx = (centres[labels] * size).unbind(1)
+    blob = torch.exp(-((ys - cy[:, None, None]) ** 2 + (xs - cx[:, None, None]) ** 2) / (2 * (size / 6) ** 2))
+    # half of the colour is the class's, half is random: colour alone does not give the class away
+    colour = 0.5 * colours[labels] + 0.5 * torch.rand(n, 3, 1, 1, generator=g)
+    img = colour * (0.6 + 0.2 * stripes[:, None] + 0.3 * blob[:, None])  # (n, 3, H, W)
+    img = img * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g))  # brightness
+    img = img + 0.45 * torch.randn(img.shape, generator=g)  # noise
+    return (img.clamp(0, 1) * 255).to(torch.uint8), labels
+
+
+class ImageTensors(Dataset):
+    """uint8 images in memory, returned normalised as float (3, H, W), with optional flip."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool = False):
+        self.images, self.labels, self.augment = images, labels, augment
+        self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i].float().div_(255).sub_(self.mean).div_(self.std)
+        if self.augment and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def _cifar10(root: Path, augment: bool):
+    import torchvision
+
+    folder = root / "cifar-10-batches-py"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"CIFAR-10 is not staged: {folder} does not exist; {STAGE_HINT}")
+    sets = []
+    for train in (True, False):
+        ds = torchvision.datasets.CIFAR10(str(root), train=train, download=False)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
+        sets.append(ImageTensors(images, torch.tensor(ds.targets), augment=augment and train))
+    return sets[0], sets[1], DataInfo("cifar10", 10, (3, 32, 32), len(sets[0]), len(sets[1]), str(folder))
+
+
+def _imagefolder(root: Path, image_size: int, augment: bool):
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(
+            f"no image folder at {root}/train: lay it out as {root}/train/<class>/*.jpg and "
+            f"{root}/test/<class>/*.jpg (or pass root=...)"
+        )
+    norm = T.Normalize(CIFAR_MEAN, CIFAR_STD)
+    base = [T.Resize((image_size, image_size)), T.ToTensor(), norm]
+    train_tf = T.Compose(([T.RandomHorizontalFlip()] if augment else []) + base)
+    train = ImageFolder(str(root / "train"), transform=train_tf)
+    test_dir = root / "test" if (root / "test").is_dir() else root / "train"
+    test = ImageFolder(str(test_dir), transform=T.Compose(base))
+    info = DataInfo("imagefolder", len(train.classes), (3, image_size, image_size), len(train), len(test), str(root))
+    return train, test, info
+
+
+def get_dataset(
+    name: str = "auto",
+    *,
+    num_train: int = 50_000,
+    num_test: int = 10_000,
+    seed: int = 0,
+    augment: bool = False,
+    root: str | os.PathLike | None = None,
+    image_size: int = 32,
+) -> tuple[Dataset, Dataset, DataInfo]:
+    """(train, test, info) for a data set name (see the module docstring).
+
+    `num_train`/`num_test` size the synthetic set; `root` overrides $WORKSHOP_DATA.
+    """
+    base = Path(root).expanduser() if root is not None else data_root()
+    if name == "auto":
+        if (base / "cifar-10-batches-py").is_dir():
+            name = "cifar10"
+        else:
+            print0(f"data: CIFAR-10 is not staged under {display_path(base)}, using the synthetic set")
+            name = "synthetic"
+    if name == "synthetic":
+        train = ImageTensors(*make_synthetic(num_train, seed=seed), augment=augment)
+        test = ImageTensors(*make_synthetic(num_test, seed=seed + 1_000_003))
+        return train, test, DataInfo("synthetic", 10, (3, 32, 32), num_train, num_test, f"synthetic(seed={seed})")
+    if name == "cifar10":
+        return _cifar10(base, augment)
+    if name == "imagefolder":
+        return _imagefolder(base, image_size, augment)
+    if (base / name / "train").is_dir():  # a named image folder under $WORKSHOP_DATA
+        return _imagefolder(base / name, image_size, augment)
+    raise ValueError(
+        f"unknown data set {name!r}: use 'auto', 'synthetic', 'cifar10', 'imagefolder', or the name "
+        f"of a folder under {base} laid out as <name>/train/<class>/"
+    )
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    env: DistEnv | None = None,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader. Given a DistEnv with world_size > 1 it reads this rank's shard only: a
+    DistributedSampler gives each rank a disjoint 1/world_size of every epoch (call
+    `loader.sampler.set_epoch(epoch)` so the shuffle changes). Without `env` every rank reads all."""
+    sampler = None
+    if env is not None and env.is_distributed:
+        sampler = DistributedSampler(
+            dataset, num_replicas=env.world_size, rank=env.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        shuffle = False
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
+        num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,298 @@
+"""Who am I in this run? One `DistEnv` from whatever launched the process.
+
+A notebook is an SPMD program: the same cells run as one process (JupyterLab, nbval,
+papermill) or as N ranks (`scripts/run_notebook.sh`, one papermill process per rank).
+`detect()` reads the launcher's variables, in this order:
+
+1. torchrun: RANK, WORLD_SIZE, LOCAL_RANK (+ MASTER_ADDR, MASTER_PORT) win;
+2. a SLURM job *step* started by srun with more than one task: SLURM_STEP_ID, SLURM_PROCID,
+   SLURM_STEP_NUM_TASKS, SLURM_LOCALID. MASTER_ADDR is the first host of
+   `scontrol show hostnames $SLURM_STEP_NODELIST`, MASTER_PORT is derived from the job id
+   (and step id), so two jobs sharing a node do not collide;
+3. otherwise one process. A batch script's own step and a JupyterLab server started as a SLURM
+   job carry SLURM variables too, but they are one process, not a world.
+
+    env = dist.init()          # detect, then init the process group when world_size > 1
+    dist.print0(env)           # only rank 0 prints
+    trainer = dist.make_trainer(env, max_epochs=2)   # Lightning sees the same world
+    dist.cleanup()
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import subprocess
+import warnings
+from unittest import mock
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.distributed as tdist
+
+# Ports derived from a SLURM job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN): below Linux's
+# ephemeral range (32768+), so an outgoing connection never holds a rendezvous port.
+PORT_BASE = 20000
+PORT_SPAN = 12000
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"  # "torchrun", "slurm" or "single"
+    job_id: str | None = None  # SLURM job id, when there is one
+    device: str = "cpu"  # "cuda:<i>" or "cpu"
+    backend: str = "gloo"  # "nccl" on CUDA, "gloo" on CPU
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // self.local_world_size)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (
+            f"rank {self.rank}/{self.world_size} (local {self.local_rank}/{self.local_world_size}, "
+            f"node {self.node_rank}) on {self.device} with {self.backend}, launched by {self.launcher}"
+        )
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Expand a SLURM node list ("n[1-2]") with `scontrol show hostnames`."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            check=True, capture_output=True, text=True, timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(
+            f"cannot expand SLURM node list {nodelist!r} with `scontrol show hostnames`: {err}"
+        ) from err
+    return out.split()
+
+
+def slurm_port(job_id: str, step_id: str = "0") -> int:
+    """A rendezvous port derived from the job (and step) id: the same on every task of a step,
+    different for jobs that share a node."""
+    step = int(step_id) if step_id.isdigit() else 0
+    return PORT_BASE + (int(job_id) * 16 + step) % PORT_SPAN
+
+
+def _tasks_on_first_node(tasks_per_node: str) -> int:
+    # SLURM_STEP_TASKS_PER_NODE looks like "2(x2)" or "2,1"
+    return int(tasks_per_node.split(",")[0].split("(")[0])
+
+
+def _device(local_rank: int, cuda_count: int) -> tuple[str, str]:
+    if cuda_count == 0:
+        return "cpu", "gloo"
+    if cuda_count == 1:  # GPUs bound per task (--gpus-per-task=1): each rank sees one
+        return "cuda:0", "nccl"
+    if local_rank < cuda_count:
+        return f"cuda:{local_rank}", "nccl"
+    raise RuntimeError(
+        f"local rank {local_rank} but only {cuda_count} GPUs are visible on this node: ask for as "
+        "many GPUs per node as tasks per node (--gpus-per-node = --ntasks-per-node)"
+    )
+
+
+def detect(
+    environ: Mapping[str, str] | None = None,
+    cuda_count: int | None = None,
+    hostnames: Callable[[str], list[str]] = slurm_hostnames,
+) -> DistEnv:
+    """The DistEnv of this process, from its environment variables (see the module docstring)."""
+    e = os.environ if environ is None else environ
+    if cuda_count is None:
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    job_id = e.get("SLURM_JOB_ID")
+
+    if "RANK" in e and "WORLD_SIZE" in e:  # torchrun (or any launcher that speaks its language)
+        rank, world_size = int(e["RANK"]), int(e["WORLD_SIZE"])
+        local_rank = int(e.get("LOCAL_RANK", rank))
+        fields = dict(
+            rank=rank, local_rank=local_rank, world_size=world_size,
+            local_world_size=int(e.get("LOCAL_WORLD_SIZE", world_size)),
+            node_rank=int(e.get("GROUP_RANK", e.get("NODE_RANK", 0))),
+            master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(e.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    elif (
+        e.get("SLURM_STEP_ID", "").isdigit()  # an srun step, not the batch or extern step
+        and int(e.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+    ):
+        world_size = int(e["SLURM_STEP_NUM_TASKS"])
+        nodelist = e.get("SLURM_STEP_NODELIST") or e["SLURM_JOB_NODELIST"]
+        local_world_size = _tasks_on_first_node(e.get("SLURM_STEP_TASKS_PER_NODE", str(world_size)))
+        fields = dict(
+            rank=int(e["SLURM_PROCID"]), local_rank=int(e.get("SLURM_LOCALID", 0)),
+            world_size=world_size, local_world_size=local_world_size,
+            node_rank=int(e.get("SLURM_NODEID", 0)),
+            master_addr=hostnames(nodelist)[0],
+            master_port=int(e.get("WORKSHOP_MASTER_PORT") or slurm_port(job_id, e["SLURM_STEP_ID"])),
+            launcher="slurm",
+        )
+    else:
+        fields = dict(launcher="single")
+
+    device, backend = _device(fields.get("local_rank", 0), cuda_count)
+    return DistEnv(**fields, job_id=job_id, device=device, backend=backend)
+
+
+_ENV: DistEnv | None = None
+
+
+def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
+    """Detect the world and, when it has more than one rank, join its process group.
+
+    Safe to call again: a second call returns the same DistEnv and joins nothing. The timeout
+    (default $WORKSHOP_DIST_TIMEOUT or 600 s) bounds how long a rank waits for a dead peer.
+    """
+    global _ENV
+    if _ENV is not None and env is None:
+        return _ENV
+    env = env or detect()
+    if env.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(env.device))
+    if env.is_distributed and not tdist.is_initialized():
+        # Libraries that read the torchrun variables (device meshes, Lightning) see the same world.
+        os.environ.update(
+            MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
+            WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+            LOCAL_WORLD_SIZE=str(env.local_world_size),
+        )
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("WORKSHOP_DIST_TIMEOUT", 600))
+        tdist.init_process_group(
+            backend=env.backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank, world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    _ENV = env
+    return env
+
+
+def cleanup() -> None:
+    """Leave the process group (if any). Safe to call twice."""
+    global _ENV
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+    _ENV = None
+
+
+def get_env() -> DistEnv:
+    """The DistEnv of `init()`, or the detected one when init was not called."""
+    return _ENV if _ENV is not None else detect()
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only: every rank runs every cell, one of them speaks."""
+    if get_env().is_main:
+        print(*args, **kwargs)
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def lightning_environment(env: DistEnv):
+    """A Lightning ClusterEnvironment that reports exactly `env` (see `make_trainer`)."""
+    from lightning.fabric.plugins.environments import ClusterEnvironment
+
+    class WorkshopEnvironment(ClusterEnvironment):
+        """The world as workshop.dist sees it; processes are started outside Lightning."""
+
+        @property
+        def creates_processes_externally(self) -> bool:
+            return True
+
+        @property
+        def main_address(self) -> str:
+            return env.master_addr
+
+        @property
+        def main_port(self) -> int:
+            return env.master_port
+
+        @staticmethod
+        def detect() -> bool:
+            return True
+
+        def world_size(self) -> int:
+            return env.world_size
+
+        def set_world_size(self, size: int) -> None:
+            if size != env.world_size:
+                raise RuntimeError(f"Lightning asked for world size {size}, the launcher started {env.world_size}")
+
+        def global_rank(self) -> int:
+            return env.rank
+
+        def set_global_rank(self, rank: int) -> None:
+            pass  # the launcher decided it
+
+        def local_rank(self) -> int:
+            return env.local_rank
+
+        def node_rank(self) -> int:
+            return env.node_rank
+
+    return WorkshopEnvironment()
+
+
+def _quiet_lightning() -> None:
+    """Silence what Lightning says that is not the lesson: its hint to use srun (the processes
+    were started by srun or torchrun already, and the plugin tells it so), a deprecation inside
+    its own code, and an advertisement."""
+    warnings.filterwarnings("ignore", message=r".*`srun` command is available")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "Tip:" not in str(record.msg))
+
+
+def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
+    """A Lightning Trainer for this world: accelerator, devices, nodes and the cluster plugin
+    from `env`. Lightning's own SLURM detection would take a papermill kernel under sbatch, or a
+    JupyterLab server started as a SLURM job, for a world of its own; the plugin overrules it.
+    `strategy` defaults to "ddp" with more than one rank, else "auto"."""
+    import lightning as L
+
+    _quiet_lightning()
+    env = env or get_env()
+    if strategy is None:
+        strategy = "ddp" if env.is_distributed else "auto"
+    plugins = list(kwargs.pop("plugins", [])) + [lightning_environment(env)]
+    # In a kernel Lightning refuses multi-process strategies, fearing it would have to start the
+    # processes itself. Here each rank is a kernel already, started by torchrun or srun, and the
+    # plugin says so: the check does not apply while the Trainer is built.
+    from lightning.pytorch.trainer.connectors import accelerator_connector
+
+    with mock.patch.object(accelerator_connector, "_IS_INTERACTIVE", False):
+        return L.Trainer(
+            accelerator="gpu" if env.device.startswith("cuda") else "cpu",
+            devices=env.local_world_size,
+            num_nodes=env.num_nodes,
+            strategy=strategy,
+            plugins=plugins,
+            **kwargs,
+        )

@@ -1,0 +1,46 @@
+"""The same classifier as a LightningModule: Lightning owns the loop, the devices and the
+processes' cooperation; build its Trainer with `workshop.dist.make_trainer`.
+
+    module = lit.LitClassifier(models.get_model("small_cnn"), lr=0.05)
+    trainer = dist.make_trainer(env, max_epochs=2)
+    trainer.fit(module, train_loader, test_loader)
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch.nn.functional as F
+from torch import nn
+
+from workshop.train import make_optimizer
+
+
+class LitClassifier(L.LightningModule):
+    def __init__(self, model: nn.Module, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+
+    def forward(self, x):
+        return self.model(x)
+
+    def _step(self, batch, stage: str):
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(1) == y).float().mean()
+        # sync_dist: the logged validation numbers are means over all ranks, not rank 0's shard
+        on_step = stage == "train"
+        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, sync_dist=not on_step)
+        self.log(f"{stage}_acc", acc, on_step=on_step, on_epoch=True, sync_dist=not on_step)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return make_optimizer(self.model, h.lr, h.momentum, h.weight_decay)

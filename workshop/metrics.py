@@ -1,0 +1,186 @@
+"""Timing, throughput, peak memory, and the run's folder and `record.json`.
+
+Every run writes into a folder of its own (`run_dir`): `scripts/run_notebook.sh` makes it and
+passes it as $WORKSHOP_RUN_DIR; run by hand (JupyterLab, nbval) a notebook gets
+runs/<notebook>-<time>. Reports are computed from the records only.
+
+    run = metrics.run_dir("01_baseline")
+    with metrics.Timer(device) as t:
+        ...
+    metrics.write_record(run, params=params, results={"wall_time_s": t.elapsed})
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from workshop.dist import DistEnv, get_env
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Wall time of a block. On CUDA it synchronises before and after: kernels run
+    asynchronously, and without the sync the timer measures only the launch."""
+
+    def __init__(self, device="cpu"):
+        self.device = device
+        self.elapsed = 0.0
+
+    def __enter__(self):
+        _sync(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.elapsed = time.perf_counter() - self._t0
+        return False
+
+
+def throughput(samples: int, seconds: float) -> float:
+    """samples/s (or tokens/s when `samples` counts tokens)."""
+    return samples / seconds if seconds > 0 else float("nan")
+
+
+def reset_peak_memory(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> int:
+    """Peak bytes: CUDA memory allocated by tensors on a GPU (since the last reset); on CPU the
+    process's peak resident set size, which includes Python and the libraries (never reset)."""
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("WORKSHOP_RUNS", REPO / "runs"))
+
+
+def run_dir(notebook: str, env: DistEnv | None = None) -> Path:
+    """This run's folder: $WORKSHOP_RUN_DIR (set by scripts/run_notebook.sh), else a new
+    runs/<notebook>-<job id or time> that no other run writes to."""
+    if os.environ.get("WORKSHOP_RUN_DIR"):
+        path = Path(os.environ["WORKSHOP_RUN_DIR"])
+    else:
+        env = env or get_env()
+        tag = env.job_id or os.environ.get("TORCHELASTIC_RUN_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = runs_root() / f"{notebook}-{tag}"
+        if env.is_main and path.exists() and not env.is_distributed:
+            path = Path(tempfile.mkdtemp(prefix=path.name + "-", dir=path.parent))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def display_path(path) -> str:
+    """A path as shown to people: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def hardware() -> dict:
+    info = {"host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def versions() -> dict:
+    import lightning
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+        "cuda": torch.version.cuda, "workshop": _workshop_version(),
+    }
+
+
+def _workshop_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("workshop")
+    except PackageNotFoundError:
+        return "source"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write whole or not at all: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(run: Path, *, notebook: str, params: dict, results: dict, status: str = "ok",
+                 env: DistEnv | None = None, **extra) -> Path | None:
+    """Write `run/record.json` (rank 0 only; other ranks return None): what ran, where, with
+    which versions, and what it measured. Numbers only from measurements."""
+    env = env or get_env()
+    if not env.is_main:
+        return None
+    record = {
+        "notebook": notebook,
+        "status": status,
+        "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "params": params,
+        "dist": env.as_dict(),
+        "hardware": hardware(),
+        "versions": versions(),
+        "git": git_revision(),
+        "slurm_job_id": env.job_id,
+        "results": results,
+        **extra,
+    }
+    path = Path(run) / "record.json"
+    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+def read_record(run: Path) -> dict:
+    return json.loads((Path(run) / "record.json").read_text())

@@ -1,0 +1,70 @@
+"""The plain PyTorch training loop and evaluation, as notebook 01 writes them out.
+
+    history = train.fit(model, train_loader, test_loader, epochs=2, lr=0.05, device=env.device)
+
+With a DistributedSampler in the loader (`data.make_loader(..., env=env)`) and a DDP-wrapped
+model the same loop is data-parallel training; `evaluate` then averages over all ranks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def train_epoch(model: nn.Module, loader, optimizer, device, epoch: int = 0) -> dict:
+    """One pass over `loader`: forward, loss, backward, step. Returns this rank's mean loss,
+    accuracy, sample count and seconds."""
+    model.train()
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+    total_loss, correct, seen = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)  # (B, num_classes)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return {"loss": total_loss / seen, "acc": correct / seen, "samples": seen, "time_s": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device) -> dict:
+    """Mean loss and accuracy over `loader`; summed over all ranks when a process group exists
+    (each rank evaluating its own shard)."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(), (logits.argmax(1) == y).sum().item(), len(y)],
+                             dtype=torch.float64, device=device)
+    if tdist.is_initialized():
+        tdist.all_reduce(sums)
+    return {"loss": (sums[0] / sums[2]).item(), "acc": (sums[1] / sums[2]).item()}
+
+
+def fit(model: nn.Module, train_loader, test_loader, *, epochs: int, lr: float, device, optimizer=None) -> list[dict]:
+    """Train for `epochs`, evaluating after each; one dict per epoch."""
+    optimizer = optimizer or make_optimizer(model, lr)
+    history = []
+    for epoch in range(epochs):
+        stats = train_epoch(model, train_loader, optimizer, device, epoch)
+        val = evaluate(model, test_loader, device)
+        history.append({"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc": val["acc"]})
+    return history
