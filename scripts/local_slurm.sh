@@ -13,13 +13,18 @@
 # What you get:
 #   - nodes n1 and n2 (both 127.0.0.1; added to /etc/hosts if they do not
 #     resolve), each with the machine's CPU count (nproc), RealMemory 4000 MB
-#     and two placeholder GPUs (Gres=gpu:2, backed by empty files, no real GPU:
-#     --gpus-per-node=N is accepted and CUDA_VISIBLE_DEVICES is set, nothing more);
+#     and two placeholder GPUs (Gres=gpu:2; the "devices" are symlinks to
+#     /dev/null in the state folder). There is no real GPU: --gpus-per-node=N
+#     is accepted and SLURM sets CUDA_VISIBLE_DEVICES/SLURM_JOB_GPUS as on a
+#     GPU cluster, nothing more. `hostname` is the same on both nodes; use
+#     SLURMD_NODENAME (n1/n2) to tell them apart;
 #   - partition "gpu" (the default) with both nodes;
 #   - SelectTypeParameters=CR_CPU: a job holds only the CPUs it asks for, so
 #     several jobs (e.g. two 2-node jobs with one task per node) run at once;
+#     a job asking for more CPUs per node than nproc is refused;
 #   - no accounting daemon (sacct does not work; use `sbatch --wait`);
-#   - requeue enabled (JobRequeue=1), short timeouts for fast CI.
+#   - requeue enabled (JobRequeue=1; a requeued job restarts after ~15 s),
+#     short timeouts for fast CI.
 #
 # Where things live: everything (generated slurm.conf and gres.conf, state,
 # spool, pid and log files, placeholder GPU files) is in one folder,
@@ -38,10 +43,12 @@
 # system) it is used and left alone; otherwise this script starts one as
 # user munge, with its pid and log files in <state folder>/munge.
 #
-# `stop` ends only daemons this script started (by the pid files in the
-# state folder) and waits for them to exit. Job state survives stop/start
-# (slurmctld keeps it in <state folder>/ctld); delete the folder for a clean
-# slate.
+# `stop` first cancels all jobs of this cluster (so no job processes are left
+# behind and a later start does not run stale pending jobs), then ends only
+# the daemons this script started (by the pid files in the state folder) and
+# waits for them to exit. Node state and the job id counter survive
+# stop/start (slurmctld keeps them in <state folder>/ctld); delete the folder
+# for a completely clean slate.
 #
 # Settings (environment):
 #   WORKSHOP_SLURM_DIR      state folder              (default /tmp/workshop-slurm)
@@ -49,7 +56,8 @@
 #   WORKSHOP_SLURM_MEM_MB   RealMemory per node       (default 4000)
 #   WORKSHOP_SLURM_TIMEOUT  seconds to wait for nodes (default 60)
 #
-# Needs root for start/stop (the daemons run as root, munged as munge).
+# Needs root for start/stop (the daemons run as root, munged as munge); with
+# sudo, pass settings explicitly: sudo WORKSHOP_SLURM_DIR=... scripts/local_slurm.sh start
 # Tested with Debian 12's slurm-wlm 22.05 and munge 0.5.15.
 
 set -euo pipefail
@@ -83,14 +91,22 @@ die() { echo "local_slurm: ERROR: $*" >&2; exit 1; }
 ctld_pidfile() { echo "$RUN_DIR/slurmctld.pid"; }
 slurmd_pidfile() { echo "$RUN_DIR/slurmd.$1.pid"; }   # matches SlurmdPidFile (%n)
 
+# True if process $1 exists and is not a zombie (a killed daemon stays a
+# zombie until init reaps it).
+running() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat:0:1} != Z ]]
+}
+
 # Prints the pid recorded in pid file $1 if that process is alive and its
 # command name is $2 (guards against a recycled pid); fails otherwise.
 alive_pid() {
     local file=$1 name=$2 pid
     [[ -r $file ]] || return 1
     pid=$(tr -dc '0-9' <"$file")
-    [[ -n $pid ]] || return 1
-    kill -0 "$pid" 2>/dev/null || [[ -d /proc/$pid ]] || return 1
+    [[ -n $pid ]] && running "$pid" || return 1
     [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$name" ]] || return 1
     echo "$pid"
 }
@@ -144,7 +160,8 @@ ensure_hosts() {
     done
     if ((${#missing[@]})); then
         say "adding '127.0.0.1 ${missing[*]}' to /etc/hosts"
-        echo "127.0.0.1 ${missing[*]}  # workshop local_slurm.sh" >>/etc/hosts
+        echo "127.0.0.1 ${missing[*]}  # workshop local_slurm.sh" >>/etc/hosts ||
+            die "cannot write /etc/hosts; add the line '127.0.0.1 ${missing[*]}' by hand"
     fi
 }
 
@@ -248,6 +265,8 @@ TaskPlugin=task/none
 MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+# Scheduling passes every 5 s (defaults 60/30 s) so requeued jobs restart quickly.
+SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 # Allocate CPUs (not whole nodes, not memory): jobs share nodes.
 SelectTypeParameters=CR_CPU
@@ -308,29 +327,43 @@ install_client_conf() {
 
 # --- daemons ------------------------------------------------------------------
 
-# Sends SIGTERM to the process in pid file $1 (command name $2), waits up to
-# 30 s for it to exit, then SIGKILL.
-stop_one() {
-    local file=$1 name=$2 pid i
-    pid=$(alive_pid "$file" "$name") || { rm -f "$file"; return 0; }
-    say "stopping $name (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || die "cannot signal $name pid $pid (not root?)"
+# Stops the daemons named by "pidfile:command" arguments: SIGTERM to all of
+# them at once, wait up to 30 s for them to exit, then SIGKILL.
+stop_daemons() {
+    local spec file name pid pids=() files=() i alive
+    for spec in "$@"; do
+        file=${spec%:*} name=${spec##*:}
+        if pid=$(alive_pid "$file" "$name"); then
+            say "stopping $name (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || die "cannot signal $name pid $pid (not root?)"
+            pids+=("$pid") files+=("$file")
+        else
+            rm -f "$file"
+        fi
+    done
     for ((i = 0; i < 150; i++)); do
-        [[ -d /proc/$pid ]] || { rm -f "$file"; return 0; }
+        alive=0
+        for pid in "${pids[@]}"; do
+            running "$pid" && alive=1
+        done
+        [[ $alive == 0 ]] && break
         sleep 0.2
     done
-    say "warning: $name (pid $pid) ignored SIGTERM for 30 s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    sleep 0.5
-    rm -f "$file"
+    for pid in "${pids[@]}"; do
+        if running "$pid"; then
+            say "warning: pid $pid ignored SIGTERM for 30 s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    rm -f "${files[@]}"
 }
 
 stop_slurm() {
-    local n
+    local n specs=("$(ctld_pidfile):slurmctld")
     for n in "${NODES[@]}"; do
-        stop_one "$(slurmd_pidfile "$n")" slurmd
+        specs+=("$(slurmd_pidfile "$n"):slurmd")
     done
-    stop_one "$(ctld_pidfile)" slurmctld
+    stop_daemons "${specs[@]}"
 }
 
 # Waits until pid file $1 names a live process $2 (daemons write it themselves).
@@ -438,11 +471,32 @@ cmd_start() {
     say "started in $((SECONDS - t0)) s. Config: $CONF; logs: $LOG_DIR"
 }
 
+# Cancels every job (running and pending) and waits for them to end, so that
+# stop leaves no job processes behind and a later start does not run stale jobs.
+cancel_jobs() {
+    local ids i
+    ids=$(squeue -h -o %i 2>/dev/null | tr '\n' ' ') || return 0
+    [[ -n ${ids// /} ]] || return 0
+    say "cancelling jobs: $ids"
+    # shellcheck disable=SC2086  # word splitting intended: list of job ids
+    scancel $ids 2>/dev/null || true
+    for ((i = 0; i < 150; i++)); do
+        [[ -z "$(squeue -h -o %i 2>/dev/null)" ]] && return 0
+        sleep 0.2
+    done
+    say "warning: jobs still listed after 30 s: $(squeue -h -o '%i %T' | tr '\n' ' ')"
+}
+
 cmd_stop() {
-    stop_slurm
-    if alive_pid "$MUNGE_PID" munged >/dev/null; then
-        stop_one "$MUNGE_PID" munged
+    if [[ $EUID != 0 ]] && { alive_pid "$(ctld_pidfile)" slurmctld || alive_pid "$MUNGE_PID" munged; } >/dev/null; then
+        die "stop needs root: sudo $0 stop"
     fi
+    if alive_pid "$(ctld_pidfile)" slurmctld >/dev/null && munge_works; then
+        cancel_jobs
+    fi
+    stop_slurm
+    # Only a munged this script started has its pid file here.
+    stop_daemons "$MUNGE_PID:munged"
     say "stopped"
 }
 

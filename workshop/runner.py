@@ -5,6 +5,7 @@ The shell script launches; this module does the rest, in three steps:
     python -m workshop.runner prepare --nranks N NOTEBOOK [papermill options]   # -> run folder
     python -m workshop.runner rank RUN_DIR NOTEBOOK [papermill options]         # once per rank
     python -m workshop.runner collect RUN_DIR LAUNCHER_EXIT_CODE                # summary, exit code
+    python -m workshop.runner series [NOTEBOOK ...]                             # `make run`
 
 `prepare` refuses bad input before anything runs (a missing notebook, a parameter the notebook
 does not have, a bad rank count) and makes a run folder that no other run writes to. `rank` runs
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from workshop.metrics import atomic_write_text, runs_root
+from workshop.metrics import REPO, atomic_write_text, display_path, runs_root
 
 # papermill options that carry parameters, and how many values follow each
 PARAM_OPTIONS = {"-p": 2, "--parameters": 2, "-r": 2, "--parameters_raw": 2, "-f": 1,
@@ -141,12 +142,10 @@ def failed_cell(executed: Path) -> dict:
         nb = json.loads(executed.read_text())
     except (OSError, ValueError):
         return {}
-    code_cells = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
-    for number, cell in enumerate(code_cells, 1):
+    for cell in nb.get("cells", []):
         for out in cell.get("outputs", []):
-            if out.get("output_type") == "error":
-                return {"cell": number, "execution_count": cell.get("execution_count"),
-                        "error": f"{out.get('ename')}: {out.get('evalue')}"}
+            if out.get("output_type") == "error":  # "In [N]" is how Jupyter labels the cell
+                return {"cell": f"In [{cell.get('execution_count')}]", "error": f"{out.get('ename')}: {out.get('evalue')}"}
     return {}
 
 
@@ -235,6 +234,32 @@ def collect(run: Path, launcher_rc: int) -> int:
     return 0
 
 
+def declared_ranks(notebook: Path) -> int:
+    """How many local ranks `make run` gives a notebook: its metadata's workshop.ranks, else 1."""
+    meta = json.loads(notebook.read_text()).get("metadata", {})
+    return int(meta.get("workshop", {}).get("ranks", 1))
+
+
+def series(notebooks: list[Path]) -> int:
+    """Run the notebooks in order, each as its declared number of local ranks, through
+    scripts/run_notebook.sh; then list each one's run folder. Non-zero if any failed."""
+    script = REPO / "scripts" / "run_notebook.sh"
+    env = dict(os.environ, WORKSHOP_PYTHON=sys.executable)
+    env.pop("SLURM_JOB_ID", None)  # local ranks even inside an allocation
+    rows = []
+    for nb in notebooks:
+        before = set(runs_root().glob(f"*-{nb.stem}*"))
+        nranks = declared_ranks(nb)
+        print(f"\n=== {nb.name}: {nranks} rank(s) ===", flush=True)
+        rc = subprocess.run(["bash", str(script), "--nproc", str(nranks), str(nb)], env=env).returncode
+        made = sorted(set(runs_root().glob(f"*-{nb.stem}*")) - before)
+        rows.append((nb.name, nranks, "ok" if rc == 0 else f"FAILED ({rc})", made[-1] if made else None))
+    print("\nnotebook                          ranks  status      run folder (executed notebook, record.json)")
+    for name, nranks, status, run in rows:
+        print(f"{name:33s} {nranks:5d}  {status:10s}  {display_path(run) if run else '-'}")
+    return 0 if all(status == "ok" for _, _, status, _ in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workshop.runner", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="step", required=True)
@@ -247,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("collect", allow_abbrev=False)
     c.add_argument("run_dir", type=Path)
     c.add_argument("launcher_rc", type=int)
+    s = sub.add_parser("series", allow_abbrev=False)
+    s.add_argument("notebooks", nargs="*", type=Path)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.step == "prepare":
@@ -254,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.step == "rank":
             return run_rank(args.run_dir, args.notebook, rest)
+        if args.step == "series":
+            return series(args.notebooks or sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")))
         return collect(args.run_dir, args.launcher_rc)
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,48 @@
+# The two commands: `make run` (the notebook series on this machine) and `make test`.
+# Each does its own set-up on a fresh machine: a virtual environment in .venv with the package
+# and its dependencies. On a cluster use environment.yml (conda) instead; see README.md.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# the virtual environment's programs (papermill, torchrun, jupyter) come first
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: run test setup lab kernel notebooks lint slurm-up slurm-down slurm-status
+
+run: setup  ## execute every notebook (CPU, synthetic data, local ranks); prints where results are
+	$(BIN)/python -m workshop.runner series
+
+test: setup  ## the whole test suite (SLURM tests need `make slurm-up`)
+	$(BIN)/python -m pytest
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "Python >= 3.10 is needed (PYTHON=$(PYTHON))"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --editable '.[dev]'
+	touch $@
+
+kernel: setup  ## register this environment as the Jupyter kernel "workshop"
+	$(BIN)/python -m ipykernel install --user --name workshop --display-name "workshop"
+
+lab: kernel  ## start JupyterLab on the notebooks
+	$(BIN)/jupyter lab notebooks/
+
+notebooks: setup  ## re-execute the committed notebooks in place with their CPU defaults
+	cd notebooks && for nb in [0-9][0-9]_*.ipynb; do \
+	    $(CURDIR)/$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	        --ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.timeout=600 $$nb || exit 1; done
+
+lint: setup
+	$(BIN)/ruff check workshop tests notebooks
+
+slurm-up:  ## a two-node SLURM cluster on this machine (root; installs slurm-wlm and munge)
+	scripts/local_slurm.sh start
+
+slurm-down:
+	scripts/local_slurm.sh stop
+
+slurm-status:
+	scripts/local_slurm.sh status

@@ -1,0 +1,69 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_NOTEBOOK = REPO / "scripts" / "run_notebook.sh"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """A runs/ folder of this test's own."""
+    path = tmp_path / "runs"
+    monkeypatch.setenv("WORKSHOP_RUNS", str(path))
+    return path
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No launcher variables from the surroundings (a test may run inside a SLURM job)."""
+    for key in list(os.environ):
+        if key.startswith("SLURM_") or key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                               "MASTER_PORT", "GROUP_RANK", "TORCHELASTIC_RUN_ID"):
+            monkeypatch.delenv(key)
+
+
+def run_notebook(*args, timeout=600, **kwargs):
+    """scripts/run_notebook.sh with this interpreter; returns the CompletedProcess."""
+    env = dict(os.environ, WORKSHOP_PYTHON=sys.executable)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for key in [k for k in env if k.startswith("SLURM_")]:
+        del env[key]
+    return subprocess.run(["bash", str(RUN_NOTEBOOK), *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def slurm_answers() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%n %t"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and any(line.split()[1].startswith(("idle", "mix", "alloc")) for line in out.stdout.splitlines()
+                                       if len(line.split()) == 2)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A SLURM cluster that answers, else skip, or fail when WORKSHOP_REQUIRE_SLURM=1 (CI)."""
+    if slurm_answers():
+        return True
+    msg = "no SLURM cluster answers (start one with `make slurm-up`)"
+    if os.environ.get("WORKSHOP_REQUIRE_SLURM") == "1":
+        pytest.fail(msg + ", and WORKSHOP_REQUIRE_SLURM=1")
+    pytest.skip(msg)

@@ -1,0 +1,104 @@
+"""workshop.data, workshop.models, workshop.metrics and workshop.train, in one process."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from workshop import data, dist, metrics, models, train
+
+
+def test_synthetic_is_deterministic_from_its_seed():
+    a, la = data.make_synthetic(64, seed=3)
+    b, lb = data.make_synthetic(64, seed=3)
+    c, _ = data.make_synthetic(64, seed=4)
+    assert a.shape == (64, 3, 32, 32) and a.dtype == torch.uint8 and la.shape == (64,)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, c)
+
+
+def test_synthetic_is_learnable_by_the_small_cnn():
+    torch.manual_seed(0)
+    train_set, test_set, info = data.get_dataset("synthetic", num_train=2048, num_test=512)
+    model = models.get_model("small_cnn")
+    history = train.fit(model, data.make_loader(train_set, 64, shuffle=True), data.make_loader(test_set, 256),
+                        epochs=2, lr=0.05, device="cpu")
+    assert history[-1]["val_acc"] > 0.4  # chance is 0.1
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_explicit_cifar10_that_is_not_staged_says_how_to_stage_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="stage_data.sh"):
+        data.get_dataset("cifar10", root=tmp_path)
+
+
+def test_auto_takes_synthetic_when_nothing_is_staged_and_says_so(tmp_path, capsys, clean_env):
+    _, _, info = data.get_dataset("auto", root=tmp_path, num_train=16, num_test=16)
+    assert info.name == "synthetic"
+    assert "using the synthetic set" in capsys.readouterr().out
+
+
+def test_unknown_dataset_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown data set 'birds'"):
+        data.get_dataset("birds", root=tmp_path)
+
+
+def test_imagefolder_reads_one_folder_per_class(tmp_path):
+    for split in ("train", "test"):
+        for i, cls in enumerate(["crow", "wren"]):
+            (tmp_path / "birds" / split / cls).mkdir(parents=True)
+            for j in range(3):
+                Image.new("RGB", (40, 30), (80 * i, 30 * j, 100)).save(tmp_path / "birds" / split / cls / f"{j}.png")
+    train_set, test_set, info = data.get_dataset("birds", root=tmp_path, image_size=32)
+    assert (info.name, info.num_classes, info.num_train, info.num_test) == ("imagefolder", 2, 6, 6)
+    x, y = train_set[0]
+    assert x.shape == (3, 32, 32) and y == 0
+
+
+def test_loaders_shard_disjointly_across_ranks():
+    train_set, _, _ = data.get_dataset("synthetic", num_train=100, num_test=10)
+    seen = []
+    for rank in range(2):
+        env = dist.DistEnv(rank=rank, world_size=2, local_world_size=2, local_rank=rank)
+        loader = data.make_loader(train_set, 10, env=env, shuffle=True, seed=1)
+        loader.sampler.set_epoch(0)
+        seen.append({int(i) for i in loader.sampler})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 100
+
+
+@pytest.mark.parametrize("name, params", [("small_cnn", 94_762), ("resnet18", 11_173_962)])
+def test_models_map_images_to_logits(name, params):
+    model = models.get_model(name, num_classes=10)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert models.count_parameters(model) == params
+
+
+def test_unknown_model_is_an_error():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.get_model("vgg")
+
+
+def test_record_is_written_by_rank_0_only(tmp_path, clean_env):
+    path = metrics.write_record(tmp_path, notebook="nb", params={"lr": 0.1}, results={"samples_per_s": 12.5})
+    record = json.loads(path.read_text())
+    assert record["status"] == "ok" and record["params"] == {"lr": 0.1} and record["results"]["samples_per_s"] == 12.5
+    for key in ("dist", "hardware", "versions", "git", "slurm_job_id", "time"):
+        assert key in record
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]  # no temporary file left behind
+    rank1 = dist.DistEnv(rank=1, world_size=2)
+    assert metrics.write_record(tmp_path / "x", notebook="nb", params={}, results={}, env=rank1) is None
+
+
+def test_each_interactive_run_gets_a_folder_of_its_own(runs, clean_env):
+    a = metrics.run_dir("01_baseline")
+    b = metrics.run_dir("01_baseline")
+    assert a != b and a.parent == b.parent == runs
+
+
+def test_timer_and_throughput():
+    with metrics.Timer("cpu") as t:
+        sum(range(10000))
+    assert t.elapsed > 0
+    assert metrics.throughput(100, 2.0) == 50.0
+    assert metrics.fmt_bytes(3 * 1024**2) == "3.0 MiB"

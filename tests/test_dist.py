@@ -1,0 +1,120 @@
+"""workshop.dist: one DistEnv for each way a process can be launched, from its variables."""
+
+import pytest
+import torch
+
+from workshop import dist
+
+HOSTS = {"n[1-2]": ["n1", "n2"], "n1": ["n1"], "gpu[017,018]": ["gpu017", "gpu018"]}.__getitem__
+
+
+def detect(env, cuda_count=0):
+    return dist.detect(environ=env, cuda_count=cuda_count, hostnames=HOSTS)
+
+
+def test_one_process_without_launcher():
+    e = detect({})
+    assert (e.rank, e.world_size, e.launcher, e.device, e.backend) == (0, 1, "single", "cpu", "gloo")
+    assert e.is_main and not e.is_distributed
+
+
+def test_torchrun_variables():
+    e = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+                "MASTER_ADDR": "node7", "MASTER_PORT": "29400"})
+    assert (e.rank, e.local_rank, e.world_size, e.local_world_size, e.node_rank) == (3, 1, 4, 2, 1)
+    assert (e.master_addr, e.master_port, e.launcher, e.num_nodes) == ("node7", 29400, "torchrun", 2)
+
+
+def slurm_step(procid, localid, nodeid, job="4242", step="0", ntasks=4, per_node="2(x2)", nodes="gpu[017,018]"):
+    return {"SLURM_JOB_ID": job, "SLURM_STEP_ID": step, "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid),
+            "SLURM_NODEID": str(nodeid), "SLURM_STEP_NUM_TASKS": str(ntasks), "SLURM_NTASKS": str(ntasks),
+            "SLURM_STEP_TASKS_PER_NODE": per_node, "SLURM_STEP_NODELIST": nodes, "SLURM_JOB_NODELIST": nodes}
+
+
+def test_slurm_step_with_several_tasks_is_a_world():
+    e = detect(slurm_step(procid=3, localid=1, nodeid=1), cuda_count=2)
+    assert (e.rank, e.local_rank, e.world_size, e.local_world_size, e.node_rank) == (3, 1, 4, 2, 1)
+    assert (e.launcher, e.master_addr, e.job_id) == ("slurm", "gpu017", "4242")
+    assert (e.device, e.backend) == ("cuda:1", "nccl")
+
+
+def test_slurm_ranks_agree_on_the_rendezvous():
+    envs = [detect(slurm_step(procid=r, localid=r % 2, nodeid=r // 2)) for r in range(4)]
+    assert len({(e.master_addr, e.master_port) for e in envs}) == 1
+    assert [e.rank for e in envs] == [0, 1, 2, 3]
+
+
+def test_two_jobs_on_one_node_get_different_ports():
+    ports = {detect(slurm_step(0, 0, 0, job=str(job))).master_port for job in range(1000, 1100)}
+    assert len(ports) == 100
+    assert all(dist.PORT_BASE <= p < dist.PORT_BASE + dist.PORT_SPAN for p in ports)
+
+
+def test_explicit_port_overrides_the_derived_one():
+    e = detect({**slurm_step(0, 0, 0), "WORKSHOP_MASTER_PORT": "31000"})
+    assert e.master_port == 31000
+
+
+def test_batch_script_step_is_one_process():
+    # sbatch --nodes=2 --ntasks-per-node=2: the batch script itself has SLURM variables, no step
+    e = detect({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_NODEID": "0",
+                "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_LOCALID": "0"})
+    assert (e.world_size, e.launcher, e.job_id) == (1, "single", "77")
+
+
+def test_jupyterlab_server_started_as_a_job_is_one_process():
+    # a portal's JupyterLab: the server runs in the batch step (or one srun task) of a job
+    portal = {"SLURM_JOB_ID": "88", "SLURM_JOB_NAME": "sys/dashboard/jupyter", "SLURM_NTASKS": "1",
+              "SLURM_JOB_NODELIST": "n1", "SLURM_CPUS_PER_TASK": "8"}
+    assert detect(portal).world_size == 1
+    one_task_step = {**portal, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}
+    assert detect(one_task_step).world_size == 1
+
+
+def test_torchrun_inside_a_slurm_job_wins():
+    e = detect({**slurm_step(0, 0, 0, ntasks=2), "RANK": "1", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                "MASTER_ADDR": "a", "MASTER_PORT": "1234"})
+    assert (e.launcher, e.rank, e.world_size) == ("torchrun", 1, 8)
+
+
+def test_device_per_local_rank():
+    assert detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, cuda_count=4).device == "cuda:1"
+    # GPUs bound per task: every rank sees one GPU, its own
+    assert detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, cuda_count=1).device == "cuda:0"
+    with pytest.raises(RuntimeError, match="local rank 3 but only 2 GPUs"):
+        detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}, cuda_count=2)
+
+
+def test_init_and_cleanup_are_safe_twice(clean_env):
+    e1 = dist.init()
+    e2 = dist.init()
+    assert e1 == e2 and e1.world_size == 1
+    dist.cleanup()
+    dist.cleanup()
+    assert not torch.distributed.is_initialized()
+
+
+def test_print0_prints_on_rank_0_only(clean_env, capsys, monkeypatch):
+    dist.print0("hello")
+    assert capsys.readouterr().out == "hello\n"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dist.print0("hello")
+    assert capsys.readouterr().out == ""
+
+
+def test_trainer_in_a_portal_job_is_one_process(clean_env, monkeypatch, tmp_path):
+    """Lightning alone would read a JupyterLab server's SLURM variables as a 4-task world."""
+    for key, value in {"SLURM_JOB_ID": "99", "SLURM_NTASKS": "4", "SLURM_JOB_NAME": "jupyter",
+                       "SLURM_NODELIST": "n1", "SLURM_JOB_NODELIST": "n1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                       "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    trainer = dist.make_trainer(dist.detect(), max_epochs=1, logger=False, default_root_dir=tmp_path)
+    assert trainer.world_size == 1 and trainer.global_rank == 0
+    assert type(trainer.strategy).__name__ == "SingleDeviceStrategy"
+
+
+def test_trainer_sees_the_launchers_world():
+    env = dist.DistEnv(rank=3, local_rank=1, world_size=4, local_world_size=2, node_rank=1, launcher="slurm")
+    trainer = dist.make_trainer(env, max_epochs=1, logger=False)
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank, trainer.num_nodes) == (4, 3, 1, 1, 2)

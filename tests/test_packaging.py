@@ -1,0 +1,32 @@
+"""environment.yml (conda, clusters) and pyproject.toml (pip, .venv) install the same things."""
+
+import re
+import tomllib
+
+import yaml
+
+from conftest import REPO
+
+
+def _normalise(spec: str) -> str:
+    name, rest = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", spec.strip()).groups()
+    return re.sub(r"[-_.]+", "-", name).lower() + rest.replace(" ", "")
+
+
+def test_environment_yml_names_the_same_dependencies_as_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {_normalise(s) for s in project["dependencies"] + project["optional-dependencies"]["dev"]}
+
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    listed = {_normalise(s) for s in pip_section if not s.startswith("-")}
+    assert listed == wanted
+    assert any(s.startswith("--editable .") for s in pip_section), "the pip section must install the package itself"
+    plain = [d for d in env["dependencies"] if isinstance(d, str)]
+    assert plain.index("pip") < [i for i, d in enumerate(env["dependencies"]) if isinstance(d, dict)][0]
+    assert "python=3.11" in plain
+
+
+def test_python_floor_is_the_same():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.10"

@@ -1,0 +1,78 @@
+"""scripts/run_notebook.sh outside SLURM: 1 and 2 local ranks, failures, and bad input."""
+
+import json
+
+import pytest
+
+from conftest import REPO, run_notebook
+
+NB01 = "notebooks/01_baseline.ipynb"
+FAIL = "tests/notebooks/fail_on_rank.ipynb"
+SMALL = ["-p", "epochs", "1", "-p", "num_train", "512", "-p", "num_test", "256", "-p", "profile_steps", "2"]
+
+
+def only_run(runs):
+    folders = [p for p in runs.iterdir() if p.is_dir()]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_notebook_01_on_local_ranks(runs, nproc):
+    out = run_notebook("--nproc", nproc, NB01, *SMALL)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = only_run(runs)
+    assert (run / "01_baseline.ipynb").is_file()
+    assert sorted(p.name for p in (run / "ranks").iterdir()) == [f"01_baseline.rank{r}.ipynb" for r in range(1, nproc)]
+    record = json.loads((run / "record.json").read_text())
+    assert record["status"] == "ok" and record["dist"]["world_size"] == nproc
+    assert record["params"]["epochs"] == 1 and record["params"]["num_train"] == 512  # -p reached the notebook
+    assert record["results"]["plain"]["samples_per_s"] > 0
+    assert str(run) in out.stdout  # says where the results are
+
+
+@pytest.mark.multirank
+def test_a_failing_rank_fails_the_run_and_names_rank_cell_and_notebook(runs):
+    # cells In [1] parameters, [2] papermill's injected parameters, [3] setup, [4] all-reduces, [5] raises
+    out = run_notebook("--nproc", 2, FAIL, "-p", "fail_rank", "1", timeout=180)
+    assert out.returncode != 0
+    run = only_run(runs)
+    assert "rank 1" in out.stderr and "cell In [5]" in out.stderr and "fails on purpose" in out.stderr
+    assert str(run / "ranks" / "fail_on_rank.rank1.ipynb") in out.stderr
+    record = json.loads((run / "record.json").read_text())
+    assert record["status"] == "failed" and any("rank 1" in r for r in record["reason"])
+
+
+def test_two_runs_of_one_notebook_never_share_a_folder(runs):
+    for _ in range(2):
+        assert run_notebook(FAIL).returncode == 0
+    assert len([p for p in runs.iterdir() if p.is_dir()]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["notebooks/99_missing.ipynb"], "does not exist"),
+    ([FAIL, "-p", "learning_rate", "0.1"], "has no parameter 'learning_rate'"),
+    ([FAIL, "-y", "{stepz: 2}"], "has no parameter 'stepz'"),
+    (["--nproc", "0", FAIL], "positive integer"),
+    (["--nproc", "two", FAIL], "positive integer"),
+    ([], "no notebook given"),
+])
+def test_bad_input_is_refused_before_anything_runs(runs, args, message):
+    out = run_notebook(*args, timeout=60)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert not runs.exists() or not any(runs.iterdir())  # nothing written
+
+
+def test_unknown_parameter_lists_the_notebooks_parameters(runs):
+    out = run_notebook(NB01, "-p", "epoch", "3", timeout=60)
+    assert out.returncode == 2
+    for name in ("epochs", "batch_size", "dataset"):
+        assert name in out.stderr
+
+
+def test_help_shows_the_header():
+    out = run_notebook("--help", timeout=30)
+    assert out.returncode == 0 and "sbatch" in out.stdout and "--nproc" in out.stdout
+    assert (REPO / "scripts" / "run_notebook.sh").stat().st_mode & 0o111
