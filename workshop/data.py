@@ -152,7 +152,7 @@ def get_dataset(
         if (base / "cifar-10-batches-py").is_dir():
             name = "cifar10"
         else:
-            print0(f"data: CIFAR-10 is not staged under {display_path(base)}, using the synthetic set")
+            print0(f"data: CIFAR-10 is not staged in {display_path(base)}/ ($WORKSHOP_DATA), using the synthetic set")
             name = "synthetic"
     if name == "synthetic":
         train = ImageTensors(*make_synthetic(num_train, seed=seed), augment=augment)

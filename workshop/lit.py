@@ -29,10 +29,10 @@ class LitClassifier(L.LightningModule):
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
-        # sync_dist: the logged validation numbers are means over all ranks, not rank 0's shard
-        on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, sync_dist=not on_step)
-        self.log(f"{stage}_acc", acc, on_step=on_step, on_epoch=True, sync_dist=not on_step)
+        if stage == "train":  # per step, this rank's batch: no communication in the training loop
+            self.log_dict({"train_loss": loss, "train_acc": acc}, on_step=True, on_epoch=False)
+        else:  # per epoch, averaged over all ranks' shards (sync_dist), not only rank 0's
+            self.log_dict({"val_loss": loss, "val_acc": acc}, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx):
