@@ -1,8 +1,10 @@
 """environment.yml (conda, clusters) and pyproject.toml (pip, .venv) install the same things."""
 
 import re
-import tomllib
+import subprocess
+import sys
 
+import tomllib
 import yaml
 
 from conftest import REPO
@@ -30,3 +32,9 @@ def test_environment_yml_names_the_same_dependencies_as_pyproject():
 def test_python_floor_is_the_same():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["requires-python"] == ">=3.10"
+
+
+def test_code_and_notebooks_pass_the_linter():
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "workshop", "tests", "notebooks", "conftest.py"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:]

@@ -25,9 +25,9 @@ import logging
 import os
 import subprocess
 import warnings
-from unittest import mock
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
+from unittest import mock
 
 import torch
 import torch.distributed as tdist

@@ -207,7 +207,8 @@ def collect(run: Path, launcher_rc: int) -> int:
     for rank in range(meta["nranks"]):
         path = run / "logs" / f"rank{rank}.status.json"
         if not path.exists():
-            problems.append(f"rank {rank} did not finish (killed, or stopped when another rank failed): see {run / 'logs' / f'rank{rank}.log'}")
+            log = run / "logs" / f"rank{rank}.log"
+            problems.append(f"rank {rank} did not finish (killed, or stopped when another rank failed): see {log}")
             continue
         st = json.loads(path.read_text())
         if st["returncode"] != 0:
