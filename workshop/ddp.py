@@ -1,0 +1,103 @@
+"""Data parallelism: every rank holds the whole model, reads its own shard of each global batch,
+and the ranks average their gradients before the optimizer step.
+
+Three ways, from the idea to the library (notebook 05 writes the first in a cell and checks all
+three against one process):
+
+    allreduce_gradients(model, world_size)   # naive: after backward, one all-reduce per parameter
+    BucketedAllReduce(model, bucket_mb)      # buckets all-reduced asynchronously from gradient hooks
+    apply_ddp(model, env)                    # torch.nn.parallel.DistributedDataParallel
+
+With `world_size` ranks each reading `micro_batch_size` samples and `grad_accum_steps` micro steps
+per optimizer step, the global batch is micro_batch_size x world_size x grad_accum_steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from workshop.dist import DistEnv
+
+
+def allreduce_gradients(model: nn.Module, world_size: int) -> None:
+    """Average every gradient over the ranks: sum with all-reduce, divide by the world size.
+    One collective per parameter tensor, and none starts before backward has finished."""
+    for p in model.parameters():
+        if p.grad is not None:
+            tdist.all_reduce(p.grad, op=tdist.ReduceOp.SUM)
+            p.grad /= world_size
+
+
+class BucketedAllReduce:
+    """Gradients grouped into buckets of about `bucket_mb` MiB, each all-reduced asynchronously
+    as soon as backward has produced all of its gradients: communication overlaps the rest of
+    backward, the idea behind DDP (Li et al., "PyTorch Distributed", VLDB 2020, section 3.2.3).
+
+        sync = BucketedAllReduce(model, world_size)
+        loss.backward()      # hooks launch each bucket's all-reduce while backward goes on
+        sync.wait()          # wait for the last ones, copy the averaged gradients back
+        optimizer.step()
+
+    Buckets follow the parameters in reverse order of registration, roughly the order in which
+    backward produces their gradients. Call `sync.require_sync = False` for micro steps that only
+    accumulate (no communication), as DDP's `no_sync()` does.
+    """
+
+    def __init__(self, model: nn.Module, world_size: int, bucket_mb: float = 1.0):
+        self.world_size = world_size
+        self.require_sync = True
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.buckets: list[list[nn.Parameter]] = []
+        size, cap = 0, bucket_mb * 2**20
+        for p in reversed(params):
+            if not self.buckets or size + p.numel() * p.element_size() > cap:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        self._bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self._ready = [0] * len(self.buckets)
+        self._pending: list[tuple[int, torch.Tensor, object]] = []
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        if not self.require_sync:
+            return
+        i = self._bucket_of[id(p)]
+        self._ready[i] += 1
+        if self._ready[i] == len(self.buckets[i]):  # the bucket's last gradient: send it
+            flat = torch.cat([q.grad.reshape(-1) for q in self.buckets[i]])
+            work = tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, async_op=True)
+            self._pending.append((i, flat, work))
+
+    def wait(self) -> None:
+        """Wait for every bucket's all-reduce and write the averaged gradients back."""
+        for i, flat, work in self._pending:
+            work.wait()
+            flat /= self.world_size
+            offset = 0
+            for q in self.buckets[i]:
+                q.grad.copy_(flat[offset: offset + q.numel()].view_as(q.grad))
+                offset += q.numel()
+        if self.require_sync and len(self._pending) != len(self.buckets):
+            raise RuntimeError(f"only {len(self._pending)} of {len(self.buckets)} buckets were all-reduced: "
+                               "did every parameter get a gradient?")
+        self._pending.clear()
+        self._ready = [0] * len(self.buckets)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def apply_ddp(model: nn.Module, env: DistEnv, **kwargs) -> nn.Module:
+    """torch's DistributedDataParallel on this rank's device (one process per GPU, or CPU)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = model.to(env.device)
+    if env.device.startswith("cuda"):
+        index = torch.device(env.device).index
+        return DistributedDataParallel(model, device_ids=[index], output_device=index, **kwargs)
+    return DistributedDataParallel(model, **kwargs)
