@@ -67,11 +67,25 @@ def test_loaders_shard_disjointly_across_ranks():
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 100
 
 
-@pytest.mark.parametrize("name, params", [("small_cnn", 94_762), ("resnet18", 11_173_962)])
+@pytest.mark.parametrize("name, params", [("small_cnn", 94_762), ("resnet18", 11_173_962), ("vit_tiny", 2_693_578)])
 def test_models_map_images_to_logits(name, params):
     model = models.get_model(name, num_classes=10)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert models.count_parameters(model) == params
+
+
+def test_small_cnn_with_group_norm_normalises_each_sample_on_its_own():
+    torch.manual_seed(0)
+    model = models.get_model("small_cnn", norm="group").train()
+    kinds = {type(m) for m in model.modules()}
+    assert torch.nn.GroupNorm in kinds and torch.nn.BatchNorm2d not in kinds
+    assert models.count_parameters(model) == 94_762  # same as with BatchNorm: a weight and a bias per channel
+    # in training mode a sample's logits do not depend on the rest of the batch: the property that
+    # makes N ranks of micro batches compute what one process computes on their union
+    x = torch.randn(8, 3, 32, 32)
+    torch.testing.assert_close(model(x)[:4], model(x[:4]))
+    with pytest.raises(ValueError, match="unknown norm"):
+        models.get_model("small_cnn", norm="layer")
 
 
 def test_unknown_model_is_an_error():

@@ -118,3 +118,11 @@ def test_trainer_sees_the_launchers_world():
     env = dist.DistEnv(rank=3, local_rank=1, world_size=4, local_world_size=2, node_rank=1, launcher="slurm")
     trainer = dist.make_trainer(env, max_epochs=1, logger=False)
     assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank, trainer.num_nodes) == (4, 3, 1, 1, 2)
+
+
+def test_one_process_gets_a_group_of_one(clean_env):
+    dist.init()
+    t = torch.ones(3)
+    torch.distributed.all_reduce(t)  # the same cell runs on 1 rank and on N
+    assert torch.distributed.get_world_size() == 1 and torch.equal(t, torch.ones(3))
+    dist.cleanup()

@@ -14,8 +14,11 @@ per optimizer step, the global batch is micro_batch_size x world_size x grad_acc
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as tdist
+import torch.nn.functional as F
 from torch import nn
 
 from workshop.dist import DistEnv
@@ -34,6 +37,7 @@ class BucketedAllReduce:
     """Gradients grouped into buckets of about `bucket_mb` MiB, each all-reduced asynchronously
     as soon as backward has produced all of its gradients: communication overlaps the rest of
     backward, the idea behind DDP (Li et al., "PyTorch Distributed", VLDB 2020, section 3.2.3).
+    Needs a process group (`workshop.dist.init()` makes one, of one rank for one process).
 
         sync = BucketedAllReduce(model, world_size)
         loss.backward()      # hooks launch each bucket's all-reduce while backward goes on
@@ -41,8 +45,8 @@ class BucketedAllReduce:
         optimizer.step()
 
     Buckets follow the parameters in reverse order of registration, roughly the order in which
-    backward produces their gradients. Call `sync.require_sync = False` for micro steps that only
-    accumulate (no communication), as DDP's `no_sync()` does.
+    backward produces their gradients. Micro steps inside `with sync.no_sync():` only accumulate
+    (no communication), as with DDP's `no_sync()`.
     """
 
     def __init__(self, model: nn.Module, world_size: int, bucket_mb: float = 1.0):
@@ -71,6 +75,15 @@ class BucketedAllReduce:
             flat = torch.cat([q.grad.reshape(-1) for q in self.buckets[i]])
             work = tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, async_op=True)
             self._pending.append((i, flat, work))
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Micro steps inside only accumulate gradients: no communication (like DDP.no_sync)."""
+        self.require_sync = False
+        try:
+            yield
+        finally:
+            self.require_sync = True
 
     def wait(self) -> None:
         """Wait for every bucket's all-reduce and write the averaged gradients back."""
@@ -101,3 +114,28 @@ def apply_ddp(model: nn.Module, env: DistEnv, **kwargs) -> nn.Module:
         index = torch.device(env.device).index
         return DistributedDataParallel(model, device_ids=[index], output_device=index, **kwargs)
     return DistributedDataParallel(model, **kwargs)
+
+
+def train_steps(model: nn.Module, optimizer, loader, device, *, grad_accum_steps: int = 1,
+                sync=None, no_sync=None) -> list[float]:
+    """The data-parallel training loop: every `grad_accum_steps` micro batches of this rank's
+    shard make one optimizer step. `sync()` averages the gradients over the ranks before the step
+    (None when the model does it itself, as DDP does); micro steps that only accumulate run inside
+    `no_sync()` when given. Returns the loss of each micro step on this rank."""
+    model.train()
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(0)
+    losses = []
+    for i, (x, y) in enumerate(loader):
+        last_micro = (i + 1) % grad_accum_steps == 0
+        with contextlib.nullcontext() if last_micro or no_sync is None else no_sync():
+            # divided so that the accumulated gradient is the mean over the micro steps' samples
+            loss = F.cross_entropy(model(x.to(device)), y.to(device)) / grad_accum_steps
+            loss.backward()
+        losses.append(loss.item() * grad_accum_steps)
+        if last_micro:
+            if sync is not None:
+                sync()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return losses

@@ -12,7 +12,7 @@ papermill) or as N ranks (`scripts/run_notebook.sh`, one papermill process per r
 3. otherwise one process. A batch script's own step and a JupyterLab server started as a SLURM
    job carry SLURM variables too, but they are one process, not a world.
 
-    env = dist.init()          # detect, then init the process group when world_size > 1
+    env = dist.init()          # detect, then join the process group (a group of one for one process)
     dist.print0(env)           # only rank 0 prints
     trainer = dist.make_trainer(env, max_epochs=2)   # Lightning sees the same world
     dist.cleanup()
@@ -161,10 +161,13 @@ _ENV: DistEnv | None = None
 
 
 def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
-    """Detect the world and, when it has more than one rank, join its process group.
+    """Detect the world and join its process group.
 
-    Safe to call again: a second call returns the same DistEnv and joins nothing. The timeout
-    (default $WORKSHOP_DIST_TIMEOUT or 600 s) bounds how long a rank waits for a dead peer.
+    One process gets a group of its own (world size 1, no network): collectives and
+    DistributedDataParallel then run unchanged and do nothing, so a notebook's cells are the same
+    on 1 rank and on N. Safe to call again: a second call returns the same DistEnv and joins
+    nothing. The timeout (default $WORKSHOP_DIST_TIMEOUT or 600 s) bounds how long a rank waits
+    for a dead peer.
     """
     global _ENV
     if _ENV is not None and env is None:
@@ -172,7 +175,9 @@ def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
     env = env or detect()
     if env.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(env.device))
-    if env.is_distributed and not tdist.is_initialized():
+    if not env.is_distributed and not tdist.is_initialized():
+        tdist.init_process_group(backend=env.backend, store=tdist.HashStore(), rank=0, world_size=1)
+    elif env.is_distributed and not tdist.is_initialized():
         # Libraries that read the torchrun variables (device meshes, Lightning) see the same world.
         os.environ.update(
             MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
@@ -263,9 +268,10 @@ def lightning_environment(env: DistEnv):
 def _quiet_lightning() -> None:
     """Silence what Lightning says that is not the lesson: its hint to use srun (the processes
     were started by srun or torchrun already, and the plugin tells it so), a deprecation inside
-    its own code, and an advertisement."""
+    its own code, a validation step left unused on purpose, and an advertisement."""
     warnings.filterwarnings("ignore", message=r".*`srun` command is available")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no `val_dataloader`")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(lambda record: "Tip:" not in str(record.msg))
 

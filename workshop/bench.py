@@ -1,0 +1,459 @@
+"""Benchmarks that print figures: the all-reduce, a DDP training step, and a step split into its
+compute and its communication. They print measurements and write records; none passes or fails.
+
+    allreduce    time torch.distributed.all_reduce of float32 tensors from KiB to MiB: algbw, busbw
+    ddp          global samples/s of a model trained with DistributedDataParallel on synthetic data
+    step-split   per model: compute time of a step, all-reduce time of its gradients, and the
+                 scaling efficiency with no overlap and with perfect overlap of the two
+
+Run it as N ranks, like any SPMD program here (workshop.dist.init reads the launcher):
+
+    # locally, one process (the one-device baseline; all-reduce has no partner)
+    python -m workshop.bench ddp --model small_cnn --batch-size 64 --steps 20
+    # on one node, 2 ranks (gloo on CPU, NCCL on GPUs)
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.bench allreduce
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.bench step-split --batch-size 32
+    # under SLURM, 2 nodes x 4 GPUs, inside an sbatch script or an salloc
+    srun --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 python -m workshop.bench allreduce --link ib-ndr-400
+
+Bandwidths follow NCCL-tests (github.com/NVIDIA/nccl-tests, doc/PERFORMANCE.md): algbw = bytes /
+time; busbw = algbw * 2(n-1)/n, the rate each rank's link must carry in a ring all-reduce, which
+does not depend on n and compares with the link's peak (NOMINAL_LINKS). GB = 1e9 bytes.
+
+From a notebook (every rank runs the cell: these are collectives):
+
+    rows = bench.allreduce_sweep([2**12, 2**20, 2**26])
+    print0(bench.format_allreduce(rows, link="nvlink4-h100"))
+    bench.plot_allreduce(rows, link="nvlink4-h100")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+
+from workshop import dist, metrics
+from workshop.ddp import apply_ddp
+from workshop.dist import DistEnv
+from workshop.models import MODELS, count_parameters, get_model
+
+# Peak bandwidth of common links, GB/s per direction (1 GB = 1e9 bytes). A ring all-reduce
+# sends and receives at once, so busbw approaches the per-direction peak, never the sum of both.
+# Inside a node, compare with the GPU-to-GPU link; across nodes, with the network bandwidth per
+# GPU (one NIC per GPU on most GPU clusters).
+NOMINAL_LINKS = {
+    "nvlink5-b200": 900,  # NVLink 5 (B200): 18 links x 50 GB/s
+    "nvlink4-h100": 450,  # NVLink 4 (H100 SXM): 18 links x 25 GB/s
+    "nvlink3-a100": 300,  # NVLink 3 (A100 SXM): 12 links x 25 GB/s
+    "pcie5-x16": 64,  # PCIe 5.0 x16: 32 GT/s x 16 lanes, about 63 GB/s after encoding
+    "pcie4-x16": 32,  # PCIe 4.0 x16: 16 GT/s x 16 lanes, about 31.5 GB/s after encoding
+    "ib-ndr-400": 50,  # InfiniBand NDR, 400 Gb/s per port
+    "ib-hdr-200": 25,  # InfiniBand HDR, 200 Gb/s per port
+    "eth-100g": 12.5,  # 100 Gb/s Ethernet (or RoCE)
+    "eth-25g": 3.125,  # 25 Gb/s Ethernet
+}
+
+DEFAULT_SIZES = "4KiB,64KiB,1MiB,16MiB,64MiB"
+# Binary units (KiB = 1024) and decimal ones (KB = 1000), as written; matched case-insensitively.
+_UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+_FLOAT32 = 4  # bytes per element of the tensors all-reduced here
+NUM_CLASSES = 10
+IMAGE_SHAPE = (3, 32, 32)  # CIFAR-shaped synthetic samples
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    """Bytes from a size written as "4096", "64KiB", "1 MiB" or "1.5MB" (KiB = 1024, KB = 1000)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or (unit and unit not in _UNITS):
+        raise ValueError(f"bad size {text!r}: write a number and a unit, as in 4096, 64KiB, 16MiB or 1GB "
+                         f"(units: {', '.join(['B', 'KiB', 'MiB', 'GiB', 'KB', 'MB', 'GB'])})")
+    value = float(m.group(1)) * _UNITS[unit or "b"]
+    if value != int(value) or value <= 0:
+        raise ValueError(f"bad size {text!r}: it must be a whole, positive number of bytes")
+    return int(value)
+
+
+def algbw(nbytes: int, seconds: float) -> float:
+    """Algorithm bandwidth in GB/s: the tensor's bytes over the time of its all-reduce."""
+    return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+def busbw(algbw_GBps: float, world_size: int) -> float:
+    """Bus bandwidth (NCCL-tests): algbw * 2(n-1)/n. A ring all-reduce of S bytes sends (and
+    receives) 2(n-1)/n * S bytes per rank, so this is what each rank's link carried."""
+    return algbw_GBps * 2 * (world_size - 1) / world_size
+
+
+def _max_over_ranks(values: list[float], env: DistEnv) -> list[float]:
+    """Element-wise max over the ranks: an iteration lasts as long as its slowest rank."""
+    if not env.is_distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _per_rank(value: float, env: DistEnv) -> list[float]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not env.is_distributed:
+        return [value]
+    t = torch.zeros(env.world_size, dtype=torch.float64, device=env.device)
+    t[env.rank] = value
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _timed_allreduce(buf: torch.Tensor, env: DistEnv) -> float:
+    """Seconds of one all-reduce of `buf` on this rank, started together with the other ranks."""
+    dist.barrier()  # line the ranks up, or the first one in measures the wait for the last
+    with metrics.Timer(env.device) as t:
+        tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
+    return t.elapsed
+
+
+def _synthetic_batch(micro_batch_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of random CIFAR-shaped tensors already on the device: the benchmarks measure
+    the step, not the input pipeline."""
+    x = torch.randn(micro_batch_size, *IMAGE_SHAPE, device=device)  # (B, 3, 32, 32)
+    y = torch.randint(0, NUM_CLASSES, (micro_batch_size,), device=device)  # (B,)
+    return x, y
+
+
+def _train_step(model, optimizer, x, y) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+# --- all-reduce bandwidth --------------------------------------------------------------------------
+
+def allreduce_sweep(sizes: list[int], iters: int = 20, warmup: int = 5, env: DistEnv | None = None) -> list[dict]:
+    """Time all_reduce(SUM) of a float32 tensor of each size in bytes, on every rank (a collective).
+
+    Each iteration starts after a barrier and is timed on every rank; the slowest rank's time
+    counts, and the median over `iters` iterations is reported, after `warmup` untimed ones
+    (first calls set up connections and buffers). One row per size: bytes, time_s, algbw_GBps,
+    busbw_GBps. With one rank there is nothing to all-reduce with: no rows.
+    """
+    env = env or dist.get_env()
+    if not env.is_distributed:
+        return []
+    rows = []
+    for nbytes in sizes:
+        if nbytes <= 0 or nbytes % _FLOAT32:
+            raise ValueError(f"size {nbytes} bytes: the all-reduce is of float32, so give a positive multiple of 4 bytes")
+        buf = torch.ones(nbytes // _FLOAT32, dtype=torch.float32, device=env.device)
+        for _ in range(warmup):
+            _timed_allreduce(buf, env)
+        times = _max_over_ranks([_timed_allreduce(buf, env) for _ in range(iters)], env)
+        time_s = statistics.median(times)
+        alg = algbw(nbytes, time_s)
+        rows.append({"bytes": nbytes, "time_s": time_s, "algbw_GBps": alg, "busbw_GBps": busbw(alg, env.world_size)})
+        del buf
+    return rows
+
+
+def format_allreduce(rows: list[dict], link: str | None = None, env: DistEnv | None = None) -> str:
+    """The sweep as a table; with `link` (a key of NOMINAL_LINKS), busbw as a fraction of its peak."""
+    env = env or dist.get_env()
+    if not rows:
+        return ("one rank: nothing to all-reduce with. Start N ranks: "
+                "python -m torch.distributed.run --standalone --nproc-per-node N -m workshop.bench allreduce, or srun")
+    peak = NOMINAL_LINKS[link] if link else None
+    head = f"{'size':>10} {'bytes':>11} {'time (us)':>11} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}"
+    if peak:
+        head += f" {'of ' + link:>18}"
+    lines = [f"all_reduce(SUM) of float32 on {env.world_size} ranks ({env.backend}, {env.device}): "
+             "median over iterations of the slowest rank's time; GB = 1e9 bytes", head]
+    for r in rows:
+        line = (f"{metrics.fmt_bytes(r['bytes']):>10} {r['bytes']:>11d} {r['time_s'] * 1e6:>11.1f} "
+                f"{r['algbw_GBps']:>13.3f} {r['busbw_GBps']:>13.3f}")
+        if peak:
+            line += f" {r['busbw_GBps'] / peak:>17.1%}"
+        lines.append(line)
+    if peak:
+        lines.append(f"{link}: nominal peak {peak} GB/s per direction")
+    return "\n".join(lines)
+
+
+def plot_allreduce(rows: list[dict], link: str | None = None):
+    """busbw and algbw against message size (log x axis); a dashed line at the link's peak."""
+    from matplotlib.figure import Figure  # no pyplot: the figure is returned, not shown twice
+
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    if rows:
+        sizes = [r["bytes"] for r in rows]
+        ax.plot(sizes, [r["busbw_GBps"] for r in rows], "o-", label="busbw")
+        ax.plot(sizes, [r["algbw_GBps"] for r in rows], "s--", label="algbw", alpha=0.7)
+    else:
+        ax.text(0.5, 0.5, "one rank: nothing to all-reduce", ha="center", va="center", transform=ax.transAxes)
+    if link:
+        ax.axhline(NOMINAL_LINKS[link], color="gray", linestyle="--", label=f"{link} peak")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("GB/s")
+    ax.set_title("all-reduce bandwidth")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    return fig
+
+
+# --- DDP throughput ------------------------------------------------------------------------------
+
+def ddp_throughput(model_name: str, micro_batch_size: int, steps: int, warmup: int, env: DistEnv | None = None) -> dict:
+    """Global samples/s of `steps` SGD steps (after `warmup` untimed ones) of `model_name` wrapped
+    in DistributedDataParallel, each rank on its own random batch already on its device. With one
+    rank the same model runs without DDP: the one-device baseline. A collective: every rank calls it.
+
+    samples_per_s = world_size * micro_batch_size * steps / time, the time of the slowest rank.
+    Peak memory is per rank: CUDA bytes allocated on a GPU; on CPU the process's peak resident set
+    (Python and the libraries included).
+    """
+    env = env or dist.get_env()
+    torch.manual_seed(0)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
+    model = get_model(model_name, num_classes=NUM_CLASSES).to(env.device)
+    parameters = count_parameters(model)
+    if env.is_distributed:
+        model = apply_ddp(model, env)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    torch.manual_seed(1 + env.rank)  # each rank its own data, as with a DistributedSampler
+    x, y = _synthetic_batch(micro_batch_size, env.device)
+
+    for _ in range(warmup):  # first steps allocate buffers, pick kernels and build DDP's buckets
+        _train_step(model, optimizer, x, y)
+    metrics.reset_peak_memory(env.device)
+    dist.barrier()
+    with metrics.Timer(env.device) as t:
+        for _ in range(steps):
+            _train_step(model, optimizer, x, y)
+    time_s = _max_over_ranks([t.elapsed], env)[0]
+    peak = [int(b) for b in _per_rank(float(metrics.peak_memory(env.device)), env)]
+    return {
+        "model": model_name,
+        "parameters": parameters,
+        "ddp": env.is_distributed,
+        "world_size": env.world_size,
+        "device": env.device,
+        "backend": env.backend,
+        "micro_batch_size": micro_batch_size,
+        "global_batch_size": micro_batch_size * env.world_size,
+        "steps": steps,
+        "warmup": warmup,
+        "time_s": time_s,
+        "step_time_s": time_s / steps,
+        "samples_per_s": metrics.throughput(env.world_size * micro_batch_size * steps, time_s),
+        "peak_memory_bytes": peak,  # one entry per rank, in rank order
+    }
+
+
+def format_ddp(result: dict) -> str:
+    how = (f"DistributedDataParallel on {result['world_size']} ranks ({result['backend']}, {result['device']})"
+           if result["ddp"] else f"one rank, no DDP: the one-device baseline ({result['device']})")
+    peaks = ", ".join(metrics.fmt_bytes(b) for b in result["peak_memory_bytes"])
+    return "\n".join([
+        f"{result['model']} ({result['parameters']:,} parameters), {how}",
+        f"micro_batch_size {result['micro_batch_size']}, global_batch_size {result['global_batch_size']}, "
+        f"{result['steps']} steps after {result['warmup']} warm-up",
+        f"throughput  {result['samples_per_s']:.1f} samples/s (global)",
+        f"step time   {_ms(result['step_time_s'])} ms",
+        f"peak memory {peaks} (per rank)",
+    ])
+
+
+# --- compute against communication ----------------------------------------------------------------
+
+def step_split(model_names: list[str], micro_batch_size: int, steps: int, env: DistEnv | None = None,
+               warmup: int = 1) -> list[dict]:
+    """Per model: the compute of one training step (forward, backward, SGD step; no communication)
+    and the all-reduce of one buffer as large as its gradients, each timed every step on every rank,
+    the slowest rank counting, the median over `steps` reported. A collective: every rank calls it.
+
+    The bounds on scaling efficiency (time of one rank's step alone / time of a DDP step):
+    - no overlap: compute / (compute + comm), communication after backward (allreduce_gradients);
+    - perfect overlap: compute / max(compute, comm), all of it hidden behind backward (DDP at best).
+    With one rank comm_s is 0 and both are 1.
+    """
+    env = env or dist.get_env()
+    rows = []
+    for name in model_names:
+        torch.manual_seed(0)
+        model = get_model(name, num_classes=NUM_CLASSES).to(env.device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x, y = _synthetic_batch(micro_batch_size, env.device)
+        grads = [p for p in model.parameters() if p.requires_grad]
+        grad_bytes = sum(p.numel() * p.element_size() for p in grads)
+        # one flat buffer, like a single DDP bucket holding every gradient
+        buf = torch.zeros(sum(p.numel() for p in grads), dtype=grads[0].dtype, device=env.device)
+
+        compute, comm = [], []
+        for i in range(warmup + steps):
+            dist.barrier()
+            with metrics.Timer(env.device) as t:
+                _train_step(model, optimizer, x, y)
+            comm_s = _timed_allreduce(buf, env) if env.is_distributed else 0.0
+            if i >= warmup:
+                compute.append(t.elapsed)
+                comm.append(comm_s)
+        compute_s = statistics.median(_max_over_ranks(compute, env))
+        comm_s = statistics.median(_max_over_ranks(comm, env))
+        rows.append({
+            "model": name,
+            "parameters": count_parameters(model),
+            "grad_bytes": grad_bytes,
+            "world_size": env.world_size,
+            "micro_batch_size": micro_batch_size,
+            "compute_s": compute_s,
+            "comm_s": comm_s,
+            "efficiency_no_overlap": compute_s / (compute_s + comm_s),
+            "efficiency_overlap": compute_s / max(compute_s, comm_s),
+        })
+        del model, optimizer, buf
+    return rows
+
+
+def format_step_split(rows: list[dict], env: DistEnv | None = None) -> str:
+    env = env or dist.get_env()
+    world_size = rows[0]["world_size"] if rows else env.world_size
+    lines = [
+        f"one training step split into compute and gradient all-reduce, {world_size} rank(s) ({env.backend}, {env.device}); "
+        "median over steps of the slowest rank",
+        f"{'model':>10} {'parameters':>11} {'grad size':>10} {'compute (ms)':>13} {'all-reduce (ms)':>16} "
+        f"{'comm/compute':>13} {'eff. no overlap':>16} {'eff. overlap':>13}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['model']:>10} {r['parameters']:>11,} {metrics.fmt_bytes(r['grad_bytes']):>10} {_ms(r['compute_s']):>13} "
+            f"{_ms(r['comm_s']):>16} {r['comm_s'] / r['compute_s']:>13.2f} {r['efficiency_no_overlap']:>16.1%} "
+            f"{r['efficiency_overlap']:>13.1%}")
+    if world_size == 1:
+        lines.append("one rank: no all-reduce, so communication is 0. Run with N ranks to measure it: "
+                     "python -m torch.distributed.run --standalone --nproc-per-node N -m workshop.bench step-split")
+    return "\n".join(lines)
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def _arg_sizes(text: str) -> list[int]:
+    try:
+        sizes = [parse_size(s) for s in text.split(",") if s.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if not sizes:
+        raise argparse.ArgumentTypeError("no sizes given")
+    for s in sizes:
+        if s % _FLOAT32:
+            raise argparse.ArgumentTypeError(f"size {s} bytes is not a multiple of 4 (the all-reduce is of float32)")
+    return sizes
+
+
+def _arg_models(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown model {', '.join(unknown) or text!r}; choose from {', '.join(sorted(MODELS))}")
+    return names
+
+
+def _arg_positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _arg_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workshop.bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("allreduce", help="all-reduce time, algbw and busbw against message size")
+    p.add_argument("--sizes", type=_arg_sizes, default=_arg_sizes(DEFAULT_SIZES),
+                   help=f"comma-separated message sizes (default {DEFAULT_SIZES})")
+    p.add_argument("--iters", type=_arg_positive, default=20, help="timed iterations per size (default 20)")
+    p.add_argument("--warmup", type=_arg_count, default=5, help="untimed iterations first (default 5)")
+    p.add_argument("--link", choices=sorted(NOMINAL_LINKS), help="show busbw as a fraction of this link's nominal peak")
+
+    p = sub.add_parser("ddp", help="global samples/s of DDP training on synthetic data")
+    p.add_argument("--model", choices=sorted(MODELS), default="small_cnn")
+    p.add_argument("--batch-size", type=_arg_positive, default=64, help="micro_batch_size, per rank (default 64)")
+    p.add_argument("--steps", type=_arg_positive, default=20, help="timed steps (default 20)")
+    p.add_argument("--warmup", type=_arg_count, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--json", type=Path, help="also write the result here (rank 0)")
+
+    p = sub.add_parser("step-split", help="compute against gradient all-reduce per model; efficiency bounds")
+    p.add_argument("--models", type=_arg_models, default=_arg_models(",".join(MODELS)),
+                   help=f"comma-separated model names (default {','.join(MODELS)})")
+    p.add_argument("--batch-size", type=_arg_positive, default=32, help="micro_batch_size, per rank (default 32)")
+    p.add_argument("--steps", type=_arg_positive, default=5, help="timed steps per model (default 5)")
+    p.add_argument("--warmup", type=_arg_count, default=1, help="untimed steps first (default 1)")
+    return parser
+
+
+def _write(notebook: str, params: dict, results: dict, env: DistEnv) -> None:
+    if env.is_main:
+        path = metrics.write_record(metrics.run_dir(notebook, env), notebook=notebook, params=params, results=results, env=env)
+        print(f"record: {metrics.display_path(path)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # bad arguments: a message and exit 2, before any rank waits
+    env = dist.init()
+    try:
+        if args.command == "allreduce":
+            if not env.is_distributed:
+                print(format_allreduce([], env=env))
+                return 0
+            rows = allreduce_sweep(args.sizes, iters=args.iters, warmup=args.warmup, env=env)
+            dist.print0(format_allreduce(rows, link=args.link, env=env))
+            _write("bench-allreduce", {"sizes": args.sizes, "iters": args.iters, "warmup": args.warmup, "link": args.link},
+                   {"rows": rows}, env)
+        elif args.command == "ddp":
+            result = ddp_throughput(args.model, args.batch_size, args.steps, args.warmup, env)
+            dist.print0(format_ddp(result))
+            if env.is_main and args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                metrics.atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+            _write("bench-ddp", {"model": args.model, "micro_batch_size": args.batch_size, "steps": args.steps,
+                                 "warmup": args.warmup}, result, env)
+        elif args.command == "step-split":
+            rows = step_split(args.models, args.batch_size, args.steps, env, warmup=args.warmup)
+            dist.print0(format_step_split(rows, env=env))
+            _write("bench-step-split", {"models": args.models, "micro_batch_size": args.batch_size, "steps": args.steps,
+                                        "warmup": args.warmup}, {"rows": rows}, env)
+        return 0
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
