@@ -1,11 +1,21 @@
 """pytest set-up shared by tests/ and the nbval run over notebooks/: runs go to a temporary
-folder, never into the repository's runs/."""
+folder (removed at the end), never into the repository's runs/."""
 
 import os
+import shutil
 import tempfile
+
+_made = None
 
 
 def pytest_configure(config):
+    global _made
     if "WORKSHOP_RUNS" not in os.environ:
-        os.environ["WORKSHOP_RUNS"] = tempfile.mkdtemp(prefix="workshop-test-runs-")
+        _made = tempfile.mkdtemp(prefix="workshop-test-runs-")
+        os.environ["WORKSHOP_RUNS"] = _made
     os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_unconfigure(config):
+    if _made:
+        shutil.rmtree(_made, ignore_errors=True)

@@ -7,9 +7,8 @@ import sys
 import pytest
 import torch
 
-from workshop import models
-
 from conftest import REPO
+from workshop import models
 
 
 def _run(cmd):

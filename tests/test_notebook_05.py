@@ -4,9 +4,9 @@
 import json
 
 import pytest
+from test_slurm import sbatch
 
 from conftest import REPO, run_notebook
-from test_slurm import sbatch
 
 NB05 = "notebooks/05_ddp.ipynb"
 SMALL = ["-p", "split_models", "small_cnn,vit_tiny", "-p", "split_steps", "1", "-p", "allreduce_sizes", "4KiB,1MiB"]
