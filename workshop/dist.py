@@ -175,25 +175,29 @@ def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
     env = env or detect()
     if env.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(env.device))
-    if not env.is_distributed and not tdist.is_initialized():
-        tdist.init_process_group(backend=env.backend, store=tdist.HashStore(), rank=0, world_size=1)
-    elif env.is_distributed and not tdist.is_initialized():
-        # Libraries that read the torchrun variables (device meshes, Lightning) see the same world.
-        os.environ.update(
-            MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
-            WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-            LOCAL_WORLD_SIZE=str(env.local_world_size),
-        )
-        if timeout_s is None:
-            timeout_s = float(os.environ.get("WORKSHOP_DIST_TIMEOUT", 600))
-        tdist.init_process_group(
-            backend=env.backend,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank, world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+    if not tdist.is_initialized():
+        if env.is_distributed:
+            _join_world(env, timeout_s)
+        else:
+            tdist.init_process_group(backend=env.backend, store=tdist.HashStore(), rank=0, world_size=1)
     _ENV = env
     return env
+
+
+def _join_world(env: DistEnv, timeout_s: float | None) -> None:
+    # Libraries that read the torchrun variables (device meshes, Lightning) see the same world.
+    os.environ.update(
+        MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank), LOCAL_WORLD_SIZE=str(env.local_world_size),
+    )
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("WORKSHOP_DIST_TIMEOUT", 600))
+    tdist.init_process_group(
+        backend=env.backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank, world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def cleanup() -> None:
