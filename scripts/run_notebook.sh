@@ -9,7 +9,12 @@
 #          --cpus-per-task=8 --time=01:00:00 \
 #          scripts/run_notebook.sh notebooks/05_ddp.ipynb -f notebooks/params/gpu.yaml
 #   Ask for as many GPUs per node as tasks per node: rank <local_rank> uses cuda:<local_rank>.
-#   Every #SBATCH default below is overridden by the same option on the sbatch command line.
+#   Task parallelism (notebook 03): independent tasks anywhere, or a job array, one GPU each:
+#   sbatch --ntasks=4 --gpus-per-task=1 scripts/run_notebook.sh notebooks/03_task_parallelism.ipynb
+#   sbatch --array=0-3 --gpus-per-node=1 scripts/run_notebook.sh notebooks/03_task_parallelism.ipynb
+#   Every #SBATCH default below is overridden by the same option on the sbatch command line. No
+#   task or node count is set there: sbatch's own default is one task on one node (one per node
+#   with --nodes=N), and --ntasks=N alone lets SLURM place the N tasks on any nodes.
 #   The job's own output goes to runs/slurm-<jobid>.out (so submit from the repository's root).
 #
 # Without SLURM (or to run on the node you are on), torchrun starts the ranks:
@@ -23,8 +28,6 @@
 # notebook to open. Set WORKSHOP_PYTHON to choose the interpreter (default: python3 on PATH).
 #
 #SBATCH --job-name=workshop
-#SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
 #SBATCH --time=00:30:00
 #SBATCH --output=runs/slurm-%j.out
 
@@ -60,7 +63,7 @@ fi
 # Under SLURM (sbatch, or salloc) the ranks are the job's tasks; --nproc runs locally instead.
 if [[ -n ${SLURM_JOB_ID:-} && -z $nproc ]]; then
     launcher=srun
-    nranks=${SLURM_NTASKS:-1}
+    nranks=${SLURM_NTASKS:-${SLURM_JOB_NUM_NODES:-1}}  # sbatch sets no SLURM_NTASKS for --nodes=N alone: one per node
 else
     launcher=torchrun
     nranks=${nproc:-1}

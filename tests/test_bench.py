@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
+import torch
 
 from conftest import REPO
-from workshop import bench
+from workshop import bench, perf
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "workshop.bench"]
 
@@ -124,3 +126,154 @@ def test_step_split_on_2_ranks_prints_a_row(tmp_path):
     (result,) = record["results"]["rows"]
     assert result["world_size"] == 2 and result["comm_s"] > 0
     assert 0 < result["efficiency_no_overlap"] <= result["efficiency_overlap"] <= 1
+
+
+# --- single: one device, cumulative performance variants (workshop.perf) ----------------------------
+
+def test_single_on_cpu_writes_a_record_with_a_row_per_variant(runs):
+    variants = "naive,workers,bf16,channels_last,compile,resident"
+    out = _run([sys.executable, "-m", "workshop.bench", "single", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+                "--num-workers", "1", "--variants", variants], runs)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "samples/s" in out.stdout and "speedup" in out.stdout and "record: " in out.stdout
+    (record,) = _records(runs, "bench-single")
+    rows = record["results"]["rows"]
+    assert [r["variant"] for r in rows] == variants.split(",")
+    assert record["params"]["variants"] == variants.split(",")
+    for r in rows:
+        assert r["status"] in ("ok", "skipped")
+        if r["status"] == "ok":
+            assert r["samples_per_s"] > 0 and r["step_time_s"] > 0 and r["peak_memory_bytes"] > 0
+            assert r["flops_per_step"] > 0 and r["speedup"] > 0
+        else:
+            assert r["reason"] and r["speedup"] is None
+    assert rows[0]["status"] == "ok" and rows[0]["speedup"] == 1.0
+    if not torch.cuda.is_available():
+        compiled = rows[4]
+        assert compiled["status"] == "skipped" and "compile_on_cpu" in compiled["reason"]
+        assert rows[5]["compile"] is False and rows[5]["without"] == ["compile"]  # a skipped change is not carried on
+        assert all(r["mfu"] is None for r in rows if r["status"] == "ok")  # no peak to divide by on CPU
+        assert "MFU: not meaningful on CPU" in out.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["single", "--variants", "naive,turbo"], "unknown variant 'turbo'"),
+    (["single", "--variants", ","], "unknown variant"),
+    (["single", "--model", "vgg"], "unknown model 'vgg'"),
+    (["single", "--warmup", "0"], "must be at least 1"),
+])
+def test_single_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_flops_of_a_linear_model_are_the_analytic_count():
+    B, n_in, hidden, n_out = 8, 16, 32, 4
+    x, y = torch.randn(B, n_in), torch.randint(0, n_out, (B,))
+    linear = torch.nn.Linear(n_in, n_out)
+    assert perf.count_step_flops(linear, x, y, backward=False) == 2 * B * n_in * n_out  # one multiply-add = 2 FLOPs
+    # backward: the weight's gradient (another 2*B*in*out); the input is data and needs no gradient
+    assert perf.count_step_flops(linear, x, y) == 2 * (2 * B * n_in * n_out)
+    mlp = torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, n_out))
+    forward = 2 * B * (n_in * hidden + hidden * n_out)
+    assert perf.count_step_flops(mlp, x, y, backward=False) == forward
+    # the second layer computes both gradients (of its input and of its weight), the first only its weight's
+    assert perf.count_step_flops(mlp, x, y) == forward + 2 * B * n_in * hidden + 2 * (2 * B * hidden * n_out)
+    before = [p.clone() for p in mlp.parameters()]
+    assert all(p.grad is None for p in mlp.parameters())  # counted on a copy: the model is untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, mlp.parameters()))
+
+
+def test_flops_of_a_cnn_step_are_about_three_forwards():
+    model = bench.get_model("small_cnn")
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    ratio = perf.count_step_flops(model, x, y) / perf.count_step_flops(model, x, y, backward=False)
+    assert 2.5 < ratio <= 3.0  # the first convolution needs no input gradient
+
+
+@pytest.mark.parametrize("name, dtype, tflops", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989),
+    ("NVIDIA H200", torch.bfloat16, 989),
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756),
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312),
+    ("NVIDIA A100-SXM4-80GB", torch.float32, 156),  # float32 convolutions run in TF32 (cuDNN's default)
+    ("NVIDIA L40S", torch.float16, 362),
+    ("Tesla V100-SXM2-32GB", torch.float16, 125),
+    ("Tesla V100-SXM2-32GB", torch.float32, 15.7),  # no TF32 before Ampere
+])
+def test_peak_flops_from_the_data_sheet_table(name, dtype, tflops):
+    with mock.patch("torch.cuda.get_device_name", return_value=name):
+        assert perf.peak_flops("cuda:0", dtype) == pytest.approx(tflops * 1e12)
+        assert name in perf.gpu_peak("cuda:0", dtype)[1]
+
+
+def test_peak_flops_on_cpu_is_none():
+    assert perf.peak_flops("cpu", torch.bfloat16) is None
+    assert "not meaningful" in perf.gpu_peak("cpu", torch.float32)[1]
+
+
+def test_variants_are_cumulative():
+    setups = perf.variant_setups(perf.VARIANTS, "cpu", num_workers=3)
+    assert [s.name for s in setups] == list(perf.VARIANTS)
+    last = setups[-1]
+    assert last.num_workers == 3 and last.amp_dtype == "bfloat16" and last.channels_last and last.compile and last.resident
+    assert setups[0] == perf.Setup("naive")
+    assert not setups[1].pin_memory  # pinning helps copies to a GPU only
+    (only,) = perf.variant_setups("channels_last", "cpu", num_workers=3)
+    assert only.channels_last and only.num_workers == 0 and only.amp_dtype is None
+    with pytest.raises(ValueError, match="unknown variant 'x'"):
+        perf.variant_setups("naive,x", "cpu", 1)
+
+
+def test_default_num_workers_from_slurm(monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert perf.default_num_workers(5) == 5
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    assert perf.default_num_workers(5) == 7  # one core stays with the training process
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert perf.default_num_workers(5) == 1
+
+
+def test_augmentation_crops_the_padded_image_and_flips():
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    out = perf.augment_batch(images, pad=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (16, 3, 8, 8) and out.dtype == torch.float32
+    mean, std = torch.tensor(perf.CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(perf.CIFAR_STD).view(1, 3, 1, 1)
+    padded = torch.nn.functional.pad((images.float() / 255 - mean) / std, (2, 2, 2, 2), mode="reflect")
+    for b in range(16):
+        crops = [padded[b, :, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(-1)) for c in crops)
+    same = perf.augment_batch(images, pad=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, same)  # a pure function of the generator
+    ds = perf.AugmentedImages(images, torch.zeros(16, dtype=torch.long), pad=2)
+    x, _ = ds[3]
+    crops = [padded[3, :, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
+    assert any(torch.allclose(x, c) or torch.allclose(x, c.flip(-1)) for c in crops)  # the same, one image at a time
+
+
+def test_run_variants_format_and_plot(clean_env):
+    rows = perf.run_variants("small_cnn", 4, steps=1, warmup=1, variants="naive,channels_last,compile,resident",
+                             num_workers=0, dataset="synthetic")
+    assert [r["variant"] for r in rows] == ["naive", "channels_last", "compile", "resident"]
+    assert rows[0]["baseline"] == "naive" and rows[0]["speedup"] == 1.0
+    table = perf.format_variants(rows)
+    assert "samples/s" in table and "channels_last" in table
+    if not torch.cuda.is_available():
+        assert "compile skipped:" in table and "without compile (skipped)" in table
+    fig = perf.plot_speedups(rows)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["naive", "channels_last", "compile", "resident"]
+    assert perf.setup_of(rows[1]) == perf.Setup("channels_last", channels_last=True)
+
+
+@pytest.mark.gpu
+def test_single_on_a_gpu_measures_every_variant_with_mfu(runs):
+    out = _run([sys.executable, "-m", "workshop.bench", "single", "--model", "small_cnn", "--batch-size", "128",
+                "--steps", "5", "--warmup", "2", "--num-workers", "2"], runs)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (record,) = _records(runs, "bench-single")
+    rows = record["results"]["rows"]
+    assert [r["variant"] for r in rows] == list(perf.VARIANTS)
+    assert all(r["status"] == "ok" and r["samples_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
+    assert rows[4]["compile_time_s"] is not None and rows[1]["pin_memory"] is True

@@ -5,6 +5,10 @@ compute and its communication. They print measurements and write records; none p
     ddp          global samples/s of a model trained with DistributedDataParallel on synthetic data
     step-split   per model: compute time of a step, all-reduce time of its gradients, and the
                  scaling efficiency with no overlap and with perfect overlap of the two
+    single       one device, before any parallelism: samples/s, speedup, step time, peak memory and
+                 MFU of the same training steps under cumulative variants (workers and pinned memory,
+                 bf16 autocast, channels_last, torch.compile, data resident on the device); see
+                 workshop.perf and notebook 02
 
 Run it as N ranks, like any SPMD program here (workshop.dist.init reads the launcher):
 
@@ -15,6 +19,8 @@ Run it as N ranks, like any SPMD program here (workshop.dist.init reads the laun
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.bench step-split --batch-size 32
     # under SLURM, 2 nodes x 4 GPUs, inside an sbatch script or an salloc
     srun --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 python -m workshop.bench allreduce --link ib-ndr-400
+    # one GPU (one process: `single` refuses more ranks)
+    srun --ntasks 1 --gpus 1 --cpus-per-task 8 python -m workshop.bench single --model resnet18 --batch-size 512 --steps 50
 
 Bandwidths follow NCCL-tests (github.com/NVIDIA/nccl-tests, doc/PERFORMANCE.md): algbw = bytes /
 time; busbw = algbw * 2(n-1)/n, the rate each rank's link must carry in a ring all-reduce, which
@@ -40,7 +46,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from workshop import dist, metrics
+from workshop import dist, metrics, perf
 from workshop.ddp import apply_ddp
 from workshop.dist import DistEnv
 from workshop.models import MODELS, count_parameters, get_model
@@ -416,7 +422,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_arg_positive, default=32, help="micro_batch_size, per rank (default 32)")
     p.add_argument("--steps", type=_arg_positive, default=5, help="timed steps per model (default 5)")
     p.add_argument("--warmup", type=_arg_count, default=1, help="untimed steps first (default 1)")
+
+    p = sub.add_parser("single", help="one device: samples/s, speedup and MFU of cumulative performance variants")
+    p.add_argument("--model", type=_arg_model, default="small_cnn", help="small_cnn (default) or resnet18 (or vit_tiny)")
+    p.add_argument("--batch-size", type=_arg_positive, default=32, help="samples per step (default 32; GPU: 512)")
+    p.add_argument("--steps", type=_arg_positive, default=10, help="timed steps per variant (default 10; GPU: 50)")
+    p.add_argument("--warmup", type=_arg_positive, default=2,
+                   help="untimed steps first, at least 1: the first compiles, picks kernels, starts workers (default 2)")
+    p.add_argument("--variants", type=_arg_variants, default=list(perf.VARIANTS),
+                   help=f"comma-separated, each adding to those before it (default {','.join(perf.VARIANTS)})")
+    p.add_argument("--num-workers", type=_arg_count, default=None,
+                   help="DataLoader workers of the 'workers' variant (default: $SLURM_CPUS_PER_TASK - 1, else 2)")
+    p.add_argument("--dataset", choices=["synthetic", "auto", "cifar10"], default="synthetic",
+                   help="images to train on (default synthetic; auto: CIFAR-10 where staged)")
+    p.add_argument("--compile-on-cpu", action="store_true",
+                   help="measure torch.compile on CPU too (it builds C++ kernels: minutes)")
     return parser
+
+
+def _arg_model(text: str) -> str:
+    if text not in MODELS:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose from {', '.join(sorted(MODELS))}")
+    return text
+
+
+def _arg_variants(text: str) -> list[str]:
+    try:
+        return perf.check_variants(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _write(notebook: str, params: dict, results: dict, env: DistEnv) -> None:
@@ -445,6 +479,18 @@ def main(argv: list[str] | None = None) -> int:
                 metrics.atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
             _write("bench-ddp", {"model": args.model, "micro_batch_size": args.batch_size, "steps": args.steps,
                                  "warmup": args.warmup}, result, env)
+        elif args.command == "single":
+            if env.is_distributed:
+                raise SystemExit("workshop.bench single measures one device: run it as one process, not under torchrun/srun -n N")
+            num_workers = perf.default_num_workers(2) if args.num_workers is None else args.num_workers
+            rows = perf.run_variants(args.model, args.batch_size, args.steps, args.warmup, args.variants, env,
+                                     num_workers=num_workers, dataset=args.dataset, compile_on_cpu=args.compile_on_cpu)
+            print(perf.format_variants(rows))
+            best = perf.best_variant(rows)
+            _write("bench-single", {"model": args.model, "batch_size": args.batch_size, "steps": args.steps,
+                                    "warmup": args.warmup, "variants": args.variants, "num_workers": num_workers,
+                                    "dataset": args.dataset, "compile_on_cpu": args.compile_on_cpu},
+                   {"rows": rows, "best": best["variant"] if best else None}, env)
         elif args.command == "step-split":
             rows = step_split(args.models, args.batch_size, args.steps, env, warmup=args.warmup)
             dist.print0(format_step_split(rows, env=env))

@@ -1,0 +1,474 @@
+"""Make one device fast before using more: the same training steps under cumulative variants.
+
+Each variant adds one change to the ones before it in the list (notebook 02 shows each change in a cell):
+
+    naive          fp32; a DataLoader in the training process (no workers), pageable memory
+    workers        + DataLoader worker processes, pinned memory, non_blocking copies to the GPU
+    bf16           + bf16 autocast (fp16 with a GradScaler on GPUs without bf16)
+    channels_last  + model and inputs in channels_last (NHWC) memory format
+    compile        + torch.compile(model)
+    resident       + the whole data set on the device, cropped and flipped there in batches; no DataLoader
+                     (as the fastest CIFAR-10 trainers do: github.com/KellerJordan/cifar10-airbench)
+
+Every variant trains a fresh model (same seed) on the same images with the same augmentation (random crop
+with 4 pixels of reflect padding, random horizontal flip): in the DataLoader one image at a time, in
+`resident` a batch at a time on the device.
+
+    rows = perf.run_variants("resnet18", batch_size=512, steps=50, warmup=5, variants=perf.VARIANTS, env=env)
+    print(perf.format_variants(rows))
+    perf.plot_speedups(rows)
+
+From the command line (prints the table, writes a record): `python -m workshop.bench single --model resnet18`.
+
+MFU (model FLOPs utilisation, PaLM, Chowdhery et al. 2022, appendix B): the FLOPs of the model's training step,
+counted by torch.utils.flop_counter, times steps per second, over the device's peak FLOP/s for the dtype the
+step computes in. On CPU there is no peak to divide by here: MFU is left empty.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from workshop import metrics
+from workshop.data import CIFAR_MEAN, CIFAR_STD, ImageTensors, get_dataset
+from workshop.dist import DistEnv, get_env
+from workshop.models import count_parameters, get_model
+
+VARIANTS = ("naive", "workers", "bf16", "channels_last", "compile", "resident")
+CHANGES = {
+    "naive": "fp32, DataLoader in the training process, pageable memory",
+    "workers": "+ DataLoader workers, pinned memory, non_blocking copies",
+    "bf16": "+ bf16 autocast (fp16 with a GradScaler without bf16)",
+    "channels_last": "+ channels_last memory format",
+    "compile": "+ torch.compile(model)",
+    "resident": "+ data set on the device, augmented there in batches, no DataLoader",
+}
+PAD = 4  # pixels of padding for the random crop, as in the usual CIFAR-10 recipe
+
+# Dense peak TFLOP/s (no 2:4 sparsity) from NVIDIA's data sheets, by a part of torch.cuda.get_device_name();
+# the first key found in the name wins, so the specific names come first. "tf32" is the tensor-core rate for
+# float32 convolutions (cuDNN allows TF32 by default), "fp32" the rate without tensor cores.
+GPU_PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51},
+    "H100 NVL": {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60},
+    "H200 NVL": {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60},
+    "H100": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67},  # H100 SXM
+    "H200": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67},  # H200 SXM
+    "A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
+    "L40S": {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6},
+    "V100": {"fp16": 125, "fp32": 15.7},  # no bf16, no TF32
+}
+_MEASURED: dict = {}  # (device name, dtype) -> FLOP/s of a measured matmul, for GPUs not in the table
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one variant does: the changes of every variant up to it, in the order run."""
+
+    name: str
+    num_workers: int = 0  # DataLoader worker processes
+    pin_memory: bool = False  # page-locked host batches, copied with non_blocking=True
+    amp_dtype: str | None = None  # "bfloat16" or "float16" autocast; None: float32
+    channels_last: bool = False  # NHWC memory format for the model and its inputs
+    compile: bool = False  # torch.compile(model)
+    resident: bool = False  # the data set on the device, augmented there; no DataLoader
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+def default_num_workers(fallback: int) -> int:
+    """DataLoader workers: one fewer than the CPUs SLURM gave this task (one core stays with the training
+    process), at least 1; `fallback` where SLURM_CPUS_PER_TASK is not set."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return max(1, int(cpus) - 1) if cpus.isdigit() else fallback
+
+
+def amp_dtype_for(device: str) -> str:
+    """bfloat16 where the device computes in it natively (CPU, Ampere and newer GPUs), else float16."""
+    if str(device).startswith("cuda") and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "float16"  # V100, T4: no bf16 tensor cores
+    return "bfloat16"
+
+
+def check_variants(variants) -> list[str]:
+    names = [v.strip() for v in (variants.split(",") if isinstance(variants, str) else variants) if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise ValueError(f"unknown variant {', '.join(map(repr, unknown)) or repr(variants)}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def variant_setups(variants, device: str, num_workers: int) -> list[Setup]:
+    """One Setup per variant, each with the changes of the variants listed before it."""
+    on_cuda = str(device).startswith("cuda")
+    setup, setups = Setup("naive"), []
+    for name in check_variants(variants):
+        if name == "workers":
+            setup = replace(setup, num_workers=num_workers, pin_memory=on_cuda)  # pinning helps only copies to a GPU
+        elif name == "bf16":
+            setup = replace(setup, amp_dtype=amp_dtype_for(device))
+        elif name == "channels_last":
+            setup = replace(setup, channels_last=True)
+        elif name == "compile":
+            setup = replace(setup, compile=True)
+        elif name == "resident":
+            setup = replace(setup, resident=True)
+        setups.append(replace(setup, name=name))
+    return setups
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def augment_batch(images: torch.Tensor, pad: int = PAD, generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W), randomly cropped from the image padded by
+    `pad` pixels (reflect) and flipped left-right with probability 1/2: a batch at once, on the images' device."""
+    B, C, H, W = images.shape
+    dev = images.device
+    mean = torch.tensor(CIFAR_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=dev).view(1, 3, 1, 1)
+    x = (images.float() / 255 - mean) / std
+    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (B, 3, H + 2 pad, W + 2 pad)
+    dy = torch.randint(0, 2 * pad + 1, (B,), device=dev, generator=generator)  # crop offsets, one per image
+    dx = torch.randint(0, 2 * pad + 1, (B,), device=dev, generator=generator)
+    rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, None, :]  # (B, 1, 1, W)
+    x = x[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None], rows, cols]
+    flip = torch.rand(B, device=dev, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, 3, H, W)
+
+
+class AugmentedImages(Dataset):
+    """The DataLoader's data set: the augmentation of `augment_batch`, one image at a time (a slice of the padded
+    image, as torchvision's RandomCrop does), in the process that loads it."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, pad: int = PAD):
+        self.images, self.labels, self.pad = images, labels, pad
+        self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        _, H, W = self.images[i].shape
+        x = (self.images[i].float() / 255 - self.mean) / self.std  # (3, H, W)
+        x = F.pad(x[None], (self.pad,) * 4, mode="reflect")[0]  # (3, H + 2 pad, W + 2 pad)
+        dy, dx = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+        x = x[:, dy:dy + H, dx:dx + W]
+        return (x.flip(-1) if torch.rand(()) < 0.5 else x), self.labels[i]
+
+
+def load_images(dataset: str, num_samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """uint8 images (N, 3, 32, 32), labels (N,) and the data set's name: `num_samples` synthetic ones, or a
+    staged CIFAR-10 (all of it) for "cifar10", or "auto" (CIFAR-10 where staged)."""
+    train, _, info = get_dataset(dataset, num_train=num_samples, num_test=1, seed=seed)
+    if not isinstance(train, ImageTensors):
+        raise ValueError(f"data set {dataset!r}: the variants need images held in memory (synthetic or cifar10)")
+    return train.images, train.labels, info.name
+
+
+# --- one variant --------------------------------------------------------------------------------------
+
+def train_step(model, optimizer, x, y, amp_dtype: torch.dtype | None = None, scaler=None) -> torch.Tensor:
+    """One SGD step; under autocast the convolutions and matmuls run in `amp_dtype`, the loss in float32."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = F.cross_entropy(model(x), y)
+    if scaler is not None:  # float16: scale the loss so that small gradients do not underflow
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+class VariantRun:
+    """A fresh model, its optimizer and an endless stream of batches on the device, set up as `setup` says."""
+
+    def __init__(self, setup: Setup, model_name: str, images, labels, batch_size: int, device: str, seed: int = 0,
+                 lr: float = 0.05):
+        if len(labels) < batch_size:
+            raise ValueError(f"{len(labels)} images are fewer than one batch of {batch_size}")
+        self.setup, self.batch_size, self.device = setup, batch_size, torch.device(device)
+        torch.manual_seed(seed)
+        model = get_model(model_name).to(self.device)
+        if setup.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # the weights in NHWC too
+        self.eager = model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        self.model = torch.compile(model) if setup.compile else model  # compiles at its first call
+        self.amp_dtype = getattr(torch, setup.amp_dtype) if setup.amp_dtype else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        if setup.resident:
+            self.images, self.labels = images.to(self.device), labels.to(self.device)  # uint8: 3 KiB an image
+        else:
+            self.loader = DataLoader(
+                AugmentedImages(images, labels), batch_size=batch_size, shuffle=True, drop_last=True,
+                num_workers=setup.num_workers, pin_memory=setup.pin_memory, persistent_workers=setup.num_workers > 0,
+                generator=torch.Generator().manual_seed(seed),
+            )
+
+    def batches(self):
+        """(x, y) on the device, forever: one epoch after another."""
+        fmt = torch.channels_last if self.setup.channels_last else torch.contiguous_format
+        while True:
+            if self.setup.resident:
+                order = torch.randperm(len(self.labels), device=self.device, generator=self.generator)
+                for i in range(0, len(order) - self.batch_size + 1, self.batch_size):
+                    idx = order[i:i + self.batch_size]
+                    x = augment_batch(self.images[idx], generator=self.generator)
+                    yield x.contiguous(memory_format=fmt), self.labels[idx]
+            else:
+                nb = self.setup.pin_memory  # an asynchronous copy needs page-locked (pinned) memory
+                for x, y in self.loader:
+                    yield x.to(self.device, non_blocking=nb).contiguous(memory_format=fmt), y.to(self.device, non_blocking=nb)
+
+    def step(self, x, y) -> torch.Tensor:
+        return train_step(self.model, self.optimizer, x, y, self.amp_dtype, self.scaler)
+
+
+def count_step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, backward: bool = True) -> int:
+    """FLOPs of one training step (forward, loss, backward) of `model` on (x, y), counted by
+    torch.utils.flop_counter.FlopCounterMode on a copy of the model (its weights and BatchNorm statistics stay
+    as they are). Matmuls and convolutions count 2 FLOPs per multiply-add; elementwise work counts 0. The
+    backward computes two products per layer (gradients of the input and of the weight), so a step is about 3x
+    the forward; the first layer needs no input gradient. backward=False: the forward alone."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(model)
+    with FlopCounterMode(display=False) as counter:
+        loss = F.cross_entropy(model(x), y)
+        if backward:
+            loss.backward()
+    return int(counter.get_total_flops())
+
+
+def _dtype_key(dtype) -> str:
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def measured_matmul_flops(device, dtype=torch.bfloat16, n: int = 8192, iters: int = 10) -> float:
+    """FLOP/s of an n x n matmul in `dtype` on `device`: a practical peak for a GPU not in GPU_PEAK_TFLOPS."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    with metrics.Timer(device) as t:
+        for _ in range(iters):
+            a @ b
+    return 2 * n**3 * iters / t.elapsed
+
+
+def gpu_peak(device, dtype) -> tuple[float | None, str]:
+    """(peak FLOP/s for `dtype` on `device`, where the number comes from). CPU: (None, why)."""
+    if not str(device).startswith("cuda"):
+        return None, "CPU: no peak FLOP/s known here, MFU not meaningful"
+    name = torch.cuda.get_device_name(torch.device(device))
+    key = _dtype_key(dtype)
+    for part, peaks in GPU_PEAK_TFLOPS.items():
+        if part in name:
+            if key == "fp32" and torch.backends.cudnn.allow_tf32 and "tf32" in peaks:
+                key = "tf32"  # float32 convolutions run on the tensor cores in TF32
+            if key == "bf16" and key not in peaks:
+                key = "fp16"
+            return peaks[key] * 1e12, f"{name}: {key} dense {peaks[key]:g} TFLOP/s (data sheet)"
+    if (name, key) not in _MEASURED:
+        _MEASURED[name, key] = measured_matmul_flops(device, {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                               "fp16": torch.float16}[key])
+    flops = _MEASURED[name, key]
+    return flops, f"{name}: {key} {flops / 1e12:.0f} TFLOP/s (measured 8192^3 matmul; not in the data-sheet table)"
+
+
+def peak_flops(device, dtype=torch.bfloat16) -> float | None:
+    """Peak FLOP/s of `device` for `dtype` (see GPU_PEAK_TFLOPS; a measured matmul for other GPUs); None on CPU."""
+    return gpu_peak(device, dtype)[0]
+
+
+def run_variant(setup: Setup, model_name: str, images, labels, batch_size: int, steps: int, warmup: int, device: str,
+                seed: int = 0) -> dict:
+    """Time `steps` training steps (data loading included) after `warmup` untimed ones; the first step is timed
+    on its own: with torch.compile it holds the compilation. Peak memory over the whole variant."""
+    if warmup < 1:
+        raise ValueError("warmup must be at least 1: the first step compiles, picks kernels and starts the workers")
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    metrics.reset_peak_memory(device)
+    run = VariantRun(setup, model_name, images, labels, batch_size, device, seed=seed)
+    batches = run.batches()
+    with metrics.Timer(device) as first:
+        run.step(*next(batches))
+    with metrics.Timer(device) as rest:
+        for _ in range(warmup - 1):
+            run.step(*next(batches))
+    with metrics.Timer(device) as t:
+        for _ in range(steps):
+            loss = run.step(*next(batches))
+    result = {
+        "time_s": t.elapsed,
+        "step_time_s": t.elapsed / steps,
+        "samples_per_s": metrics.throughput(steps * batch_size, t.elapsed),
+        "first_step_s": first.elapsed,
+        "compile_time_s": first.elapsed - t.elapsed / steps if setup.compile else None,  # first step less a steady one
+        "warmup_s": first.elapsed + rest.elapsed,
+        "peak_memory_bytes": metrics.peak_memory(device),
+        "loss": float(loss),
+    }
+    del run, batches
+    return result
+
+
+def _change_of(name: str) -> dict:
+    """The Setup fields that variant `name` changes, at their naive values: what to drop when it is skipped."""
+    return {"workers": dict(num_workers=0, pin_memory=False), "bf16": dict(amp_dtype=None),
+            "channels_last": dict(channels_last=False), "compile": dict(compile=False), "resident": dict(resident=False),
+            }.get(name, {})
+
+
+def run_variants(model_name: str, batch_size: int, steps: int, warmup: int, variants=VARIANTS, env: DistEnv | None = None,
+                 *, num_workers: int | None = None, dataset: str = "synthetic", compile_on_cpu: bool = False,
+                 seed: int = 0, num_samples: int | None = None, data: tuple | None = None) -> list[dict]:
+    """One row per variant: the same model, batch size and number of steps under each Setup (cumulative).
+
+    A row holds the variant's settings, status ("ok" or "skipped", with the reason), samples_per_s, speedup
+    (over the first measured row, `naive` when it ran), step_time_s, first_step_s, compile_time_s, peak
+    memory, FLOPs per step, and MFU (None on CPU). torch.compile on CPU builds C++ kernels with the system
+    compiler, minutes for a small CNN on two cores: it runs there only with compile_on_cpu=True. `data`: the
+    (images, labels, name) of `load_images`, to train on those instead of loading `dataset`.
+    """
+    env = env or get_env()
+    device = env.device
+    num_workers = default_num_workers(2) if num_workers is None else num_workers
+    setups = variant_setups(variants, device, num_workers)
+    images, labels, data_name = data or load_images(dataset, num_samples or batch_size * (warmup + steps), seed)
+
+    torch.manual_seed(seed)
+    model = get_model(model_name).to(device)
+    parameters = count_parameters(model)
+    xb = augment_batch(images[:batch_size]).to(device)
+    flops = count_step_flops(model, xb, labels[:batch_size].to(device))  # the same in every variant
+    del model, xb
+
+    rows, dropped, skipped = [], {}, []
+    for setup in setups:
+        setup = replace(setup, **dropped)  # a skipped variant's change is not in the ones after it
+        row = {"variant": setup.name, "changes": CHANGES[setup.name], **asdict(setup), "model": model_name,
+               "parameters": parameters, "data": data_name, "device": device, "batch_size": batch_size, "steps": steps,
+               "warmup": warmup, "flops_per_step": flops, "status": "ok", "reason": None, "without": list(skipped)}
+        if setup.compile and not device.startswith("cuda") and not compile_on_cpu:
+            row.update(status="skipped", reason="torch.compile on CPU builds C++ kernels with the system compiler, which "
+                       "takes longer than this run's budget; measure it with compile_on_cpu=True (--compile-on-cpu)")
+            rows.append(row)
+            dropped.update(_change_of("compile"))
+            skipped.append("compile")
+            continue
+        try:
+            row.update(run_variant(setup, model_name, images, labels, batch_size, steps, warmup, device, seed))
+        except (RuntimeError, NotImplementedError) as err:  # e.g. a dtype the device cannot compute in
+            row.update(status="skipped", reason=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            rows.append(row)
+            dropped.update(_change_of(setup.name))
+            skipped.append(setup.name)
+            continue
+        peak, source = gpu_peak(device, setup.amp_dtype or torch.float32)
+        row["peak_flops"], row["peak_source"] = peak, source
+        row["achieved_flops"] = flops * steps / row["time_s"]
+        row["mfu"] = row["achieved_flops"] / peak if peak else None
+        rows.append(row)
+
+    measured = [r for r in rows if r["status"] == "ok"]
+    base = next((r for r in measured if r["variant"] == "naive"), measured[0] if measured else None)
+    for r in rows:
+        r["speedup"] = r["samples_per_s"] / base["samples_per_s"] if r["status"] == "ok" else None
+        r["baseline"] = base["variant"] if base else None
+    return rows
+
+
+# --- tables and plots ---------------------------------------------------------------------------------
+
+def setup_of(row: dict) -> Setup:
+    """The Setup a row of `run_variants` was measured with."""
+    return Setup(**{name: row[name] for name in Setup.__dataclass_fields__})
+
+
+def best_variant(rows: list[dict]) -> dict | None:
+    measured = [r for r in rows if r["status"] == "ok"]
+    return max(measured, key=lambda r: r["samples_per_s"]) if measured else None
+
+
+def format_variants(rows: list[dict]) -> str:
+    """The rows as a table, then the skipped variants with their reasons and what each variant changes."""
+    if not rows:
+        return "no variants"
+    r0 = rows[0]
+    on_cuda = r0["device"].startswith("cuda")
+    lines = [
+        f"{r0['model']} ({r0['parameters']:,} parameters), batch {r0['batch_size']}, {r0['steps']} timed steps after "
+        f"{r0['warmup']} warm-up, {r0['data']} data, on {r0['device']}; {r0['flops_per_step'] / 1e9:.2f} GFLOP per "
+        "training step",
+        f"{'variant':14s} {'samples/s':>10} {'speedup':>8} {'step (ms)':>10} {'1st step (s)':>13} {'peak memory':>12} "
+        f"{'MFU':>6}",
+    ]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['variant']:14s} {'skipped':>10}")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else ""
+        lines.append(f"{r['variant']:14s} {r['samples_per_s']:10.0f} {r['speedup']:7.2f}x {r['step_time_s'] * 1e3:10.2f} "
+                     f"{r['first_step_s']:13.2f} {metrics.fmt_bytes(r['peak_memory_bytes']):>12} {mfu:>6}")
+    baseline = r0.get("baseline")
+    lines.append(f"speedup: samples/s over {baseline}'s." + (
+        " peak memory: torch.cuda.max_memory_allocated over each variant." if on_cuda else
+        " peak memory on CPU: the process's peak resident set so far (never reset): not comparable between rows."))
+    compiled = [r for r in rows if r["status"] == "ok" and r["compile_time_s"] is not None]
+    for r in compiled:
+        lines.append(f"{r['variant']}: compiling took about {r['compile_time_s']:.1f} s (first step less a steady one)")
+    peaks = sorted({r["peak_source"] for r in rows if r["status"] == "ok" and r.get("peak_flops")})
+    lines += [f"MFU against {p}" for p in peaks] or ["MFU: not meaningful on CPU (no known peak FLOP/s), left empty"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['variant']} skipped: {r['reason']}")
+    lines.append("each variant adds its change to those above it:")
+    for r in rows:
+        extra = (f" ({r['num_workers']} workers" + ("" if r["pin_memory"] else "; no pinning: no GPU to copy to") + ")"
+                 if r["variant"] == "workers" else "")
+        extra = f" ({r['amp_dtype']})" if r["variant"] == "bf16" else extra
+        if r.get("without") and r["status"] == "ok":
+            extra += f"; without {', '.join(r['without'])} (skipped)"
+        lines.append(f"  {r['variant']:14s} {r['changes']}{extra}")
+    return "\n".join(lines)
+
+
+def plot_speedups(rows: list[dict]):
+    """Bars of the speedup of each variant over the baseline; skipped variants marked as such."""
+    from matplotlib.figure import Figure  # no pyplot: the figure is returned, not shown twice
+
+    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    names = [r["variant"] for r in rows]
+    values = [r["speedup"] if r["status"] == "ok" else 0.0 for r in rows]
+    bars = ax.bar(names, values, color=["tab:gray" if r["variant"] == r.get("baseline") else "tab:blue" for r in rows])
+    ax.bar_label(bars, labels=[f"{v:.2f}x" if r["status"] == "ok" else "skipped" for v, r in zip(values, rows)])
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_ylabel(f"speedup over {rows[0].get('baseline') if rows else ''}")
+    if rows:
+        ax.set_title(f"{rows[0]['model']}, batch {rows[0]['batch_size']}, on {rows[0]['device']}: cumulative variants")
+    ax.margins(y=0.15)
+    ax.tick_params(axis="x", labelrotation=20)
+    if not any(math.isfinite(v) and v > 0 for v in values):
+        ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
+    return fig
