@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import tomllib
 import yaml
 
@@ -38,3 +39,14 @@ def test_code_and_notebooks_pass_the_linter():
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "workshop", "tests", "notebooks", "conftest.py"],
                          cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:]
+
+
+@pytest.mark.parametrize("notebook", sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.name)
+def test_every_parameter_of_a_notebook_is_seen_by_papermill(notebook):
+    """A parameter papermill cannot parse (an `=` in its comment, say) could not be set with -p."""
+    import nbformat
+    import papermill
+
+    cell = next(c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    assigned = [line.split("=")[0].strip() for line in cell.source.splitlines() if re.match(r"^\w+\s*=", line)]
+    assert list(papermill.inspect_notebook(str(notebook))) == assigned
