@@ -255,9 +255,10 @@ def series(notebooks: list[Path]) -> int:
         rc = subprocess.run(["bash", str(script), "--nproc", str(nranks), str(nb)], env=env).returncode
         made = sorted(set(runs_root().glob(f"*-{nb.stem}*")) - before)
         rows.append((nb.name, nranks, "ok" if rc == 0 else f"FAILED ({rc})", made[-1] if made else None))
-    print("\nnotebook                          ranks  status      run folder (executed notebook, record.json)")
+    width = max(len(name) for name, *_ in rows) if rows else 8
+    print(f"\n{'notebook':{width}s}  ranks  status      run folder (executed notebook, record.json)")
     for name, nranks, status, run in rows:
-        print(f"{name:33s} {nranks:5d}  {status:10s}  {display_path(run) if run else '-'}")
+        print(f"{name:{width}s}  {nranks:5d}  {status:10s}  {display_path(run) if run else '-'}")
     return 0 if all(status == "ok" for _, _, status, _ in rows) else 1
 
 
