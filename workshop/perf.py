@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from workshop import metrics
 from workshop.data import CIFAR_MEAN, CIFAR_STD, ImageTensors, get_dataset
@@ -146,25 +146,21 @@ def augment_batch(images: torch.Tensor, pad: int = PAD, generator: torch.Generat
     return torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, 3, H, W)
 
 
-class AugmentedImages(Dataset):
+class AugmentedImages(ImageTensors):
     """The DataLoader's data set: the augmentation of `augment_batch`, one image at a time (a slice of the padded
     image, as torchvision's RandomCrop does), in the process that loads it."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, pad: int = PAD):
-        self.images, self.labels, self.pad = images, labels, pad
-        self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.labels)
+        super().__init__(images, labels)
+        self.pad = pad
 
     def __getitem__(self, i):
-        _, H, W = self.images[i].shape
-        x = (self.images[i].float() / 255 - self.mean) / self.std  # (3, H, W)
+        x, label = super().__getitem__(i)  # normalised (3, H, W)
+        _, H, W = x.shape
         x = F.pad(x[None], (self.pad,) * 4, mode="reflect")[0]  # (3, H + 2 pad, W + 2 pad)
         dy, dx = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
         x = x[:, dy:dy + H, dx:dx + W]
-        return (x.flip(-1) if torch.rand(()) < 0.5 else x), self.labels[i]
+        return (x.flip(-1) if torch.rand(()) < 0.5 else x), label
 
 
 def load_images(dataset: str, num_samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
