@@ -4,9 +4,12 @@ vision transformer.
     model = models.get_model("small_cnn", num_classes=10)
     model = models.get_model("small_cnn", norm="group")   # per-sample normalisation, see SmallCNN
     model = models.get_model("vit_tiny")
+    gpt = models.get_model("tinygpt", size="cpu")           # the language model of notebooks 06 to 08
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -141,12 +144,196 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])  # the class token
 
 
-MODELS = {"small_cnn": SmallCNN, "resnet18": ResNet18, "vit_tiny": VisionTransformer}
+class KVCache:
+    """Keys and values of the tokens seen so far, one pair per layer, so that decoding the next
+    token attends to them without recomputing them. `pos` is how many tokens are stored.
+
+    Attention calls `update(layer, k, v)` with the new tokens' (B, heads, T, head_dim) keys and
+    values and gets back all of them; the model calls `advance(T)` after its last layer.
+    """
+
+    def __init__(self, depth: int):
+        self.keys: list[torch.Tensor | None] = [None] * depth
+        self.values: list[torch.Tensor | None] = [None] * depth
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d)) V where query i (the last T of the S keys' positions) sees keys
+    0 .. S - T + i. q: (B, nh, T, hs); k, v: (B, nh, S, hs) with S >= T."""
+    T, S = q.shape[-2], k.shape[-2]
+    if T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if T == 1:  # one new token sees everything before it
+        return F.scaled_dot_product_attention(q, k, v)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with separate query, key, value and output projections
+    (no biases), so a tensor-parallel plan can split q, k and v by heads (column-wise) and the
+    output projection by its input (row-wise). The number of heads is read from the weights'
+    shapes, so the same forward runs on a rank that holds only some of the heads."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.head_dim = dim // heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = (w(x).view(B, T, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = causal_attention(q, k, v)  # (B, local heads, T, hs)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """Linear, GELU, linear (no biases): the MLP that Megatron-LM splits column-then-row."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x)))
+
+
+class GPTBlock(nn.Module):
+    """Pre-norm decoder block: x + attention(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(dim)
+        self.attention = CausalSelfAttention(dim, heads)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.feed_forward = FeedForward(dim, mlp_ratio * dim)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+# name -> (dim, depth, heads, max_seq_len); parameters with the byte vocabulary (256), untied head
+TINYGPT_SIZES = {
+    "cpu": dict(dim=128, depth=4, heads=4, max_seq_len=128),  # 0.87M: notebook defaults, 2 CPU cores
+    "small": dict(dim=512, depth=8, heads=8, max_seq_len=256),  # 25.6M: one GPU, quick
+    "gpu": dict(dim=1024, depth=24, heads=16, max_seq_len=512),  # 303M: sharding and MFU on GPUs
+}
+
+
+class TinyGPT(nn.Module):
+    """A small decoder-only transformer (GPT-2 shaped, pre-norm, learned positions, no biases in
+    the linear layers) over a byte vocabulary, for notebooks 06 to 08.
+
+    `forward(tokens)` maps (B, T) token ids to (B, T, vocab) logits. With a `KVCache` it takes
+    only the new tokens and attends to the cached ones as well (see `generate`). `tie_weights`
+    shares the embedding with the output head (fewer parameters; an untied head is simpler to
+    shard, so it is the default). Sizes by name in TINYGPT_SIZES, or give dim/depth/heads.
+    """
+
+    def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, heads: int = 4,
+                 max_seq_len: int = 128, mlp_ratio: int = 4, tie_weights: bool = False):
+        super().__init__()
+        self.vocab_size, self.dim, self.depth, self.heads = vocab_size, dim, depth, heads
+        self.max_seq_len = max_seq_len
+        self.tok_embeddings = nn.Embedding(vocab_size, dim)
+        self.pos_embeddings = nn.Embedding(max_seq_len, dim)
+        self.layers = nn.ModuleList(GPTBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.output = nn.Linear(dim, vocab_size, bias=False)
+        if tie_weights:
+            self.output.weight = self.tok_embeddings.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.max_seq_len:
+            raise ValueError(f"{start + T} tokens exceed the model's max_seq_len {self.max_seq_len}")
+        positions = torch.arange(start, start + T, device=tokens.device)
+        x = self.tok_embeddings(tokens) + self.pos_embeddings(positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.output(self.norm(x))
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward and backward): 6 per weight of the matmuls plus the
+        attention scores and their product with the values, 12 * depth * seq_len * dim
+        (Kaplan et al. 2020; PaLM appendix B)."""
+        matmul_weights = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and "embeddings" not in n)
+        return 6 * matmul_weights + 12 * self.depth * seq_len * self.dim
+
+
+def tinygpt(size: str = "cpu", **overrides) -> TinyGPT:
+    """A TinyGPT of a named size (TINYGPT_SIZES), with any constructor argument overridden."""
+    if size not in TINYGPT_SIZES:
+        raise ValueError(f"unknown TinyGPT size {size!r}; choose one of {sorted(TINYGPT_SIZES)}")
+    return TinyGPT(**{**TINYGPT_SIZES[size], **overrides})
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of (B, T, V) logits against (B, T) targets."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def generate(model: TinyGPT, prompt: torch.Tensor, max_new_tokens: int, *, use_cache: bool = True,
+             temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue (B, T) prompt tokens by `max_new_tokens`: greedy when temperature is 0, else
+    sampled from softmax(logits / temperature). With `use_cache` each step feeds only the newest
+    token and reuses the stored keys and values; without it each step re-reads the whole sequence.
+    Both give the same tokens. Returns (B, T + max_new_tokens)."""
+    cache = KVCache(model.depth) if use_cache else None
+    tokens, step_input = prompt, prompt
+    for _ in range(max_new_tokens):
+        logits = model(step_input, cache)[:, -1]
+        if temperature == 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)
+        tokens = torch.cat([tokens, nxt], dim=1)
+        step_input = nxt if use_cache else tokens
+    return tokens
+
+
+MODELS = {"small_cnn": SmallCNN, "resnet18": ResNet18, "vit_tiny": VisionTransformer}  # the image models
 
 
 def get_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+    """An image model by name with `num_classes` outputs, or `tinygpt` (keywords as `tinygpt()`)."""
+    if name == "tinygpt":
+        return tinygpt(**kwargs)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {[*sorted(MODELS), 'tinygpt']}")
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
