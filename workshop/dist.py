@@ -280,17 +280,33 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).addFilter(lambda record: "Tip:" not in str(record.msg))
 
 
+def _check_strategy_fits_device(strategy, env: DistEnv) -> None:
+    """Lightning's FSDP strategy (FSDP1) needs GPUs; on CPU say what runs there instead of failing
+    deep inside Lightning. ModelParallelStrategy (FSDP2, tensor parallelism) runs on CPU."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    wants_fsdp = isinstance(strategy, FSDPStrategy) or (isinstance(strategy, str) and strategy.startswith("fsdp"))
+    if wants_fsdp and not env.device.startswith("cuda"):
+        raise ValueError(
+            "Lightning's FSDP strategy needs CUDA GPUs and this rank runs on CPU: use "
+            "strategy=ModelParallelStrategy(data_parallel_size=env.world_size, tensor_parallel_size=1) with "
+            "`workshop.sharding.apply_fsdp` in the module's configure_model (FSDP2, runs on CPU), or strategy=\"ddp\""
+        )
+
+
 def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
     """A Lightning Trainer for this world: accelerator, devices, nodes and the cluster plugin
     from `env`. Lightning's own SLURM detection would take a papermill kernel under sbatch, or a
     JupyterLab server started as a SLURM job, for a world of its own; the plugin overrules it.
-    `strategy` defaults to "ddp" with more than one rank, else "auto"."""
+    `strategy` defaults to "ddp" with more than one rank, else "auto". The FSDP strategy on CPU
+    is refused with what to use instead (ModelParallelStrategy, which runs on CPU too)."""
     import lightning as L
 
     _quiet_lightning()
     env = env or get_env()
     if strategy is None:
         strategy = "ddp" if env.is_distributed else "auto"
+    _check_strategy_fits_device(strategy, env)
     plugins = list(kwargs.pop("plugins", [])) + [lightning_environment(env)]
     # In a kernel Lightning refuses multi-process strategies, fearing it would have to start the
     # processes itself. Here each rank is a kernel already, started by torchrun or srun, and the

@@ -1,5 +1,5 @@
-"""The same classifier as a LightningModule: Lightning owns the loop, the devices and the
-processes' cooperation; build its Trainer with `workshop.dist.make_trainer`.
+"""The classifier and the language model as LightningModules: Lightning owns the loop, the
+devices and the processes' cooperation; build its Trainer with `workshop.dist.make_trainer`.
 
     module = lit.LitClassifier(models.get_model("small_cnn"), lr=0.05)
     trainer = dist.make_trainer(env, max_epochs=2)
@@ -9,9 +9,11 @@ processes' cooperation; build its Trainer with `workshop.dist.make_trainer`.
 from __future__ import annotations
 
 import lightning as L
+import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workshop.models import lm_loss
 from workshop.train import make_optimizer
 
 
@@ -44,3 +46,41 @@ class LitClassifier(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         return make_optimizer(self.model, h.lr, h.momentum, h.weight_decay)
+
+
+class LitLanguageModel(L.LightningModule):
+    """A language model (TinyGPT) as a LightningModule, trained with AdamW on next-token loss.
+
+    With `ModelParallelStrategy` Lightning builds a device mesh and calls `configure_model`, where
+    `parallelize(model, device_mesh)` shards the model (for instance FSDP2 with
+    `workshop.sharding.apply_fsdp(model, device_mesh["data_parallel"])`); the optimizer is made
+    afterwards, from the sharded parameters.
+
+        module = lit.LitLanguageModel(models.tinygpt("cpu"), lr=3e-3, parallelize=my_plan)
+        strategy = ModelParallelStrategy(data_parallel_size=env.world_size, tensor_parallel_size=1)
+        dist.make_trainer(env, strategy=strategy, max_steps=100).fit(module, loader)
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 3e-3, weight_decay: float = 0.01, parallelize=None):
+        super().__init__()
+        self.model = model
+        self.parallelize = parallelize
+        self.save_hyperparameters(ignore=["model", "parallelize"])
+        self._parallelized = False
+
+    def configure_model(self):
+        if self.parallelize is not None and not self._parallelized:  # Lightning may call it again
+            self.parallelize(self.model, self.device_mesh)
+            self._parallelized = True
+
+    def forward(self, tokens):
+        return self.model(tokens)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = lm_loss(self.model(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,49 @@
+"""workshop.memory: the ZeRO paper's accounting, and measured bytes of a model and optimizer."""
+
+import pytest
+import torch
+
+from workshop import memory, models
+
+
+def test_zero_paper_worked_example():
+    # Rajbhandari et al. 2020, figure 1: 7.5B parameters, mixed-precision Adam (K = 12), 64 devices
+    psi, gb = 7.5e9, 1e9
+    assert memory.predict(psi, 1, "ddp", preset="mixed_adam").total / gb == pytest.approx(120)
+    assert memory.predict(psi, 64, "ddp", preset="mixed_adam").total / gb == pytest.approx(120)
+    assert round(memory.predict(psi, 64, "zero1", preset="mixed_adam").total / gb, 1) == 31.4
+    assert round(memory.predict(psi, 64, "zero2", preset="mixed_adam").total / gb, 1) == 16.6
+    assert round(memory.predict(psi, 64, "zero3", preset="mixed_adam").total / gb, 2) == 1.88
+
+
+def test_bytes_per_parameter_from_dtypes_and_optimizer():
+    assert memory.optimizer_state_bytes("adamw", torch.bfloat16) == 12  # master copy + two moments
+    assert memory.optimizer_state_bytes("adamw", torch.float32) == 8
+    assert memory.optimizer_state_bytes("sgd_momentum", "fp32") == 4
+    mixed = memory.predict(1000, 4, "zero2", param_dtype=torch.bfloat16, optimizer="adam")
+    assert mixed == memory.predict(1000, 4, "zero2", preset="mixed_adam")
+    fp32 = memory.predict(1000, 4, "zero1", param_dtype="fp32")
+    assert (fp32.params, fp32.grads, fp32.optimizer) == (4000, 4000, 2000)
+    assert memory.predict(1000, 4, "zero1", param_dtype="bf16", grad_dtype="fp32").grads == 4000
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(stage="zero4"), "unknown stage"), (dict(stage="ddp", preset="fp8"), "unknown preset"),
+    (dict(stage="ddp", optimizer="lion"), "unknown optimizer"), (dict(stage="ddp", param_dtype="fp6"), "unknown dtype"),
+])
+def test_bad_arguments_say_what_to_use(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        memory.predict(1000, 2, **kwargs)
+
+
+def test_measure_one_process_adamw_is_the_ddp_prediction_plus_step_scalars():
+    model = models.tinygpt("cpu", depth=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 256, (2, 16))
+    models.lm_loss(model(x), x).backward()
+    optimizer.step()
+    got = memory.measure(model, optimizer)
+    n, tensors = models.count_parameters(model), len(list(model.parameters()))
+    want = memory.predict(n, 1, "ddp", preset="fp32_adam")
+    assert (got.params, got.grads) == (want.params, want.grads)
+    assert got.optimizer == want.optimizer + 4 * tensors  # exp_avg + exp_avg_sq, and one fp32 `step` per tensor

@@ -1,0 +1,129 @@
+"""Where the memory of training goes, per rank: parameters, gradients and optimizer states, as the
+ZeRO paper counts them (Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
+Parameter Models", SC 2020, section 5 and figure 1), and as measured on a model and optimizer.
+
+With Psi parameters, mixed-precision Adam keeps 2 bytes of fp16/bf16 weights, 2 of gradients and
+K = 12 of optimizer states (an fp32 master copy, momentum and variance) per parameter: 16 Psi.
+Plain fp32 Adam keeps 4 + 4 + 8. Over N data-parallel ranks:
+
+    stage  "ddp"    every rank holds everything                       (2 + 2 + K) Psi
+           "zero1"  optimizer states sharded (P_os)                   (2 + 2) Psi + K Psi / N
+           "zero2"  ... and gradients (P_os+g)                        2 Psi + (2 + K) Psi / N
+           "zero3"  ... and parameters (P_os+g+p), FSDP's full shard  (2 + 2 + K) Psi / N
+
+    predict(7.5e9, 64, "zero1", preset="mixed_adam").total / 1e9   # 31.4 (GB), as in the paper
+    measure(model, optimizer)                                      # this rank's bytes after a step
+
+Activations are not counted: they depend on batch and sequence length, not on the sharding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+STAGES = ("ddp", "zero1", "zero2", "zero3")
+
+# bytes per parameter: (parameters, gradients, optimizer states)
+PRESETS = {
+    "mixed_adam": (2, 2, 12),  # fp16/bf16 weights and gradients; fp32 master weights, exp_avg, exp_avg_sq
+    "fp32_adam": (4, 4, 8),  # fp32 everything; Adam's exp_avg and exp_avg_sq
+}
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank holds of each part."""
+
+    params: float
+    grads: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def dtype_bytes(dtype: torch.dtype | str) -> int:
+    """Bytes per element of a dtype (torch.bfloat16 or "bf16", "fp32", ...)."""
+    if isinstance(dtype, str):
+        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                 "fp16": torch.float16, "float16": torch.float16}
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or a torch.dtype")
+        dtype = names[dtype]
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def optimizer_state_bytes(optimizer: str = "adamw", param_dtype: torch.dtype | str = torch.float32) -> int:
+    """K, the optimizer's bytes per parameter: its fp32 moments (Adam/AdamW: exp_avg and exp_avg_sq,
+    8; SGD with momentum: 4; plain SGD: 0), plus an fp32 master copy of the weights (4) when the
+    parameters are kept in a lower precision. Per-tensor scalars (Adam's `step`) are not counted."""
+    moments = {"adam": 8, "adamw": 8, "sgd_momentum": 4, "sgd": 0}
+    if optimizer not in moments:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(moments)}")
+    master = 4 if dtype_bytes(param_dtype) < 4 else 0
+    return moments[optimizer] + master
+
+
+def predict(num_params: float, world_size: int, stage: str, *, preset: str | None = None,
+            param_dtype: torch.dtype | str = torch.float32, grad_dtype: torch.dtype | str | None = None,
+            optimizer: str = "adamw") -> RankMemory:
+    """Bytes per rank of parameters, gradients and optimizer states for `num_params` parameters
+    trained data-parallel on `world_size` ranks with a ZeRO `stage` (one of STAGES).
+
+    Bytes per parameter come from a `preset` (PRESETS: "mixed_adam" is the paper's 2 + 2 + 12,
+    "fp32_adam" 4 + 4 + 8), else from the dtypes and the optimizer (gradients in the parameters'
+    dtype unless `grad_dtype` says otherwise). A shard is an exact 1 / world_size: real
+    implementations round (FSDP pads each tensor's first dimension to a multiple of the world
+    size; ZeroRedundancyOptimizer gives each rank whole tensors), which the measurement shows."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; use one of {STAGES}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)}")
+        p, g, k = PRESETS[preset]
+    else:
+        p = dtype_bytes(param_dtype)
+        g = dtype_bytes(grad_dtype if grad_dtype is not None else param_dtype)
+        k = optimizer_state_bytes(optimizer, param_dtype)
+    level = STAGES.index(stage)  # 0 ddp, 1 shards optimizer states, 2 and gradients, 3 and parameters
+    share = 1 / world_size
+    return RankMemory(
+        params=num_params * p * (share if level >= 3 else 1),
+        grads=num_params * g * (share if level >= 2 else 1),
+        optimizer=num_params * k * (share if level >= 1 else 1),
+    )
+
+
+def local_bytes(t: torch.Tensor) -> int:
+    """Bytes this rank stores of `t`: its local shard when `t` is a DTensor, else all of it."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    return t.numel() * t.element_size()
+
+
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters this rank holds right now (sharded or, between an FSDP all-gather
+    and its reshard, whole)."""
+    return sum(local_bytes(p) for p in model.parameters())
+
+
+def measure(model: nn.Module, optimizer: torch.optim.Optimizer) -> RankMemory:
+    """Bytes this rank holds of the model's parameters and gradients and of the optimizer's
+    states, after a step (before zero_grad): local shards of DTensors (FSDP2), only this rank's
+    partition of a ZeroRedundancyOptimizer's states. Optimizer states count every tensor, Adam's
+    per-tensor `step` scalars included (4 bytes each, not in the ZeRO model's K)."""
+    grads = sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer: the local optimizer
+    states = sum(local_bytes(v) for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    return RankMemory(params=param_bytes(model), grads=grads, optimizer=states)

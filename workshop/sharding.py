@@ -1,0 +1,119 @@
+"""Sharded data parallelism: each rank keeps only a part of the optimizer states (ZeRO-1), or of the
+states, gradients and parameters (FSDP2, ZeRO-3-like), and gathers the rest when it needs it.
+Notebook 06 writes the ideas in cells and checks these against one process.
+
+    model, optimizer = apply_zero1(model, shard_mesh(env), lr=3e-3)   # DDP + ZeroRedundancyOptimizer
+    model = apply_fsdp(model, shard_mesh(env))                          # fully_shard per block, then root
+    model = apply_fsdp(model, hybrid_mesh(env))                         # replicate across nodes, shard within
+    save_checkpoint(path, model, optimizer); load_checkpoint(path, model, optimizer)   # one file per rank
+
+Each `apply_*` takes the mesh explicitly; `shard_mesh` and `hybrid_mesh` build the usual ones from
+the DistEnv. Works on CPU (gloo) and GPU (NCCL); every rank calls every function (collectives).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from workshop.dist import DistEnv
+
+
+def _device_type(env: DistEnv) -> str:
+    return "cuda" if env.device.startswith("cuda") else "cpu"
+
+
+def shard_mesh(env: DistEnv) -> DeviceMesh:
+    """A 1-D mesh over all ranks, named "shard": every rank holds 1 / world_size."""
+    return init_device_mesh(_device_type(env), (env.world_size,), mesh_dim_names=("shard",))
+
+
+def hybrid_mesh(env: DistEnv) -> DeviceMesh:
+    """A 2-D mesh (num_nodes, ranks per node) named ("replicate", "shard"): parameters are sharded
+    over the ranks of a node (fast links: NVLink) and replicated across nodes, which then only
+    all-reduce gradients (slow links: InfiniBand, once per step instead of gathers every layer).
+    Ranks are numbered node by node (SLURM's block distribution, torchrun's node ranks)."""
+    if env.world_size % env.local_world_size:
+        raise ValueError(f"world size {env.world_size} is not a multiple of the ranks per node "
+                         f"{env.local_world_size}: start the same number of tasks on every node")
+    return init_device_mesh(_device_type(env), (env.num_nodes, env.local_world_size),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def apply_zero1(model: nn.Module, mesh: DeviceMesh, optimizer_class=torch.optim.AdamW, **optimizer_kwargs):
+    """ZeRO stage 1: gradients all-reduced as in DDP (every rank holds all of them), but each rank
+    keeps the optimizer states of only its share of the parameters, steps those, and broadcasts
+    the updated parameters to the others. Returns (the DDP-wrapped model, the optimizer).
+    `torch.distributed.optim.ZeroRedundancyOptimizer` gives each rank whole parameter tensors
+    (greedily, largest first), so the shares are only about equal."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    if mesh.ndim != 1:
+        raise ValueError(f"apply_zero1 takes a 1-D mesh, got {mesh.ndim} dimensions")
+    group = mesh.get_group()
+    device = next(model.parameters()).device
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  process_group=group)
+    optimizer = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=optimizer_class, process_group=group,
+                                        **optimizer_kwargs)
+    return ddp, optimizer
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
+    """FSDP2: `fully_shard` each transformer block of `model.layers`, then the root (embeddings,
+    final norm, head). Every parameter becomes a DTensor sharded on dim 0 over the mesh's last
+    dimension (and replicated over the first of a 2-D mesh: hybrid sharding). Before a block
+    runs its parameters are all-gathered; its gradients are reduce-scattered after its backward.
+
+    `reshard_after_forward=True` frees each block's gathered parameters after its forward and
+    gathers them again in backward (ZeRO-3: least memory, one more all-gather per block);
+    False keeps them until backward (ZeRO-2-like: the whole model unsharded between forward and
+    backward, one all-gather fewer). `mp_policy` is a `MixedPrecisionPolicy` (e.g. bf16 compute,
+    fp32 reduction on GPUs). Shards the model in place and returns it."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    if not hasattr(model, "layers"):
+        raise ValueError(f"apply_fsdp shards the blocks in `model.layers`; {type(model).__name__} has none")
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+    return model
+
+
+def bf16_policy():
+    """bf16 parameters and compute, fp32 gradient reduction: the usual FSDP2 policy on GPUs."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+    """A sharded checkpoint with torch.distributed.checkpoint: every rank writes its own shards of
+    the model and optimizer state (no gather on rank 0) into the folder `path`, plus one metadata
+    file. Every rank must call it with the same path on a file system they all see."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+    return Path(path)
+
+
+def load_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a `save_checkpoint` folder into an already sharded model and its optimizer, in place:
+    each rank reads the pieces of its own shards (the world size or mesh may differ from the
+    one that saved)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not Path(path, ".metadata").is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: save one with save_checkpoint(path, model, optimizer)")
+    model_state, optim_state = get_state_dict(model, optimizer)  # the layout to read into
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
