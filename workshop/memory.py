@@ -127,3 +127,58 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer) -> RankMemory:
     inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer: the local optimizer
     states = sum(local_bytes(v) for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     return RankMemory(params=param_bytes(model), grads=grads, optimizer=states)
+
+
+PARTS = ("params", "grads", "optimizer")
+
+
+def compare(measured: dict, predicted: dict, tolerance: float = 0.10) -> list[dict]:
+    """One row per version: the largest measured bytes over ranks of each part (the rank that runs
+    out of memory first), the prediction, and whether every rank's every part is within
+    `tolerance` of it. `measured[version]` is a list of per-rank `RankMemory.as_dict()` (gathered
+    from all ranks); `predicted[version]` a RankMemory."""
+    rows = []
+    for version, per_rank in measured.items():
+        want = predicted[version]
+        row = {"version": version}
+        for part in PARTS:
+            row[part] = max(r[part] for r in per_rank)
+            row[f"predicted_{part}"] = getattr(want, part)
+        row["total"] = max(sum(r[p] for p in PARTS) for r in per_rank)
+        row["predicted_total"] = want.total
+        row["agrees"] = all(abs(r[p] - getattr(want, p)) <= tolerance * getattr(want, p)
+                            for r in per_rank for p in PARTS)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The `compare` rows as text: measured / predicted MiB per part."""
+    mib = 2**20
+    lines = [f"{'version':<20}" + "".join(f"{part + ' MiB':>22}" for part in (*PARTS, "total")) + "  within 10%",
+             f"{'':<20}" + f"{'measured / predicted':>22}" * 4]
+    for row in rows:
+        cells = "".join(f"{row[p] / mib:>12.3f} / {row['predicted_' + p] / mib:<7.3f}" for p in (*PARTS, "total"))
+        lines.append(f"{row['version']:<20}{cells}  {row['agrees']}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], ax=None):
+    """Stacked bars per version: measured (left) beside predicted (right, hatched), by part."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(8, 3.5))[1]
+    colors = {"params": "tab:blue", "grads": "tab:orange", "optimizer": "tab:green"}
+    for i, row in enumerate(rows):
+        for offset, prefix, hatch in ((-0.2, "", None), (0.2, "predicted_", "//")):
+            bottom = 0.0
+            for part in PARTS:
+                value = row[prefix + part] / 2**20
+                ax.bar(i + offset, value, 0.38, bottom=bottom, color=colors[part], hatch=hatch, edgecolor="white",
+                       label=part if i == 0 and not prefix else None)
+                bottom += value
+    ax.set_xticks(range(len(rows)), [r["version"] for r in rows])
+    ax.set_ylabel("MiB per rank")
+    ax.set_title("memory per rank: measured (plain) and predicted (hatched)")
+    ax.legend()
+    return ax

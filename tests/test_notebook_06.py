@@ -1,0 +1,81 @@
+"""notebooks/06_sharding.ipynb as N ranks: 2 local ranks, and 2 nodes x 2 ranks on the local SLURM
+cluster, where the hybrid mesh replicates across the nodes and shards within each. (nbval runs it as
+one process.)"""
+
+import json
+
+import pytest
+import yaml
+from test_slurm import sbatch
+
+from conftest import REPO, run_notebook
+
+NB06 = "notebooks/06_sharding.ipynb"
+CHECK = [f"{what} matches the single-process run:" for what in
+         ("ZeRO-1 by hand", "ZeroRedundancyOptimizer", "FSDP2 (reshard)", "FSDP2 (no reshard)", "hybrid sharding",
+          "Lightning FSDP2")] + ["measured bytes per rank within 10% of workshop.memory:",
+                                 "checkpoint round trip gives the same next losses:"]
+
+
+def check_cell_lines(notebook):
+    """The stdout of the final NBVAL_CHECK_OUTPUT cell, one line each."""
+    cells = json.loads(notebook.read_text())["cells"]
+    cell = [c for c in cells if c["cell_type"] == "code" and "".join(c["source"]).startswith("# NBVAL_CHECK_OUTPUT")][-1]
+    return "".join("".join(o.get("text", "")) for o in cell["outputs"]).splitlines()
+
+
+def assert_all_true(notebook):
+    lines = check_cell_lines(notebook)
+    for what in CHECK:
+        assert any(line.startswith(what) and line.endswith("True") for line in lines), (what, lines)
+
+
+def assert_sharded_memory(record, world_size):
+    """Every rank's parameters and gradients are 1/world_size of DDP's under FSDP2."""
+    per_rank = record["results"]["measured_per_rank"]
+    ddp = per_rank["ddp"][0]
+    for version in ("fsdp2_reshard_True", "fsdp2_reshard_False"):
+        assert len(per_rank[version]) == world_size
+        for rank in per_rank[version]:
+            assert rank["params"] * world_size == ddp["params"] and rank["grads"] * world_size == ddp["grads"]
+    held = record["results"]["params_held_after_forward"]
+    assert held["reshard"] < held["no_reshard"] == ddp["params"]
+
+
+def test_gpu_params_file_names_notebook_parameters():
+    params = yaml.safe_load((REPO / "notebooks" / "params" / "06_sharding.yaml").read_text())
+    cell = next(c for c in json.loads((REPO / NB06).read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
+    names = {line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if "=" in line}
+    assert params["size"] == "gpu" and params["mixed_precision"] is True
+    assert set(params) <= names
+
+
+@pytest.mark.multirank
+def test_06_on_two_local_ranks(runs):
+    out = run_notebook("--nproc", 2, NB06)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    assert_all_true(run / "06_sharding.ipynb")
+    record = json.loads((run / "record.json").read_text())
+    assert record["dist"]["world_size"] == 2 and all(record["results"]["matches_single_process"].values())
+    assert_sharded_memory(record, 2)
+    assert sorted(p.name for p in (run / "checkpoint").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
+@pytest.mark.slurm
+def test_06_on_two_nodes_with_two_ranks_each(slurm, runs):
+    rc, job, log = sbatch(runs, "--nodes=2", "--ntasks-per-node=2", "scripts/run_notebook.sh", NB06)
+    assert rc == 0, log[-4000:]
+    run = runs / f"job{job}-06_sharding"
+    text = (run / "06_sharding.ipynb").read_text()
+    assert "4 rank(s) on 2 node(s)" in text
+    assert "hybrid mesh ('replicate', 'shard'): 2 node(s) x 2 rank(s)" in text
+    assert "global (512, 128), placements (Shard(dim=0),), this rank holds (128, 128)" in text  # FSDP2 over 4 ranks
+    assert "placements (Replicate(), Shard(dim=0)), this rank holds (256, 128)" in text  # w1 (512, 128): 2 shards a node
+    assert_all_true(run / "06_sharding.ipynb")
+    record = json.loads((run / "record.json").read_text())
+    assert record["dist"]["world_size"] == 4 and all(record["results"]["matches_single_process"].values())
+    assert_sharded_memory(record, 4)
+    nodes = sorted(json.loads((run / "logs" / f"rank{r}.status.json").read_text())["node"] for r in range(4))
+    assert nodes == ["n1", "n1", "n2", "n2"]
+    (REPO / "runs" / f"slurm-{job}.out").unlink()
