@@ -52,7 +52,13 @@ def test_zero1_fsdp_hybrid_and_lightning_equal_one_process_and_the_memory_model(
     for version in ("zero1", "fsdp_reshard_True", "fsdp_reshard_False", "hybrid", "lightning_fsdp"):
         assert saved["states"][version].keys() == ref.keys(), version
         for name, value in saved["states"][version].items():
-            torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-4, msg=f"{version}: {name}")
+            torch.testing.assert_close(value, ref[name], rtol=1e-3, atol=3e-4, msg=f"{version}: {name}")
+    # ... and Adam would hide a wrong gradient scale: the first gradients must match tightly
+    grads = saved["grads"]
+    for version in ("zero1", "fsdp", "hybrid"):
+        assert grads[version].keys() == grads["reference"].keys(), version
+        for name, value in grads[version].items():
+            torch.testing.assert_close(value, grads["reference"][name], rtol=1e-4, atol=1e-7, msg=f"{version}: {name}")
 
     # measured local shard bytes per rank against the ZeRO model (fp32 AdamW), within 10%
     stages = {"ddp": "ddp", "zero1": "zero1", "fsdp_reshard_True": "zero3", "fsdp_reshard_False": "zero3"}

@@ -41,12 +41,15 @@ def train(model, optimizer, loader, steps=STEPS):
     return losses
 
 
-def full_state(model):
-    """The whole (unsharded) weights, on every rank: DTensors gathered."""
+def full(t):
     from torch.distributed.tensor import DTensor
 
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
-            for k, v in model.state_dict().items()}
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_state(model):
+    """The whole (unsharded) weights, on every rank: DTensors gathered."""
+    return {k: full(v).detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def gather(obj):
@@ -100,6 +103,21 @@ trainer = dist.make_trainer(env, strategy=ModelParallelStrategy(data_parallel_si
 trainer.fit(module, shard)
 states["lightning_fsdp"] = full_state(module.model)
 
+# One backward each: the gradients (gathered) must equal the reference's closely. Adam hides a wrong
+# gradient scale (it divides by the gradient's RMS), so the weights alone would not show one.
+x, y = next(iter(data.make_loader(train_set, global_batch)))
+model = fresh()
+models.lm_loss(model(x), y).backward()
+grads = {"reference": {n: p.grad.clone() for n, p in model.named_parameters()}}
+xs, ys = next(iter(shard))
+for name, make in (("zero1", lambda: sharding.apply_zero1(fresh(), mesh, lr=LR)[0]),
+                   ("fsdp", lambda: sharding.apply_fsdp(fresh(), mesh)),
+                   ("hybrid", lambda: sharding.apply_fsdp(fresh(), sharding.hybrid_mesh(env)))):
+    model = make()
+    models.lm_loss(model(xs), ys).backward()
+    inner = getattr(model, "module", model)
+    grads[name] = {n: full(p.grad).detach().cpu().clone() for n, p in inner.named_parameters()}
+
 # The checkpoint round trip: the FSDP model after STEPS steps, saved; a fresh sharded model and
 # optimizer load it; both take the next step on the same batch
 ckpt_dir = [tempfile.mkdtemp(prefix="dcp-", dir=sys.argv[1].rsplit("/", 1)[0]) if env.is_main else None]
@@ -118,6 +136,6 @@ checkpoint = {"loss_direct": gather(loss_direct), "loss_restored": gather(loss_r
               "direct": full_state(model), "restored": full_state(restored)}
 
 if env.is_main:
-    torch.save({"world_size": env.world_size, "num_params": num_params, "states": states, "measured": measured,
+    torch.save({"world_size": env.world_size, "num_params": num_params, "states": states, "measured": measured, "grads": grads,
                 "checkpoint": checkpoint}, sys.argv[1])
 dist.cleanup()
