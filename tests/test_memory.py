@@ -47,3 +47,13 @@ def test_measure_one_process_adamw_is_the_ddp_prediction_plus_step_scalars():
     want = memory.predict(n, 1, "ddp", preset="fp32_adam")
     assert (got.params, got.grads) == (want.params, want.grads)
     assert got.optimizer == want.optimizer + 4 * tensors  # exp_avg + exp_avg_sq, and one fp32 `step` per tensor
+
+
+def test_compare_flags_a_rank_off_by_more_than_ten_percent():
+    want = memory.predict(1000, 2, "zero3", preset="fp32_adam")  # 2000 + 2000 + 4000 bytes
+    near = {"params": 2000, "grads": 2000, "optimizer": 4300}  # 7.5% over
+    far = {"params": 2000, "grads": 2000, "optimizer": 4500}  # 12.5% over
+    rows = memory.compare({"a": [near, near], "b": [near, far]}, {"a": want, "b": want})
+    assert [r["agrees"] for r in rows] == [True, False]
+    assert rows[1]["optimizer"] == 4500 and rows[1]["total"] == 8500 and rows[1]["predicted_total"] == 8000
+    assert "within 10%" in memory.format_table(rows)
