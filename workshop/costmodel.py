@@ -337,35 +337,53 @@ def plot_projections(projections: list[Projection]):
 # --- predicted against measured --------------------------------------------------------------------
 
 def check_strategies(records: list[dict], link: AlphaBeta, overlap: float = 0.0) -> list[dict]:
-    """For each `bench strategies` record (world size >= 2): the measured DDP and FSDP step times
-    against those predicted from the record's own compute-only step time, its parameter bytes and
-    FSDP unit count, and `link`. Rows: world_size, strategy, measured_s, predicted_s, error."""
+    """For each `bench strategies` record on 2 or more ranks: the measured DDP and FSDP step times
+    against the predicted ones, ddp_step and fsdp_step of
+
+    - compute: the record's own compute-only step (the plain model on every rank at once), times
+    - the wrapper's own work: its step over the plain step on one rank, where there is nothing to
+      communicate (from the one-rank record of the same model and batch; 1 where there is none),
+    - the parameter bytes, DDP's bucket size, FSDP's units, and `link`.
+
+    Rows: model, world_size, strategy, compute_s, wrapper, measured_s, predicted_s, error."""
+    ok = [r for r in records if r.get("status", "ok") == "ok" and r.get("notebook") == "bench-strategies"]
+
+    def key(res):
+        return res.get("model"), res.get("micro_batch_size"), res.get("seq_len")
+
+    one_rank = {}
+    for rec in ok:
+        res = rec["results"]
+        if res.get("world_size") == 1:
+            steps = {m["strategy"]: m["step_time_s"] for m in res.get("measurements", [])}
+            one_rank[key(res)] = {s: t / steps["single"] for s, t in steps.items() if "single" in steps}
     out = []
-    for rec in records:
-        res = rec.get("results") or {}
-        if rec.get("status", "ok") != "ok" or rec.get("notebook") != "bench-strategies":
-            continue
+    for rec in ok:
+        res = rec["results"]
         p = int(res.get("world_size", 1))
         if p < 2:
             continue
-        compute = res["compute_step_s"]
         for m in res.get("measurements", []):
+            if m["strategy"] not in ("ddp", "fsdp"):
+                continue
+            wrapper = one_rank.get(key(res), {}).get(m["strategy"], 1.0)
+            compute = res["compute_step_s"] * wrapper
             if m["strategy"] == "ddp":
                 pred = ddp_step(compute, res["param_bytes"], p, link, overlap, bucket_bytes=res["bucket_bytes"])
-            elif m["strategy"] == "fsdp":
-                pred = fsdp_step(compute, res["param_bytes"], p, link, res["fsdp_units"], overlap)
             else:
-                continue
-            out.append({"model": res["model"], "world_size": p, "strategy": m["strategy"], "compute_s": compute,
-                        "measured_s": m["step_time_s"], "predicted_s": pred,
+                pred = fsdp_step(compute, res["param_bytes"], p, link, res["fsdp_units"], overlap)
+            out.append({"model": res["model"], "world_size": p, "strategy": m["strategy"], "compute_s": res["compute_step_s"],
+                        "wrapper": wrapper, "measured_s": m["step_time_s"], "predicted_s": pred,
                         "error": (pred - m["step_time_s"]) / m["step_time_s"]})
     return sorted(out, key=lambda r: (r["model"], r["world_size"], r["strategy"]))
 
 
 def format_check(rows: list[dict], link: AlphaBeta) -> str:
     lines = [f"predicted against measured step time; link {link}",
-             f"{'model':>14} {'ranks':>6} {'strategy':>9} {'compute (ms)':>13} {'measured (ms)':>14} {'predicted (ms)':>15} {'error':>8}"]
+             f"{'model':>14} {'ranks':>6} {'strategy':>9} {'compute (ms)':>13} {'wrapper':>8} {'measured (ms)':>14} "
+             f"{'predicted (ms)':>15} {'error':>8}"]
     for r in rows:
         lines.append(f"{r['model']:>14} {r['world_size']:>6} {r['strategy']:>9} {r['compute_s'] * 1e3:>13.2f} "
+                     f"{r['wrapper']:>7.2f}x "
                      f"{r['measured_s'] * 1e3:>14.2f} {r['predicted_s'] * 1e3:>15.2f} {r['error']:>+8.1%}")
     return "\n".join(lines)

@@ -158,7 +158,8 @@ def find_runs(root: Path, notebook: str | None = None, sweep: str | None = None,
         reason = rec.get("reason") or rec.get("error") or ""
         if isinstance(reason, list):
             reason = "; ".join(map(str, reason))
-        runs.append(Run(path.parent, rec, str(rec.get("notebook") or path.parent.name), str(rec.get("status", "ok")), str(reason)))
+        name = str(rec.get("notebook") or path.parent.name)
+        runs.append(Run(path.parent, rec, name, str(rec.get("status", "ok")), str(reason)))
     if notebook:
         runs = [r for r in runs if r.notebook == notebook or r.notebook.startswith(notebook)]
     if sweep:
@@ -204,7 +205,7 @@ def measurements(run: Run) -> list[Row]:
                         micro_batch_size=mbs, global_batch_size=gbs, throughput=throughput,
                         step_time_s=_number(get("step_time_s")), wall_time_s=_number(get("wall_time_s")),
                         peak_memory_bytes=int(peak) if peak else None, epoch_size=_number(get("epoch_size")),
-                        variant=str(m.get("variant") or ""), baseline=bool(m.get("baseline", False))))
+                        variant=str(m.get("variant") or ""), baseline=m.get("baseline") is True))
     return rows
 
 
@@ -300,7 +301,8 @@ def series_table(series: Series) -> str:
             cells += [_seconds(r.sacct.get("elapsed_s")), str(r.sacct.get("gpus", "-"))]
         lines.append("| " + " | ".join(cells) + " |")
     if not series.baseline:
-        lines.append("\nNo one-device run in this series: speedup and efficiency need one (run the same configuration on 1 device).")
+        lines.append("\nNo one-device run in this series: speedup and efficiency need one "
+                     "(run the same configuration on 1 device).")
     return "\n".join(lines)
 
 
