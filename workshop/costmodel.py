@@ -387,3 +387,89 @@ def format_check(rows: list[dict], link: AlphaBeta) -> str:
                      f"{r['wrapper']:>7.2f}x "
                      f"{r['measured_s'] * 1e3:>14.2f} {r['predicted_s'] * 1e3:>15.2f} {r['error']:>+8.1%}")
     return "\n".join(lines)
+
+
+def plot_check(rows: list[dict]):
+    """Measured and predicted step time of each strategy and rank count, side by side."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    labels = [f"{r['strategy']} x{r['world_size']}" for r in rows]
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["measured_s"] * 1e3 for r in rows], 0.4, label="measured")
+    ax.bar([x + 0.2 for x in xs], [r["predicted_s"] * 1e3 for r in rows], 0.4, label="predicted")
+    for x, r in zip(xs, rows):
+        ax.annotate(f"{r['error']:+.0%}", (x + 0.2, r["predicted_s"] * 1e3), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("step time (ms)")
+    ax.set_title("cost model against measurement")
+    ax.legend()
+    return fig
+
+
+def check(runs, out=None, overlap: float = 0.0) -> str:
+    """Calibrate on the all-reduce records under `runs`, predict the `bench strategies` step times
+    there, and return the comparison (also written to out/costmodel_check.md with a PNG)."""
+    from workshop import report
+    from workshop.metrics import display_path
+
+    records = [r.record for r in report.find_runs(runs)]
+    rows = allreduce_rows(records)
+    link = calibrate(rows, name="all-reduce records")
+    by_p = {p: calibrate([r for r in rows if r["world_size"] == p], name=f"{p} ranks")
+            for p in sorted({r["world_size"] for r in rows}) if len({r["bytes"] for r in rows if r["world_size"] == p}) > 1}
+    compared = check_strategies(records, link, overlap)
+    if not compared:
+        raise ValueError(f"no `bench strategies` record on 2 or more ranks under {display_path(runs)}: run "
+                         "python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.bench strategies")
+    lines = [f"calibrated on {len(rows)} all-reduce times: {link}; largest error of the fit {fit_error(rows, link):.0%}"]
+    lines += [f"  on {p} ranks alone: {ab}" for p, ab in by_p.items()]
+    lines += [f"overlap of communication with backward assumed: {overlap:.0%}", "", format_check(compared, link)]
+    lines.append(f"\nlargest error {max(abs(r['error']) for r in compared):.0%}; "
+                 f"mean absolute error {sum(abs(r['error']) for r in compared) / len(compared):.0%}")
+    text = "\n".join(lines)
+    if out:
+        from pathlib import Path
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_check(compared).savefig(out / "costmodel_check.png", dpi=110)
+        (out / "costmodel_check.txt").write_text(text + "\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m workshop.costmodel", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="predicted against measured DDP and FSDP step times of `bench strategies` records")
+    c.add_argument("runs", type=Path, help="a runs folder with `bench allreduce` and `bench strategies` records")
+    c.add_argument("--out", type=Path, help="also write costmodel_check.txt and costmodel_check.png here")
+    c.add_argument("--overlap", type=float, default=0.0, help="fraction of communication hidden behind backward (default 0)")
+    p = sub.add_parser("project", help="throughput and efficiency from 1 to 4096 GPUs of a model of a given size")
+    p.add_argument("size", help="parameters, e.g. 7B, 350M, 1.3e9")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default="fsdp")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per GPU (default 4)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--mfu", type=float, default=0.4, help="fraction of the GPU's peak that compute reaches (default 0.4)")
+    p.add_argument("--overlap", type=float, default=0.5, help="fraction of communication hidden behind backward (default 0.5)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            print(check(args.runs, args.out, args.overlap))
+        else:
+            w = Workload.from_size(args.size, tokens_per_sample=args.seq_len)
+            print(format_projection(project(w, args.gpu, args.strategy, args.micro_batch_size, args.mfu, overlap=args.overlap)))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
