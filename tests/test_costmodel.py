@@ -142,12 +142,15 @@ def test_projection_by_hand_and_shape():
 def test_check_strategies_against_hand_values():
     rec = {"notebook": "bench-strategies", "status": "ok", "dist": {"world_size": 2},
            "results": {"model": "tinygpt-cpu", "world_size": 2, "compute_step_s": 0.01, "param_bytes": 1e6,
-                       "bucket_bytes": 25 * 2**20, "fsdp_units": 5,
+                       "bucket_bytes": 25 * 2**20, "fsdp_units": 5, "alone_step_s": {"fsdp": 0.015},
                        "measurements": [{"strategy": "ddp", "step_time_s": 0.012},
                                         {"strategy": "fsdp", "step_time_s": 0.02}]}}
-    rows = cm.check_strategies([rec], LINK)
-    ddp, fsdp = rows
-    assert ddp["predicted_s"] == pytest.approx(0.01 + 20e-6 + 1e-3)
+    one_rank = {"notebook": "bench-strategies", "status": "ok", "results": {"world_size": 1, "measurements": []}}
+    ddp, fsdp = cm.check_strategies([rec, one_rank], LINK)
+    # DDP: no step of its own on a group of one here, so the plain model's compute; one bucket, 2 ranks
+    assert ddp["wrapper"] == 1 and ddp["predicted_s"] == pytest.approx(0.01 + 20e-6 + 1e-3)
     assert ddp["error"] == pytest.approx((0.01102 - 0.012) / 0.012)
-    assert fsdp["predicted_s"] == pytest.approx(0.01 + 15 * 10e-6 + 3 * 0.5e-3)
-    assert math.isfinite(fsdp["error"]) and "predicted" in cm.format_check(rows, LINK)
+    # FSDP: its step alone, 15 ms, plus 5 units x 3 collectives x (10 us + 0.5 ms)
+    assert fsdp["wrapper"] == pytest.approx(1.5)
+    assert fsdp["predicted_s"] == pytest.approx(0.015 + 15 * 10e-6 + 3 * 0.5e-3)
+    assert math.isfinite(fsdp["error"]) and "predicted" in cm.format_check([ddp, fsdp], LINK)

@@ -413,11 +413,14 @@ def strategy_steps(size: str = "cpu", micro_batch_size: int = 8, seq_len: int = 
     - fsdp: FSDP2, `fully_shard` on each block, then on the root: parameters all-gathered per block
       in forward and backward, gradients reduce-scattered.
 
-    The strategies take turns, one step each, so that a machine busy with other work slows them
-    alike; each step starts after a barrier and the slowest rank's time counts; the median over
-    `steps` (after `warmup` rounds) is reported. State bytes per rank: parameters, gradients and
+    On N ranks each wrapper also runs on a process group of its rank alone ("<strategy>-alone"):
+    its own work (hooks, bucket and all-gather copies) with nobody to communicate with. The
+    strategies take turns, one step each, so that a machine busy with other work slows them alike;
+    each step starts after a barrier and the slowest rank's time counts; the median over `steps`
+    (after `warmup` rounds) is reported. State bytes per rank: parameters, gradients and
     AdamW's moments that the rank holds. Returns the record's results, in the keys of
     workshop.report (one measurement per strategy), with what workshop.costmodel needs."""
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
     from workshop.models import tinygpt
@@ -431,19 +434,24 @@ def strategy_steps(size: str = "cpu", micro_batch_size: int = 8, seq_len: int = 
         torch.manual_seed(0)
         return tinygpt(size, max_seq_len=seq_len).to(env.device)
 
+    def wrap(strategy, group):
+        model = fresh()
+        if strategy == "ddp":
+            return apply_ddp(model, env, bucket_cap_mb=DDP_BUCKET_BYTES / 2**20, process_group=group)
+        mesh = DeviceMesh.from_group(group, env.device.split(":")[0]) if group is not None else None
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
     models = {"single": fresh()}
     parameters = count_parameters(models["single"])
     param_bytes = sum(p.numel() * p.element_size() for p in models["single"].parameters())
     units = len(models["single"].layers) + 1
-    for strategy in strategies:  # on one rank too: what the wrapper costs with nothing to communicate
-        model = fresh()
-        if strategy == "ddp":
-            model = apply_ddp(model, env, bucket_cap_mb=DDP_BUCKET_BYTES / 2**20)
-        else:
-            for block in model.layers:
-                fully_shard(block)
-            fully_shard(model)
-        models[strategy] = model
+    alone = tdist.new_subgroups(group_size=1)[0] if env.is_distributed else None  # each rank a group of its own
+    for strategy in strategies:
+        if env.is_distributed:  # the wrapper's own work (hooks, copies), with nobody to communicate with
+            models[f"{strategy}-alone"] = wrap(strategy, alone)
+        models[strategy] = wrap(strategy, None)
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
     torch.manual_seed(1 + env.rank)  # each rank its own tokens, as with a DistributedSampler
     tokens = torch.randint(0, 256, (micro_batch_size, seq_len + 1), device=env.device)  # (B, T + 1)
@@ -457,17 +465,16 @@ def strategy_steps(size: str = "cpu", micro_batch_size: int = 8, seq_len: int = 
             if i >= warmup:
                 times[name].append(t.elapsed)
     tokens_per_step = micro_batch_size * seq_len * env.world_size
-    rows = []
-    for name in models:
-        step_s = statistics.median(_max_over_ranks(times[name], env))
-        rows.append({"strategy": name, "step_time_s": step_s, "throughput": tokens_per_step / step_s,
-                     "state_bytes_per_rank": [int(b) for b in _per_rank(float(_state_bytes(models[name], optimizers[name])),
-                                                                         env)]})
+    step_s = {name: statistics.median(_max_over_ranks(times[name], env)) for name in models}
+    rows = [{"strategy": name, "step_time_s": step_s[name], "throughput": tokens_per_step / step_s[name],
+             "state_bytes_per_rank": [int(b) for b in _per_rank(float(_state_bytes(models[name], optimizers[name])), env)]}
+            for name in ["single", *strategies]]
     return {"model": f"tinygpt-{size}", "samples_or_tokens": "tokens", "world_size": env.world_size,
             "micro_batch_size": micro_batch_size, "global_batch_size": micro_batch_size * env.world_size, "seq_len": seq_len,
             "parameters": parameters, "param_bytes": param_bytes, "bucket_bytes": DDP_BUCKET_BYTES, "fsdp_units": units,
             "steps": steps, "warmup": warmup, "device": env.device, "backend": env.backend,
-            "compute_step_s": rows[0]["step_time_s"],
+            "compute_step_s": step_s["single"],
+            "alone_step_s": {s: step_s[f"{s}-alone"] for s in strategies if f"{s}-alone" in step_s},
             # the report compares training runs: on N ranks the plain model's step is the compute alone, not a run
             "measurements": rows if not env.is_distributed else rows[1:]}
 
@@ -477,7 +484,8 @@ def format_strategies(result: dict) -> str:
              f"{result['world_size']} rank(s) ({result['backend']}, {result['device']}), "
              f"micro batch {result['micro_batch_size']} x {result['seq_len']} tokens; "
              f"median of the slowest rank over {result['steps']} steps",
-             f"compute alone (the plain model on every rank, no communication): {_ms(result['compute_step_s'])} ms per step",
+             f"compute alone (the plain model on every rank, no communication): {_ms(result['compute_step_s'])} ms per step"
+             + "".join(f"; {k} on a group of one rank: {_ms(v)} ms" for k, v in result["alone_step_s"].items()),
              f"{'strategy':>9} {'step (ms)':>10} {'tokens/s':>10} {'state per rank':>15}"]
     for m in result["measurements"]:
         lines.append(f"{m['strategy']:>9} {_ms(m['step_time_s']):>10} {m['throughput']:>10.0f} "

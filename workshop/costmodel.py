@@ -338,42 +338,29 @@ def plot_projections(projections: list[Projection]):
 
 def check_strategies(records: list[dict], link: AlphaBeta, overlap: float = 0.0) -> list[dict]:
     """For each `bench strategies` record on 2 or more ranks: the measured DDP and FSDP step times
-    against the predicted ones, ddp_step and fsdp_step of
-
-    - compute: the record's own compute-only step (the plain model on every rank at once), times
-    - the wrapper's own work: its step over the plain step on one rank, where there is nothing to
-      communicate (from the one-rank record of the same model and batch; 1 where there is none),
-    - the parameter bytes, DDP's bucket size, FSDP's units, and `link`.
-
-    Rows: model, world_size, strategy, compute_s, wrapper, measured_s, predicted_s, error."""
-    ok = [r for r in records if r.get("status", "ok") == "ok" and r.get("notebook") == "bench-strategies"]
-
-    def key(res):
-        return res.get("model"), res.get("micro_batch_size"), res.get("seq_len")
-
-    one_rank = {}
-    for rec in ok:
-        res = rec["results"]
-        if res.get("world_size") == 1:
-            steps = {m["strategy"]: m["step_time_s"] for m in res.get("measurements", [])}
-            one_rank[key(res)] = {s: t / steps["single"] for s, t in steps.items() if "single" in steps}
+    against ddp_step and fsdp_step predicted from the parameter bytes, DDP's bucket size, FSDP's
+    units, `link`, and as compute the wrapper's step on a group of its rank alone, measured in the
+    same run (hooks and copies included, no communication; the plain model's step where the record
+    has none). Rows: model, world_size, strategy, compute_s, wrapper (that step over the plain
+    model's), measured_s, predicted_s, error."""
     out = []
-    for rec in ok:
-        res = rec["results"]
+    for rec in records:
+        res = rec.get("results") or {}
+        if rec.get("status", "ok") != "ok" or rec.get("notebook") != "bench-strategies":
+            continue
         p = int(res.get("world_size", 1))
         if p < 2:
             continue
         for m in res.get("measurements", []):
             if m["strategy"] not in ("ddp", "fsdp"):
                 continue
-            wrapper = one_rank.get(key(res), {}).get(m["strategy"], 1.0)
-            compute = res["compute_step_s"] * wrapper
+            compute = (res.get("alone_step_s") or {}).get(m["strategy"], res["compute_step_s"])
             if m["strategy"] == "ddp":
                 pred = ddp_step(compute, res["param_bytes"], p, link, overlap, bucket_bytes=res["bucket_bytes"])
             else:
                 pred = fsdp_step(compute, res["param_bytes"], p, link, res["fsdp_units"], overlap)
             out.append({"model": res["model"], "world_size": p, "strategy": m["strategy"], "compute_s": res["compute_step_s"],
-                        "wrapper": wrapper, "measured_s": m["step_time_s"], "predicted_s": pred,
+                        "wrapper": compute / res["compute_step_s"], "measured_s": m["step_time_s"], "predicted_s": pred,
                         "error": (pred - m["step_time_s"]) / m["step_time_s"]})
     return sorted(out, key=lambda r: (r["model"], r["world_size"], r["strategy"]))
 
