@@ -154,3 +154,26 @@ def test_check_strategies_against_hand_values():
     assert fsdp["wrapper"] == pytest.approx(1.5)
     assert fsdp["predicted_s"] == pytest.approx(0.015 + 15 * 10e-6 + 3 * 0.5e-3)
     assert math.isfinite(fsdp["error"]) and "predicted" in cm.format_check([ddp, fsdp], LINK)
+
+
+def test_check_command_on_synthetic_records(tmp_path, capsys):
+    import json
+
+    for i, rec in enumerate(synthetic_records(1e-5, 1e-9)):
+        (tmp_path / f"ar{i}").mkdir()
+        (tmp_path / f"ar{i}" / "record.json").write_text(json.dumps(rec))
+    assert cm.main(["check", str(tmp_path)]) == 2  # no strategies record yet: says which command makes one
+    assert "bench strategies" in capsys.readouterr().err
+    res = {"model": "tinygpt-cpu", "world_size": 2, "compute_step_s": 0.01, "param_bytes": 1e6, "bucket_bytes": 25 * 2**20,
+           "fsdp_units": 5, "alone_step_s": {"ddp": 0.01},
+           # measured exactly what the model says: 10 ms + 2 x 10 us + 1e6 x 1 ns
+           "measurements": [{"strategy": "ddp", "step_time_s": 0.01102}]}
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "record.json").write_text(json.dumps({"notebook": "bench-strategies", "status": "ok", "results": res,
+                                                             "hardware": {"cpus": 2}, "versions": {"torch": "x"}}))
+    text = cm.check(tmp_path, out=tmp_path / "out")
+    assert "+0.0%" in text and "largest error 0%" in text
+    assert (tmp_path / "out" / "costmodel_check.png").stat().st_size > 0
+    assert "workshop.bench strategies" in (tmp_path / "out" / "costmodel_check.md").read_text()
+    assert cm.main(["project", "350M", "--gpu", "a100"]) == 0 and "4096" in capsys.readouterr().out
+    assert cm.main(["project", "lots"]) == 2 and "bad model size" in capsys.readouterr().err

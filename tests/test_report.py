@@ -2,6 +2,7 @@
 to report, a series with no one-device run; grouping, speedup, efficiency, cost, files, CLI."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -128,7 +129,7 @@ def test_write_report_and_cli(runs, tmp_path, capsys):
     md = (out / "report.md").read_text()
     for name in report.PLOTS:
         assert (out / name).stat().st_size > 0 and f"]({name})" in md
-    assert "| 2 x ddp |" in md or "2 x ddp" in md
+    assert "| 2 x ddp |" in md and "| 2 x 2 ddp |" in md and "| 1 x single (baseline) |" in md
     assert "report:" in capsys.readouterr().out
     assert report.main([str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "no runs folder" in capsys.readouterr().err
@@ -157,3 +158,27 @@ def test_record_writers_speak_the_report_keys(tmp_path):
     # one device: 16 / 0.2 = 80/s; two ranks, no overlap: 32 / 0.25 = 128/s, speedup 1.6, efficiency 0.8
     assert [(r.devices, r.strategy, r.throughput) for r in s05.rows] == [(1, "single", 80.0), (2, "ddp-no-overlap", 128.0)]
     assert s05.rows[1].efficiency == pytest.approx(0.8)
+
+
+def test_make_run_series_ends_with_the_report(runs, tmp_path):
+    """`python -m workshop.runner series` runs the report notebook last, over the series' own folder."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(WORKSHOP_RUNS=str(tmp_path / "made"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    out = subprocess.run([sys.executable, "-m", "workshop.runner", "series", "notebooks/09_scaling_report.ipynb",
+                          "tests/notebooks/fail_on_rank.ipynb"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (series,) = (tmp_path / "made").iterdir()
+    folders = sorted(p.name.split("-", 2)[-1] for p in series.iterdir())
+    assert folders == ["09_scaling_report", "fail_on_rank"]
+    assert out.stdout.index("=== fail_on_rank") < out.stdout.index("=== 09_scaling_report")  # the report last
+    (report_md,) = series.glob("*-09_scaling_report/report/report.md")
+    assert "scaling report:" in out.stdout and report_md.name in out.stdout.split("scaling report:")[1]
+    nb = (report_md.parent.parent / "09_scaling_report.ipynb").read_text()
+    assert "reporting on:" in nb and series.name in nb  # the series' folder was passed as `runs`

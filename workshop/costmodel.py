@@ -395,9 +395,19 @@ def plot_check(rows: list[dict]):
     return fig
 
 
+CHECK_COMMANDS = """\
+export WORKSHOP_RUNS=runs/costmodel-check
+for n in 2 4; do python -m torch.distributed.run --standalone --nproc-per-node $n -m workshop.bench allreduce \\
+    --sizes 4KiB,64KiB,256KiB,1MiB,4MiB,16MiB; done
+for n in 1 2 4; do python -m torch.distributed.run --standalone --nproc-per-node $n -m workshop.bench strategies --steps 20; done
+python -m workshop.costmodel check runs/costmodel-check --out docs/results"""
+
+
 def check(runs, out=None, overlap: float = 0.0) -> str:
     """Calibrate on the all-reduce records under `runs`, predict the `bench strategies` step times
-    there, and return the comparison (also written to out/costmodel_check.md with a PNG)."""
+    there, and return the comparison; with `out`, also write costmodel_check.md and its PNG there."""
+    from pathlib import Path
+
     from workshop import report
     from workshop.metrics import display_path
 
@@ -417,12 +427,18 @@ def check(runs, out=None, overlap: float = 0.0) -> str:
                  f"mean absolute error {sum(abs(r['error']) for r in compared) / len(compared):.0%}")
     text = "\n".join(lines)
     if out:
-        from pathlib import Path
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         plot_check(compared).savefig(out / "costmodel_check.png", dpi=110)
-        (out / "costmodel_check.txt").write_text(text + "\n")
+        rec = next(r for r in records if r.get("notebook") == "bench-strategies")
+        hw, v = rec.get("hardware", {}), rec.get("versions", {})
+        (out / "costmodel_check.md").write_text("\n".join([
+            "# The cost model against measured DDP and FSDP steps", "",
+            f"Measured on {hw.get('cpus')} CPU cores ({hw.get('platform')}), gloo, torch {v.get('torch')}, "
+            f"python {v.get('python')}, revision {rec.get('git')}; the machine was shared with other work, which the "
+            "interleaved timing of `bench strategies` spreads over all strategies alike.", "",
+            "Produced by:", "", "```bash", CHECK_COMMANDS, "```", "", "```", text, "```", "",
+            "![predicted against measured](costmodel_check.png)", ""]))
     return text
 
 
@@ -435,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="predicted against measured DDP and FSDP step times of `bench strategies` records")
     c.add_argument("runs", type=Path, help="a runs folder with `bench allreduce` and `bench strategies` records")
-    c.add_argument("--out", type=Path, help="also write costmodel_check.txt and costmodel_check.png here")
+    c.add_argument("--out", type=Path, help="also write costmodel_check.md and costmodel_check.png here")
     c.add_argument("--overlap", type=float, default=0.0, help="fraction of communication hidden behind backward (default 0)")
     p = sub.add_parser("project", help="throughput and efficiency from 1 to 4096 GPUs of a model of a given size")
     p.add_argument("size", help="parameters, e.g. 7B, 350M, 1.3e9")
