@@ -63,6 +63,8 @@ class Run:
     def job(self) -> str | None:
         return self.record.get("slurm_job_id")
 
+    name: str = ""  # the folder relative to the runs folder reported on
+
 
 @dataclass
 class Row:
@@ -153,13 +155,14 @@ def find_runs(root: Path, notebook: str | None = None, sweep: str | None = None,
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as err:
-            runs.append(Run(path.parent, {}, path.parent.name, "failed", f"unreadable record.json: {err}"))
+            runs.append(Run(path.parent, {}, path.parent.name, "failed", f"unreadable record.json: {err}",
+                            str(path.parent.relative_to(root))))
             continue
         reason = rec.get("reason") or rec.get("error") or ""
         if isinstance(reason, list):
             reason = "; ".join(map(str, reason))
         name = str(rec.get("notebook") or path.parent.name)
-        runs.append(Run(path.parent, rec, name, str(rec.get("status", "ok")), str(reason)))
+        runs.append(Run(path.parent, rec, name, str(rec.get("status", "ok")), str(reason), str(path.parent.relative_to(root))))
     if notebook:
         runs = [r for r in runs if r.notebook == notebook or r.notebook.startswith(notebook)]
     if sweep:
@@ -293,7 +296,7 @@ def series_table(series: Series) -> str:
             "device-h / epoch", f"device-h / 1M {series.unit}"] + (["sacct elapsed", "GPUs"] if with_sacct else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in series.rows:
-        cells = [r.config + (" (baseline)" if r.baseline else ""), f"`{display_path(r.run.path)}`", _seconds(r.step_time_s),
+        cells = [r.config + (" (baseline)" if r.baseline else ""), f"`{r.run.name}`", _seconds(r.step_time_s),
                  _seconds(r.wall_time_s), f"{r.throughput:,.1f}", _f(r.speedup, ".2f") + ("x" if r.speedup else ""),
                  _f(r.efficiency, ".0%"), fmt_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else "-",
                  _f(r.device_hours_per_epoch, ".3g"), f"{r.device_hours_per_million:.3g}"]
@@ -310,7 +313,7 @@ def failed_table(runs: list[Run]) -> str:
     lines = ["| run | notebook | job | why |", "|---|---|---|---|"]
     for r in runs:
         why = (r.reason or "no reason recorded").replace("|", "/").replace("\n", " ")
-        lines.append(f"| `{display_path(r.path)}` | {r.notebook} | {r.job or '-'} | {why[:300]} |")
+        lines.append(f"| `{r.name}` | {r.notebook} | {r.job or '-'} | {why[:300]} |")
     return "\n".join(lines)
 
 
@@ -323,7 +326,7 @@ def summary(report: Report) -> str:
         best = max(s.rows, key=lambda r: r.throughput)
         lines.append(f"  {s.title}: {len(s.rows)} row(s), best {best.throughput:,.1f} {s.unit}/s ({best.config})")
     for r in report.failed:
-        lines.append(f"  FAILED {display_path(r.path)} ({r.notebook}): {(r.reason or 'no reason recorded')[:160]}")
+        lines.append(f"  FAILED {r.name} ({r.notebook}): {(r.reason or 'no reason recorded')[:160]}")
     return "\n".join(lines)
 
 
@@ -420,7 +423,8 @@ PLOTS = {"speedup.png": plot_speedup, "efficiency.png": lambda r: plot_speedup(r
 def markdown(report: Report, plots: list[str] = ()) -> str:
     parts = ["# Scaling report", "",
              f"Made by `python -m workshop.report` from the records under `{display_path(report.root)}`: "
-             f"{len(report.runs)} run(s), {len(report.failed)} failed. Speedup and efficiency are taken inside a series "
+             f"{len(report.runs)} run(s), {len(report.failed)} failed (run folders below are relative to it). "
+             "Speedup and efficiency are taken inside a series "
              "(same notebook, model and batch per device) against its one-device baseline; device-hours are devices x "
              "time. Peak memory on CPU is the process's resident set (Python and libraries included); on a GPU, the "
              "tensors allocated.", ""]
@@ -434,7 +438,7 @@ def markdown(report: Report, plots: list[str] = ()) -> str:
         parts += ["## Failed runs", "", "Listed, never averaged in.", "", failed_table(report.failed), ""]
     if report.unmeasured:
         parts += ["## Runs without a throughput measurement", "",
-                  ", ".join(f"`{display_path(r.path)}` ({r.notebook})" for r in report.unmeasured), ""]
+                  ", ".join(f"`{r.name}` ({r.notebook})" for r in report.unmeasured), ""]
     return "\n".join(parts)
 
 
