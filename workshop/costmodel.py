@@ -400,7 +400,7 @@ def plot_check(rows: list[dict]):
 
 
 CHECK_COMMANDS = """\
-export WORKSHOP_RUNS=runs/costmodel-check
+export WORKSHOP_RUNS=runs/costmodel-check OMP_NUM_THREADS=1   # one thread per rank, as torchrun sets for 2+ ranks
 for n in 2 4; do python -m torch.distributed.run --standalone --nproc-per-node $n -m workshop.bench allreduce \\
     --sizes 4KiB,64KiB,256KiB,1MiB,4MiB,16MiB; done
 for n in 1 2 4; do python -m torch.distributed.run --standalone --nproc-per-node $n -m workshop.bench strategies --steps 20; done
