@@ -400,11 +400,11 @@ def plot_check(rows: list[dict]):
 
 
 CHECK_COMMANDS = """\
-export WORKSHOP_RUNS=runs/costmodel-check OMP_NUM_THREADS=1   # one thread per rank, as torchrun sets for 2+ ranks
+export WORKSHOP_RUNS=docs/results/costmodel_check_runs OMP_NUM_THREADS=1   # one thread per rank, as torchrun sets for 2+ ranks
 for n in 2 4; do python -m torch.distributed.run --standalone --nproc-per-node $n -m workshop.bench allreduce \\
     --sizes 4KiB,64KiB,256KiB,1MiB,4MiB,16MiB; done
 for n in 1 2 4; do python -m torch.distributed.run --standalone --nproc-per-node $n -m workshop.bench strategies --steps 20; done
-python -m workshop.costmodel check runs/costmodel-check --out docs/results"""
+python -m workshop.costmodel check docs/results/costmodel_check_runs --out docs/results"""
 
 
 def check(runs, out=None, overlap: float = 0.0) -> str:
@@ -441,7 +441,8 @@ def check(runs, out=None, overlap: float = 0.0) -> str:
             f"Measured on {hw.get('cpus')} CPU cores ({hw.get('platform')}), gloo, torch {v.get('torch')}, "
             f"python {v.get('python')}, revision {rec.get('git')}; the machine was shared with other work, which the "
             "interleaved timing of `bench strategies` spreads over all strategies alike.", "",
-            "Produced by:", "", "```bash", CHECK_COMMANDS, "```", "",
+            f"Produced by these commands; the records they wrote are in `{display_path(runs)}`:", "",
+            "```bash", CHECK_COMMANDS, "```", "",
             "Compute is each wrapper's step on a process group of its rank alone, measured in the same run (hooks and "
             "copies, no communication); the alpha-beta model adds the communication. The last two columns hold the "
             "communication alone: the measured step less that compute, against the model's. On CPU the wrappers' own "
