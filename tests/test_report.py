@@ -153,7 +153,8 @@ def test_record_writers_speak_the_report_keys(tmp_path):
     record(tmp_path, "r05", "05_ddp", {"step_split": split, "measurements": bench.step_split_measurements(split)}, world_size=2)
     rep = report.build(tmp_path, sacct=None)
     s02 = by_title(rep)[("02_single_device_performance", "small_cnn", 32)]
-    assert [(r.variant, r.baseline, r.speedup) for r in s02.rows] == [("bf16", False, 1.5), ("naive", True, 1.0)]
+    assert [(r.variant, r.baseline, r.speedup) for r in s02.rows] == [("naive", True, 1.0), ("bf16", False, 1.5)]
+    assert s02.rows[1].efficiency is None  # one device: a faster variant is a speedup, not scaling
     s05 = by_title(rep)[("05_ddp", "resnet18", 16)]
     # one device: 16 / 0.2 = 80/s; two ranks, no overlap: 32 / 0.25 = 128/s, speedup 1.6, efficiency 0.8
     assert [(r.devices, r.strategy, r.throughput) for r in s05.rows] == [(1, "single", 80.0), (2, "ddp-no-overlap", 128.0)]

@@ -271,7 +271,9 @@ def build(root: Path, notebook: str | None = None, sweep: str | None = None, job
             r.baseline = r is base
             if base:
                 r.speedup = r.throughput / base.throughput
-                r.efficiency = r.speedup / r.devices
+                # on one device another variant's speedup is no scaling: no efficiency
+                r.efficiency = r.speedup / r.devices if r.devices > 1 or r.baseline else None
+        rows.sort(key=lambda r: (r.devices, not r.baseline, r.strategy != "single", r.strategy, r.variant))
         series.append(Series(nb, model, unit, mbs, rows))
     return Report(Path(root), runs, series)
 
@@ -341,7 +343,8 @@ def _lines(report: Report):
         for r in s.rows:
             by.setdefault(r.strategy + (f"/{r.variant}" if r.variant else ""), []).append(r)
         for strategy, rows in by.items():
-            yield f"{s.model} {strategy} ({s.notebook}, {s.micro_batch_size or '?'}/dev)", s, rows
+            if any(r.devices > 1 for r in rows):  # a point on one device is no scaling curve
+                yield f"{s.model} {strategy} ({s.notebook}, {s.micro_batch_size or '?'}/dev)", s, rows
 
 
 def plot_speedup(report: Report, efficiency: bool = False):
@@ -366,8 +369,8 @@ def plot_speedup(report: Report, efficiency: bool = False):
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    if not report.series:
-        ax.text(0.5, 0.5, "no measured runs", ha="center", va="center", transform=ax.transAxes)
+    if not any(True for _ in _lines(report)):
+        ax.text(0.5, 0.5, "no series measured on more than one device", ha="center", va="center", transform=ax.transAxes)
     return fig
 
 
