@@ -87,6 +87,8 @@ def test_one_rank_allreduce_says_there_is_nothing_to_all_reduce(runs, clean_env,
     (["single", "--variants", ","], "unknown variant"),
     (["single", "--model", "vgg"], "unknown model 'vgg'"),
     (["single", "--warmup", "0"], "must be at least 1"),
+    (["strategies", "--size", "huge"], "invalid choice: 'huge'"),
+    (["strategies", "--batch-size", "0"], "must be at least 1"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -130,6 +132,23 @@ def test_step_split_on_2_ranks_prints_a_row(tmp_path):
     (result,) = record["results"]["rows"]
     assert result["world_size"] == 2 and result["comm_s"] > 0
     assert 0 < result["efficiency_no_overlap"] <= result["efficiency_overlap"] <= 1
+
+
+@pytest.mark.multirank
+def test_strategies_on_2_ranks_records_ddp_and_fsdp(tmp_path):
+    out = _run(TORCHRUN + ["strategies", "--batch-size", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1"], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "fsdp" in out.stdout and "on a group of one rank" in out.stdout
+    (record,) = _records(tmp_path, "bench-strategies")
+    res = record["results"]
+    assert res["world_size"] == 2 and res["samples_or_tokens"] == "tokens" and res["fsdp_units"] == 5  # 4 blocks + root
+    assert [m["strategy"] for m in res["measurements"]] == ["ddp", "fsdp"]
+    assert set(res["alone_step_s"]) == {"ddp", "fsdp"} and res["compute_step_s"] > 0
+    ddp, fsdp = res["measurements"]
+    assert ddp["throughput"] == pytest.approx(2 * 2 * 16 / ddp["step_time_s"])
+    # FSDP on 2 ranks holds half of the parameters, gradients and AdamW moments that DDP holds
+    assert fsdp["state_bytes_per_rank"][0] == pytest.approx(ddp["state_bytes_per_rank"][0] / 2, rel=0.01)
+    assert ddp["state_bytes_per_rank"][0] == 4 * res["param_bytes"]  # weights, gradients, two moments
 
 
 # --- single: one device, cumulative performance variants (workshop.perf) ----------------------------

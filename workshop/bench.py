@@ -5,6 +5,8 @@ compute and its communication. They print measurements and write records; none p
     ddp          global samples/s of a model trained with DistributedDataParallel on synthetic data
     step-split   per model: compute time of a step, all-reduce time of its gradients, and the
                  scaling efficiency with no overlap and with perfect overlap of the two
+    strategies   one TinyGPT step as compute alone, under DDP and under FSDP2 (fully_shard per block,
+                 then the root): step times and tokens/s, for checking workshop.costmodel
     single       one device, before any parallelism: samples/s, speedup, step time, peak memory and
                  MFU of the same training steps under cumulative variants (workers and pinned memory,
                  bf16 autocast, channels_last, torch.compile, data resident on the device); see
@@ -17,6 +19,7 @@ Run it as N ranks, like any SPMD program here (workshop.dist.init reads the laun
     # on one node, 2 ranks (gloo on CPU, NCCL on GPUs)
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.bench allreduce
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.bench step-split --batch-size 32
+    python -m torch.distributed.run --standalone --nproc-per-node 4 -m workshop.bench strategies --size small
     # under SLURM, 2 nodes x 4 GPUs, inside an sbatch script or an salloc
     srun --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 python -m workshop.bench allreduce --link ib-ndr-400
     # one GPU (one process: `single` refuses more ranks)
@@ -266,6 +269,10 @@ def ddp_throughput(model_name: str, micro_batch_size: int, steps: int, warmup: i
         "step_time_s": time_s / steps,
         "samples_per_s": metrics.throughput(env.world_size * micro_batch_size * steps, time_s),
         "peak_memory_bytes": peak,  # one entry per rank, in rank order
+        # the keys of workshop.report
+        "throughput": metrics.throughput(env.world_size * micro_batch_size * steps, time_s),
+        "samples_or_tokens": "samples",
+        "strategy": "ddp" if env.is_distributed else "single",
     }
 
 
@@ -334,6 +341,23 @@ def step_split(model_names: list[str], micro_batch_size: int, steps: int, env: D
     return rows
 
 
+def step_split_measurements(rows: list[dict]) -> list[dict]:
+    """The split in the keys of workshop.report: per model, the compute alone on one device
+    (strategy "single"), and on N ranks the compute followed by the gradients' all-reduce, both
+    measured, run one after the other: a DDP step with no overlap (strategy "ddp-no-overlap")."""
+    out = []
+    for r in rows:
+        mbs, n = r["micro_batch_size"], r["world_size"]
+        common = {"model": r["model"], "samples_or_tokens": "samples", "micro_batch_size": mbs}
+        out.append({**common, "strategy": "single", "world_size": 1, "global_batch_size": mbs, "step_time_s": r["compute_s"],
+                    "throughput": mbs / r["compute_s"]})
+        if n > 1:
+            step = r["compute_s"] + r["comm_s"]
+            out.append({**common, "strategy": "ddp-no-overlap", "world_size": n, "global_batch_size": mbs * n,
+                        "step_time_s": step, "throughput": n * mbs / step})
+    return out
+
+
 def format_step_split(rows: list[dict], env: DistEnv | None = None) -> str:
     env = env or dist.get_env()
     world_size = rows[0]["world_size"] if rows else env.world_size
@@ -351,6 +375,121 @@ def format_step_split(rows: list[dict], env: DistEnv | None = None) -> str:
     if world_size == 1:
         lines.append("one rank: no all-reduce, so communication is 0. Run with N ranks to measure it: "
                      "python -m torch.distributed.run --standalone --nproc-per-node N -m workshop.bench step-split")
+    return "\n".join(lines)
+
+
+# --- DDP against FSDP ------------------------------------------------------------------------------
+
+STRATEGIES = ("ddp", "fsdp")
+DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's default bucket_cap_mb=25
+
+
+def _state_bytes(model, optimizer) -> int:
+    """Bytes this rank holds of parameters, gradients and optimizer state (local shards under FSDP)."""
+    def local(t):
+        t = getattr(t, "_local_tensor", t)  # a DTensor's shard on this rank
+        return t.numel() * t.element_size()
+    total = sum(local(p) + (local(p.grad) if p.grad is not None else 0) for p in model.parameters())
+    for state in optimizer.state.values():
+        total += sum(local(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return total
+
+
+def _lm_step(model, optimizer, tokens) -> None:
+    from workshop.models import lm_loss
+
+    optimizer.zero_grad(set_to_none=True)
+    lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()  # (B, T) inputs, the next tokens as targets
+    optimizer.step()
+
+
+def strategy_steps(size: str = "cpu", micro_batch_size: int = 8, seq_len: int = 64, steps: int = 10, warmup: int = 3,
+                   strategies=STRATEGIES, env: DistEnv | None = None) -> dict:
+    """Step times of TinyGPT(`size`) trained with AdamW on random tokens, every rank at once (a collective):
+
+    - single: the plain model on every rank, no communication: the compute of a step (on one rank,
+      the one-device baseline; on N ranks, `compute_step_s`, not a measurement of its own);
+    - ddp: DistributedDataParallel, gradients all-reduced in 25 MiB buckets during backward;
+    - fsdp: FSDP2, `fully_shard` on each block, then on the root: parameters all-gathered per block
+      in forward and backward, gradients reduce-scattered.
+
+    On N ranks each wrapper also runs on a process group of its rank alone ("<strategy>-alone"):
+    its own work (hooks, bucket and all-gather copies) with nobody to communicate with. The
+    strategies take turns, one step each, so that a machine busy with other work slows them alike;
+    each step starts after a barrier and the slowest rank's time counts; the median over `steps`
+    (after `warmup` rounds) is reported. State bytes per rank: parameters, gradients and
+    AdamW's moments that the rank holds. Returns the record's results, in the keys of
+    workshop.report (one measurement per strategy), with what workshop.costmodel needs."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    from workshop.models import tinygpt
+
+    env = env or dist.get_env()
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategy {unknown}; choose from {', '.join(STRATEGIES)}")
+
+    def fresh():
+        torch.manual_seed(0)
+        return tinygpt(size, max_seq_len=seq_len).to(env.device)
+
+    def wrap(strategy, group):
+        model = fresh()
+        if strategy == "ddp":
+            return apply_ddp(model, env, bucket_cap_mb=DDP_BUCKET_BYTES / 2**20, process_group=group)
+        mesh = DeviceMesh.from_group(group, env.device.split(":")[0]) if group is not None else None
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    models = {"single": fresh()}
+    parameters = count_parameters(models["single"])
+    param_bytes = sum(p.numel() * p.element_size() for p in models["single"].parameters())
+    units = len(models["single"].layers) + 1
+    alone = tdist.new_subgroups(group_size=1)[0] if env.is_distributed else None  # each rank a group of its own
+    for strategy in strategies:
+        if env.is_distributed:  # the wrapper's own work (hooks, copies), with nobody to communicate with
+            models[f"{strategy}-alone"] = wrap(strategy, alone)
+        models[strategy] = wrap(strategy, None)
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
+    torch.manual_seed(1 + env.rank)  # each rank its own tokens, as with a DistributedSampler
+    tokens = torch.randint(0, 256, (micro_batch_size, seq_len + 1), device=env.device)  # (B, T + 1)
+
+    times = {name: [] for name in models}
+    for i in range(warmup + steps):
+        for name, model in models.items():
+            dist.barrier()
+            with metrics.Timer(env.device) as t:
+                _lm_step(model, optimizers[name], tokens)
+            if i >= warmup:
+                times[name].append(t.elapsed)
+    tokens_per_step = micro_batch_size * seq_len * env.world_size
+    step_s = {name: statistics.median(_max_over_ranks(times[name], env)) for name in models}
+    rows = [{"strategy": name, "step_time_s": step_s[name], "throughput": tokens_per_step / step_s[name],
+             "state_bytes_per_rank": [int(b) for b in _per_rank(float(_state_bytes(models[name], optimizers[name])), env)]}
+            for name in ["single", *strategies]]
+    return {"model": f"tinygpt-{size}", "samples_or_tokens": "tokens", "world_size": env.world_size,
+            "micro_batch_size": micro_batch_size, "global_batch_size": micro_batch_size * env.world_size, "seq_len": seq_len,
+            "parameters": parameters, "param_bytes": param_bytes, "bucket_bytes": DDP_BUCKET_BYTES, "fsdp_units": units,
+            "steps": steps, "warmup": warmup, "device": env.device, "backend": env.backend,
+            "compute_step_s": step_s["single"],
+            "alone_step_s": {s: step_s[f"{s}-alone"] for s in strategies if f"{s}-alone" in step_s},
+            # the report compares training runs: on N ranks the plain model's step is the compute alone, not a run
+            "measurements": rows if not env.is_distributed else rows[1:]}
+
+
+def format_strategies(result: dict) -> str:
+    lines = [f"{result['model']} ({result['parameters']:,} parameters, {metrics.fmt_bytes(result['param_bytes'])}), "
+             f"{result['world_size']} rank(s) ({result['backend']}, {result['device']}), "
+             f"micro batch {result['micro_batch_size']} x {result['seq_len']} tokens; "
+             f"median of the slowest rank over {result['steps']} steps",
+             f"compute alone (the plain model on every rank, no communication): {_ms(result['compute_step_s'])} ms per step"
+             + "".join(f"; {k} on a group of one rank: {_ms(v)} ms" for k, v in result["alone_step_s"].items()),
+             f"{'strategy':>9} {'step (ms)':>10} {'tokens/s':>10} {'state per rank':>15}"]
+    for m in result["measurements"]:
+        lines.append(f"{m['strategy']:>9} {_ms(m['step_time_s']):>10} {m['throughput']:>10.0f} "
+                     f"{metrics.fmt_bytes(max(m['state_bytes_per_rank'])):>15}")
     return "\n".join(lines)
 
 
@@ -419,6 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_arg_positive, default=5, help="timed steps per model (default 5)")
     p.add_argument("--warmup", type=_arg_count, default=1, help="untimed steps first (default 1)")
 
+    p = sub.add_parser("strategies", help="TinyGPT step time as compute alone, DDP and FSDP2 (checks workshop.costmodel)")
+    p.add_argument("--size", choices=["cpu", "small", "gpu"], default="cpu", help="TinyGPT size (default cpu)")
+    p.add_argument("--batch-size", type=_arg_positive, default=8, help="micro_batch_size in sequences, per rank (default 8)")
+    p.add_argument("--seq-len", type=_arg_positive, default=64, help="tokens per sequence (default 64)")
+    p.add_argument("--steps", type=_arg_positive, default=10, help="timed steps per strategy (default 10)")
+    p.add_argument("--warmup", type=_arg_count, default=3, help="untimed steps first (default 3)")
+
     p = sub.add_parser("single", help="one device: samples/s, speedup and MFU of cumulative performance variants")
     p.add_argument("--model", type=_arg_model, default="small_cnn", help="small_cnn (default) or resnet18 (or vit_tiny)")
     p.add_argument("--batch-size", type=_arg_positive, default=32, help="samples per step (default 32; GPU: 512)")
@@ -475,6 +621,11 @@ def main(argv: list[str] | None = None) -> int:
                 metrics.atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
             _write("bench-ddp", {"model": args.model, "micro_batch_size": args.batch_size, "steps": args.steps,
                                  "warmup": args.warmup}, result, env)
+        elif args.command == "strategies":
+            result = strategy_steps(args.size, args.batch_size, args.seq_len, args.steps, args.warmup, env=env)
+            dist.print0(format_strategies(result))
+            _write("bench-strategies", {"size": args.size, "micro_batch_size": args.batch_size, "seq_len": args.seq_len,
+                                        "steps": args.steps, "warmup": args.warmup}, result, env)
         elif args.command == "single":
             if env.is_distributed:
                 raise SystemExit("workshop.bench single measures one device: run it as one process, not under torchrun/srun -n N")
@@ -486,12 +637,14 @@ def main(argv: list[str] | None = None) -> int:
             _write("bench-single", {"model": args.model, "batch_size": args.batch_size, "steps": args.steps,
                                     "warmup": args.warmup, "variants": args.variants, "num_workers": num_workers,
                                     "dataset": args.dataset, "compile_on_cpu": args.compile_on_cpu},
-                   {"rows": rows, "best": best["variant"] if best else None}, env)
+                   {"rows": rows, "best": best["variant"] if best else None,
+                    "measurements": perf.report_measurements(rows)}, env)
         elif args.command == "step-split":
             rows = step_split(args.models, args.batch_size, args.steps, env, warmup=args.warmup)
             dist.print0(format_step_split(rows, env=env))
             _write("bench-step-split", {"models": args.models, "micro_batch_size": args.batch_size, "steps": args.steps,
-                                        "warmup": args.warmup}, {"rows": rows}, env)
+                                        "warmup": args.warmup},
+                   {"rows": rows, "measurements": step_split_measurements(rows)}, env)
         return 0
     finally:
         dist.cleanup()

@@ -394,6 +394,15 @@ def run_variants(model_name: str, batch_size: int, steps: int, warmup: int, vari
     return rows
 
 
+def report_measurements(rows: list[dict]) -> list[dict]:
+    """The measured variants in the keys of workshop.report: one device each, strategy "single",
+    speedups taken against the baseline variant (naive, where it ran)."""
+    return [{"model": r["model"], "strategy": "single", "variant": r["variant"], "samples_or_tokens": "samples",
+             "world_size": 1, "micro_batch_size": r["batch_size"], "global_batch_size": r["batch_size"],
+             "throughput": r["samples_per_s"], "step_time_s": r["step_time_s"], "peak_memory_bytes": r["peak_memory_bytes"],
+             "baseline": r["variant"] == r["baseline"]} for r in rows if r["status"] == "ok"]
+
+
 # --- tables and plots ---------------------------------------------------------------------------------
 
 def setup_of(row: dict) -> Setup:

@@ -5,7 +5,7 @@ The shell script launches; this module does the rest, in three steps:
     python -m workshop.runner prepare --nranks N NOTEBOOK [papermill options]   # -> run folder
     python -m workshop.runner rank RUN_DIR NOTEBOOK [papermill options]         # once per rank
     python -m workshop.runner collect RUN_DIR LAUNCHER_EXIT_CODE                # summary, exit code
-    python -m workshop.runner series [NOTEBOOK ...]                             # `make run`
+    python -m workshop.runner series [NOTEBOOK ...]                             # `make run`: all, then the report
 
 `prepare` refuses bad input before anything runs (a missing notebook, a parameter the notebook
 does not have, a bad rank count) and makes a run folder that no other run writes to. `rank` runs
@@ -241,24 +241,36 @@ def declared_ranks(notebook: Path) -> int:
     return int(meta.get("workshop", {}).get("ranks", 1))
 
 
+REPORT_NOTEBOOK = "09_scaling_report"  # run last by `series`, over the runs the series made
+
+
 def series(notebooks: list[Path]) -> int:
     """Run the notebooks in order, each as its declared number of local ranks, through
-    scripts/run_notebook.sh; then list each one's run folder. Non-zero if any failed."""
+    scripts/run_notebook.sh, all into one folder of this series (runs/<time>-series/); the scaling
+    report (notebook 09), when among them, runs last over that folder. Then list each one's run
+    folder and say where the report is. Non-zero if any failed."""
     script = REPO / "scripts" / "run_notebook.sh"
-    env = dict(os.environ, WORKSHOP_PYTHON=sys.executable)
+    root = new_run_dir(Path("series"))  # runs/<time>-series: every run of this series under it
+    env = dict(os.environ, WORKSHOP_PYTHON=sys.executable, WORKSHOP_RUNS=str(root))
     env.pop("SLURM_JOB_ID", None)  # local ranks even inside an allocation
+    notebooks = sorted(notebooks, key=lambda nb: nb.stem == REPORT_NOTEBOOK)  # the report after every other
     rows = []
     for nb in notebooks:
-        before = set(runs_root().glob(f"*-{nb.stem}*"))
+        before = set(root.glob(f"*-{nb.stem}*"))
         nranks = declared_ranks(nb)
+        extra = ["-p", "runs", str(root)] if nb.stem == REPORT_NOTEBOOK else []
         print(f"\n=== {nb.name}: {nranks} rank(s) ===", flush=True)
-        rc = subprocess.run(["bash", str(script), "--nproc", str(nranks), str(nb)], env=env).returncode
-        made = sorted(set(runs_root().glob(f"*-{nb.stem}*")) - before)
+        rc = subprocess.run(["bash", str(script), "--nproc", str(nranks), str(nb), *extra], env=env).returncode
+        made = sorted(set(root.glob(f"*-{nb.stem}*")) - before)
         rows.append((nb.name, nranks, "ok" if rc == 0 else f"FAILED ({rc})", made[-1] if made else None))
     width = max(len(name) for name, *_ in rows) if rows else 8
-    print(f"\n{'notebook':{width}s}  ranks  status      run folder (executed notebook, record.json)")
+    print(f"\nthis series' runs: {display_path(root)}")
+    print(f"{'notebook':{width}s}  ranks  status      run folder (executed notebook, record.json)")
     for name, nranks, status, run in rows:
         print(f"{name:{width}s}  {nranks:5d}  {status:10s}  {display_path(run) if run else '-'}")
+    reports = [run / "report" / "report.md" for name, _, _, run in rows if run and name.startswith(REPORT_NOTEBOOK)]
+    if reports and reports[0].exists():
+        print(f"\nscaling report: {display_path(reports[0])} (its plots beside it)")
     return 0 if all(status == "ok" for _, _, status, _ in rows) else 1
 
 

@@ -1,0 +1,185 @@
+"""workshop.report on a runs folder written here: two models, a failed run, a run with nothing
+to report, a series with no one-device run; grouping, speedup, efficiency, cost, files, CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from workshop import bench, perf, report
+
+
+def record(runs, name, notebook, results, status="ok", world_size=1, local_world_size=None, job=None, time="2026-01-01T00:00:00",
+           **extra):
+    """A record.json with the fields metrics.write_record writes."""
+    folder = runs / name
+    folder.mkdir(parents=True)
+    rec = {"notebook": notebook, "status": status, "time": time, "params": extra.pop("params", {}),
+           "dist": {"rank": 0, "world_size": world_size, "local_world_size": local_world_size or world_size},
+           "slurm_job_id": job, "results": results, **extra}
+    (folder / "record.json").write_text(json.dumps(rec))
+    return folder
+
+
+def gpt(world_size, strategies):
+    """bench-strategies results of TinyGPT: tokens/s, 8 sequences per rank."""
+    return {"model": "tinygpt-cpu", "samples_or_tokens": "tokens", "world_size": world_size, "micro_batch_size": 8,
+            "global_batch_size": 8 * world_size, "measurements": [
+                {"strategy": s, "step_time_s": 0.1, "throughput": tps, "state_bytes_per_rank": [1]} for s, tps in strategies]}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    runs = tmp_path / "runs"
+    # small_cnn, 64 per rank, as `bench ddp` writes it: 1, 2 and 4 ranks (2 nodes of 2)
+    for n, sps in ((1, 100.0), (2, 150.0), (4, 240.0)):
+        record(runs, f"cnn{n}", "bench-ddp", {"model": "small_cnn", "micro_batch_size": 64, "global_batch_size": 64 * n,
+                                             "step_time_s": 64 * n / sps, "samples_per_s": sps, "throughput": sps,
+                                             "samples_or_tokens": "samples", "strategy": "ddp" if n > 1 else "single",
+                                             "peak_memory_bytes": [2**20 * (10 + r) for r in range(n)]},
+               world_size=n, local_world_size=min(n, 2), job=str(100 + n))
+    # TinyGPT: a second model, tokens/s, two strategies on 2 ranks
+    record(runs, "gpt1", "bench-strategies", gpt(1, [("single", 1000.0), ("fsdp", 500.0)]))
+    record(runs, "gpt2", "bench-strategies", gpt(2, [("ddp", 1600.0), ("fsdp", 800.0)]), world_size=2)
+    # a failed run: it has a throughput, which must not be averaged in
+    record(runs, "cnn2-failed", "bench-ddp", {"model": "small_cnn", "micro_batch_size": 64, "throughput": 10_000.0},
+           status="failed", world_size=2, reason=["rank 1 on n2 failed in cell In [7] (RuntimeError: boom)"])
+    # a run that writes no throughput, and a record that is not JSON
+    record(runs, "nb05", "05_ddp", {"matches_single_process": {"naive": True}}, world_size=2)
+    (runs / "broken").mkdir()
+    (runs / "broken" / "record.json").write_text("{not json")
+    # the same model with another batch per device and no one-device run: its own series, no speedup
+    record(runs, "cnn-big", "bench-ddp", {"model": "small_cnn", "micro_batch_size": 256, "global_batch_size": 512,
+                                          "throughput": 500.0, "strategy": "ddp"}, world_size=2)
+    return runs
+
+
+def by_title(rep):
+    return {(s.notebook, s.model, s.micro_batch_size): s for s in rep.series}
+
+
+def test_series_are_kept_apart(runs):
+    rep = report.build(runs, sacct=None)
+    assert set(by_title(rep)) == {("bench-ddp", "small_cnn", 64), ("bench-ddp", "small_cnn", 256),
+                                  ("bench-strategies", "tinygpt-cpu", 8)}
+    gpt = by_title(rep)[("bench-strategies", "tinygpt-cpu", 8)]
+    assert gpt.unit == "tokens" and all(r.unit == "tokens" for r in gpt.rows)
+
+
+def test_speedup_and_efficiency_against_the_series_own_baseline(runs):
+    cnn = by_title(report.build(runs, sacct=None))[("bench-ddp", "small_cnn", 64)]
+    assert [(r.devices, r.nodes) for r in cnn.rows] == [(1, 1), (2, 1), (4, 2)]
+    assert cnn.baseline.devices == 1 and cnn.baseline.throughput == 100
+    assert [r.speedup for r in cnn.rows] == pytest.approx([1.0, 1.5, 2.4])
+    assert [r.efficiency for r in cnn.rows] == pytest.approx([1.0, 0.75, 0.6])
+    # the largest rank's peak counts; cost: 4 devices x 1e6 / 240 s, in hours
+    assert cnn.rows[2].peak_memory_bytes == 13 * 2**20
+    assert cnn.rows[2].device_hours_per_million == pytest.approx(4 * 1e6 / 240 / 3600)
+    assert cnn.rows[2].config == "2 x 2 ddp"
+    gpt = by_title(report.build(runs, sacct=None))[("bench-strategies", "tinygpt-cpu", 8)]
+    speedups = {(r.devices, r.strategy): r.speedup for r in gpt.rows}
+    assert speedups == pytest.approx({(1, "single"): 1.0, (1, "fsdp"): 0.5, (2, "ddp"): 1.6, (2, "fsdp"): 0.8})
+
+
+def test_no_baseline_no_speedup(runs):
+    big = by_title(report.build(runs, sacct=None))[("bench-ddp", "small_cnn", 256)]
+    assert big.baseline is None and big.rows[0].speedup is None and big.rows[0].efficiency is None
+    assert "No one-device run" in report.series_table(big)
+
+
+def test_failed_runs_are_listed_never_averaged(runs):
+    rep = report.build(runs, sacct=None)
+    failed = {r.path.name: r for r in rep.failed}
+    assert set(failed) == {"cnn2-failed", "broken"}
+    assert "boom" in failed["cnn2-failed"].reason and "unreadable" in failed["broken"].reason
+    assert all(r.throughput != 10_000.0 for s in rep.series for r in s.rows)
+    assert [r.path.name for r in rep.unmeasured] == ["nb05"]
+    text = report.markdown(rep)
+    assert "## Failed runs" in text and "boom" in text and "cnn2-failed" in text
+    assert "FAILED" in report.summary(rep)
+
+
+def test_filters(runs):
+    assert {r.notebook for r in report.find_runs(runs, notebook="bench-strategies")} == {"bench-strategies"}
+    assert {r.notebook for r in report.find_runs(runs, notebook="bench")} == {"bench-ddp", "bench-strategies"}
+    assert [r.path.name for r in report.find_runs(runs, job="102")] == ["cnn2"]
+    with pytest.raises(FileNotFoundError, match="no runs folder"):
+        report.find_runs(runs / "nowhere")
+
+
+def test_sacct_joined_in(runs):
+    asked = []
+
+    def fake_sacct(job):
+        asked.append(job)
+        return {"elapsed_s": 90.0, "gpus": 2}
+
+    rep = report.build(runs, notebook="bench-ddp", sacct=fake_sacct)
+    cnn = by_title(rep)[("bench-ddp", "small_cnn", 64)]
+    assert sorted(asked) == ["101", "102", "104"] and cnn.rows[0].sacct == {"elapsed_s": 90.0, "gpus": 2}
+    table = report.series_table(cnn)
+    assert "sacct elapsed" in table and "90.0 s" in table
+    assert report._parse_elapsed("1-02:03:04") == 86400 + 2 * 3600 + 3 * 60 + 4
+    assert report._parse_elapsed("05:06") == 306
+
+
+def test_write_report_and_cli(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert report.main([str(runs), "--out", str(out), "--no-sacct"]) == 0
+    md = (out / "report.md").read_text()
+    for name in report.PLOTS:
+        assert (out / name).stat().st_size > 0 and f"]({name})" in md
+    assert "| 2 x ddp |" in md and "| 2 x 2 ddp |" in md and "| 1 x single (baseline) |" in md
+    assert "report:" in capsys.readouterr().out
+    assert report.main([str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "no runs folder" in capsys.readouterr().err
+
+
+def test_empty_folder(tmp_path):
+    rep = report.build(tmp_path, sacct=None)
+    assert rep.runs == [] and rep.series == []
+    path = report.write(rep, tmp_path / "out")
+    assert "No records found" in path.read_text()
+
+
+def test_record_writers_speak_the_report_keys(tmp_path):
+    """What notebook 02 / `bench single` and notebook 05 / `bench step-split` write is read as measurements."""
+    perf_rows = [{"variant": v, "model": "small_cnn", "batch_size": 32, "status": s, "samples_per_s": sps,
+                  "step_time_s": 32 / sps if sps else None, "peak_memory_bytes": 1, "baseline": "naive"}
+                 for v, s, sps in (("naive", "ok", 100.0), ("bf16", "ok", 150.0), ("compile", "skipped", None))]
+    split = [{"model": "resnet18", "micro_batch_size": 16, "world_size": 2, "compute_s": 0.2, "comm_s": 0.05}]
+    record(tmp_path, "r02", "02_single_device_performance", {"rows": perf_rows,
+                                                             "measurements": perf.report_measurements(perf_rows)})
+    record(tmp_path, "r05", "05_ddp", {"step_split": split, "measurements": bench.step_split_measurements(split)}, world_size=2)
+    rep = report.build(tmp_path, sacct=None)
+    s02 = by_title(rep)[("02_single_device_performance", "small_cnn", 32)]
+    assert [(r.variant, r.baseline, r.speedup) for r in s02.rows] == [("naive", True, 1.0), ("bf16", False, 1.5)]
+    assert s02.rows[1].efficiency is None  # one device: a faster variant is a speedup, not scaling
+    s05 = by_title(rep)[("05_ddp", "resnet18", 16)]
+    # one device: 16 / 0.2 = 80/s; two ranks, no overlap: 32 / 0.25 = 128/s, speedup 1.6, efficiency 0.8
+    assert [(r.devices, r.strategy, r.throughput) for r in s05.rows] == [(1, "single", 80.0), (2, "ddp-no-overlap", 128.0)]
+    assert s05.rows[1].efficiency == pytest.approx(0.8)
+
+
+def test_make_run_series_ends_with_the_report(runs, tmp_path):
+    """`python -m workshop.runner series` runs the report notebook last, over the series' own folder."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(WORKSHOP_RUNS=str(tmp_path / "made"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    out = subprocess.run([sys.executable, "-m", "workshop.runner", "series", "notebooks/09_scaling_report.ipynb",
+                          "tests/notebooks/fail_on_rank.ipynb"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (series,) = (tmp_path / "made").iterdir()
+    folders = sorted(p.name.split("-", 2)[-1] for p in series.iterdir())
+    assert folders == ["09_scaling_report", "fail_on_rank"]
+    assert out.stdout.index("=== fail_on_rank") < out.stdout.index("=== 09_scaling_report")  # the report last
+    (report_md,) = series.glob("*-09_scaling_report/report/report.md")
+    assert "scaling report:" in out.stdout and report_md.name in out.stdout.split("scaling report:")[1]
+    nb = (report_md.parent.parent / "09_scaling_report.ipynb").read_text()
+    assert "reporting on:" in nb and series.name in nb  # the series' folder was passed as `runs`

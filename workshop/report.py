@@ -1,0 +1,484 @@
+"""The scaling report: every run's `record.json` under a runs folder, as tables, plots and Markdown.
+
+    python -m workshop.report runs/ --out report/                  # report/report.md and its PNGs
+    python -m workshop.report runs/ --notebook bench-strategies     # only some runs (also --sweep, --job)
+
+Nothing here is typed by hand: each number comes from a record. A run that failed is listed as
+failed, never dropped nor averaged in. Records are grouped into series that share the notebook,
+the model, the unit of throughput and the batch per device; speedup and efficiency are computed
+inside a series only, against its one-device baseline, never across series. Where SLURM's
+`sacct` answers, each job's elapsed time and allocated GPUs are joined in.
+
+What a record must hold to be measured (every key in `results`, all optional but `throughput`):
+
+    throughput           global samples/s or tokens/s of the run (all ranks together)
+    samples_or_tokens    "samples" or "tokens": the unit of throughput (default "samples")
+    model                the model's name (default: params.model_name or params.model)
+    strategy             "single", "ddp", "fsdp", "tp", "dataparallel", ... (default: "single" on one
+                         device, else "distributed")
+    global_batch_size    samples (or sequences) per optimizer step, all ranks together
+    micro_batch_size     per device; the series key (default global_batch_size / devices)
+    step_time_s          seconds per optimizer step
+    wall_time_s          seconds the measured part took
+    peak_memory_bytes    per rank: a number, or a list in rank order (the largest is shown)
+    world_size           devices used (default: the record's dist.world_size); num_nodes likewise
+    epoch_size           samples (or tokens) in an epoch: gives device-hours per epoch
+    variant              a label beside the strategy (notebook 02's performance variants)
+    baseline             true on the measurement that a series' speedups are taken against
+                         (default: the first one-device "single" measurement, else any one-device one)
+
+A record that measured several configurations puts one such dict each in `results.measurements`
+(a list); the record's own `results` then give defaults for what a measurement leaves out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workshop.metrics import display_path, fmt_bytes
+
+# The result keys above, read by this module and written by the notebooks and `workshop.bench`.
+KEYS = ("throughput", "samples_or_tokens", "model", "strategy", "global_batch_size", "micro_batch_size", "step_time_s",
+        "wall_time_s", "peak_memory_bytes", "world_size", "num_nodes", "epoch_size", "variant", "baseline")
+
+
+@dataclass
+class Run:
+    """One record.json: its folder, notebook, status, and why it failed."""
+
+    path: Path
+    record: dict
+    notebook: str
+    status: str
+    reason: str = ""
+
+    @property
+    def job(self) -> str | None:
+        return self.record.get("slurm_job_id")
+
+    name: str = ""  # the folder relative to the runs folder reported on
+
+
+@dataclass
+class Row:
+    """One measurement of a run."""
+
+    run: Run
+    model: str
+    strategy: str
+    unit: str
+    devices: int
+    nodes: int
+    micro_batch_size: float | None
+    global_batch_size: float | None
+    throughput: float
+    step_time_s: float | None = None
+    wall_time_s: float | None = None
+    peak_memory_bytes: int | None = None
+    epoch_size: float | None = None
+    variant: str = ""
+    baseline: bool = False
+    speedup: float | None = None
+    efficiency: float | None = None
+    sacct: dict = field(default_factory=dict)
+
+    @property
+    def config(self) -> str:
+        what = self.strategy + (f" / {self.variant}" if self.variant else "")
+        return f"{self.nodes} x {self.devices // max(self.nodes, 1)} {what}" if self.nodes > 1 else f"{self.devices} x {what}"
+
+    @property
+    def device_hours_per_million(self) -> float:
+        """What a million samples (or tokens) cost: devices x seconds for 1e6 of them, in hours."""
+        return self.devices * 1e6 / self.throughput / 3600
+
+    @property
+    def device_hours_per_epoch(self) -> float | None:
+        return self.devices * self.epoch_size / self.throughput / 3600 if self.epoch_size else None
+
+
+@dataclass
+class Series:
+    """Rows that may be compared: same notebook, model, unit and batch per device."""
+
+    notebook: str
+    model: str
+    unit: str
+    micro_batch_size: float | None
+    rows: list[Row]
+
+    @property
+    def title(self) -> str:
+        batch = f"{self.micro_batch_size:g} per device" if self.micro_batch_size else "batch unknown"
+        return f"{self.notebook} · {self.model} · {batch} · {self.unit}/s"
+
+    @property
+    def baseline(self) -> Row | None:
+        return next((r for r in self.rows if r.baseline), None)
+
+
+@dataclass
+class Report:
+    root: Path
+    runs: list[Run]
+    series: list[Series]
+
+    @property
+    def failed(self) -> list[Run]:
+        return [r for r in self.runs if r.status != "ok"]
+
+    @property
+    def unmeasured(self) -> list[Run]:
+        measured = {id(row.run) for s in self.series for row in s.rows}
+        return [r for r in self.runs if r.status == "ok" and id(r) not in measured]
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def find_runs(root: Path, notebook: str | None = None, sweep: str | None = None, job: str | None = None) -> list[Run]:
+    """Every record.json under `root`, oldest first; unreadable ones as failed runs. Filters: the
+    notebook's name (or its start: "bench" takes every benchmark), a sweep id, a SLURM job id."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no runs folder {root}: give the folder that holds the run folders (runs/ by default)")
+    runs = []
+    for path in sorted(root.rglob("record.json")):
+        try:
+            rec = json.loads(path.read_text())
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            runs.append(Run(path.parent, {}, path.parent.name, "failed", f"unreadable record.json: {err}",
+                            str(path.parent.relative_to(root))))
+            continue
+        reason = rec.get("reason") or rec.get("error") or ""
+        if isinstance(reason, list):
+            reason = "; ".join(map(str, reason))
+        name = str(rec.get("notebook") or path.parent.name)
+        runs.append(Run(path.parent, rec, name, str(rec.get("status", "ok")), str(reason), str(path.parent.relative_to(root))))
+    if notebook:
+        runs = [r for r in runs if r.notebook == notebook or r.notebook.startswith(notebook)]
+    if sweep:
+        runs = [r for r in runs if str(r.record.get("sweep")) == str(sweep) or f"sweep-{sweep}" in r.path.parts]
+    if job:
+        runs = [r for r in runs if str(r.job) == str(job)]
+    return sorted(runs, key=lambda r: (str(r.record.get("time", "")), str(r.path)))
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return value
+    return None
+
+
+def measurements(run: Run) -> list[Row]:
+    """The rows a run measured: its `results` when they hold a throughput, and each of
+    `results.measurements`, the record's results and params filling in what one leaves out."""
+    rec = run.record
+    results = rec.get("results") if isinstance(rec.get("results"), dict) else {}
+    params = rec.get("params") if isinstance(rec.get("params"), dict) else {}
+    world = rec.get("dist") if isinstance(rec.get("dist"), dict) else {}
+    items = [results] if _number(results.get("throughput")) else []
+    items += [m for m in results.get("measurements") or [] if isinstance(m, dict)]
+    rows = []
+    for m in items:
+        get = lambda k, default=None: m.get(k, results.get(k, default))  # noqa: E731
+        throughput = _number(m.get("throughput"))
+        if not throughput or throughput <= 0:
+            continue
+        devices = int(get("world_size") or world.get("world_size") or 1)
+        local = int(world.get("local_world_size") or devices)
+        nodes = int(get("num_nodes") or (max(1, devices // local) if world.get("world_size") == devices else 1))
+        gbs = _number(get("global_batch_size"))
+        mbs = _number(get("micro_batch_size")) or (gbs / devices if gbs else None)
+        peak = get("peak_memory_bytes")
+        peak = max((p for p in peak if _number(p)), default=None) if isinstance(peak, list) else _number(peak)
+        model = get("model") or params.get("model_name") or params.get("model") or "unknown model"
+        rows.append(Row(run=run, model=str(model), strategy=str(get("strategy") or ("single" if devices == 1 else "distributed")),
+                        unit=str(get("samples_or_tokens") or "samples"), devices=devices, nodes=nodes,
+                        micro_batch_size=mbs, global_batch_size=gbs, throughput=throughput,
+                        step_time_s=_number(get("step_time_s")), wall_time_s=_number(get("wall_time_s")),
+                        peak_memory_bytes=int(peak) if peak else None, epoch_size=_number(get("epoch_size")),
+                        variant=str(m.get("variant") or ""), baseline=m.get("baseline") is True))
+    return rows
+
+
+def sacct_info(job: str) -> dict:
+    """Elapsed time (s) and allocated GPUs of a SLURM job from `sacct`; {} where sacct is not there."""
+    if not job or not shutil.which("sacct"):
+        return {}
+    try:
+        out = subprocess.run(["sacct", "-j", str(job), "-X", "-n", "-P", "-o", "Elapsed,AllocTRES"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    if "|" not in line:
+        return {}
+    elapsed, tres = line.split("|", 1)
+    info = {"elapsed_s": _parse_elapsed(elapsed)}
+    for item in tres.split(","):
+        key, _, value = item.partition("=")
+        if key == "gres/gpu" and value.isdigit():
+            info["gpus"] = int(value)
+    return info
+
+
+def _parse_elapsed(text: str) -> float | None:
+    """sacct's [D-]HH:MM:SS -> seconds."""
+    days, _, hms = text.strip().rpartition("-")
+    try:
+        parts = [float(x) for x in hms.split(":")]
+    except ValueError:
+        return None
+    seconds = sum(v * 60**i for i, v in enumerate(reversed(parts)))
+    return seconds + (int(days) * 86400 if days.isdigit() else 0)
+
+
+def build(root: Path, notebook: str | None = None, sweep: str | None = None, job: str | None = None,
+          sacct=sacct_info) -> Report:
+    """Read the runs under `root`, group their measurements into series, and give each row its
+    speedup and efficiency against its series' one-device baseline. `sacct`: None to skip SLURM."""
+    runs = find_runs(root, notebook, sweep, job)
+    groups: dict[tuple, list[Row]] = {}
+    jobs: dict[str, dict] = {}
+    for run in runs:
+        if run.status != "ok":
+            continue
+        for row in measurements(run):
+            if sacct and run.job:
+                if run.job not in jobs:
+                    jobs[run.job] = sacct(run.job)
+                row.sacct = jobs[run.job]
+            mbs = round(row.micro_batch_size, 6) if row.micro_batch_size else None
+            groups.setdefault((row.run.notebook, row.model, row.unit, mbs), []).append(row)
+    series = []
+    for (nb, model, unit, mbs), rows in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+        rows.sort(key=lambda r: (r.devices, r.strategy != "single", r.strategy, r.variant))
+        ones = [r for r in rows if r.devices == 1]
+        marked = [r for r in ones if r.baseline]
+        base = (marked or [r for r in ones if r.strategy == "single"] or ones or [None])[0]
+        for r in rows:
+            r.baseline = r is base
+            if base:
+                r.speedup = r.throughput / base.throughput
+                # on one device another variant's speedup is no scaling: no efficiency
+                r.efficiency = r.speedup / r.devices if r.devices > 1 or r.baseline else None
+        rows.sort(key=lambda r: (r.devices, not r.baseline, r.strategy != "single", r.strategy, r.variant))
+        series.append(Series(nb, model, unit, mbs, rows))
+    return Report(Path(root), runs, series)
+
+
+# --- tables ----------------------------------------------------------------------------------------
+
+def _f(value, fmt: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, fmt)
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.1f} s" if s < 600 else f"{s / 60:.1f} min"
+
+
+def series_table(series: Series) -> str:
+    """A Markdown table of one series: configuration, times, throughput, speedup, efficiency, memory, cost."""
+    unit = f"{series.unit}/s"
+    with_sacct = any(r.sacct for r in series.rows)
+    head = ["configuration", "run", "step time", "wall time", unit, "speedup", "efficiency", "peak memory / rank",
+            "device-h / epoch", f"device-h / 1M {series.unit}"] + (["sacct elapsed", "GPUs"] if with_sacct else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in series.rows:
+        cells = [r.config + (" (baseline)" if r.baseline else ""), f"`{r.run.name}`", _seconds(r.step_time_s),
+                 _seconds(r.wall_time_s), f"{r.throughput:,.1f}", _f(r.speedup, ".2f") + ("x" if r.speedup else ""),
+                 _f(r.efficiency, ".0%"), fmt_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else "-",
+                 _f(r.device_hours_per_epoch, ".3g"), f"{r.device_hours_per_million:.3g}"]
+        if with_sacct:
+            cells += [_seconds(r.sacct.get("elapsed_s")), str(r.sacct.get("gpus", "-"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not series.baseline:
+        lines.append("\nNo one-device run in this series: speedup and efficiency need one "
+                     "(run the same configuration on 1 device).")
+    return "\n".join(lines)
+
+
+def failed_table(runs: list[Run]) -> str:
+    lines = ["| run | notebook | job | why |", "|---|---|---|---|"]
+    for r in runs:
+        why = (r.reason or "no reason recorded").replace("|", "/").replace("\n", " ")
+        lines.append(f"| `{r.name}` | {r.notebook} | {r.job or '-'} | {why[:300]} |")
+    return "\n".join(lines)
+
+
+def summary(report: Report) -> str:
+    """A few lines for a terminal or a notebook."""
+    ok = sum(r.status == "ok" for r in report.runs)
+    lines = [f"{len(report.runs)} record(s) under {display_path(report.root)}: {ok} ok, {len(report.failed)} failed; "
+             f"{sum(len(s.rows) for s in report.series)} measurement(s) in {len(report.series)} series"]
+    for s in report.series:
+        best = max(s.rows, key=lambda r: r.throughput)
+        lines.append(f"  {s.title}: {len(s.rows)} row(s), best {best.throughput:,.1f} {s.unit}/s ({best.config})")
+    for r in report.failed:
+        lines.append(f"  FAILED {r.name} ({r.notebook}): {(r.reason or 'no reason recorded')[:160]}")
+    return "\n".join(lines)
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+def _lines(report: Report):
+    """(label, rows) per series and strategy, rows by devices: the lines of the scaling plots."""
+    for s in report.series:
+        if not s.baseline:
+            continue
+        by = {}
+        for r in s.rows:
+            by.setdefault(r.strategy + (f"/{r.variant}" if r.variant else ""), []).append(r)
+        for strategy, rows in by.items():
+            if any(r.devices > 1 for r in rows):  # a point on one device is no scaling curve
+                yield f"{s.model} {strategy} ({s.notebook}, {s.micro_batch_size or '?'}/dev)", s, rows
+
+
+def plot_speedup(report: Report, efficiency: bool = False):
+    """Speedup (or efficiency) against devices, a line per series and strategy, with the ideal."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    top = 1
+    for label, s, rows in _lines(report):
+        rows = sorted([s.baseline] + [r for r in rows if r is not s.baseline and r.devices > 1], key=lambda r: r.devices)
+        ax.plot([r.devices for r in rows], [r.efficiency if efficiency else r.speedup for r in rows], "o-", label=label)
+        top = max(top, *(r.devices for r in rows))
+    if efficiency:
+        ax.axhline(1.0, color="gray", linestyle="--", label="ideal")
+        ax.set_ylabel("scaling efficiency (speedup / devices)")
+    else:
+        ax.plot([1, top], [1, top], color="gray", linestyle="--", label="ideal")
+        ax.set_ylabel("speedup against one device")
+    ax.set_xlabel("devices")
+    ax.set_title("scaling efficiency" if efficiency else "speedup")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    if not any(True for _ in _lines(report)):
+        ax.text(0.5, 0.5, "no series measured on more than one device", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+def plot_memory(report: Report):
+    """Peak memory per rank of each measured configuration, by strategy."""
+    from matplotlib.figure import Figure
+
+    rows = [(f"{s.model} {r.config}", r.peak_memory_bytes) for s in report.series for r in s.rows if r.peak_memory_bytes]
+    fig = Figure(figsize=(6.5, max(2.5, 0.3 * len(rows) + 1)), layout="constrained")
+    ax = fig.add_subplot()
+    if rows:
+        ax.barh(range(len(rows)), [b / 2**20 for _, b in rows])
+        ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=7)
+        ax.invert_yaxis()
+    else:
+        ax.text(0.5, 0.5, "no memory measured", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("peak memory per rank (MiB)")
+    ax.set_title("memory per rank by strategy")
+    return fig
+
+
+def plot_cost(report: Report):
+    """Cost (device-hours) against time to result (hours), for a million samples or tokens."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for s in report.series:
+        xs = [1e6 / r.throughput / 3600 for r in s.rows]
+        ys = [r.device_hours_per_million for r in s.rows]
+        ax.plot(xs, ys, "o", label=f"{s.model} ({s.notebook}, per 1M {s.unit})")
+        for r, x, y in zip(s.rows, xs, ys):
+            ax.annotate(r.config, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("time to result (hours per 1M samples or tokens)")
+    ax.set_ylabel("cost (device-hours)")
+    ax.set_title("cost against time to result")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no measured runs", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+PLOTS = {"speedup.png": plot_speedup, "efficiency.png": lambda r: plot_speedup(r, efficiency=True),
+         "memory.png": plot_memory, "cost.png": plot_cost}
+
+
+# --- Markdown --------------------------------------------------------------------------------------
+
+def markdown(report: Report, plots: list[str] = ()) -> str:
+    parts = ["# Scaling report", "",
+             f"Made by `python -m workshop.report` from the records under `{display_path(report.root)}`: "
+             f"{len(report.runs)} run(s), {len(report.failed)} failed (run folders below are relative to it). "
+             "Speedup and efficiency are taken inside a series "
+             "(same notebook, model and batch per device) against its one-device baseline; device-hours are devices x "
+             "time. Peak memory on CPU is the process's resident set (Python and libraries included); on a GPU, the "
+             "tensors allocated.", ""]
+    if not report.runs:
+        parts += ["No records found. Run the notebooks (`make run`) or a benchmark, then report again.", ""]
+    for s in report.series:
+        parts += [f"## {s.title}", "", series_table(s), ""]
+    for name in plots:
+        parts += [f"![{name[:-4]}]({name})", ""]
+    if report.failed:
+        parts += ["## Failed runs", "", "Listed, never averaged in.", "", failed_table(report.failed), ""]
+    if report.unmeasured:
+        parts += ["## Runs without a throughput measurement", "",
+                  ", ".join(f"`{r.name}` ({r.notebook})" for r in report.unmeasured), ""]
+    return "\n".join(parts)
+
+
+def write(report: Report, out: Path) -> Path:
+    """report.md and the PNGs in `out`; returns the Markdown's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    if report.series:
+        for name, plot in PLOTS.items():
+            plot(report).savefig(out / name, dpi=110)
+            names.append(name)
+    path = out / "report.md"
+    path.write_text(markdown(report, names))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workshop.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, nargs="?", default=None, help="the runs folder (default: $WORKSHOP_RUNS or runs/)")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md and the PNGs (default report/)")
+    parser.add_argument("--notebook", help="only runs of this notebook (or of names starting so: bench)")
+    parser.add_argument("--sweep", help="only runs of this sweep id")
+    parser.add_argument("--job", help="only runs of this SLURM job id")
+    parser.add_argument("--no-sacct", action="store_true", help="do not ask SLURM's sacct for elapsed time and GPUs")
+    args = parser.parse_args(argv)
+    from workshop.metrics import runs_root
+
+    try:
+        report = build(args.runs or runs_root(), args.notebook, args.sweep, args.job, sacct=None if args.no_sacct else sacct_info)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    print(f"report: {display_path(write(report, args.out))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
