@@ -230,7 +230,10 @@ def make_mesh(env: DistEnv, dp_size: int | None = None, tp_size: int = 1):
     from torch.distributed.device_mesh import init_device_mesh
 
     if dp_size is None:
-        dp_size = env.world_size // tp_size if tp_size >= 1 and env.world_size % tp_size == 0 else 0
+        if not isinstance(tp_size, int) or tp_size < 1 or env.world_size % tp_size:
+            divisors = [d for d in range(1, env.world_size + 1) if env.world_size % d == 0]
+            raise ValueError(f"tp_size {tp_size} does not divide the world of {env.world_size} ranks; choose one of {divisors}")
+        dp_size = env.world_size // tp_size
     check_mesh(dp_size, tp_size, env.world_size)
     device_type = "cuda" if env.device.startswith("cuda") else "cpu"
     return init_device_mesh(device_type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
