@@ -11,6 +11,7 @@ on a model split by `tp.apply_tp` (every rank runs the same loop and gets the sa
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,6 +85,8 @@ class StaticDecoder:
         self.model = model
         self.max_seq_len = max_seq_len or model.max_seq_len
         self.cache = StaticKVCache(model.depth, self.max_seq_len)
+        if compile and not torch.cuda.is_available():  # inductor on CPU says it found no CUDA; we know
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self.step = torch.compile(self._step, mode=mode, fullgraph=True) if compile else self._step
 
     def _step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # (B, 1), (1,) -> (B, V)
