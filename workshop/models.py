@@ -168,6 +168,38 @@ class KVCache:
         self.pos += n
 
 
+class StaticKVCache:
+    """A KV cache of fixed shape, for compiled decoding: per layer a (B, heads, max_seq_len, head_dim)
+    buffer for keys and one for values, allocated at the first `update` (from the keys' shape, so a
+    rank that holds some of the heads allocates those) and written in place at `input_pos`, the
+    positions of the new tokens, a LongTensor the caller sets before each forward. No shape and no
+    Python number changes from one decoding step to the next, so torch.compile compiles the step
+    once and CUDA graphs can replay it. Attention reads all max_seq_len slots through a mask: slot
+    s is visible to the token at position p when s <= p (slots past the last write are hidden)."""
+
+    def __init__(self, depth: int, max_seq_len: int):
+        self.keys: list[torch.Tensor | None] = [None] * depth
+        self.values: list[torch.Tensor | None] = [None] * depth
+        self.max_seq_len = max_seq_len
+        self.input_pos: torch.Tensor | None = None  # (T,) positions of the tokens of the next forward
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is None:
+            B, H, _, D = k.shape
+            self.keys[layer] = k.new_zeros(B, H, self.max_seq_len, D)
+            self.values[layer] = v.new_zeros(B, H, self.max_seq_len, D)
+            if k.is_cuda:  # CUDA graphs replay fixed addresses: the buffers must stay where they are
+                torch._dynamo.mark_static_address(self.keys[layer])
+                torch._dynamo.mark_static_address(self.values[layer])
+        self.keys[layer].index_copy_(2, self.input_pos, k)
+        self.values[layer].index_copy_(2, self.input_pos, v)
+        return self.keys[layer], self.values[layer]
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        mask = torch.arange(self.max_seq_len, device=q.device) <= self.input_pos[:, None]  # (T, max_seq_len)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(QK^T / sqrt(d)) V where query i (the last T of the S keys' positions) sees keys
     0 .. S - T + i. q: (B, nh, T, hs); k, v: (B, nh, S, hs) with S >= T."""
@@ -201,7 +233,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (w(x).view(B, T, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = causal_attention(q, k, v)  # (B, local heads, T, hs)
+        if isinstance(cache, StaticKVCache):
+            out = cache.attention(q, k, v)
+        else:
+            out = causal_attention(q, k, v)  # (B, local heads, T, hs)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -245,7 +280,8 @@ class TinyGPT(nn.Module):
     the linear layers) over a byte vocabulary, for notebooks 06 to 08.
 
     `forward(tokens)` maps (B, T) token ids to (B, T, vocab) logits. With a `KVCache` it takes
-    only the new tokens and attends to the cached ones as well (see `generate`). `tie_weights`
+    only the new tokens and attends to the cached ones as well (see `generate`); a `StaticKVCache`
+    does the same at fixed shapes (compiled decoding, `workshop.inference`). `tie_weights`
     shares the embedding with the output head (fewer parameters; an untied head is simpler to
     shard, so it is the default). Sizes by name in TINYGPT_SIZES, or give dim/depth/heads.
     """
@@ -272,16 +308,19 @@ class TinyGPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | StaticKVCache | None = None) -> torch.Tensor:
         B, T = tokens.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.max_seq_len:
-            raise ValueError(f"{start + T} tokens exceed the model's max_seq_len {self.max_seq_len}")
-        positions = torch.arange(start, start + T, device=tokens.device)
+        if isinstance(cache, StaticKVCache):
+            positions = cache.input_pos  # a tensor: no Python number changes between compiled steps
+        else:
+            start = cache.pos if cache is not None else 0
+            if start + T > self.max_seq_len:
+                raise ValueError(f"{start + T} tokens exceed the model's max_seq_len {self.max_seq_len}")
+            positions = torch.arange(start, start + T, device=tokens.device)
         x = self.tok_embeddings(tokens) + self.pos_embeddings(positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.advance(T)
         return self.output(self.norm(x))
 

@@ -1,0 +1,64 @@
+"""notebooks/07_tensor_parallelism.ipynb as N ranks: 2 local ranks (tp 2), and 2 nodes x 2 ranks on the local SLURM
+cluster (dp 2 across the nodes, tp 2 within). (nbval runs it as one process.)"""
+
+import json
+
+import pytest
+from test_slurm import sbatch
+
+from conftest import REPO, run_notebook
+
+NB07 = "notebooks/07_tensor_parallelism.ipynb"
+SMALL = ["-p", "steps", "2", "-p", "seq_len", "16"]
+CHECK = ["MLP split by hand matches", "Megatron block matches", "DTensor plan matches", "sequence-parallel plan matches",
+         "TP training matches", "2D training matches", "Lightning 2D matches"]
+
+
+def assert_all_match(notebook):
+    cells = json.loads(notebook.read_text())["cells"]
+    cell = next(c for c in cells if c["cell_type"] == "code" and "".join(c["source"]).startswith("# NBVAL_CHECK_OUTPUT")
+                and "single-process" in "".join(c["source"]))
+    lines = "".join("".join(o.get("text", "")) for o in cell["outputs"]).splitlines()
+    for what in CHECK:
+        assert any(line.startswith(what) and line.endswith("True") for line in lines), (what, lines)
+
+
+def assert_record(run, world_size, dp_size, tp_size):
+    record = json.loads((run / "record.json").read_text())
+    assert record["status"] == "ok" and record["dist"]["world_size"] == world_size
+    assert (record["params"]["dp_size"], record["params"]["tp_size"]) == (dp_size, tp_size)
+    results = record["results"]
+    assert all(results["matches_dense"].values()) and all(results["matches_single_process"].values())
+    assert results["block_allreduces"] == {"forward": 2, "backward": 2}
+    assert results["collectives_layer0"]["plan"] == {"forward": {"all_reduce": 2}, "backward": {"all_reduce": 2}}
+
+
+@pytest.mark.multirank
+def test_07_on_two_local_ranks(runs):
+    out = run_notebook("--nproc", 2, NB07, *SMALL)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    assert "mesh dp 1 x tp 2" in (run / "07_tensor_parallelism.ipynb").read_text()
+    assert_all_match(run / "07_tensor_parallelism.ipynb")
+    assert_record(run, 2, 1, 2)
+
+
+def test_07_refuses_a_tp_size_that_does_not_fit_the_world(runs):
+    out = run_notebook(NB07, "-p", "tp_size", "3")
+    assert out.returncode != 0
+    assert "tp_size 3 does not divide the world of 1 ranks" in out.stdout + out.stderr
+
+
+@pytest.mark.slurm
+def test_07_on_two_nodes_with_two_ranks_each(slurm, runs):
+    rc, job, log = sbatch(runs, "--nodes=2", "--ntasks-per-node=2", "scripts/run_notebook.sh", NB07, *SMALL)
+    assert rc == 0, log[-4000:]
+    run = runs / f"job{job}-07_tensor_parallelism"
+    text = (run / "07_tensor_parallelism.ipynb").read_text()
+    assert "4 rank(s) on 2 node(s): mesh dp 2 x tp 2" in text
+    assert "rank 0's tensor-parallel group: ranks [0, 1]" in text  # tp inside a node
+    assert_all_match(run / "07_tensor_parallelism.ipynb")
+    assert_record(run, 4, 2, 2)
+    nodes = [json.loads((run / "logs" / f"rank{r}.status.json").read_text())["node"] for r in range(4)]
+    assert nodes[0] == nodes[1] != nodes[2] == nodes[3]
+    (REPO / "runs" / f"slurm-{job}.out").unlink()

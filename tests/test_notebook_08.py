@@ -1,0 +1,34 @@
+"""notebooks/08_inference.ipynb on 2 local ranks: tensor-parallel generation gives the single-device tokens, and the
+checkpoint that rank 0 trained is read back by both. Compiled decoding is left to nbval (one process): compiling
+on two ranks at once would double the test's time."""
+
+import json
+
+import pytest
+
+from conftest import run_notebook
+
+NB08 = "notebooks/08_inference.ipynb"
+SMALL = ["-p", "train_steps", "10", "-p", "max_new_tokens", "8", "-p", "timing_repeats", "1",
+         "-p", "compile_decoding", "False"]
+
+
+@pytest.mark.multirank
+def test_08_on_two_local_ranks(runs):
+    out = run_notebook("--nproc", 2, NB08, *SMALL)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    assert (run / "tinygpt.pt").is_file()
+    text = (run / "08_inference.ipynb").read_text()
+    assert "tensor-parallel greedy gives the single-device tokens: True" in text
+    record = json.loads((run / "record.json").read_text())
+    assert record["status"] == "ok" and record["dist"]["world_size"] == 2
+    same = record["results"]["same_tokens"]
+    assert same == {"no_cache": True, "static": True, "compiled": None, "tp": True}
+    assert record["results"]["tp"]["ranks"] == 2 and record["results"]["kv_cache"]["new_tokens"] == 8
+
+
+def test_08_refuses_a_missing_prompts_file(runs, tmp_path):
+    out = run_notebook(NB08, "-p", "prompts_file", str(tmp_path / "none.txt"), "-p", "train_steps", "1")
+    assert out.returncode != 0
+    assert "no prompts file at" in out.stdout + out.stderr

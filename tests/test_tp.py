@@ -1,0 +1,121 @@
+"""Tensor parallelism (workshop.tp) and fixed-shape decoding (workshop.inference): the size checks,
+and every parallel version against one process on 2 and 4 gloo ranks (tests/multirank/tp_equivalence.py)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from workshop import data, dist, inference, models, tp
+
+
+def test_tp_size_that_does_not_split_the_model_is_refused():
+    model = models.tinygpt("cpu")  # 4 heads, dim 128, hidden 512, vocabulary 256
+    tp.check_tp_size(model, 4)
+    with pytest.raises(ValueError, match=r"tensor-parallel size 3 does not divide the 4 attention heads .* choose tp_size "
+                                         r"from \[1, 2, 4\]"):
+        tp.check_tp_size(model, 3)
+    with pytest.raises(ValueError, match="tensor-parallel size 8 does not divide the 4 attention heads"):
+        tp.check_tp_size(model, 8)
+    with pytest.raises(ValueError, match="tensor-parallel size 4 does not divide the 6 MLP hidden size"):
+        tp.check_tp_size(dict(heads=8, dim=64, hidden=6), 4)
+    with pytest.raises(ValueError, match="whole number >= 1, got 0"):
+        tp.check_tp_size(model, 0)
+
+
+def test_mesh_whose_product_is_not_the_world_is_refused():
+    tp.check_mesh(2, 2, 4)
+    with pytest.raises(ValueError, match=r"dp_size 3 x tp_size 2 = 6 ranks, but the world has 4; choose \(dp_size, tp_size\) "
+                                         r"from \[\(1, 4\), \(2, 2\), \(4, 1\)\]"):
+        tp.make_mesh(dist.DistEnv(world_size=4, local_world_size=4), dp_size=3, tp_size=2)
+    with pytest.raises(ValueError, match=r"tp_size 3 does not divide the world of 4 ranks; choose one of \[1, 2, 4\]"):
+        tp.make_mesh(dist.DistEnv(world_size=4, local_world_size=4), tp_size=3)  # 3 does not divide 4
+
+
+def test_plan_names_every_split_module():
+    model = models.tinygpt("cpu")
+    names = {n for n, _ in model.named_modules()}
+    for sp in (False, True):
+        plan = tp.tinygpt_tp_plan(sequence_parallel=sp)
+        for key in plan:
+            assert key.replace("*", "0") in names, key
+    assert type(tp.tinygpt_tp_plan()["layers.*.attention.wq"]).__name__ == "ColwiseParallel"
+    assert type(tp.tinygpt_tp_plan()["layers.*.feed_forward.w2"]).__name__ == "RowwiseParallel"
+    assert type(tp.tinygpt_tp_plan(sequence_parallel=True)["layers.*.ffn_norm"]).__name__ == "SequenceParallel"
+
+
+def test_static_cache_decoding_equals_generate():
+    torch.manual_seed(0)
+    model = models.tinygpt("cpu", max_seq_len=64).eval()
+    decoder = inference.StaticDecoder(model)
+    for text in ("The dog", "A small cat sings"):
+        prompt = data.encode(text).unsqueeze(0)
+        assert torch.equal(decoder.generate(prompt, 16), models.generate(model, prompt, 16))
+    batch = torch.randint(256, (3, 5))
+    assert torch.equal(decoder.generate(batch, 8), models.generate(model, batch, 8))  # a new batch size
+    sampled = [decoder.generate(batch, 8, temperature=1.0, generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert torch.equal(sampled[0], sampled[1])
+    with pytest.raises(ValueError, match="prompt 60 \\+ 8 new tokens exceed max_seq_len 64"):
+        decoder.generate(torch.zeros(1, 60, dtype=torch.long), 8)
+
+
+def test_prompts_file(tmp_path):
+    prompts = inference.read_prompts()
+    assert len(prompts) >= 3 and all(p.strip() for p in prompts)
+    (tmp_path / "p.txt").write_text("# a comment\n\nThe cat\n", encoding="utf-8")
+    assert inference.read_prompts(tmp_path / "p.txt") == ["The cat"]
+    (tmp_path / "empty.txt").write_text("\n# only a comment\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds no prompt"):
+        inference.read_prompts(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError, match="no prompts file"):
+        inference.read_prompts(tmp_path / "missing.txt")
+
+
+def test_timing_units():
+    t = inference.Timing(new_tokens=10, batch_size=2, seconds=0.5)
+    assert (t.tokens_per_s, t.ms_per_token) == (40.0, 50.0)
+
+
+def _launch(nproc, out):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                           str(REPO / "tests" / "multirank" / "tp_equivalence.py"), str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = torch.load(out, weights_only=True)
+    assert saved["world_size"] == nproc
+    return saved["pairs"]
+
+
+def _assert_pairs(pairs, prefixes):
+    for prefix in prefixes:
+        names = [k for k in pairs if k.startswith(prefix)]
+        assert names, prefix
+        for name in names:
+            value, reference = pairs[name]
+            torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.multirank
+def test_two_ranks_equal_one_process(tmp_path, clean_env):
+    pairs = _launch(2, tmp_path / "tp2.pt")
+    # forward and gradients: from scratch, and the DTensor plan with and without sequence parallelism
+    _assert_pairs(pairs, ["mlp.", "block.", "plan(sp=False).", "plan(sp=True).", "decode.", "train_tp(sp=False).",
+                          "train_tp(sp=True)."])
+    grads = [k for k in pairs if k.startswith("plan(sp=False).") and k.endswith(".grad")]
+    assert len(grads) == len(list(models.tinygpt("cpu").parameters()))  # every parameter
+    assert "does not divide the 7 output features" in pairs["error.column"]
+    trained = pairs["train_tp(sp=False).layers.0.attention.wq.weight"][1]
+    torch.manual_seed(0)
+    untrained = models.tinygpt("cpu", max_seq_len=32).layers[0].attention.wq.weight
+    assert not torch.allclose(trained, untrained)  # the reference did train
+    assert pairs["decode.kv_cache"][1].shape == (1, 11 + 20)
+
+
+@pytest.mark.multirank
+def test_2d_on_four_ranks_equals_one_process(tmp_path, clean_env):
+    pairs = _launch(4, tmp_path / "tp4.pt")
+    _assert_pairs(pairs, ["train_2d.", "train_lightning_2d."])

@@ -1,0 +1,118 @@
+"""Generation, timed: tokens/s and latency per token with and without the KV cache, decoding at fixed
+shapes (eager or compiled with torch.compile, CUDA graphs through mode="reduce-overhead"), and the
+prompts file that users extend. Notebook 08 uses it; tensor-parallel generation is `models.generate`
+on a model split by `tp.apply_tp` (every rank runs the same loop and gets the same tokens).
+
+    prompts = inference.read_prompts()                         # notebooks/prompts.txt, one a line
+    timing = inference.timed(lambda: models.generate(model, prompt, 64), new_tokens=64, batch_size=1)
+    decoder = inference.StaticDecoder(model, compile=True)      # compiled once, at the first call
+    tokens = decoder.generate(prompt, 64)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from workshop.metrics import REPO, Timer
+from workshop.models import StaticKVCache, TinyGPT
+
+PROMPTS = REPO / "notebooks" / "prompts.txt"
+
+
+def read_prompts(path: str | Path = PROMPTS) -> list[str]:
+    """The prompts of a text file, one a line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no prompts file at {path}: write one prompt a line (see notebooks/prompts.txt)")
+    prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p.strip() and not p.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt: write one prompt a line")
+    return prompts
+
+
+@dataclass
+class Timing:
+    """One timed generation: `new_tokens` per sequence for `batch_size` sequences in `seconds`."""
+
+    new_tokens: int
+    batch_size: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens * self.batch_size / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def ms_per_token(self) -> float:
+        """Latency per decoding step (one new token for every sequence of the batch)."""
+        return 1000 * self.seconds / self.new_tokens
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "ms_per_token": self.ms_per_token}
+
+
+def timed(fn, *, new_tokens: int, batch_size: int, device="cpu", repeats: int = 1):
+    """Run `fn()` `repeats` times (synchronised on CUDA); returns (its last result, the fastest Timing)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        with Timer(device) as t:
+            out = fn()
+        best = min(best, t.elapsed)
+    return out, Timing(new_tokens, batch_size, best)
+
+
+def next_token(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) tokens: the argmax when temperature is 0, else a sample of softmax(logits / T)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)
+
+
+class StaticDecoder:
+    """Generation with a StaticKVCache: the prompt is read in one eager forward (prefill), then each
+    new token is one call of `step(token, position)`, whose shapes never change. With `compile`
+    the step is `torch.compile`d (mode None for the default, "reduce-overhead" for CUDA graphs on a
+    GPU): compiled at the first call, then reused for every step of every later generation of the
+    same batch size. Greedy decoding gives the tokens of `models.generate`."""
+
+    def __init__(self, model: TinyGPT, *, max_seq_len: int | None = None, compile: bool = False,
+                 mode: str | None = None):
+        self.model = model
+        self.max_seq_len = max_seq_len or model.max_seq_len
+        self.cache = StaticKVCache(model.depth, self.max_seq_len)
+        if compile and not torch.cuda.is_available():  # inductor on CPU says it found no CUDA; we know
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        self.step = torch.compile(self._step, mode=mode, fullgraph=True) if compile else self._step
+
+    def _step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # (B, 1), (1,) -> (B, V)
+        self.cache.input_pos = input_pos
+        return self.model(token, self.cache)[:, -1]
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        B, T = prompt.shape
+        if T + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed max_seq_len {self.max_seq_len}")
+        if self.cache.keys[0] is not None and self.cache.keys[0].shape[0] != B:
+            self.cache = StaticKVCache(self.model.depth, self.max_seq_len)  # a new batch size: new buffers
+        self.cache.input_pos = torch.arange(T, device=prompt.device)
+        logits = self.model(prompt, self.cache)[:, -1]  # prefill, eager: the prompt's length varies
+        tokens = [prompt]
+        for i in range(max_new_tokens):
+            tokens.append(next_token(logits, temperature, generator))
+            if i + 1 < max_new_tokens:
+                logits = self.step(tokens[-1], torch.tensor([T + i], device=prompt.device))
+        return torch.cat(tokens, dim=1)
+
+
+def encode_prompts(prompts: list[str], device="cpu") -> list[torch.Tensor]:
+    """Each prompt as a (1, T) tensor of byte tokens (prompts differ in length: one sequence each)."""
+    from workshop.data import encode
+
+    return [encode(p).unsqueeze(0).to(device) for p in prompts]

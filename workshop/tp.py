@@ -1,0 +1,379 @@
+"""Tensor parallelism: each layer's weight matrices split over the ranks of a tensor-parallel group
+(Megatron-LM, Shoeybi et al. 2019, "Training Multi-Billion Parameter Language Models Using Model
+Parallelism", section 3), first from scratch, then with DTensor, then combined with FSDP (2D).
+
+From scratch, on any process group (notebook 07 writes the same in cells first):
+
+    y = copy_to_tp(x, group)        # the paper's f: identity forward, all-reduce backward
+    y = reduce_from_tp(x, group)    # the paper's g: all-reduce forward, identity backward
+    ColumnParallelLinear(linear, group)   # this rank's rows of W: a slice of the output features
+    RowParallelLinear(linear, group)      # this rank's columns of W: a partial sum, all-reduced (g)
+    TPFeedForward(ff, group), TPAttention(attention, group)   # a TinyGPT block's halves, split
+
+With DTensor (a plan is data: a dict from module name to a ParallelStyle):
+
+    plan = tinygpt_tp_plan(sequence_parallel=False)
+    apply_tp(model, tp_mesh)                       # parallelize_module(model, tp_mesh, plan)
+    mesh = make_mesh(env, dp_size=2, tp_size=2)    # ("dp", "tp"); tp inside a node
+    apply_2d(model, mesh)                          # TP over mesh["tp"], then fully_shard over mesh["dp"]
+
+Sizes are checked before anything is split: `check_tp_size(model, tp_size)` and `check_mesh(...)` raise
+a ValueError naming the numbers. The tests run everything on 2 and 4 CPU ranks (gloo):
+
+    torchrun --standalone --nproc-per-node 4 tests/multirank/tp_equivalence.py OUT.pt
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import lightning as L
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+
+from workshop.dist import DistEnv
+from workshop.models import CausalSelfAttention, FeedForward, GPTBlock, KVCache, TinyGPT, causal_attention
+
+# ---------------------------------------------------------------------------------------------
+# From scratch: the paper's f and g as autograd functions
+# ---------------------------------------------------------------------------------------------
+
+
+class _CopyToTP(torch.autograd.Function):
+    """f (Megatron-LM, eq. 3 and figure 3a): the input of a column-parallel layer is the same on
+    every rank, so forward copies nothing; each rank's backward only sees the gradient flowing
+    through its own slice of the layer, so the gradient of the input is the sum over ranks."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()  # all-reduce is in place; autograd may hold `grad` elsewhere
+        tdist.all_reduce(grad, op=tdist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """g: a row-parallel layer leaves a partial sum on each rank; forward adds them up; the
+    gradient of the sum with respect to each part is the gradient itself, so backward copies."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        out = x.contiguous().clone()
+        tdist.all_reduce(out, op=tdist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def copy_to_tp(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Megatron's f: identity forward, all-reduce of the gradient backward."""
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Megatron's g: all-reduce forward, identity backward."""
+    return _ReduceFromTP.apply(x, group)
+
+
+def _rank_and_size(group) -> tuple[int, int]:
+    return tdist.get_rank(group), tdist.get_world_size(group)
+
+
+def _split(n: int, tp_size: int, what: str) -> int:
+    if n % tp_size:
+        divisors = [d for d in range(1, n + 1) if n % d == 0]
+        raise ValueError(f"tensor-parallel size {tp_size} does not divide the {n} {what}; choose one of {divisors}")
+    return n // tp_size
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A with A split by columns, A = [A_1, ..., A_p] (nn.Linear stores A^T, so this rank
+    keeps rows of `weight`): rank r computes Y_r = X A_r, its slice of the output features, and
+    nothing is communicated forward. `copy_input` puts f in front (the gradient of X is summed over
+    the ranks); set it False when one f already serves several column-parallel layers (q, k, v).
+
+    Built from a dense nn.Linear, whose weights every rank holds before the split."""
+
+    def __init__(self, linear: nn.Linear, group=None, copy_input: bool = True):
+        super().__init__()
+        self.group, self.copy_input = group, copy_input
+        rank, tp_size = _rank_and_size(group)
+        n = _split(linear.out_features, tp_size, f"output features of {linear}")
+        rows = slice(rank * n, (rank + 1) * n)
+        self.weight = nn.Parameter(linear.weight.detach()[rows].clone())  # (out / tp, in)
+        self.bias = nn.Parameter(linear.bias.detach()[rows].clone()) if linear.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out / tp)
+        if self.copy_input:
+            x = copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A with A split by rows and X by columns (X = [X_1, ..., X_p], the output of a
+    column-parallel layer): rank r computes X_r A_r, a partial sum, and g adds them up. The bias
+    is added once, after the sum. Keeps columns of nn.Linear's `weight`."""
+
+    def __init__(self, linear: nn.Linear, group=None):
+        super().__init__()
+        self.group = group
+        rank, tp_size = _rank_and_size(group)
+        n = _split(linear.in_features, tp_size, f"input features of {linear}")
+        self.weight = nn.Parameter(linear.weight.detach()[:, rank * n:(rank + 1) * n].clone())  # (out, in / tp)
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in / tp) -> (..., out)
+        out = reduce_from_tp(F.linear(x, self.weight), self.group)
+        return out + self.bias if self.bias is not None else out
+
+
+class TPFeedForward(nn.Module):
+    """The MLP split column-then-row (Megatron-LM figure 3a): Y = GeLU(X A) B with A by columns, B
+    by rows. GeLU is applied to each rank's slice on its own, so the block needs one all-reduce
+    forward (g, after B) and one backward (f, before A)."""
+
+    def __init__(self, ff: FeedForward, group=None):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(ff.w1, group)
+        self.w2 = RowParallelLinear(ff.w2, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x)))
+
+
+class TPAttention(nn.Module):
+    """Self-attention split by heads (Megatron-LM figure 3b): each rank holds the q, k, v
+    projections of heads/tp heads (column-parallel) and the matching input columns of the output
+    projection (row-parallel). Heads never look at each other, so attention itself needs no
+    communication: one f in front of q, k and v together, one g after the output projection."""
+
+    def __init__(self, attention: CausalSelfAttention, group=None):
+        super().__init__()
+        self.group, self.head_dim = group, attention.head_dim
+        heads = attention.wq.out_features // attention.head_dim
+        _split(heads, _rank_and_size(group)[1], "attention heads")  # whole heads per rank, or refuse
+        self.wq, self.wk, self.wv = (ColumnParallelLinear(w, group, copy_input=False)
+                                     for w in (attention.wq, attention.wk, attention.wv))
+        self.wo = RowParallelLinear(attention.wo, group)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        x = copy_to_tp(x, self.group)  # one f for q, k and v
+        q, k, v = (w(x).view(B, T, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = causal_attention(q, k, v)  # (B, heads / tp, T, hs): this rank's heads
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def megatron_block(block: GPTBlock, group=None) -> GPTBlock:
+    """A copy of a TinyGPT block with its attention and MLP split over `group` from scratch;
+    the LayerNorms stay whole on every rank. Two all-reduces forward and two backward."""
+    block = copy.deepcopy(block)
+    block.attention = TPAttention(block.attention, group)
+    block.feed_forward = TPFeedForward(block.feed_forward, group)
+    return block
+
+
+# ---------------------------------------------------------------------------------------------
+# Size checks: fail at once, naming the numbers
+# ---------------------------------------------------------------------------------------------
+
+
+def check_tp_size(model_or_dims: TinyGPT | dict, tp_size: int) -> None:
+    """Refuse a tensor-parallel size that does not split TinyGPT evenly: whole attention heads,
+    the hidden size (MLP width) and the vocabulary (embedding and output head) per rank.
+    `model_or_dims` is a TinyGPT or a dict with heads, dim, and optionally hidden and vocab_size."""
+    if isinstance(model_or_dims, TinyGPT):
+        m = model_or_dims
+        dims = dict(heads=m.heads, dim=m.dim, hidden=m.layers[0].feed_forward.w1.out_features, vocab_size=m.vocab_size)
+    else:
+        dims = dict(model_or_dims)
+    if not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"tensor-parallel size must be a whole number >= 1, got {tp_size!r}")
+    names = {"heads": "attention heads", "dim": "model width (dim)", "hidden": "MLP hidden size",
+             "vocab_size": "vocabulary entries"}
+    for key, what in names.items():
+        if key in dims and dims[key] % tp_size:
+            n = dims[key]
+            fits = [d for d in range(1, n + 1) if all(v % d == 0 for k, v in dims.items() if k in names)]
+            raise ValueError(f"tensor-parallel size {tp_size} does not divide the {n} {what} "
+                             f"({', '.join(f'{k} {v}' for k, v in dims.items())}); choose tp_size from {fits}")
+
+
+def check_mesh(dp_size: int, tp_size: int, world_size: int) -> None:
+    """Refuse a (dp, tp) mesh whose product is not the world size."""
+    for name, value in (("dp_size", dp_size), ("tp_size", tp_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if dp_size * tp_size != world_size:
+        pairs = [(d, world_size // d) for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(f"mesh dp_size {dp_size} x tp_size {tp_size} = {dp_size * tp_size} ranks, but the world has "
+                         f"{world_size}; choose (dp_size, tp_size) from {pairs}")
+
+
+def make_mesh(env: DistEnv, dp_size: int | None = None, tp_size: int = 1):
+    """A 2D device mesh named ("dp", "tp"): tp is the inner dimension, so the ranks of one
+    tensor-parallel group are consecutive and, with ranks numbered node by node, on one node
+    (TP talks twice per layer forward and backward; it needs NVLink, not the network).
+    dp_size defaults to world_size / tp_size."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dp_size is None:
+        if not isinstance(tp_size, int) or tp_size < 1 or env.world_size % tp_size:
+            divisors = [d for d in range(1, env.world_size + 1) if env.world_size % d == 0]
+            raise ValueError(f"tp_size {tp_size} does not divide the world of {env.world_size} ranks; choose one of {divisors}")
+        dp_size = env.world_size // tp_size
+    check_mesh(dp_size, tp_size, env.world_size)
+    device_type = "cuda" if env.device.startswith("cuda") else "cpu"
+    return init_device_mesh(device_type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# With DTensor: the plan is data
+# ---------------------------------------------------------------------------------------------
+
+
+def tinygpt_tp_plan(sequence_parallel: bool = False) -> dict:
+    """The tensor-parallel plan of TinyGPT for `parallelize_module`: module name (`*` matches every
+    layer) to ParallelStyle. q, k, v and the MLP's first layer column-wise, the output projection
+    and the MLP's second layer row-wise, as in Megatron-LM; the token embedding split by vocabulary
+    (row-wise) and the output head by vocabulary (column-wise, logits gathered).
+
+    Each attention module gets its input as one replicated DTensor (PrepareModuleInput with
+    use_local_output=False), so the three column-wise projections share one all-reduce backward
+    (Megatron's single f), instead of one each.
+
+    With `sequence_parallel` (Korthikanti et al. 2022) the LayerNorms and the residual stream are
+    split along the sequence (dimension 1) instead of replicated: each all-reduce becomes an
+    all-gather before the split region and a reduce-scatter after it, and activations outside
+    attention and MLP take 1/tp of the memory. The sequence length must then be divisible by tp.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+
+    if not sequence_parallel:
+        return {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
+            "layers.*.attention": PrepareModuleInput(input_layouts=(Replicate(), None, None),
+                                                     desired_input_layouts=(Replicate(), None, None),
+                                                     use_local_output=False),
+            "layers.*.attention.wq": ColwiseParallel(),
+            "layers.*.attention.wk": ColwiseParallel(),
+            "layers.*.attention.wv": ColwiseParallel(),
+            "layers.*.attention.wo": RowwiseParallel(),
+            "layers.*.feed_forward.w1": ColwiseParallel(),
+            "layers.*.feed_forward.w2": RowwiseParallel(),
+            "output": ColwiseParallel(output_layouts=Replicate()),
+        }
+    return {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),  # (B, T / tp, C)
+        "pos_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0)),  # (T / tp, C)
+        "layers.*.attention_norm": SequenceParallel(),
+        "layers.*.attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                                 desired_input_layouts=(Replicate(), None, None)),
+        "layers.*.attention.wq": ColwiseParallel(),
+        "layers.*.attention.wk": ColwiseParallel(),
+        "layers.*.attention.wv": ColwiseParallel(),
+        "layers.*.attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "layers.*.ffn_norm": SequenceParallel(),
+        "layers.*.feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "layers.*.feed_forward.w1": ColwiseParallel(),
+        "layers.*.feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    }
+
+
+def apply_tp(model: TinyGPT, tp_mesh, *, sequence_parallel: bool = False) -> TinyGPT:
+    """Tensor parallelism with DTensor: `parallelize_module(model, tp_mesh, tinygpt_tp_plan(...))`,
+    in place, after checking that tp_mesh's size splits the model evenly. The weights are taken
+    from the mesh's first rank (every rank should start from the same model anyway)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    check_tp_size(model, tp_mesh.size())
+    return parallelize_module(model, tp_mesh, tinygpt_tp_plan(sequence_parallel))
+
+
+def apply_2d(model: TinyGPT, mesh, *, dp_dim: str = "dp", tp_dim: str = "tp", sequence_parallel: bool = False,
+             **fsdp_kwargs) -> TinyGPT:
+    """2D parallelism: tensor parallelism over mesh[tp_dim] (inside a node), then FSDP2 over
+    mesh[dp_dim] (across nodes): every block's DTensor weights, already split by tp, are sharded
+    again over dp and gathered block by block. TP first, because FSDP shards what TP left.
+    Lightning's ModelParallelStrategy names the dimensions "data_parallel" and "tensor_parallel"."""
+    from torch.distributed.fsdp import fully_shard
+
+    # The logits leave the model as a view (DTensor.to_local()); nothing here changes them in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTinyGPT\) returned a view tensor")
+    apply_tp(model, mesh[tp_dim], sequence_parallel=sequence_parallel)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh[dp_dim], **fsdp_kwargs)
+    fully_shard(model, mesh=mesh[dp_dim], **fsdp_kwargs)
+    return model
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole, on every rank (DTensors gathered with full_tensor()), on CPU."""
+    from torch.distributed.tensor import DTensor
+
+    # A weight split by tp and by dp gathers in two steps; torch says so once per rank, not our lesson.
+    log = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+                for name, p in model.named_parameters()}
+    finally:
+        log.setLevel(level)
+
+
+def dp_loader(dataset, batch_size: int, dp_size: int, dp_rank: int, shuffle: bool = False, seed: int = 0):
+    """A DataLoader of this rank's data-parallel shard: the ranks of one tensor-parallel group read
+    the same samples (they compute one model together), the dp_size groups disjoint ones. With a
+    mesh: `dp_loader(ds, 16, mesh["dp"].size(), mesh["dp"].get_local_rank())`; with tp the inner
+    mesh dimension, dp_rank = rank // tp_size."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=dp_size, rank=dp_rank, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+
+class LitTinyGPT(L.LightningModule):
+    """TinyGPT for Lightning's ModelParallelStrategy(data_parallel_size, tensor_parallel_size):
+    the strategy builds the 2D mesh (dimensions "data_parallel", "tensor_parallel") and calls
+    `configure_model`, where `apply_2d` splits the model; the optimizer is made afterwards, over
+    the split weights. SGD with momentum (exact comparisons) or AdamW."""
+
+    def __init__(self, model: TinyGPT, lr: float = 0.1, optimizer: str = "sgd", sequence_parallel: bool = False):
+        super().__init__()
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose 'sgd' or 'adamw'")
+        self.model, self.lr, self.optimizer_name, self.sequence_parallel = model, lr, optimizer, sequence_parallel
+
+    def configure_model(self):
+        apply_2d(self.model, self.device_mesh, dp_dim="data_parallel", tp_dim="tensor_parallel",
+                 sequence_parallel=self.sequence_parallel)
+
+    def training_step(self, batch, batch_idx):
+        from workshop.models import lm_loss
+
+        x, y = batch
+        loss = lm_loss(self.model(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.model.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9)
