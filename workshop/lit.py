@@ -49,7 +49,9 @@ class LitClassifier(L.LightningModule):
 
 
 class LitLanguageModel(L.LightningModule):
-    """A language model (TinyGPT) as a LightningModule, trained with AdamW on next-token loss.
+    """A language model (TinyGPT) as a LightningModule, trained on next-token loss with AdamW, or
+    with SGD and momentum 0.9 (`optimizer="sgd"`: the exact comparisons of notebook 07, where Adam
+    would magnify rounding in near-zero gradients).
 
     With `ModelParallelStrategy` Lightning builds a device mesh and calls `configure_model`, where
     `parallelize(model, device_mesh)` shards the model (for instance FSDP2 with
@@ -61,8 +63,11 @@ class LitLanguageModel(L.LightningModule):
         dist.make_trainer(env, strategy=strategy, max_steps=100).fit(module, loader)
     """
 
-    def __init__(self, model: nn.Module, lr: float = 3e-3, weight_decay: float = 0.01, parallelize=None):
+    def __init__(self, model: nn.Module, lr: float = 3e-3, weight_decay: float = 0.01, parallelize=None,
+                 optimizer: str = "adamw"):
         super().__init__()
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adamw' or 'sgd'")
         self.model = model
         self.parallelize = parallelize
         self.save_hyperparameters(ignore=["model", "parallelize"])
@@ -83,4 +88,7 @@ class LitLanguageModel(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        h = self.hparams
+        if h.optimizer == "sgd":
+            return torch.optim.SGD(self.model.parameters(), lr=h.lr, momentum=0.9)
+        return torch.optim.AdamW(self.model.parameters(), lr=h.lr, weight_decay=h.weight_decay)

@@ -26,10 +26,10 @@ a ValueError naming the numbers. The tests run everything on 2 and 4 CPU ranks (
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import warnings
 
-import lightning as L
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
@@ -349,31 +349,10 @@ def dp_loader(dataset, batch_size: int, dp_size: int, dp_rank: int, shuffle: boo
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
 
 
-class LitTinyGPT(L.LightningModule):
-    """TinyGPT for Lightning's ModelParallelStrategy(data_parallel_size, tensor_parallel_size):
-    the strategy builds the 2D mesh (dimensions "data_parallel", "tensor_parallel") and calls
-    `configure_model`, where `apply_2d` splits the model; the optimizer is made afterwards, over
-    the split weights. SGD with momentum (exact comparisons) or AdamW."""
-
-    def __init__(self, model: TinyGPT, lr: float = 0.1, optimizer: str = "sgd", sequence_parallel: bool = False):
-        super().__init__()
-        if optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose 'sgd' or 'adamw'")
-        self.model, self.lr, self.optimizer_name, self.sequence_parallel = model, lr, optimizer, sequence_parallel
-
-    def configure_model(self):
-        apply_2d(self.model, self.device_mesh, dp_dim="data_parallel", tp_dim="tensor_parallel",
-                 sequence_parallel=self.sequence_parallel)
-
-    def training_step(self, batch, batch_idx):
-        from workshop.models import lm_loss
-
-        x, y = batch
-        loss = lm_loss(self.model(x), y)
-        self.log("train_loss", loss, on_step=True, on_epoch=False)
-        return loss
-
-    def configure_optimizers(self):
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW(self.model.parameters(), lr=self.lr)
-        return torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9)
+def lightning_2d(sequence_parallel: bool = False):
+    """The `parallelize` of `lit.LitLanguageModel` under Lightning's
+    ModelParallelStrategy(data_parallel_size, tensor_parallel_size): the strategy builds the 2D mesh
+    (dimensions "data_parallel", "tensor_parallel") and calls `configure_model`, where this applies
+    `apply_2d`; the optimizer is made afterwards, over the split weights."""
+    return functools.partial(apply_2d, dp_dim="data_parallel", tp_dim="tensor_parallel",
+                             sequence_parallel=sequence_parallel)

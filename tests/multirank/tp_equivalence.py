@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from workshop import data, dist, inference, models, tp
+from workshop import data, dist, inference, lit, models, tp
 
 STEPS, MICRO, SEQ, LR = 3, 4, 32, 0.1
 
@@ -135,7 +135,7 @@ if W == 4:
     mesh = tp.make_mesh(env, dp_size=2, tp_size=2)
     loader = tp.dp_loader(train_set, MICRO, mesh["dp"].size(), mesh["dp"].get_local_rank())
     add_state("train_2d", train(tp.apply_2d(fresh(), mesh), loader))
-    module = tp.LitTinyGPT(fresh(), lr=LR)
+    module = lit.LitLanguageModel(fresh(), lr=LR, optimizer="sgd", parallelize=tp.lightning_2d())
     trainer = dist.make_trainer(env, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2),
                                 max_steps=STEPS, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False,
