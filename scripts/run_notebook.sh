@@ -43,6 +43,9 @@
 #SBATCH --open-mode=append
 
 set -uo pipefail
+# SIGUSR1 may come at any moment, even before the ranks start: remember it until they run.
+usr1_early=""
+trap 'usr1_early=1' USR1
 
 usage() {
     sed -n '2,/^#SBATCH/p' "${BASH_SOURCE[0]}" | grep -v '^#SBATCH' | sed 's/^# \{0,1\}//'
@@ -95,6 +98,7 @@ interrupted=""
 on_usr1() {
     interrupted="SIGUSR1 at $(date +%H:%M:%S) (the time limit is near)"
     echo "$interrupted: asking the ranks to save a checkpoint and stop" >&2
+    touch "$run_dir/stop.requested"  # seen by a kernel that starts later, or missed the signal
     if [[ $launcher == srun ]]; then
         scancel --signal=USR1 "$SLURM_JOB_ID"  # every process of the job's steps, on every node; not this shell
     else
@@ -104,7 +108,9 @@ on_usr1() {
 trap '' USR1
 if [[ $launcher == srun ]]; then
     # --kill-on-bad-exit: when one rank fails the others are stopped instead of waiting forever.
-    srun --kill-on-bad-exit=1 --ntasks="$nranks" "$PYTHON" -m workshop.runner rank "$run_dir" "$notebook" "$@" &
+    # each task ignores USR1 from its first instruction (scancel signals every process of a step)
+    srun --kill-on-bad-exit=1 --ntasks="$nranks" bash -c 'trap "" USR1; exec "$@"' rank \
+        "$PYTHON" -m workshop.runner rank "$run_dir" "$notebook" "$@" &
 elif [[ $nranks -eq 1 ]]; then
     "$PYTHON" -m workshop.runner rank "$run_dir" "$notebook" "$@" &
 else
@@ -113,6 +119,7 @@ else
 fi
 launcher_pid=$!
 trap on_usr1 USR1
+[[ -n $usr1_early ]] && on_usr1
 # SIGTERM (scancel, or the time limit itself): stop the ranks and still write the record.
 trap 'interrupted=${interrupted:-SIGTERM (cancelled, or the time limit was reached)}; kill -TERM "$launcher_pid" 2>/dev/null' TERM
 while kill -0 "$launcher_pid" 2>/dev/null; do

@@ -164,20 +164,30 @@ class Checkpointer:
         return load(path, model, optimizer, model_name=self.model_name)
 
 
+STOP_FILE = "stop.requested"  # written into the run folder by scripts/run_notebook.sh on SIGUSR1
+
+
 class StopOnSignal:
     """Turns SIGUSR1 (or another signal) into a request to stop after the current step.
 
-    `requested()` is a collective when a process group exists: every rank learns whether any rank
-    was signalled, so all stop at the same step (call it at the same point on every rank)."""
+    The signal can come before this kernel is ready for it (SLURM's warning time is approximate),
+    so `scripts/run_notebook.sh` also leaves a file `stop.requested` in the run folder: either
+    one asks for the stop. `requested()` is a collective when a process group exists: every rank
+    learns whether any rank was asked, so all stop at the same step (call it at the same point on
+    every rank)."""
 
-    def __init__(self, signum: int = signal.SIGUSR1):
+    def __init__(self, signum: int = signal.SIGUSR1, run_dir: Path | None = None):
         self.signum, self.received = signum, False
+        run_dir = run_dir or os.environ.get("WORKSHOP_RUN_DIR")
+        self.stop_file = Path(run_dir) / STOP_FILE if run_dir else None
         signal.signal(signum, self._handler)  # the main thread: where notebook cells run
 
     def _handler(self, signum, frame) -> None:
         self.received = True
 
     def requested(self) -> bool:
+        if not self.received and self.stop_file is not None and self.stop_file.exists():
+            self.received = True
         if not (tdist.is_initialized() and tdist.get_world_size() > 1):
             return self.received
         device = get_env().device if tdist.get_backend() == "nccl" else "cpu"

@@ -17,6 +17,7 @@ cell, and which notebook to open.
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import json
 import os
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -99,10 +101,21 @@ def parameter_names(papermill_args: list[str]) -> list[str]:
 ACCEPTS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str, int, float)}
 
 
+def default_type(param: dict) -> str | None:
+    """The type of a parameter: its annotation, else its default's (a literal), else None."""
+    if param.get("inferred_type_name") in ACCEPTS:
+        return param["inferred_type_name"]
+    try:
+        value = ast.literal_eval(param.get("default", ""))
+    except (ValueError, SyntaxError):
+        return None
+    return type(value).__name__ if type(value).__name__ in ACCEPTS else None
+
+
 def check_types(notebook: Path, known: dict, given: dict) -> None:
     """Raise RunError for a value whose type the notebook's default does not have."""
     for name, value in given.items():
-        expected = known[name].get("inferred_type_name")
+        expected = default_type(known[name])
         accepted = ACCEPTS.get(expected)
         if accepted is None or value is None:
             continue
@@ -200,12 +213,12 @@ def new_run_dir(notebook: Path, root: Path | None = None) -> Path:
     mode = folder_mode()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if not os.access(root, os.W_OK | os.X_OK):
-            raise PermissionError(f"permission denied: {root}")
-    except OSError as err:
-        raise RunError(f"the runs folder {root} is not writable ({err.strerror or err}): set WORKSHOP_RUNS to a folder "
-                       "you can write (e.g. export WORKSHOP_RUNS=$HOME/runs, or one on the project's scratch file system)"
-                       ) from None
+        writable = os.access(root, os.W_OK | os.X_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        raise RunError(f"the runs folder {root} is not writable: set WORKSHOP_RUNS to a folder you can write "
+                       "(e.g. export WORKSHOP_RUNS=$HOME/runs, or one on the project's scratch file system)")
     job = os.environ.get("SLURM_JOB_ID")
     stem = f"{'job' + job if job else datetime.now().strftime('%Y%m%d-%H%M%S')}-{notebook.stem}"
     for i in range(1, 1000):
@@ -270,7 +283,7 @@ def reuse_run_dir(run: Path, notebook: Path, papermill_args: list[str]) -> Path:
         raise RunError(f"{display_path(run)} finished already (record.json says ok): nothing to resume")
     attempt = run / f"attempt{len(list(run.glob('attempt*'))) + 1}"
     attempt.mkdir(mode=0o700)
-    for name in (f"{notebook.stem}.ipynb", "ranks", "logs", "record.json"):
+    for name in (f"{notebook.stem}.ipynb", "ranks", "logs", "record.json", "stop.requested"):
         if (run / name).exists():
             (run / name).rename(attempt / name)
     meta["attempts"] = meta.get("attempts", 1) + 1
@@ -319,16 +332,27 @@ def output_notebook(run: Path, notebook: Path, rank: int) -> Path:
     return run / f"{notebook.stem}.ipynb" if rank == 0 else run / "ranks" / f"{notebook.stem}.rank{rank}.ipynb"
 
 
-def failed_cell(executed: Path) -> dict:
-    """Where an executed notebook stopped: the first cell with an error output."""
+def failed_cell(executed: Path, log: Path | None = None) -> dict:
+    """Where an executed notebook stopped: the first cell with an error output; or, when the
+    kernel died (killed, out of memory, os._exit), the last cell that started."""
     try:
         nb = json.loads(executed.read_text())
     except (OSError, ValueError):
         return {}
+    last = None
     for cell in nb.get("cells", []):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":  # "In [N]" is how Jupyter labels the cell
                 return {"cell": f"In [{cell.get('execution_count')}]", "error": f"{out.get('ename')}: {out.get('evalue')}"}
+        if cell.get("execution_count"):
+            last = cell
+    try:
+        died = log is not None and "DeadKernelError" in log.read_text(errors="replace")
+    except OSError:
+        died = False
+    if died and last is not None:
+        return {"cell": f"In [{last['execution_count']}]",
+                "error": "the kernel died (killed by a signal, out of memory, or exited)"}
     return {}
 
 
@@ -387,11 +411,12 @@ def run_rank(run: Path, notebook: str, papermill_args: list[str]) -> int:
         rc = proc.wait()
     shutil.rmtree(tmp, ignore_errors=True)
     status = {"rank": rank, "node": node, "returncode": rc, "notebook": str(out), "log": str(log),
-              "started": started, "ended": datetime.now().astimezone().isoformat(timespec="seconds")}
+              "started": started, "ended": datetime.now().astimezone().isoformat(timespec="seconds"),
+              "ended_s": time.time()}
     if stopped:
         status.update(stopped_by=stopped[0], error=f"stopped by {stopped[0]} (another rank failed, or the job was cancelled)")
     if rc != 0:
-        status.update(failed_cell(out))
+        status.update(failed_cell(out, log))
         where = f"cell {status['cell']} ({status['error']})" if "cell" in status else "before any cell ran"
         print(f"rank {rank} on {node} failed in {where}: open {out} (log: {log})", file=sys.stderr, flush=True)
     atomic_write_text(run / "logs" / f"rank{rank}.status.json", json.dumps(status, indent=2) + "\n")
@@ -419,8 +444,6 @@ def descendants(pid: int) -> list[int]:
 
 def terminate_tree(pid: int, grace_s: float = 5.0) -> None:
     """SIGTERM every process below `pid`, then SIGKILL what is left after `grace_s`."""
-    import time
-
     procs = descendants(pid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in procs:
@@ -477,7 +500,7 @@ def collect(run: Path, launcher_rc: int, interrupted: str | None = None) -> int:
         for line in reason:
             print(f"  {line}", file=sys.stderr)
         return INTERRUPTED
-    problems = []
+    problems, failed = [], []
     for rank in range(meta["nranks"]):
         path = run / "logs" / f"rank{rank}.status.json"
         if not path.exists():
@@ -486,13 +509,18 @@ def collect(run: Path, launcher_rc: int, interrupted: str | None = None) -> int:
             continue
         st = json.loads(path.read_text())
         if st["returncode"] != 0:
-            if "cell" in st:
-                where = f"failed in cell {st['cell']} ({st['error']})"
-            elif "stopped_by" in st:
-                where = f"was {st['error']}"
-            else:
-                where = "failed before any cell ran"
-            problems.append(f"rank {rank} on {st['node']} {where}: open {st['notebook']}")
+            failed.append(st)
+    # the rank that failed first is the cause; the others mostly failed because it had gone
+    failed.sort(key=lambda st: st.get("ended_s", 0))
+    for i, st in enumerate(failed):
+        if "cell" in st:
+            where = f"failed in cell {st['cell']} ({st['error']})"
+        elif "stopped_by" in st:
+            where = f"was {st['error']}"
+        else:
+            where = "failed before any cell ran"
+        first = " first" if i == 0 and len(failed) > 1 else ""
+        problems.append(f"rank {st['rank']} on {st['node']}{first} {where}: open {st['notebook']}")
     if launcher_rc != 0 and not problems:
         problems.append(f"the launcher exited with {launcher_rc}: see {run / 'logs'}")
     if problems and not record.exists():  # a failed run is recorded as failed, never dropped
