@@ -29,7 +29,8 @@ FAIL = "tests/notebooks/fail_on_rank.ipynb"
 RESUME = "tests/notebooks/resume_training.ipynb"
 NB01 = "notebooks/01_baseline.ipynb"
 NB03 = "notebooks/03_task_parallelism.ipynb"
-TINY03 = ["-p", "lrs", "0.1,0.3", "-p", "steps", "2", "-p", "num_train", "64", "-p", "num_test", "32", "-p", "dataset", "synthetic"]
+TINY03 = ["-p", "lrs", "0.1,0.3", "-p", "steps", "2", "-p", "num_train", "64", "-p", "num_test", "32",
+          "-p", "dataset", "synthetic"]
 
 
 @dataclass
@@ -110,7 +111,7 @@ CASES = [
          "error: notebook {tmp}/unreadable.ipynb cannot be read (permission denied): check its permissions (ls -l) "
          "or copy it somewhere you can read", setup=_unreadable_notebook, unprivileged=True),
     Case("a corrupt notebook (not JSON)", ["{tmp}/corrupt.ipynb"], 2,
-         "error: {tmp}/corrupt.ipynb is not a valid notebook (JSONDecodeError: ", setup=_corrupt_notebook),
+         "error: {tmp}/corrupt.ipynb is not a valid notebook (JSONDecodeError:", setup=_corrupt_notebook),
     Case("an unknown parameter", [FAIL, "-p", "learning_rate", "0.1"], 2,
          "error: fail_on_rank.ipynb has no parameter 'learning_rate'. Its parameters:"),
     Case("an unknown parameter in YAML", [FAIL, "-y", "{stepz: 2}"], 2,
