@@ -169,7 +169,7 @@ CASES = [
          setup=_run_folder("ok", [])),
     Case("a checkpoint from another model", [RESUME, "-p", "steps", "8", "-p", "checkpoint_dir", "{tmp}/ckpt"], 1,
          "(CheckpointMismatch: checkpoint {tmp}/ckpt/step5.pt is of model 'linear' (Linear, 12 parameters), not of "
-         "this model 'tinygpt-resume-test' (TinyGPT, ", setup=_other_models_checkpoint),
+         "this model 'tinygpt-resume-test' (TinyGPT,", setup=_other_models_checkpoint),
     Case("a job array index outside the sweep grid", ["--nproc", "1", NB03, *TINY03], 1,
          "(SweepError: the job array goes up to index 2, but the grid has 2 configurations (indices 0 to 1): task "
          "indices outside the grid would train nothing or repeat a configuration; ask for 2 tasks (--array=0-1, "
