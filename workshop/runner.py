@@ -249,17 +249,18 @@ def safe_environment(environ=None) -> dict:
 
 def requeued_run(notebook: Path, root: Path | None = None) -> Path | None:
     """A requeued SLURM job (SLURM_RESTART_COUNT > 0; it keeps its id) continues in the run folder
-    that its previous start left interrupted: the newest job<id>-<notebook>* with such a record."""
+    that its previous start left unfinished: the newest job<id>-<notebook>* not recorded ok."""
     job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
     if not job or not restarts.isdigit() or int(restarts) == 0:
         return None
     root = root or runs_root()
     for run in sorted(root.glob(f"job{job}-{notebook.stem}*"), key=lambda p: p.stat().st_mtime, reverse=True):
-        try:
-            if json.loads((run / "record.json").read_text()).get("status") == "interrupted":
+        record = run / "record.json"
+        try:  # interrupted, failed, or killed before it could write a record (a node failed)
+            if not record.exists() or json.loads(record.read_text()).get("status") != "ok":
                 return run
         except (OSError, ValueError):
-            continue
+            return run
     return None
 
 
