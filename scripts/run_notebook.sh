@@ -21,6 +21,16 @@
 #   scripts/run_notebook.sh notebooks/01_baseline.ipynb                  # one process
 #   scripts/run_notebook.sh --nproc 2 notebooks/05_ddp.ipynb -p epochs 1 # 2 local ranks
 #
+# Time limits: ask SLURM to warn the job before its limit and to let it requeue itself,
+#   sbatch --signal=B:USR1@120 --requeue ... scripts/run_notebook.sh NOTEBOOK ...
+#   SLURM sends SIGUSR1 to this script 120 s before the limit (B: to the batch shell only). The
+#   script forwards it to every rank; a notebook that trains with workshop.checkpoint saves a
+#   checkpoint and stops; the script records the run as interrupted and requeues the job
+#   (scontrol requeue). The requeued job keeps its id and continues in the same run folder,
+#   job<id>-<notebook>, from the checkpoint; each earlier attempt's notebooks and logs move to
+#   attempt<k>/. Locally, `kill -USR1 <this script's pid>` does the same, without the requeue;
+#   resume by hand with --resume RUN_DIR and the same notebook, ranks and parameters.
+#
 # Papermill options pass through: -p NAME VALUE, -r NAME VALUE, -f FILE.yaml, -y YAML, -k KERNEL.
 # Each run gets a folder of its own, runs/<job id or time>-<notebook>/: rank 0's executed notebook,
 # the other ranks' under ranks/, logs/ (one log and status per rank), record.json. The exit
@@ -30,8 +40,12 @@
 #SBATCH --job-name=workshop
 #SBATCH --time=00:30:00
 #SBATCH --output=runs/slurm-%j.out
+#SBATCH --open-mode=append
 
 set -uo pipefail
+# SIGUSR1 may come at any moment, even before the ranks start: remember it until they run.
+usr1_early=""
+trap 'usr1_early=1' USR1
 
 usage() {
     sed -n '2,/^#SBATCH/p' "${BASH_SOURCE[0]}" | grep -v '^#SBATCH' | sed 's/^# \{0,1\}//'
@@ -39,11 +53,13 @@ usage() {
 
 PYTHON=${WORKSHOP_PYTHON:-python3}
 nproc=""
+resume=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h|--help) usage; exit 0 ;;
         --nproc) [[ $# -ge 2 ]] || { echo "error: --nproc needs a number" >&2; exit 2; }; nproc=$2; shift 2 ;;
         --nproc=*) nproc=${1#--nproc=}; shift ;;
+        --resume) [[ $# -ge 2 ]] || { echo "error: --resume needs a run folder" >&2; exit 2; }; resume=(--resume "$2"); shift 2 ;;
         *) break ;;
     esac
 done
@@ -70,20 +86,54 @@ else
 fi
 
 # Refuse bad input (missing notebook, unknown parameter, bad rank count) before anything runs.
-run_dir=$("$PYTHON" -m workshop.runner prepare --nranks "$nranks" "$notebook" "$@") || exit $?
-echo "run folder: $run_dir ($nranks rank(s) via $launcher)"
+# A requeued job (same id, SLURM_RESTART_COUNT > 0) continues in its interrupted run folder.
+run_dir=$("$PYTHON" -m workshop.runner prepare --nranks "$nranks" "${resume[@]}" "$notebook" "$@") || exit $?
+echo "run folder: $run_dir ($nranks rank(s) via $launcher${SLURM_RESTART_COUNT:+, restart $SLURM_RESTART_COUNT})"
 
+# SIGUSR1 (sbatch --signal=B:USR1@N, or kill -USR1): forward it to every rank, whose kernel saves
+# a checkpoint and stops. The launcher starts with USR1 ignored, so only a kernel that installed
+# a handler (workshop.checkpoint.StopOnSignal) reacts; it runs in the background so that the
+# trap runs at once instead of after the launcher ends.
+interrupted=""
+on_usr1() {
+    interrupted="SIGUSR1 at $(date +%H:%M:%S) (the time limit is near)"
+    echo "$interrupted: asking the ranks to save a checkpoint and stop" >&2
+    touch "$run_dir/stop.requested"  # seen by a kernel that starts later, or missed the signal
+    if [[ $launcher == srun ]]; then
+        scancel --signal=USR1 "$SLURM_JOB_ID"  # every process of the job's steps, on every node; not this shell
+    else
+        "$PYTHON" -m workshop.runner forward-signal "$launcher_pid" USR1
+    fi
+}
+trap '' USR1
 if [[ $launcher == srun ]]; then
     # --kill-on-bad-exit: when one rank fails the others are stopped instead of waiting forever.
-    srun --kill-on-bad-exit=1 --ntasks="$nranks" "$PYTHON" -m workshop.runner rank "$run_dir" "$notebook" "$@"
-    rc=$?
+    # each task ignores USR1 from its first instruction (scancel signals every process of a step)
+    srun --kill-on-bad-exit=1 --ntasks="$nranks" bash -c 'trap "" USR1; exec "$@"' rank \
+        "$PYTHON" -m workshop.runner rank "$run_dir" "$notebook" "$@" &
 elif [[ $nranks -eq 1 ]]; then
-    "$PYTHON" -m workshop.runner rank "$run_dir" "$notebook" "$@"
-    rc=$?
+    "$PYTHON" -m workshop.runner rank "$run_dir" "$notebook" "$@" &
 else
     "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$nranks" --no-python \
-        "$PYTHON" -m workshop.runner rank "$run_dir" "$notebook" "$@"
-    rc=$?
+        "$PYTHON" -m workshop.runner rank "$run_dir" "$notebook" "$@" &
 fi
+launcher_pid=$!
+trap on_usr1 USR1
+[[ -n $usr1_early ]] && on_usr1
+# SIGTERM (scancel, or the time limit itself): stop the ranks and still write the record.
+trap 'interrupted=${interrupted:-SIGTERM (cancelled, or the time limit was reached)}; kill -TERM "$launcher_pid" 2>/dev/null' TERM
+while kill -0 "$launcher_pid" 2>/dev/null; do
+    wait "$launcher_pid"  # returns early when a trapped signal arrives; then wait again
+done
+wait "$launcher_pid"
+rc=$?
+trap '' USR1
 
-"$PYTHON" -m workshop.runner collect "$run_dir" "$rc"
+"$PYTHON" -m workshop.runner collect "$run_dir" "$rc" ${interrupted:+--interrupted "$interrupted"}
+status=$?
+if [[ $status -eq 3 && $interrupted == SIGUSR1* && -n ${SLURM_JOB_ID:-} && $launcher == srun ]]; then
+    echo "requeueing job $SLURM_JOB_ID: its next start resumes in $run_dir" >&2
+    scontrol requeue "$SLURM_JOB_ID" && exit 0  # this script is ended by the requeue
+    echo "scontrol requeue failed (submit with --requeue?): resume with sbatch ... scripts/run_notebook.sh --resume $run_dir $notebook $*" >&2
+fi
+exit $status

@@ -34,11 +34,11 @@ def test_notebook_01_on_local_ranks(runs, nproc):
 
 @pytest.mark.multirank
 def test_a_failing_rank_fails_the_run_and_names_rank_cell_and_notebook(runs):
-    # cells In [1] parameters, [2] papermill's injected parameters, [3] setup, [4] all-reduces, [5] raises
+    # cells In [1] parameters, [2] papermill's injected parameters, [3] setup, [4] the steps (rank 1 raises)
     out = run_notebook("--nproc", 2, FAIL, "-p", "fail_rank", "1", timeout=180)
     assert out.returncode != 0
     run = only_run(runs)
-    assert "rank 1" in out.stderr and "cell In [5]" in out.stderr and "fails on purpose" in out.stderr
+    assert "rank 1" in out.stderr and "cell In [4]" in out.stderr and "fails on purpose" in out.stderr
     assert str(run / "ranks" / "fail_on_rank.rank1.ipynb") in out.stderr
     record = json.loads((run / "record.json").read_text())
     assert record["status"] == "failed" and any("rank 1" in r for r in record["reason"])

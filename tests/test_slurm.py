@@ -44,7 +44,7 @@ def test_a_failing_rank_fails_the_job(slurm, runs):
     rc, job, log = sbatch(runs, "--nodes=2", "--ntasks-per-node=1", "scripts/run_notebook.sh",
                           "tests/notebooks/fail_on_rank.ipynb", "-p", "fail_rank", "1", timeout=300)
     assert rc != 0
-    assert "rank 1 on n2 failed in cell In [5]" in log and "fails on purpose" in log
+    assert "rank 1 on n2 failed in cell In [4]" in log and "fails on purpose" in log
     record = json.loads((runs / f"job{job}-fail_on_rank" / "record.json").read_text())
     assert record["status"] == "failed"
     (REPO / "runs" / f"slurm-{job}.out").unlink()

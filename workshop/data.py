@@ -110,12 +110,27 @@ class ImageTensors(Dataset):
         return x, self.labels[i]
 
 
+def check_cifar10(root: Path | None = None) -> Path:
+    """The staged CIFAR-10 folder, after checking every file is there and whole (MD5 sums as
+    published with the set); FileNotFoundError saying how to stage it otherwise."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    root = Path(root) if root is not None else data_root()
+    folder = root / CIFAR10.base_folder
+    if not folder.is_dir():
+        raise FileNotFoundError(f"CIFAR-10 is not staged: {display_path(folder)} does not exist; {STAGE_HINT}")
+    bad = [name for name, md5 in CIFAR10.train_list + CIFAR10.test_list if not check_integrity(str(folder / name), md5)]
+    if bad:
+        raise FileNotFoundError(f"CIFAR-10 in {display_path(folder)} is incomplete or corrupt ({', '.join(bad)} missing or "
+                                f"with a wrong checksum): delete the folder and stage it again; {STAGE_HINT}")
+    return folder
+
+
 def _cifar10(root: Path, augment: bool):
     import torchvision
 
-    folder = root / "cifar-10-batches-py"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"CIFAR-10 is not staged: {folder} does not exist; {STAGE_HINT}")
+    folder = check_cifar10(root)
     sets = []
     for train in (True, False):
         ds = torchvision.datasets.CIFAR10(str(root), train=train, download=False)

@@ -95,7 +95,9 @@ def run_dir(notebook: str, env: DistEnv | None = None) -> Path:
         path = runs_root() / f"{notebook}-{tag}"
         if env.is_main and path.exists() and not env.is_distributed:
             path = Path(tempfile.mkdtemp(prefix=path.name + "-", dir=path.parent))
-    path.mkdir(parents=True, exist_ok=True)
+    if not path.exists():  # readable by its owner only, unless $WORKSHOP_RUNS_MODE says otherwise
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(int(os.environ.get("WORKSHOP_RUNS_MODE", "700"), 8))
     return path
 
 

@@ -1,0 +1,234 @@
+"""Bad input: each case, its exact error message and exit status, as in the README's Troubleshooting.
+
+One table, CASES: append a case to add one. A case runs `scripts/run_notebook.sh` with its
+arguments and environment (after its `setup` made what it needs in a temporary folder) and expects
+the exit status and, in stderr, the message with {tmp} (the temporary folder) and {repo} filled in.
+Exit status 2: refused before anything runs, and nothing is written under the runs folder.
+Exit status 1: the notebook started and failed in a cell, which the message names.
+`test_the_readme_lists_every_case` keeps the README's table and this one the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from conftest import REPO, RUN_NOTEBOOK
+
+FAIL = "tests/notebooks/fail_on_rank.ipynb"
+RESUME = "tests/notebooks/resume_training.ipynb"
+NB01 = "notebooks/01_baseline.ipynb"
+NB03 = "notebooks/03_task_parallelism.ipynb"
+TINY03 = ["-p", "lrs", "0.1,0.3", "-p", "steps", "2", "-p", "num_train", "64", "-p", "num_test", "32",
+          "-p", "dataset", "synthetic"]
+
+
+@dataclass
+class Case:
+    name: str  # what is wrong, as the README's table says it
+    args: list[str]  # run_notebook.sh's arguments; {tmp} is the case's temporary folder
+    code: int  # the exit status
+    message: str  # a line of stderr (or the start of one), {tmp} and {repo} filled in
+    env: dict = field(default_factory=dict)  # added to the environment; {tmp} filled in
+    setup: Callable[[Path], None] | None = None  # makes what the case needs under tmp
+    unprivileged: bool = False  # needs permission checks that root skips (run without root's override)
+    skip: Callable[[], str] | None = None  # a reason to skip here, or ""
+
+
+def _unreadable_notebook(tmp: Path) -> None:
+    shutil.copy(REPO / FAIL, tmp / "unreadable.ipynb")
+    (tmp / "unreadable.ipynb").chmod(0)
+
+
+def _corrupt_notebook(tmp: Path) -> None:
+    (tmp / "corrupt.ipynb").write_text('{"cells": [')  # cut off mid-write
+
+
+def _plain_notebook(tmp: Path) -> None:
+    nb = json.loads((REPO / FAIL).read_text())
+    for cell in nb["cells"]:
+        cell["metadata"].pop("tags", None)
+    (tmp / "plain.ipynb").write_text(json.dumps(nb))
+
+
+def _read_only_runs(tmp: Path) -> None:
+    (tmp / "ro").mkdir()
+    (tmp / "ro").chmod(0o555)
+
+
+def _empty_data(tmp: Path) -> None:
+    (tmp / "data").mkdir()
+
+
+def _corrupt_cifar(tmp: Path) -> None:
+    folder = tmp / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        (folder / name).write_bytes(b"\0" * 1000)  # a download cut short
+
+
+def _fake_python(tmp: Path) -> None:
+    (tmp / "python").write_text("#!/bin/sh\nexit 1\n")
+    (tmp / "python").chmod(0o755)
+
+
+def _run_folder(status: str, args: list[str]) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        run = tmp / "runs" / "earlier-fail_on_rank"
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"notebook": str(REPO / FAIL), "nranks": 1, "papermill_args": args}))
+        (run / "record.json").write_text(json.dumps({"status": status}))
+    return setup
+
+
+def _other_models_checkpoint(tmp: Path) -> None:
+    from workshop import checkpoint
+
+    checkpoint.save(tmp / "ckpt" / "step5.pt", torch.nn.Linear(3, 3), None, 5, model_name="linear")
+
+
+def _no_gpu_here() -> str:
+    return "this machine has a GPU" if torch.cuda.is_available() else ""
+
+
+CASES = [
+    Case("no notebook given", [], 2, "error: no notebook given"),
+    Case("a notebook that does not exist", ["notebooks/99_missing.ipynb"], 2,
+         "error: notebook {repo}/notebooks/99_missing.ipynb does not exist (notebooks are under notebooks/, "
+         "e.g. notebooks/01_baseline.ipynb)"),
+    Case("a file that is not a notebook", ["README.md"], 2, "error: {repo}/README.md is not a notebook (.ipynb)"),
+    Case("a notebook that cannot be read", ["{tmp}/unreadable.ipynb"], 2,
+         "error: notebook {tmp}/unreadable.ipynb cannot be read (permission denied): check its permissions (ls -l) "
+         "or copy it somewhere you can read", setup=_unreadable_notebook, unprivileged=True),
+    Case("a corrupt notebook (not JSON)", ["{tmp}/corrupt.ipynb"], 2,
+         "error: {tmp}/corrupt.ipynb is not a valid notebook (JSONDecodeError:", setup=_corrupt_notebook),
+    Case("an unknown parameter", [FAIL, "-p", "learning_rate", "0.1"], 2,
+         "error: fail_on_rank.ipynb has no parameter 'learning_rate'. Its parameters:"),
+    Case("an unknown parameter in YAML", [FAIL, "-y", "{stepz: 2}"], 2,
+         "error: fail_on_rank.ipynb has no parameter 'stepz'. Its parameters:"),
+    Case("a parameter of the wrong type", [FAIL, "-p", "steps", "three"], 2,
+         "error: parameter steps of fail_on_rank.ipynb is an int (default 3), got 'three' (str): pass a value of that "
+         "type, e.g. -p steps 3"),
+    Case("a parameters file that does not exist", [FAIL, "-f", "nope.yaml"], 2,
+         "error: parameters file nope.yaml does not exist"),
+    Case("a notebook that is not parameterised", ["{tmp}/plain.ipynb", "-p", "steps", "2"], 2,
+         "error: plain.ipynb is not parameterised (no cell tagged 'parameters'), so steps cannot be set: tag the cell "
+         "of defaults 'parameters' (JupyterLab: property inspector, cell tags), or run it without -p/-f/-y",
+         setup=_plain_notebook),
+    Case("--nproc zero", ["--nproc", "0", FAIL], 2,
+         "error: the number of ranks must be a positive integer, got '0' (e.g. --nproc 2)"),
+    Case("--nproc not a number", ["--nproc", "two", FAIL], 2,
+         "error: the number of ranks must be a positive integer, got 'two' (e.g. --nproc 2)"),
+    Case("an interpreter without the workshop package", [FAIL], 2,
+         "error: {tmp}/python cannot import the workshop package and papermill: activate the workshop environment "
+         "(conda activate workshop, or source .venv/bin/activate), or set WORKSHOP_PYTHON",
+         env={"WORKSHOP_PYTHON": "{tmp}/python"}, setup=_fake_python),
+    Case("GPU parameters on a machine with no GPU", [NB01, "-f", "notebooks/params/gpu.yaml"], 2,
+         "error: notebooks/params/gpu.yaml holds GPU-sized parameters and this machine has no GPU: drop -f to run the "
+         "CPU defaults, or submit to a GPU partition (sbatch --gpus-per-node=1 ...); WORKSHOP_ALLOW_CPU=1 runs them "
+         "on CPU anyway", skip=_no_gpu_here),
+    Case("NCCL asked for on CPU", [FAIL], 2,
+         "error: WORKSHOP_BACKEND=nccl but this machine has no GPU: NCCL needs CUDA; unset WORKSHOP_BACKEND (gloo is "
+         "used on CPU) or run on a GPU node", env={"WORKSHOP_BACKEND": "nccl"}, skip=_no_gpu_here),
+    Case("an unknown backend", [FAIL], 2,
+         "error: WORKSHOP_BACKEND=mpi: use nccl (GPUs) or gloo (CPU), or unset it to let the device decide",
+         env={"WORKSHOP_BACKEND": "mpi"}),
+    Case("a data set asked for but not staged", [NB01, "-p", "dataset", "cifar10"], 2,
+         "error: CIFAR-10 is not staged: {tmp}/data/cifar-10-batches-py does not exist; stage it on a machine with "
+         "internet (a login node): `scripts/stage_data.sh cifar10 DIR`, then `export WORKSHOP_DATA=DIR` (or pass "
+         "dataset='synthetic' to run without it)", env={"WORKSHOP_DATA": "{tmp}/data"}, setup=_empty_data),
+    Case("a corrupt staged data set", [NB01, "-p", "dataset", "cifar10"], 2,
+         "error: CIFAR-10 in {tmp}/data/cifar-10-batches-py is incomplete or corrupt (data_batch_1, data_batch_2, "
+         "data_batch_3, data_batch_4, data_batch_5, test_batch missing or with a wrong checksum): delete the folder "
+         "and stage it again; stage it on a machine with internet", env={"WORKSHOP_DATA": "{tmp}/data"},
+         setup=_corrupt_cifar),
+    Case("a runs folder that is not writable", [FAIL], 2,
+         "error: the runs folder {tmp}/ro is not writable: set WORKSHOP_RUNS to a folder you can write (e.g. export "
+         "WORKSHOP_RUNS=$HOME/runs, or one on the project's scratch file system)",
+         env={"WORKSHOP_RUNS": "{tmp}/ro"}, setup=_read_only_runs, unprivileged=True),
+    Case("a run-folder mode that is not octal", [FAIL], 2,
+         "error: WORKSHOP_RUNS_MODE=rw: is not an octal mode the owner can use: give three octal digits starting "
+         "with 7, e.g. 700 (only you) or 750 (your group may read)", env={"WORKSHOP_RUNS_MODE": "rw:"}),
+    Case("--resume of a folder that does not exist", ["--resume", "{tmp}/nope", FAIL], 2,
+         "error: --resume {tmp}/nope: no such run folder"),
+    Case("--resume with other parameters", ["--resume", "{tmp}/runs/earlier-fail_on_rank", FAIL, "-p", "steps", "5"], 2,
+         "error: {tmp}/runs/earlier-fail_on_rank was started with the parameters -p steps 2, not -p steps 5: resume "
+         "with the same ones, or start a new run", setup=_run_folder("interrupted", ["-p", "steps", "2"])),
+    Case("--resume of a run that finished", ["--resume", "{tmp}/runs/earlier-fail_on_rank", FAIL], 2,
+         "error: {tmp}/runs/earlier-fail_on_rank finished already (record.json says ok): nothing to resume",
+         setup=_run_folder("ok", [])),
+    Case("a checkpoint from another model", [RESUME, "-p", "steps", "8", "-p", "checkpoint_dir", "{tmp}/ckpt"], 1,
+         "(CheckpointMismatch: checkpoint {tmp}/ckpt/step5.pt is of model 'linear' (Linear, 12 parameters), not of "
+         "this model 'tinygpt-resume-test' (TinyGPT,", setup=_other_models_checkpoint),
+    Case("a job array index outside the sweep grid", ["--nproc", "1", NB03, *TINY03], 1,
+         "(SweepError: the job array goes up to index 2, but the grid has 2 configurations (indices 0 to 1): task "
+         "indices outside the grid would train nothing or repeat a configuration; ask for 2 tasks (--array=0-1, "
+         "--ntasks=2, --nproc 2) or change the grid)",
+         env={"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_MAX": "2",
+              "SLURM_ARRAY_JOB_ID": "777"}),
+]
+
+
+def _fill(text: str, tmp: Path) -> str:
+    return text.replace("{tmp}", str(tmp)).replace("{repo}", str(REPO))
+
+
+def _without_root_override() -> list[str]:
+    """root reads and writes whatever the permissions say; drop that power for permission cases."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: permission checks cannot be shown")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, tmp_path):
+    if case.skip and case.skip():
+        pytest.skip(case.skip())
+    tmp = tmp_path
+    if case.setup:
+        case.setup(tmp)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WORKSHOP_"))}
+    env.update(WORKSHOP_PYTHON=sys.executable, WORKSHOP_RUNS=str(tmp / "runs"), WORKSHOP_DATA=str(tmp / "no-data"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.update({k: _fill(v, tmp) for k, v in case.env.items()})
+    before = sorted(p.name for p in (tmp / "runs").iterdir()) if (tmp / "runs").is_dir() else []
+    prefix = _without_root_override() if case.unprivileged else []
+    out = subprocess.run([*prefix, "bash", str(RUN_NOTEBOOK), *(_fill(a, tmp) for a in case.args)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == case.code, out.stderr[-3000:]
+    assert _fill(case.message, tmp) in out.stderr, out.stderr[-3000:]
+    if case.code == 2:  # refused before anything ran: no run folder was made
+        after = sorted(p.name for p in (tmp / "runs").iterdir()) if (tmp / "runs").is_dir() else []
+        assert after == before
+
+
+def readme_row(case: Case) -> str:
+    """The case's message as the README shows it: placeholders as <tmp>, <repo>."""
+    return case.message.replace("{tmp}", "<tmp>").replace("{repo}", "<repo>")
+
+
+def test_the_readme_lists_every_case():
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Troubleshooting"):]
+    section = section[:section.find("\n## ", 3) if "\n## " in section[3:] else len(section)]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| #")]
+    for case in CASES:
+        matching = [r for r in rows if f"| {case.name} |" in r]
+        assert matching, f"README's Troubleshooting table has no row for {case.name!r}"
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", matching[0])[1:-1]]
+        assert cells[-2] == str(case.code), (case.name, cells)
+        assert cells[-1].strip("`").strip().replace("\\|", "|") == readme_row(case), (case.name, cells[-1])
+    assert len(CASES) >= 15
