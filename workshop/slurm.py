@@ -220,7 +220,8 @@ def open_result(job, quiet: bool = False) -> Result:
     result = Result(run, run / f"{stem}.ipynb", record)
     if not quiet:
         print(f"job {_job_id(job)}: {display_path(run)}")
-        print(f"  executed notebook: {display_path(result.notebook)}" + ("" if result.notebook.is_file() else " (not written yet)"))
+        missing = "" if result.notebook.is_file() else " (not written yet)"
+        print(f"  executed notebook: {display_path(result.notebook)}{missing}")
         if not record:
             print("  record:            none yet" + ("" if status(job) in ACTIVE else f" (see runs/slurm-{_job_id(job)}.out)"))
         else:
