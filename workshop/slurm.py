@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -99,12 +100,13 @@ def job_environment() -> dict:
 
 def sbatch_command(notebook: Path, *, nodes: int = 1, ntasks_per_node: int = 1, gpus_per_node: int = 0,
                    time: str | None = None, params: dict | None = None, partition: str | None = None,
-                   extra: tuple | list = ()) -> list[str]:
-    """The sbatch command line that `submit` runs (printed by it, to be copied into a shell)."""
+                   extra: tuple | list = (), parsable: bool = True) -> list[str]:
+    """The sbatch command line that `submit` runs, from the repository's root (`--parsable`: sbatch
+    answers with the job id alone)."""
     for name, value, least in (("nodes", nodes, 1), ("ntasks_per_node", ntasks_per_node, 1), ("gpus_per_node", gpus_per_node, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise SlurmError(f"{name} must be a whole number >= {least}, got {value!r}")
-    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={ntasks_per_node}"]
+    cmd = ["sbatch", *(["--parsable"] if parsable else []), f"--nodes={nodes}", f"--ntasks-per-node={ntasks_per_node}"]
     if gpus_per_node:
         cmd.append(f"--gpus-per-node={gpus_per_node}")
     if time:
@@ -119,22 +121,33 @@ def sbatch_command(notebook: Path, *, nodes: int = 1, ntasks_per_node: int = 1, 
     return cmd + [str(SCRIPT.relative_to(REPO)), nb, *papermill_args(params)]
 
 
+def shell_command(notebook: str | os.PathLike, **kwargs) -> str:
+    """What `submit(notebook, **kwargs)` runs, as a line for a shell in the repository's root."""
+    return shlex.join(sbatch_command(find_notebook(notebook), parsable=False, **kwargs))
+
+
 def submit(notebook: str | os.PathLike, nodes: int = 1, ntasks_per_node: int = 1, gpus_per_node: int = 0,
            time: str | None = None, params: dict | None = None, partition: str | None = None,
            extra: tuple | list = (), quiet: bool = False) -> Submitted:
     """Submit `notebook` as nodes x ntasks_per_node ranks (one GPU each with gpus_per_node =
     ntasks_per_node), with papermill parameters `params`; `extra` are more sbatch options
     ("--account=ACCOUNT", "--cpus-per-task=8"). Submitted from the repository's root, so the job's
-    output lands in runs/slurm-<id>.out. Returns the job id and the run folder it will write."""
+    output lands in runs/slurm-<id>.out. Returns the job id and the run folder it will write.
+    A notebook with a `submit` parameter gets `submit=False` unless `params` says otherwise: the job
+    runs the notebook as saved, and it must not submit itself again."""
     _need("sbatch")
     nb = find_notebook(notebook)
+    import papermill
+
     from workshop.runner import RunError, check_notebook
 
-    args = papermill_args(params)
+    params = dict(params or {})
     try:
-        check_notebook(nb, args)  # a parameter the notebook lacks is refused here, not after the queue
+        check_notebook(nb, papermill_args(params))  # a parameter the notebook lacks is refused here, not after the queue
     except RunError as err:
         raise SlurmError(str(err)) from None
+    if "submit" in papermill.inspect_notebook(str(nb)):
+        params.setdefault("submit", False)  # the job runs the notebook as saved, maybe with submit = True: not again
     cmd = sbatch_command(nb, nodes=nodes, ntasks_per_node=ntasks_per_node, gpus_per_node=gpus_per_node, time=time,
                          params=params, partition=partition, extra=extra)
     (REPO / "runs").mkdir(exist_ok=True)  # where #SBATCH --output puts the job's output
@@ -146,7 +159,7 @@ def submit(notebook: str | os.PathLike, nodes: int = 1, ntasks_per_node: int = 1
         raise SlurmError(f"sbatch answered {out.stdout.strip()!r}, not a job id")
     result = Submitted(job, runs_root() / f"job{job}-{nb.stem}")
     if not quiet:
-        print(f"submitted job {job}: {' '.join(cmd[2:])}")
+        print(f"submitted job {job}: {shlex.join(c for c in cmd if c != '--parsable')}")
         print(f"its output: runs/slurm-{job}.out; its run folder: {display_path(result.run)}")
     return result
 
