@@ -160,3 +160,10 @@ def test_open_result_shows_the_notebook_and_the_record(runs, tmp_path, monkeypat
     assert result.notebook == run / "05_ddp.ipynb" and result.record["params"] == {"steps": 4}
     shown = capsys.readouterr().out
     assert "executed notebook:" in shown and "status ok, 4 rank(s)" in shown and '"steps": 4' in shown
+
+
+@pytest.mark.parametrize("notebook", sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.name)
+def test_every_notebook_names_the_workshop_kernel(notebook):
+    """JupyterLab starts the kernel that `make kernel` registers; papermill, nbval and the runner
+    ignore the name and use this interpreter (-k, --nbval-current-env), so no test needs it."""
+    assert json.loads(notebook.read_text())["metadata"]["kernelspec"]["name"] == "workshop"
