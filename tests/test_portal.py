@@ -75,7 +75,7 @@ def test_sbatch_command_is_relative_to_the_repository():
                    "--partition=gpu", "--account=ACCOUNT", "scripts/run_notebook.sh", "notebooks/05_ddp.ipynb",
                    "-r", "link", "ib-ndr-400"]
     assert slurm.shell_command("05_ddp", nodes=2, params={"link": "a b"}) == (
-        "sbatch --nodes=2 --ntasks-per-node=1 scripts/run_notebook.sh notebooks/05_ddp.ipynb -r link 'a b'")
+        "sbatch --nodes=2 --ntasks-per-node=1 scripts/run_notebook.sh notebooks/05_ddp.ipynb -r link 'a b' -p submit False")
     with pytest.raises(slurm.SlurmError, match="nodes must be a whole number >= 1"):
         slurm.sbatch_command(REPO / "notebooks" / "05_ddp.ipynb", nodes=0)
 

@@ -121,9 +121,21 @@ def sbatch_command(notebook: Path, *, nodes: int = 1, ntasks_per_node: int = 1, 
     return cmd + [str(SCRIPT.relative_to(REPO)), nb, *papermill_args(params)]
 
 
-def shell_command(notebook: str | os.PathLike, **kwargs) -> str:
+def job_params(notebook: Path, params: dict | None) -> dict:
+    """`params`, and `submit=False` where the notebook has that parameter: the job runs the notebook
+    as saved, maybe with submit = True, and must not submit itself again."""
+    import papermill
+
+    params = dict(params or {})
+    if "submit" in papermill.inspect_notebook(str(notebook)):
+        params.setdefault("submit", False)
+    return params
+
+
+def shell_command(notebook: str | os.PathLike, params: dict | None = None, **kwargs) -> str:
     """What `submit(notebook, **kwargs)` runs, as a line for a shell in the repository's root."""
-    return shlex.join(sbatch_command(find_notebook(notebook), parsable=False, **kwargs))
+    nb = find_notebook(notebook)
+    return shlex.join(sbatch_command(nb, parsable=False, params=job_params(nb, params), **kwargs))
 
 
 def submit(notebook: str | os.PathLike, nodes: int = 1, ntasks_per_node: int = 1, gpus_per_node: int = 0,
@@ -133,21 +145,16 @@ def submit(notebook: str | os.PathLike, nodes: int = 1, ntasks_per_node: int = 1
     ntasks_per_node), with papermill parameters `params`; `extra` are more sbatch options
     ("--account=ACCOUNT", "--cpus-per-task=8"). Submitted from the repository's root, so the job's
     output lands in runs/slurm-<id>.out. Returns the job id and the run folder it will write.
-    A notebook with a `submit` parameter gets `submit=False` unless `params` says otherwise: the job
-    runs the notebook as saved, and it must not submit itself again."""
+    A notebook with a `submit` parameter gets `submit=False` (`job_params`)."""
     _need("sbatch")
     nb = find_notebook(notebook)
-    import papermill
-
     from workshop.runner import RunError, check_notebook
 
-    params = dict(params or {})
     try:
         check_notebook(nb, papermill_args(params))  # a parameter the notebook lacks is refused here, not after the queue
     except RunError as err:
         raise SlurmError(str(err)) from None
-    if "submit" in papermill.inspect_notebook(str(nb)):
-        params.setdefault("submit", False)  # the job runs the notebook as saved, maybe with submit = True: not again
+    params = job_params(nb, params)
     cmd = sbatch_command(nb, nodes=nodes, ntasks_per_node=ntasks_per_node, gpus_per_node=gpus_per_node, time=time,
                          params=params, partition=partition, extra=extra)
     (REPO / "runs").mkdir(exist_ok=True)  # where #SBATCH --output puts the job's output
