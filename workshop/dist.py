@@ -299,7 +299,8 @@ def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
     from `env`. Lightning's own SLURM detection would take a papermill kernel under sbatch, or a
     JupyterLab server started as a SLURM job, for a world of its own; the plugin overrules it.
     `strategy` defaults to "ddp" with more than one rank, else "auto". The FSDP strategy on CPU
-    is refused with what to use instead (ModelParallelStrategy, which runs on CPU too)."""
+    is refused with what to use instead (ModelParallelStrategy, which runs on CPU too). Unless
+    `enable_progress_bar` is given, Lightning's bar shows in JupyterLab only (`workshop.progress`)."""
     import lightning as L
 
     _quiet_lightning()
@@ -308,6 +309,13 @@ def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
         strategy = "ddp" if env.is_distributed else "auto"
     _check_strategy_fits_device(strategy, env)
     plugins = list(kwargs.pop("plugins", [])) + [lightning_environment(env)]
+    if "enable_progress_bar" not in kwargs:  # a bar in JupyterLab; in a batch job's log, a line every N steps
+        from workshop import progress
+
+        kwargs["enable_progress_bar"] = progress.is_interactive()
+        if not kwargs["enable_progress_bar"]:
+            callbacks = kwargs.get("callbacks") or []
+            kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), progress.lightning_lines()]
     # In a kernel Lightning refuses multi-process strategies, fearing it would have to start the
     # processes itself. Here each rank is a kernel already, started by torchrun or srun, and the
     # plugin says so: the check does not apply while the Trainer is built.

@@ -10,8 +10,8 @@ The shell script launches; this module does the rest, in three steps:
 `prepare` refuses bad input before anything runs (a missing notebook, a parameter the notebook
 does not have, a bad rank count) and makes a run folder that no other run writes to. `rank` runs
 papermill for the rank that the launcher (torchrun or srun) started, with Jupyter's runtime files
-and IPython's history in node-local temporary folders. `collect` says which rank failed, in which
-cell, and which notebook to open.
+and IPython's history in node-local temporary folders, and progress as log lines, not bars.
+`collect` says which rank failed, in which cell, and which notebook to open.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from workshop.metrics import REPO, atomic_write_text, display_path, runs_root
+from workshop.progress import DEFAULT_LOG_EVERY
 
 # papermill options that carry parameters, and how many values follow each
 PARAM_OPTIONS = {"-p": 2, "--parameters": 2, "-r": 2, "--parameters_raw": 2, "-f": 1,
@@ -371,6 +372,11 @@ def _rank_environment(run: Path, rank: int) -> tuple[dict, Path]:
     env.update(WORKSHOP_RUN_DIR=str(run), JUPYTER_RUNTIME_DIR=str(tmp / "runtime"), IPYTHONDIR=str(tmp / "ipython"),
                JUPYTER_PATH=os.pathsep.join(filter(None, [str(tmp / "jupyter"), os.environ.get("JUPYTER_PATH")])),
                MPLBACKEND="module://matplotlib_inline.backend_inline")
+    # A batch run: a line every N training steps in the log, no progress bars (workshop.progress),
+    # even when submitted from a JupyterLab kernel whose session variable sbatch passed on.
+    env.pop("JPY_SESSION_NAME", None)
+    env.setdefault("WORKSHOP_PROGRESS", "log")
+    env.setdefault("WORKSHOP_LOG_EVERY", str(DEFAULT_LOG_EVERY))
     return env, tmp
 
 

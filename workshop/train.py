@@ -3,7 +3,8 @@
     history = train.fit(model, train_loader, test_loader, epochs=2, lr=0.05, device=env.device)
 
 With a DistributedSampler in the loader (`data.make_loader(..., env=env)`) and a DDP-wrapped
-model the same loop is data-parallel training; `evaluate` then averages over all ranks.
+model the same loop is data-parallel training; `evaluate` then averages over all ranks. In
+JupyterLab each epoch shows a progress bar; in a batch job, a line every $WORKSHOP_LOG_EVERY steps.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
+
+from workshop.progress import progress
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4):
@@ -28,7 +31,8 @@ def train_epoch(model: nn.Module, loader, optimizer, device, epoch: int = 0) -> 
         loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
     total_loss, correct, seen = 0.0, 0, 0
     t0 = time.perf_counter()
-    for x, y in loader:
+    steps = progress(loader, desc=f"epoch {epoch}")  # a bar in JupyterLab, a line every N steps in a batch job
+    for x, y in steps:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)  # (B, num_classes)
@@ -38,6 +42,8 @@ def train_epoch(model: nn.Module, loader, optimizer, device, epoch: int = 0) -> 
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
+        steps.set_postfix(loss=total_loss / seen, refresh=False)  # shown at the next redraw
+    steps.close()
     if str(device).startswith("cuda"):
         torch.cuda.synchronize(device)
     return {"loss": total_loss / seen, "acc": correct / seen, "samples": seen, "time_s": time.perf_counter() - t0}

@@ -1,0 +1,218 @@
+"""JupyterLab in a real browser, as a student meets it: `jupyter lab` on localhost with a token, the
+`workshop` kernel registered as `make kernel` does, notebooks/01_baseline.ipynb opened in headless
+Chromium (Debian's `chromium` and `chromium-driver`, driven by Selenium), Run > Run All Cells from
+the menu, then: every cell ran, none shows an error, the plots rendered, and a screenshot is saved
+in the test's temporary folder (its path is printed).
+
+Skipped where chromium or chromedriver is missing, unless WORKSHOP_REQUIRE_BROWSER=1 (CI), which
+turns the skip into a failure. `.ci/run` installs both.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import nbformat
+import pytest
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(1500)]
+NOTEBOOK = REPO / "notebooks" / "01_baseline.ipynb"
+RUN_TIMEOUT_S = 1200  # the whole notebook through the browser, on two busy CPU cores
+CHECK_CELL = """# In JupyterLab: progress bars, not log lines
+from workshop import progress
+
+print("interactive:", progress.is_interactive())
+for _ in progress.progress(range(3), desc="bar check"):
+    pass"""
+
+
+def _tools():
+    """(chromium, chromedriver) paths, or skip (fail under WORKSHOP_REQUIRE_BROWSER=1)."""
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        selenium = None
+    missing = [name for name, found in (("chromium", chromium), ("chromedriver", driver), ("selenium", selenium)) if not found]
+    if missing:
+        msg = (f"{' and '.join(missing)} not found: apt-get install chromium chromium-driver, "
+               "pip install selenium (the dev extra)")
+        if os.environ.get("WORKSHOP_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg + ", and WORKSHOP_REQUIRE_BROWSER=1")
+        pytest.skip(msg)
+    return chromium, driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A JupyterLab server on a free localhost port with a token, serving a folder that holds a copy
+    of notebook 01 (outputs cleared, a check cell appended), with Jupyter's folders in tmp_path."""
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nb.cells.append(nbformat.v4.new_code_cell(CHECK_CELL))
+    nbformat.write(nb, folder / NOTEBOOK.name)
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MPLBACKEND", "WORKSHOP_PROGRESS", "WORKSHOP_LOG_EVERY", "JPY_SESSION_NAME")}
+    env.update(JUPYTER_CONFIG_DIR=str(tmp_path / "config"), JUPYTER_DATA_DIR=str(tmp_path / "data"),
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), IPYTHONDIR=str(tmp_path / "ipython"))
+    # the kernel the notebooks name, registered as `make kernel` does (--user: JUPYTER_DATA_DIR here)
+    subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user", "--name", "workshop", "--display-name",
+                    "workshop"], env=env, check=True, capture_output=True)
+    # no news toast over the notebook in the screenshot
+    settings = tmp_path / "config" / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+
+    port, token = _free_port(), os.urandom(12).hex()
+    log = open(tmp_path / "jupyterlab.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+         "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}",
+         *(["--allow-root"] if os.geteuid() == 0 else [])],  # CI containers run as root
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"JupyterLab did not start: {(tmp_path / 'jupyterlab.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"url": url, "token": token, "notebook": folder / NOTEBOOK.name, "log": tmp_path / "jupyterlab.log"}
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium, chromedriver = _tools()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000",
+                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
+    yield driver
+    driver.quit()
+
+
+def _prompts(driver) -> list[str]:
+    """The input prompt of every code cell: "[3]:" ran, "[*]:" running or queued, "[ ]:" not run."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt'))"
+        ".map(e => e.textContent.trim())")
+
+
+def _kernel_status(driver) -> str | None:
+    return driver.execute_script(
+        "const e = document.querySelector('.jp-Notebook-ExecutionIndicator'); return e && e.dataset.status")
+
+
+def _kernel_name(driver) -> str | None:
+    return driver.execute_script("const e = document.querySelector('.jp-KernelName'); return e && e.textContent.trim()")
+
+
+def _menu(driver, menu: str, item: str) -> None:
+    """Click a menu of the menu bar, then its item labelled `item` (as a person would)."""
+    from selenium.webdriver.common.by import By
+
+    bar = [e for e in driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item") if e.text.strip() == menu]
+    assert bar, f"no menu {menu!r} in JupyterLab's menu bar"
+    bar[0].click()
+    items = [e for e in driver.find_elements(By.CSS_SELECTOR, ".lm-Menu-item")
+             if e.find_element(By.CSS_SELECTOR, ".lm-Menu-itemLabel").text.strip() == item]
+    assert items, f"no item {item!r} in the {menu} menu"
+    assert items[0].get_attribute("aria-disabled") != "true", f"{menu} > {item} is disabled"
+    items[0].click()
+
+
+def _wait(what: str, condition, timeout: float, driver, shot) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            driver.save_screenshot(str(shot))
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; screenshot: {shot}")
+        time.sleep(1)
+
+
+def test_run_all_of_notebook_01_in_jupyterlab(lab, browser, tmp_path, capsys):
+    from selenium.webdriver.common.by import By
+
+    shot = tmp_path / "jupyterlab-01_baseline.png"
+    started = time.monotonic()
+    browser.get(f"{lab['url']}/lab/tree/{NOTEBOOK.name}?token={lab['token']}")
+    n_code = sum(c.cell_type == "code" for c in nbformat.read(lab["notebook"], as_version=4).cells)
+    # the kernel the notebook names starts by itself: no kernel dialog, the toolbar shows it, idle
+    _wait("the notebook to open with the workshop kernel idle",
+          lambda: len(_prompts(browser)) == n_code and _kernel_name(browser) == "workshop"
+          and _kernel_status(browser) == "idle", 180, browser, shot)
+
+    _menu(browser, "Run", "Run All Cells")
+    ran = re.compile(r"^\[\d+\]:$")
+    _wait("every cell to run", lambda: all(ran.match(p) for p in _prompts(browser)) and _kernel_status(browser) == "idle",
+          RUN_TIMEOUT_S, browser, shot)
+    elapsed = time.monotonic() - started
+
+    # the last figure (loss and accuracy per epoch) into view, then the screenshot
+    images = browser.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output img")
+    if images:
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", images[-1])
+        time.sleep(1)
+    browser.save_screenshot(str(shot))
+    with capsys.disabled():
+        print(f"\nJupyterLab screenshot: {shot}\nRun All of {NOTEBOOK.name} in the browser: {elapsed:.0f} s")
+
+    # what the page shows: no error output, figures drawn as images
+    tracebacks = [e.text[:500] for e in browser.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")
+                  if "Traceback (most recent call last)" in e.text]
+    assert tracebacks == []
+    assert len(images) >= 2, "the sample images and the loss/accuracy plot should be drawn"
+    assert all(browser.execute_script("return arguments[0].naturalWidth", img) > 0 for img in images)
+
+    # what the notebook holds, saved through the interface: every cell ran in order, no error, PNG figures
+    _menu(browser, "File", "Save Notebook")
+
+    def saved():
+        cells = [c for c in nbformat.read(lab["notebook"], as_version=4).cells if c.cell_type == "code"]
+        return all(c.execution_count for c in cells) and cells
+    _wait("the notebook to be saved", saved, 60, browser, shot)
+    cells = saved()
+    assert [c.execution_count for c in cells] == list(range(1, n_code + 1))
+    outputs = [o for c in cells for o in c.outputs]
+    assert [o for o in outputs if o.output_type == "error"] == []
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
+    # a kernel that JupyterLab started knows a person watches: a bar, not log lines
+    check = "".join(o.get("text", "") for o in cells[-1].outputs)
+    assert "interactive: True" in check and "bar check: 100%" in check, check
