@@ -1,7 +1,8 @@
 """Bad input: each case, its exact error message and exit status, as in the README's Troubleshooting.
 
 One table, CASES: append a case to add one. A case runs `scripts/run_notebook.sh` with its
-arguments and environment (after its `setup` made what it needs in a temporary folder) and expects
+arguments (or, for what a user calls from Python, `python -c` with its `python` code) and
+environment (after its `setup` made what it needs in a temporary folder) and expects
 the exit status and, in stderr, the message with {tmp} (the temporary folder) and {repo} filled in.
 Exit status 2: refused before anything runs, and nothing is written under the runs folder.
 Exit status 1: the notebook started and failed in a cell, which the message names.
@@ -29,6 +30,7 @@ FAIL = "tests/notebooks/fail_on_rank.ipynb"
 RESUME = "tests/notebooks/resume_training.ipynb"
 NB01 = "notebooks/01_baseline.ipynb"
 NB03 = "notebooks/03_task_parallelism.ipynb"
+NB07 = "notebooks/07_tensor_parallelism.ipynb"
 TINY03 = ["-p", "lrs", "0.1,0.3", "-p", "steps", "2", "-p", "num_train", "64", "-p", "num_test", "32",
           "-p", "dataset", "synthetic"]
 
@@ -43,6 +45,7 @@ class Case:
     setup: Callable[[Path], None] | None = None  # makes what the case needs under tmp
     unprivileged: bool = False  # needs permission checks that root skips (run without root's override)
     skip: Callable[[], str] | None = None  # a reason to skip here, or ""
+    python: str = ""  # run `python -c` with this code instead of run_notebook.sh (args then empty)
 
 
 def _unreadable_notebook(tmp: Path) -> None:
@@ -176,6 +179,24 @@ CASES = [
          "--ntasks=2, --nproc 2) or change the grid)",
          env={"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_MAX": "2",
               "SLURM_ARRAY_JOB_ID": "777"}),
+    Case("a tensor-parallel size that does not divide the heads", [], 1,
+         "ValueError: tensor-parallel size 3 does not divide the 4 attention heads (heads 4, dim 128, hidden 512, "
+         "vocab_size 256); choose tp_size from [1, 2, 4]",
+         python='from workshop import models, tp; tp.check_tp_size(models.tinygpt("cpu"), 3)'),
+    Case("a mesh whose product is not the world size", ["--nproc", "1", NB07, "-p", "tp_size", "1", "-p", "dp_size", "2"],
+         1, "(ValueError: mesh dp_size 2 x tp_size 1 = 2 ranks, but the world has 1; choose (dp_size, tp_size) from "
+         "[(1, 1)])"),
+    Case("the FSDP strategy on CPU", [], 1,
+         "ValueError: Lightning's FSDP strategy needs CUDA GPUs and this rank runs on CPU: use "
+         "strategy=ModelParallelStrategy(data_parallel_size=env.world_size, tensor_parallel_size=1) with "
+         "`workshop.sharding.apply_fsdp` in the module's configure_model (FSDP2, runs on CPU), or strategy=\"ddp\"",
+         python='from workshop import dist; dist.make_trainer(strategy="fsdp")',
+         skip=lambda: "a GPU is here: FSDP is allowed" if torch.cuda.is_available() else ""),
+    Case("sbatch missing when asked to submit", [], 1,
+         "workshop.slurm.SlurmError: `sbatch` is not on PATH: this machine is not part of a SLURM cluster (or its "
+         "SLURM module is not loaded), so there is nothing to submit to. Run the notebook here instead, as N local "
+         "ranks: scripts/run_notebook.sh --nproc N notebooks/<notebook>.ipynb",
+         env={"PATH": "{tmp}"}, python='from workshop import slurm; slurm.submit("05_ddp.ipynb", nodes=2)'),
 ]
 
 
@@ -206,7 +227,8 @@ def test_bad_input(case: Case, tmp_path):
     env.update({k: _fill(v, tmp) for k, v in case.env.items()})
     before = sorted(p.name for p in (tmp / "runs").iterdir()) if (tmp / "runs").is_dir() else []
     prefix = _without_root_override() if case.unprivileged else []
-    out = subprocess.run([*prefix, "bash", str(RUN_NOTEBOOK), *(_fill(a, tmp) for a in case.args)], cwd=REPO, env=env,
+    command = [sys.executable, "-c", case.python] if case.python else ["bash", str(RUN_NOTEBOOK)]
+    out = subprocess.run([*prefix, *command, *(_fill(a, tmp) for a in case.args)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == case.code, out.stderr[-3000:]
     assert _fill(case.message, tmp) in out.stderr, out.stderr[-3000:]

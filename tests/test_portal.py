@@ -80,6 +80,13 @@ def test_sbatch_command_is_relative_to_the_repository():
         slurm.sbatch_command(REPO / "notebooks" / "05_ddp.ipynb", nodes=0)
 
 
+def test_offer_without_submit_shows_the_command(capsys):
+    assert slurm.offer("06_sharding.ipynb", False, nodes=2, ntasks_per_node=2) is None
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["submit = False, nothing submitted. With submit = True this cell runs, from the repository's root:",
+                   "  sbatch --nodes=2 --ntasks-per-node=2 scripts/run_notebook.sh notebooks/06_sharding.ipynb -p submit False"]
+
+
 def test_notebooks_are_found_from_a_notebooks_folder_too(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert slurm.find_notebook("05_ddp.ipynb") == REPO / "notebooks" / "05_ddp.ipynb"

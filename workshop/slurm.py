@@ -254,6 +254,23 @@ def open_result(job, quiet: bool = False) -> Result:
     return result
 
 
+def offer(notebook: str | os.PathLike, submit_now: bool, params: dict | None = None, **sizes) -> Result | None:
+    """The last cell of a multi-rank notebook: with `submit_now` (its `submit` parameter) submit
+    the notebook, wait for the job and open its result; else print the sbatch line that would run.
+    Only rank 0 acts (inside a job `submit` is False, so nothing submits itself again)."""
+    from workshop.dist import get_env, print0
+
+    if not get_env().is_main:
+        return None
+    if submit_now:
+        job = submit(notebook, params=params, **sizes)
+        wait(job)
+        return open_result(job)
+    print0("submit = False, nothing submitted. With submit = True this cell runs, from the repository's root:")
+    print0(" ", shell_command(notebook, params=params, **sizes))
+    return None
+
+
 def _short(value, width: int = 300) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= width else text[: width - 3] + "..."
