@@ -47,6 +47,17 @@ def run_notebook(*args, timeout=600, **kwargs):
                           text=True, timeout=timeout, **kwargs)
 
 
+def on_ranks(script: str, out, nproc: int = 2):
+    """tests/multirank/<script> on `nproc` gloo ranks under torchrun, given the file `out` to
+    save to; returns what its rank 0 saved there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(REPO / "tests" / "multirank" / script), str(out)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
 def slurm_answers() -> bool:
     if not shutil.which("sinfo"):
         return False

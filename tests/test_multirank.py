@@ -1,28 +1,16 @@
 """Data-parallel training on 2 gloo ranks ends with the weights of one process trained on the same global batches."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import on_ranks
 from workshop import models
-
-
-def _run(cmd):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 @pytest.mark.multirank
 def test_naive_bucketed_ddp_and_lightning_equal_one_process(tmp_path, clean_env):
-    out = tmp_path / "versions.pt"
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-          str(REPO / "tests" / "multirank" / "ddp_equivalence.py"), str(out)])
-    saved = torch.load(out, weights_only=True)
+    saved = on_ranks("ddp_equivalence.py", tmp_path / "versions.pt")
     assert saved["world_size"] == 2
     ref = saved["states"]["reference"]
     torch.manual_seed(0)
@@ -37,10 +25,7 @@ def test_naive_bucketed_ddp_and_lightning_equal_one_process(tmp_path, clean_env)
 def test_zero1_fsdp_hybrid_and_lightning_equal_one_process_and_the_memory_model(tmp_path, clean_env):
     from workshop import memory
 
-    out = tmp_path / "sharding.pt"
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-          str(REPO / "tests" / "multirank" / "sharding_equivalence.py"), str(out)])
-    saved = torch.load(out, weights_only=True)
+    saved = on_ranks("sharding_equivalence.py", tmp_path / "sharding.pt")
     world, num_params = saved["world_size"], saved["num_params"]
     assert world == 2
     ref = saved["states"]["reference"]

@@ -4,9 +4,9 @@
 import json
 
 import pytest
-from test_slurm import sbatch
+from test_slurm import sbatch_two_by_two
 
-from conftest import REPO, run_notebook
+from conftest import run_notebook
 
 NB05 = "notebooks/05_ddp.ipynb"
 SMALL = ["-p", "split_models", "small_cnn,vit_tiny", "-p", "split_steps", "1", "-p", "allreduce_sizes", "4KiB,1MiB"]
@@ -41,12 +41,7 @@ def test_05_on_two_local_ranks(runs):
 
 @pytest.mark.slurm
 def test_05_on_two_nodes_with_two_ranks_each(slurm, runs):
-    rc, job, log = sbatch(runs, "--nodes=2", "--ntasks-per-node=2", "scripts/run_notebook.sh", NB05, *SMALL)
-    assert rc == 0, log[-4000:]
-    run = runs / f"job{job}-05_ddp"
-    text = (run / "05_ddp.ipynb").read_text()
+    run, text, nodes = sbatch_two_by_two(runs, NB05, *SMALL)
     assert "4 rank(s) on 2 node(s)" in text
     assert_all_match(run / "05_ddp.ipynb")
-    nodes = sorted(json.loads((run / "logs" / f"rank{r}.status.json").read_text())["node"] for r in range(4))
     assert nodes == ["n1", "n1", "n2", "n2"]
-    (REPO / "runs" / f"slurm-{job}.out").unlink()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from test_slurm import sbatch
+from test_slurm import sbatch_two_by_two
 
 from conftest import REPO, run_notebook
 
@@ -64,10 +64,7 @@ def test_06_on_two_local_ranks(runs):
 
 @pytest.mark.slurm
 def test_06_on_two_nodes_with_two_ranks_each(slurm, runs):
-    rc, job, log = sbatch(runs, "--nodes=2", "--ntasks-per-node=2", "scripts/run_notebook.sh", NB06)
-    assert rc == 0, log[-4000:]
-    run = runs / f"job{job}-06_sharding"
-    text = (run / "06_sharding.ipynb").read_text()
+    run, text, nodes = sbatch_two_by_two(runs, NB06)
     assert "4 rank(s) on 2 node(s)" in text
     assert "hybrid mesh ('replicate', 'shard'): 2 node(s) x 2 rank(s)" in text
     assert "global (512, 128), placements (Shard(dim=0),), this rank holds (128, 128)" in text  # FSDP2 over 4 ranks
@@ -76,6 +73,4 @@ def test_06_on_two_nodes_with_two_ranks_each(slurm, runs):
     record = json.loads((run / "record.json").read_text())
     assert record["dist"]["world_size"] == 4 and all(record["results"]["matches_single_process"].values())
     assert_sharded_memory(record, 4)
-    nodes = sorted(json.loads((run / "logs" / f"rank{r}.status.json").read_text())["node"] for r in range(4))
     assert nodes == ["n1", "n1", "n2", "n2"]
-    (REPO / "runs" / f"slurm-{job}.out").unlink()

@@ -4,9 +4,9 @@ cluster (dp 2 across the nodes, tp 2 within). (nbval runs it as one process.)"""
 import json
 
 import pytest
-from test_slurm import sbatch
+from test_slurm import sbatch_two_by_two
 
-from conftest import REPO, run_notebook
+from conftest import run_notebook
 
 NB07 = "notebooks/07_tensor_parallelism.ipynb"
 SMALL = ["-p", "steps", "2", "-p", "seq_len", "16"]
@@ -51,14 +51,9 @@ def test_07_refuses_a_tp_size_that_does_not_fit_the_world(runs):
 
 @pytest.mark.slurm
 def test_07_on_two_nodes_with_two_ranks_each(slurm, runs):
-    rc, job, log = sbatch(runs, "--nodes=2", "--ntasks-per-node=2", "scripts/run_notebook.sh", NB07, *SMALL)
-    assert rc == 0, log[-4000:]
-    run = runs / f"job{job}-07_tensor_parallelism"
-    text = (run / "07_tensor_parallelism.ipynb").read_text()
+    run, text, nodes = sbatch_two_by_two(runs, NB07, *SMALL)
     assert "4 rank(s) on 2 node(s): mesh dp 2 x tp 2" in text
     assert "rank 0's tensor-parallel group: ranks [0, 1]" in text  # tp inside a node
     assert_all_match(run / "07_tensor_parallelism.ipynb")
     assert_record(run, 4, 2, 2)
-    nodes = [json.loads((run / "logs" / f"rank{r}.status.json").read_text())["node"] for r in range(4)]
     assert nodes[0] == nodes[1] != nodes[2] == nodes[3]
-    (REPO / "runs" / f"slurm-{job}.out").unlink()

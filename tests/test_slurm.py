@@ -25,6 +25,18 @@ def sbatch(runs, *args, timeout=600):
     return out.returncode, job, text
 
 
+def sbatch_two_by_two(runs, notebook, *args):
+    """`notebook` as 2 nodes x 2 ranks on the local cluster, which must succeed: (its run folder,
+    rank 0's executed notebook as text, the node of each rank in rank order)."""
+    rc, job, log = sbatch(runs, "--nodes=2", "--ntasks-per-node=2", "scripts/run_notebook.sh", notebook, *args)
+    assert rc == 0, log[-4000:]
+    stem = Path(notebook).stem
+    run = runs / f"job{job}-{stem}"
+    nodes = [json.loads((run / "logs" / f"rank{r}.status.json").read_text())["node"] for r in range(4)]
+    (REPO / "runs" / f"slurm-{job}.out").unlink()
+    return run, (run / f"{stem}.ipynb").read_text(), nodes
+
+
 def test_notebook_01_on_two_nodes(slurm, runs):
     rc, job, log = sbatch(runs, "--nodes=2", "--ntasks-per-node=1", "scripts/run_notebook.sh", "notebooks/01_baseline.ipynb",
                           "-p", "epochs", "1", "-p", "num_train", "512", "-p", "num_test", "256", "-p", "profile_steps", "2")

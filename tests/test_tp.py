@@ -1,14 +1,11 @@
 """Tensor parallelism (workshop.tp) and fixed-shape decoding (workshop.inference): the size checks,
 and every parallel version against one process on 2 and 4 gloo ranks (tests/multirank/tp_equivalence.py)."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import on_ranks
 from workshop import data, dist, inference, models, tp
 
 
@@ -80,12 +77,7 @@ def test_timing_units():
 
 
 def _launch(nproc, out):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-                           str(REPO / "tests" / "multirank" / "tp_equivalence.py"), str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    saved = torch.load(out, weights_only=True)
+    saved = on_ranks("tp_equivalence.py", out, nproc)
     assert saved["world_size"] == nproc
     return saved["pairs"]
 
