@@ -114,3 +114,29 @@ def test_trainer_bar_in_jupyterlab_lines_in_batch(batch, clean_env, capsys, monk
     trainer.fit(lit.LitClassifier(models.get_model("small_cnn"), lr=0.01), tiny_loader(n=20))
     lines = [line.split(" (")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert lines == ["epoch 0: step 2/5", "epoch 0: step 4/5", "epoch 0: step 5/5"]
+
+
+def test_live_plot_redraws_one_display_in_jupyterlab_only(batch, monkeypatch):
+    import IPython.display
+
+    shown = []
+
+    class Handle:
+        def update(self, fig):
+            shown.append(("update", [len(line.get_xdata()) for line in fig.axes[0].lines]))
+
+    def display(fig, display_id=False):
+        shown.append(("display", [len(line.get_xdata()) for line in fig.axes[0].lines]))
+        return Handle()
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    quiet = progress.LivePlot("train_loss", "val_loss", xlabel="epoch")  # batch: values kept, nothing drawn
+    quiet.update(train_loss=2.0, val_loss=2.5)
+    assert quiet.history == {"train_loss": [2.0], "val_loss": [2.5]} and shown == []
+    monkeypatch.setenv("WORKSHOP_PROGRESS", "bar")
+    live = progress.LivePlot("train_loss", "val_loss")
+    live.update(train_loss=2.0, val_loss=2.5)
+    live.update(train_loss=1.5, val_loss=2.0)
+    assert shown == [("display", [1, 1]), ("update", [2, 2])]
+    with pytest.raises(ValueError, match=r"LivePlot has no curve \['acc'\]; its curves: \['train_loss', 'val_loss'\]"):
+        live.update(acc=0.5)

@@ -138,3 +138,45 @@ def lightning_lines(every: int | None = None):
             print(lines.line(step, time.perf_counter() - self.t0), flush=True)
 
     return LogLines()
+
+
+class LivePlot:
+    """Curves that redraw in place while a loop runs, where a person watches (`is_interactive()`,
+    rank 0); elsewhere (batch jobs, nbval) `update` only keeps the values, so a batch log holds no
+    figures and committed notebooks stay the same. The values are in `history` either way.
+
+        live = progress.LivePlot("train_loss", "val_loss", xlabel="epoch")
+        for epoch in range(epochs):
+            ...
+            live.update(train_loss=train_loss, val_loss=val_loss)
+    """
+
+    def __init__(self, *names: str, xlabel: str = "step"):
+        self.names, self.xlabel = names, xlabel
+        self.history: dict[str, list[float]] = {name: [] for name in names}
+        self.live = is_interactive() and _is_main()
+        self._handle = None
+
+    def update(self, **values: float) -> None:
+        unknown = set(values) - set(self.names)
+        if unknown:
+            raise ValueError(f"LivePlot has no curve {sorted(unknown)}; its curves: {list(self.names)}")
+        for name, value in values.items():
+            self.history[name].append(float(value))
+        if self.live:
+            self._draw()
+
+    def _draw(self) -> None:
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        fig, ax = plt.subplots(figsize=(5, 3))
+        for name, values in self.history.items():
+            ax.plot(range(1, len(values) + 1), values, "o-", label=name)
+        ax.set_xlabel(self.xlabel)
+        ax.legend()
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+        plt.close(fig)  # the displayed image stays; the figure is not drawn a second time at the cell's end
