@@ -90,15 +90,24 @@ def wait_for_step(runs: Path, step: int, timeout_s: float = 400, pattern: str = 
     raise AssertionError(f"no rank reached step {step} in {timeout_s} s")
 
 
+def stopped_at(run: Path, lightning: bool) -> int:
+    """The step of the newest checkpoint in the run folder."""
+    if lightning:
+        return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    return int(sorted((run / "checkpoints").glob("step*.pt"), key=lambda p: int(p.stem[4:]))[-1].stem[4:])
+
+
 @pytest.mark.multirank
-def test_an_interrupted_run_resumes_in_its_folder_to_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lightning", [False, True], ids=["plain-loop", "lightning"])
+def test_an_interrupted_run_resumes_in_its_folder_to_the_same_weights(tmp_path, monkeypatch, lightning):
+    resume_args = [*RESUME_ARGS, "-p", "lightning", str(lightning)]
     monkeypatch.setenv("WORKSHOP_RUNS", str(tmp_path / "reference"))
-    assert run_notebook("--nproc", 2, RESUME, *RESUME_ARGS).returncode == 0
+    assert run_notebook("--nproc", 2, RESUME, *resume_args).returncode == 0
     reference = final_weights(only_run(tmp_path / "reference"))
 
     runs = tmp_path / "runs"
     monkeypatch.setenv("WORKSHOP_RUNS", str(runs))
-    args = [*RESUME_ARGS, "-p", "step_sleep_s", "0.5"]
+    args = [*resume_args, "-p", "step_sleep_s", "0.5"]
     proc = start_run_notebook("--nproc", 2, RESUME, *args)
     run = wait_for_step(runs, 2)
     proc.send_signal(signal.SIGUSR1)  # what SLURM sends before the time limit
@@ -107,15 +116,15 @@ def test_an_interrupted_run_resumes_in_its_folder_to_the_same_weights(tmp_path, 
     record = json.loads((run / "record.json").read_text())
     assert record["status"] == "interrupted" and record["checkpointed"], record
     assert "RUN INTERRUPTED" in err and f"--resume {run}" in err
-    stopped_at = int(sorted((run / "checkpoints").glob("step*.pt"), key=lambda p: int(p.stem[4:]))[-1].stem[4:])
-    assert 2 <= stopped_at < 12
+    stopped = stopped_at(run, lightning)
+    assert 2 <= stopped < 12
     assert leftover(run) == []
 
     out = run_notebook("--nproc", 2, "--resume", run, RESUME, *args)
     assert out.returncode == 0, out.stderr[-3000:]
     assert only_run(runs) == run  # the same folder
     record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["results"]["start_step"] == stopped_at
+    assert record["status"] == "ok" and record["results"]["start_step"] == stopped
     assert json.loads((run / "attempt1" / "record.json").read_text())["status"] == "interrupted"  # kept
     assert (run / "attempt1" / "logs" / "rank0.log").is_file()
     assert_same_weights(final_weights(run), reference)

@@ -16,6 +16,13 @@ folder and resumes from the checkpoint. In a training loop:
         if stop.requested():
             raise checkpoint.Interrupted(step + 1)   # the run is recorded as interrupted
 
+With Lightning, `lightning_on_signal(folder)` is the callback that does the same for `trainer.fit`:
+
+    on_signal = checkpoint.lightning_on_signal(run / "checkpoints")
+    trainer = dist.make_trainer(env, max_steps=max_steps, callbacks=[on_signal])
+    trainer.fit(module, loader, ckpt_path=on_signal.resume_path(), weights_only=True)
+    on_signal.raise_if_interrupted()                 # checkpoint.Interrupted, as above
+
 What a checkpoint holds: the model's and the optimizer's state, the step, the RNG state, and the
 model's name and parameter shapes, so a checkpoint of another model is refused with both names
 rather than loaded into the wrong weights. Files are written to a temporary name, then renamed:
@@ -194,3 +201,43 @@ class StopOnSignal:
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def lightning_on_signal(folder: Path, stop: StopOnSignal | None = None):
+    """A Lightning callback: after each training step it asks `stop` (SIGUSR1 or the stop file,
+    agreed by all ranks); when asked, it saves Lightning's checkpoint `folder/last.ckpt` (written
+    to a temporary name, then renamed) and ends the fit. `resume_path()` gives that checkpoint for
+    the next start (`trainer.fit(..., ckpt_path=..., weights_only=True)`), `raise_if_interrupted()`
+    raises `Interrupted` after a fit that stopped this way. Lightning's own SLURM requeue is not
+    used: the plugin of `dist.make_trainer` describes the world, and `scripts/run_notebook.sh`
+    requeues the job."""
+    from lightning.pytorch.callbacks import Callback
+
+    folder = Path(folder)
+
+    class SaveOnSignal(Callback):
+        def __init__(self):
+            self.stop = stop or StopOnSignal()
+            self.interrupted_at: int | None = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if not self.stop.requested():
+                return
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / ".last.ckpt.partial"
+            trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
+            if trainer.is_global_zero:
+                os.replace(tmp, folder / "last.ckpt")
+            trainer.strategy.barrier("workshop.checkpoint.lightning_on_signal")
+            self.interrupted_at = trainer.global_step
+            trainer.should_stop = True
+
+        def resume_path(self) -> Path | None:
+            path = folder / "last.ckpt"
+            return path if path.is_file() else None
+
+        def raise_if_interrupted(self) -> None:
+            if self.interrupted_at is not None:
+                raise Interrupted(self.interrupted_at)
+
+    return SaveOnSignal()

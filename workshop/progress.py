@@ -124,6 +124,9 @@ def lightning_lines(every: int | None = None):
     n = log_every() if every is None else every
 
     class LogLines(Callback):
+        def on_train_start(self, trainer, pl_module):  # a fit resumed mid-epoch starts no epoch
+            self.t0 = time.perf_counter()
+
         def on_train_epoch_start(self, trainer, pl_module):
             self.t0 = time.perf_counter()
 
