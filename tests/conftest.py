@@ -55,7 +55,7 @@ def on_ranks(script: str, out, nproc: int = 2):
            str(REPO / "tests" / "multirank" / script), str(out)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0 and ABORT in done.stderr:
-        # Rarely (about 1 run in 7 on 2 busy cores) a gloo rank aborts in C++ after a Lightning fit,
+        # Rarely (once in eight runs here) a gloo rank has aborted in C++ after a Lightning fit,
         # outside any Python code; once more, and a second abort fails the test
         print(f"\n{script}: a rank aborted ({ABORT!r}); running it once more", file=sys.__stderr__)
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
