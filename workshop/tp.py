@@ -323,7 +323,8 @@ def apply_2d(model: TinyGPT, mesh, *, dp_dim: str = "dp", tp_dim: str = "tp", se
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter whole, on every rank (DTensors gathered with full_tensor()), on CPU."""
+    """Every parameter whole, on every rank (DTensors gathered with full_tensor()), copied to CPU:
+    later steps of the model do not change it."""
     from torch.distributed.tensor import DTensor
 
     # A weight split by tp and by dp gathers in two steps; torch says so once per rank, not our lesson.
@@ -331,7 +332,7 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
                 for name, p in model.named_parameters()}
     finally:
         log.setLevel(level)

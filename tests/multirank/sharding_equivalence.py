@@ -15,7 +15,7 @@ import tempfile
 import torch
 import torch.distributed as tdist
 
-from workshop import data, dist, memory, models, sharding
+from workshop import data, dist, memory, models, sharding, tp
 
 MICRO, STEPS, SEQ, LR = 4, 3, 32, 3e-3
 
@@ -47,11 +47,6 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def full_state(model):
-    """The whole (unsharded) weights, on every rank: DTensors gathered."""
-    return {k: full(v).detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 def gather(obj):
     out = [None] * env.world_size
     tdist.all_gather_object(out, obj)
@@ -63,7 +58,7 @@ states, measured = {}, {}
 
 reference = fresh()
 train(reference, torch.optim.AdamW(reference.parameters(), lr=LR), data.make_loader(train_set, global_batch))
-states["reference"] = full_state(reference)
+states["reference"] = tp.full_state(reference)
 
 shard = data.make_loader(train_set, MICRO, env=env)
 mesh = sharding.shard_mesh(env)
@@ -75,20 +70,20 @@ measured["ddp"] = gather(memory.measure(model, optimizer).as_dict())
 
 model, optimizer = sharding.apply_zero1(fresh(), mesh, lr=LR)
 train(model, optimizer, shard)
-states["zero1"] = full_state(model.module)
+states["zero1"] = tp.full_state(model.module)
 measured["zero1"] = gather(memory.measure(model, optimizer).as_dict())
 
 for reshard in (True, False):
     model = sharding.apply_fsdp(fresh(), mesh, reshard_after_forward=reshard)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     train(model, optimizer, shard)
-    states[f"fsdp_reshard_{reshard}"] = full_state(model)
+    states[f"fsdp_reshard_{reshard}"] = tp.full_state(model)
     measured[f"fsdp_reshard_{reshard}"] = gather(memory.measure(model, optimizer).as_dict())
 
 model = sharding.apply_fsdp(fresh(), sharding.hybrid_mesh(env))
 optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 train(model, optimizer, shard)
-states["hybrid"] = full_state(model)
+states["hybrid"] = tp.full_state(model)
 
 # Lightning: ModelParallelStrategy calls configure_model, which applies the same FSDP2 sharding
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
@@ -101,7 +96,7 @@ trainer = dist.make_trainer(env, strategy=ModelParallelStrategy(data_parallel_si
                             enable_progress_bar=False, enable_model_summary=False,
                             default_root_dir=sys.argv[1] + ".lightning")
 trainer.fit(module, shard)
-states["lightning_fsdp"] = full_state(module.model)
+states["lightning_fsdp"] = tp.full_state(module.model)
 
 # One backward each: the gradients (gathered) must equal the reference's closely. Adam hides a wrong
 # gradient scale (it divides by the gradient's RMS), so the weights alone would not show one.
@@ -133,7 +128,7 @@ sharding.load_checkpoint(ckpt_dir[0], restored, restored_opt)
 loss_direct = train(model, optimizer, next_batch, 1) + train(model, optimizer, next_batch, 1)
 loss_restored = train(restored, restored_opt, next_batch, 1) + train(restored, restored_opt, next_batch, 1)
 checkpoint = {"loss_direct": gather(loss_direct), "loss_restored": gather(loss_restored),
-              "direct": full_state(model), "restored": full_state(restored)}
+              "direct": tp.full_state(model), "restored": tp.full_state(restored)}
 
 if env.is_main:
     torch.save({"world_size": env.world_size, "num_params": num_params, "states": states, "measured": measured, "grads": grads,
