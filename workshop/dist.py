@@ -24,6 +24,7 @@ import datetime
 import logging
 import os
 import subprocess
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
@@ -158,6 +159,7 @@ def detect(
 
 
 _ENV: DistEnv | None = None
+_STARTED: float | None = None  # time.monotonic() of the first init(): a notebook's own wall time
 
 
 def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
@@ -169,9 +171,10 @@ def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
     nothing. The timeout (default $WORKSHOP_DIST_TIMEOUT or 600 s) bounds how long a rank waits
     for a dead peer.
     """
-    global _ENV
+    global _ENV, _STARTED
     if _ENV is not None and env is None:
         return _ENV
+    _STARTED = _STARTED or time.monotonic()
     env = env or detect()
     if env.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(env.device))
@@ -211,6 +214,22 @@ def cleanup() -> None:
 def get_env() -> DistEnv:
     """The DistEnv of `init()`, or the detected one when init was not called."""
     return _ENV if _ENV is not None else detect()
+
+
+def describe(env: DistEnv | None = None) -> str:
+    """How this run was produced, for a notebook's first output: ranks, nodes, launcher, device.
+    "4 rank(s) on 2 node(s), 2 per node, started by srun (SLURM); cpu, gloo"."""
+    env = env or get_env()
+    started = {"slurm": "started by srun (SLURM)", "torchrun": "started by torchrun on one machine",
+               "single": "one process"}[env.launcher]
+    per_node = f", {env.local_world_size} per node" if env.is_distributed else ""
+    device = "cuda" if env.device.startswith("cuda") else env.device
+    return f"{env.world_size} rank(s) on {env.num_nodes} node(s){per_node}, {started}; {device}, {env.backend}"
+
+
+def elapsed() -> float:
+    """Seconds since this process first called init(): what a notebook took, for its last line."""
+    return time.monotonic() - _STARTED if _STARTED is not None else 0.0
 
 
 def print0(*args, **kwargs) -> None:

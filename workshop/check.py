@@ -1,0 +1,111 @@
+"""The checks a lesson ends with: a parallel version against the one-process reference.
+
+A comparison returns a `Match` that every rank agrees on (the worst rank decides), and says what
+differs: which tensor, by how much, against which tolerance. `require` prints one line per check
+on rank 0 and raises `CheckFailed` on every rank when one of them failed, so a notebook run by
+`scripts/run_notebook.sh` exits non-zero and names the check cell instead of printing False.
+
+    match = check.same_weights(model, reference, rtol=1e-4, atol=1e-5)
+    check.require({"torch DDP": match, "Lightning DDP": lightning_match})
+    # torch DDP matches the single-process run:     True
+    # Lightning DDP matches the single-process run: True
+
+Every rank must call the comparisons (they all-reduce the verdict); a process of one agrees with itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+import torch.distributed as tdist
+
+
+class CheckFailed(AssertionError):
+    """A parallel version does not compute what the one-process reference computes."""
+
+
+@dataclass(frozen=True)
+class Match:
+    ok: bool
+    detail: str = ""  # what differs most, when not ok
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on this rank's device: a DTensor's shards gathered (every rank must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def agree(match: Match) -> Match:
+    """The verdict of all ranks: ok only where every rank is ok. A rank that is ok itself reports
+    that another rank differs."""
+    if not tdist.is_available() or not tdist.is_initialized():
+        return match
+    verdict = torch.tensor(float(match.ok))
+    tdist.all_reduce(verdict, op=tdist.ReduceOp.MIN)
+    if verdict.item() == 1.0:
+        return match
+    return match if not match.ok else Match(False, "equal on this rank, different on another")
+
+
+def compare(pairs: Iterable[tuple[str, torch.Tensor, torch.Tensor]], rtol: float, atol: float) -> Match:
+    """`(name, actual, expected)` triples, compared elementwise as torch.allclose does
+    (|actual - expected| <= atol + rtol |expected|); the detail names the tensor that is furthest
+    beyond its tolerance. DTensors are gathered; every rank must call it."""
+    worst_name, worst_excess, worst_diff = None, 0.0, 0.0
+    for name, actual, expected in pairs:
+        a = full(actual).detach().float().cpu()
+        e = full(expected).detach().float().cpu()
+        if a.shape != e.shape:
+            return agree(Match(False, f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"))
+        diff = (a - e).abs()
+        excess = (diff - (atol + rtol * e.abs())).max().item() if diff.numel() else 0.0
+        if not excess <= 0 and (worst_name is None or not excess <= worst_excess):  # NaN counts as worst
+            worst_name, worst_excess, worst_diff = name, excess, diff.max().item()
+    if worst_name is None:
+        return agree(Match(True))
+    return agree(Match(False, f"{worst_name} differs by up to {worst_diff:.3g} (rtol {rtol:g}, atol {atol:g})"))
+
+
+def same_weights(model: torch.nn.Module, reference: torch.nn.Module | Mapping[str, torch.Tensor], rtol: float = 1e-4,
+                 atol: float = 1e-5) -> Match:
+    """Does `model` (plain, wrapped by DDP, or sharded into DTensors) hold the reference's weights?
+    Parameters are matched by position; a wrapper's prefix ("module.") does not matter."""
+    expected = dict(reference.named_parameters()) if isinstance(reference, torch.nn.Module) else dict(reference)
+    actual = list(model.named_parameters())
+    if len(actual) != len(expected):
+        return agree(Match(False, f"{len(actual)} parameter tensors, the reference has {len(expected)}"))
+    return compare(((name, p, e) for (name, e), (_, p) in zip(expected.items(), actual)), rtol, atol)
+
+
+def same_grads(model: torch.nn.Module, expected: Mapping[str, torch.Tensor] | Iterable[torch.Tensor], rtol: float = 1e-4,
+               atol: float = 1e-7) -> Match:
+    """Does `model` hold these gradients (by name, or in parameter order)?"""
+    params = list(model.named_parameters())
+    grads = list(expected.values()) if isinstance(expected, Mapping) else list(expected)
+    if len(params) != len(grads):
+        return agree(Match(False, f"{len(params)} parameter tensors, {len(grads)} expected gradients"))
+    missing = [name for name, p in params if p.grad is None]
+    if missing:
+        return agree(Match(False, f"{missing[0]} has no gradient"))
+    return compare(((f"{name}.grad", p.grad, g) for (name, p), g in zip(params, grads)), rtol, atol)
+
+
+def require(checks: Mapping[str, Match | bool], claim: str = "matches the single-process run") -> None:
+    """Print `<name> <claim>: True|False` for each check on rank 0, aligned; then raise CheckFailed,
+    on every rank, naming each failed check and what differs."""
+    from workshop import dist
+
+    labels = {name: f"{name} {claim}:" if claim else f"{name}:" for name in checks}
+    width = max(map(len, labels.values()))
+    for name, match in checks.items():
+        dist.print0(f"{labels[name]:<{width}} {bool(match)}")
+    failed = [f"{name}: {getattr(match, 'detail', '') or 'False'}" for name, match in checks.items() if not match]
+    if failed:
+        raise CheckFailed(f"{len(failed)} of {len(checks)} checks failed ({claim}):\n  " + "\n  ".join(failed))
