@@ -1,0 +1,80 @@
+"""workshop.check: what a comparison reports and that a failed check raises with it (one process;
+the agreement of ranks is checked on 2 ranks in tests/multirank/ddp_equivalence.py)."""
+
+import pytest
+import torch
+
+from workshop import check, dist
+
+
+@pytest.fixture(autouse=True, scope="module")
+def group_of_one():
+    dist.init()
+    yield
+
+
+def twins():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    b = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def test_equal_weights_match_and_a_difference_is_named():
+    a, b = twins()
+    assert check.same_weights(a, b).ok and check.same_weights(a, b).detail == ""
+    with torch.no_grad():
+        b[1].bias[0] += 0.5
+    match = check.same_weights(a, b)
+    assert not match and "1.bias" in match.detail and "0.5" in match.detail
+
+
+def test_tolerance_is_allclose_s():
+    a, b = twins()
+    with torch.no_grad():
+        b[0].weight.add_(1e-6)
+    assert check.same_weights(a, b, rtol=0, atol=1e-5)
+    assert not check.same_weights(a, b, rtol=0, atol=1e-7)
+
+
+def test_nan_never_matches():
+    a, b = twins()
+    with torch.no_grad():
+        a[0].weight[0, 0] = float("nan")
+    match = check.same_weights(a, b)
+    assert not match and "0.weight" in match.detail
+
+
+def test_wrapper_prefix_and_counts():
+    a, b = twins()
+    wrapped = torch.nn.Module()
+    wrapped.module = a  # as DDP names them: module.0.weight
+    assert check.same_weights(wrapped, b)
+    assert "parameter tensors" in check.same_weights(a[0], b).detail
+
+
+def test_same_grads():
+    a, b = twins()
+    x = torch.randn(5, 3)
+    for m in (a, b):
+        m(x).sum().backward()
+    assert check.same_grads(a, [p.grad for p in b.parameters()])
+    assert "has no gradient" in check.same_grads(twins()[0], [p.grad for p in b.parameters()]).detail
+    b[0].weight.grad.mul_(2)  # a missing average over ranks
+    match = check.same_grads(a, {n: p.grad for n, p in b.named_parameters()})
+    assert not match and "0.weight.grad" in match.detail
+
+
+def test_require_prints_every_line_and_raises_with_the_difference(capsys):
+    a, b = twins()
+    check.require({"plain": check.same_weights(a, b), "bucketed": True})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["plain matches the single-process run:    True", "bucketed matches the single-process run: True"]
+    with torch.no_grad():
+        b[0].bias[1] -= 1.0
+    with pytest.raises(check.CheckFailed, match=r"1 of 2 checks failed[\s\S]*plain: 0\.bias differs by up to 1"):
+        check.require({"plain": check.same_weights(a, b), "bucketed": True})
+    assert capsys.readouterr().out.splitlines()[0].endswith("False")
+    with pytest.raises(check.CheckFailed, match="bare: False"):
+        check.require({"bare": False}, claim="")
