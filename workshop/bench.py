@@ -7,6 +7,8 @@ compute and its communication. They print measurements and write records; none p
                  scaling efficiency with no overlap and with perfect overlap of the two
     strategies   one TinyGPT step as compute alone, under DDP and under FSDP2 (fully_shard per block,
                  then the root): step times and tokens/s, for checking workshop.costmodel
+    collectives  all-reduce, all-gather and reduce-scatter of float32 tensors, timed in turns: the three
+                 collectives that DDP and FSDP use, for calibrating workshop.costmodel
     single       one device, before any parallelism: samples/s, speedup, step time, peak memory and
                  MFU of the same training steps under cumulative variants (workers and pinned memory,
                  bf16 autocast, channels_last, torch.compile, data resident on the device); see
@@ -224,6 +226,72 @@ def plot_allreduce(rows: list[dict], link: str | None = None):
     return fig
 
 
+# --- all-reduce, all-gather and reduce-scatter ------------------------------------------------------
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def _run_collective(name: str, whole: torch.Tensor, shard: torch.Tensor) -> None:
+    """One collective on a tensor of `whole.numel()` elements: all-reduce it, all-gather it from shards, or
+    reduce-scatter it into shards, as DDP (all-reduce) and FSDP (all-gather, reduce-scatter) call them."""
+    if name == "all_reduce":
+        tdist.all_reduce(whole, op=tdist.ReduceOp.SUM)
+    elif name == "all_gather":
+        tdist.all_gather_single(whole, shard)  # the calls FSDP2 makes
+    else:
+        tdist.reduce_scatter_single(shard, whole, op=tdist.ReduceOp.SUM)
+
+
+def collectives_sweep(sizes: list[int], collectives=COLLECTIVES, iters: int = 20, warmup: int = 5,
+                      env: DistEnv | None = None) -> list[dict]:
+    """Time each collective on float32 tensors of each size in bytes (the whole tensor: the all-reduced one,
+    the gathered result, the reduce-scatter's input), every rank at once (a collective).
+
+    The collectives take turns, one call each per iteration, so that a machine busy with other work slows
+    them alike; each call starts after a barrier, the slowest rank's time counts, and the median over
+    `iters` iterations (after `warmup` rounds) is reported. One row per size and collective: collective,
+    bytes, time_s, algbw_GBps. With one rank: no rows."""
+    env = env or dist.get_env()
+    unknown = [c for c in collectives if c not in COLLECTIVES]
+    if unknown:
+        raise ValueError(f"unknown collective {unknown}; choose from {', '.join(COLLECTIVES)}")
+    if not env.is_distributed:
+        return []
+    rows = []
+    for nbytes in sizes:
+        if nbytes <= 0 or nbytes % (_FLOAT32 * env.world_size):
+            raise ValueError(f"size {nbytes} bytes: give a positive multiple of 4 x {env.world_size} bytes (float32 "
+                             "elements that split evenly over the ranks)")
+        whole = torch.ones(nbytes // _FLOAT32, dtype=torch.float32, device=env.device)
+        shard = torch.ones(whole.numel() // env.world_size, dtype=torch.float32, device=env.device)
+        times = {c: [] for c in collectives}
+        for i in range(warmup + iters):
+            for c in collectives:
+                dist.barrier()
+                with metrics.Timer(env.device) as t:
+                    _run_collective(c, whole, shard)
+                if i >= warmup:
+                    times[c].append(t.elapsed)
+        for c in collectives:
+            time_s = statistics.median(_max_over_ranks(times[c], env))
+            rows.append({"collective": c, "bytes": nbytes, "time_s": time_s, "algbw_GBps": algbw(nbytes, time_s)})
+    return rows
+
+
+def format_collectives(rows: list[dict], env: DistEnv | None = None) -> str:
+    env = env or dist.get_env()
+    if not rows:
+        return ("one rank: no collective to time. Start N ranks: "
+                "python -m torch.distributed.run --standalone --nproc-per-node N -m workshop.bench collectives")
+    lines = [f"float32 collectives on {env.world_size} ranks ({env.backend}, {env.device}), taking turns: median over "
+             "iterations of the slowest rank's time; bytes of the whole tensor",
+             f"{'collective':>15} {'size':>10} {'time (us)':>11} {'algbw (GB/s)':>13}"]
+    for r in rows:
+        lines.append(f"{r['collective']:>15} {metrics.fmt_bytes(r['bytes']):>10} {r['time_s'] * 1e6:>11.1f} "
+                     f"{r['algbw_GBps']:>13.3f}")
+    return "\n".join(lines)
+
+
 # --- DDP throughput ------------------------------------------------------------------------------
 
 def ddp_throughput(model_name: str, micro_batch_size: int, steps: int, warmup: int, env: DistEnv | None = None) -> dict:
@@ -289,6 +357,26 @@ def format_ddp(result: dict) -> str:
         f"peak memory {peaks} (per rank)",
     ])
 
+
+def run_ddp(nproc: int, model_name: str, micro_batch_size: int, steps: int, warmup: int, run: Path) -> dict:
+    """`ddp_throughput` as a separate program on `nproc` ranks started by torchrun on this machine,
+    from a one-process notebook (04): its result, its output in run/ddp.log, its record in run/ddp/.
+    Each rank gets one intra-op thread, so on CPU a rank stands for one core, as a GPU for one device."""
+    import os
+    import subprocess
+
+    out = Path(run) / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "workshop.bench", "ddp", "--model", model_name, "--batch-size", str(micro_batch_size),
+           "--steps", str(steps), "--warmup", str(warmup), "--json", str(out)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # torchrun decides this world
+    env.update(OMP_NUM_THREADS="1", WORKSHOP_RUN_DIR=str(Path(run) / "ddp"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    (Path(run) / "ddp.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the DDP run failed with exit code {proc.returncode}; its output, also in "
+                           f"{metrics.display_path(Path(run) / 'ddp.log')}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return json.loads(out.read_text())
 
 # --- compute against communication ----------------------------------------------------------------
 
@@ -565,6 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_arg_positive, default=10, help="timed steps per strategy (default 10)")
     p.add_argument("--warmup", type=_arg_count, default=3, help="untimed steps first (default 3)")
 
+    p = sub.add_parser("collectives", help="all-reduce, all-gather and reduce-scatter time against size, in turns")
+    p.add_argument("--sizes", type=_arg_sizes, default=_arg_sizes(DEFAULT_SIZES),
+                   help=f"whole-tensor sizes, comma-separated, multiples of 4 x ranks bytes (default {DEFAULT_SIZES})")
+    p.add_argument("--iters", type=_arg_positive, default=20, help="timed iterations per size (default 20)")
+    p.add_argument("--warmup", type=_arg_count, default=5, help="untimed iterations first (default 5)")
+
     p = sub.add_parser("single", help="one device: samples/s, speedup and MFU of cumulative performance variants")
     p.add_argument("--model", type=_arg_model, default="small_cnn", help="small_cnn (default) or resnet18 (or vit_tiny)")
     p.add_argument("--batch-size", type=_arg_positive, default=32, help="samples per step (default 32; GPU: 512)")
@@ -626,6 +720,12 @@ def main(argv: list[str] | None = None) -> int:
             dist.print0(format_strategies(result))
             _write("bench-strategies", {"size": args.size, "micro_batch_size": args.batch_size, "seq_len": args.seq_len,
                                         "steps": args.steps, "warmup": args.warmup}, result, env)
+        elif args.command == "collectives":
+            rows = collectives_sweep(args.sizes, iters=args.iters, warmup=args.warmup, env=env)
+            dist.print0(format_collectives(rows, env=env))
+            if env.is_distributed:
+                _write("bench-collectives", {"sizes": args.sizes, "iters": args.iters, "warmup": args.warmup},
+                       {"rows": rows}, env)
         elif args.command == "single":
             if env.is_distributed:
                 raise SystemExit("workshop.bench single measures one device: run it as one process, not under torchrun/srun -n N")
