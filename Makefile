@@ -30,10 +30,10 @@ kernel: setup  ## register this environment as the Jupyter kernel "workshop"
 lab: kernel  ## start JupyterLab on the notebooks
 	$(BIN)/jupyter lab notebooks/
 
-notebooks: setup  ## re-execute the committed notebooks in place with their CPU defaults
-	cd notebooks && for nb in [0-9][0-9]_*.ipynb; do \
-	    $(CURDIR)/$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	        --ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.timeout=600 $$nb || exit 1; done
+notebooks: setup  ## re-execute the committed notebooks: multi-rank ones on 2 SLURM nodes x 2 ranks (else 4 local ranks)
+	@scripts/local_slurm.sh status >/dev/null 2>&1 || scripts/local_slurm.sh start || \
+	    echo "no local SLURM cluster (needs root): the multi-rank notebooks run on 4 local ranks"
+	$(BIN)/python -m workshop.regenerate
 
 lint: setup
 	$(BIN)/ruff check workshop tests notebooks

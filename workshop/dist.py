@@ -159,7 +159,7 @@ def detect(
 
 
 _ENV: DistEnv | None = None
-_STARTED: float | None = None  # time.monotonic() of the first init(): a notebook's own wall time
+_STARTED = time.monotonic()  # when a notebook's setup cell imported this module: the start of its own wall time
 
 
 def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
@@ -171,10 +171,9 @@ def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
     nothing. The timeout (default $WORKSHOP_DIST_TIMEOUT or 600 s) bounds how long a rank waits
     for a dead peer.
     """
-    global _ENV, _STARTED
+    global _ENV
     if _ENV is not None and env is None:
         return _ENV
-    _STARTED = _STARTED or time.monotonic()
     env = env or detect()
     if env.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(env.device))
@@ -228,8 +227,8 @@ def describe(env: DistEnv | None = None) -> str:
 
 
 def elapsed() -> float:
-    """Seconds since this process first called init(): what a notebook took, for its last line."""
-    return time.monotonic() - _STARTED if _STARTED is not None else 0.0
+    """Seconds since this module was imported (a notebook's setup cell): what a notebook took, for its last line."""
+    return time.monotonic() - _STARTED
 
 
 def print0(*args, **kwargs) -> None:

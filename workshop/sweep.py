@@ -163,7 +163,8 @@ def write_record(folder: Path, index: int, config: dict, t: Task, *, notebook: s
                          f"({metrics.display_path(path)}): two tasks were given the same configuration")
     path.parent.mkdir(parents=True, exist_ok=True)
     task_info = {"index": index, "count": t.count, "launcher": t.launcher,
-                 "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"), "node": os.uname().nodename}
+                 "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+                 "node": os.environ.get("SLURMD_NODENAME") or os.uname().nodename}  # n1, n2 on the local cluster
     written = metrics.write_record(path.parent, notebook=notebook, params=params, results=results, env=task_env(env),
                                    sweep=t.sweep_id, config_index=index, config=config, task=task_info, **extra)
     assert written == path
