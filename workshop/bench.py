@@ -358,25 +358,31 @@ def format_ddp(result: dict) -> str:
     ])
 
 
-def run_ddp(nproc: int, model_name: str, micro_batch_size: int, steps: int, warmup: int, run: Path) -> dict:
+def run_ddp(nproc: int, model_name: str, micro_batch_size: int, steps: int, warmup: int, run: Path,
+            cpu: bool = False) -> dict:
     """`ddp_throughput` as a separate program on `nproc` ranks started by torchrun on this machine,
     from a one-process notebook (04): its result, its output in run/ddp.log, its record in run/ddp/.
-    Each rank gets one intra-op thread, so on CPU a rank stands for one core, as a GPU for one device."""
+    Each rank gets one intra-op thread, so on CPU a rank stands for one core, as a GPU for one device.
+    `cpu`: on the CPU even where there are GPUs."""
     import os
     import subprocess
 
+    Path(run).mkdir(parents=True, exist_ok=True)
     out = Path(run) / "ddp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "workshop.bench", "ddp", "--model", model_name, "--batch-size", str(micro_batch_size),
            "--steps", str(steps), "--warmup", str(warmup), "--json", str(out)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # torchrun decides this world
     env.update(OMP_NUM_THREADS="1", WORKSHOP_RUN_DIR=str(Path(run) / "ddp"))
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     (Path(run) / "ddp.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"the DDP run failed with exit code {proc.returncode}; its output, also in "
                            f"{metrics.display_path(Path(run) / 'ddp.log')}:\n{(proc.stdout + proc.stderr)[-3000:]}")
     return json.loads(out.read_text())
+
 
 # --- compute against communication ----------------------------------------------------------------
 
