@@ -287,19 +287,26 @@ def lightning_environment(env: DistEnv):
     return WorkshopEnvironment()
 
 
+_LIGHTNING_QUIET = False
+
+
 def _quiet_lightning() -> None:
-    """Silence what Lightning says that is not the lesson: its hint to use srun (the processes
-    were started by srun or torchrun already, and the plugin tells it so), a deprecation inside
-    its own code, a validation step left unused on purpose, its advice to sync epoch metrics in a
-    world of one process (our process group of one; with more ranks they are synced), and an
-    advertisement."""
+    """Silence, once per process, what Lightning says that is not the lesson: its banner of
+    accelerators ("GPU available: False, used: False", "TPU available: ...") and its other
+    rank-zero notes (INFO; warnings still show), its hint to use srun (the processes were started
+    by srun or torchrun already, and the plugin tells it so), a deprecation inside its own code, a
+    validation step left unused on purpose, and its advice to sync epoch metrics (in a world of one
+    process there is nothing to sync; with more ranks they are synced)."""
+    global _LIGHTNING_QUIET
+    if _LIGHTNING_QUIET:
+        return
+    _LIGHTNING_QUIET = True
     warnings.filterwarnings("ignore", message=r".*`srun` command is available")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no `val_dataloader`")
-    if get_env().world_size == 1:
-        warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True\)`")
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True\)`")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(lambda record: "Tip:" not in str(record.msg))
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _check_strategy_fits_device(strategy, env: DistEnv) -> None:
