@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -86,3 +87,25 @@ def slurm():
     if os.environ.get("WORKSHOP_REQUIRE_SLURM") == "1":
         pytest.fail(msg + ", and WORKSHOP_REQUIRE_SLURM=1")
     pytest.skip(msg)
+
+
+def checked_outputs(notebook: Path) -> dict:
+    """The text each `# NBVAL_CHECK_OUTPUT` cell of a notebook printed, by cell id, with machine paths,
+    job ids and times scrubbed as `make notebooks` scrubs them."""
+    from workshop.regenerate import scrub
+
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    return {c.get("id"): scrub("".join("".join(o.get("text", "")) for o in c.get("outputs", [])
+                                      if o.get("output_type") == "stream"))
+            for c in cells if c["cell_type"] == "code" and "".join(c["source"]).startswith("# NBVAL_CHECK_OUTPUT")}
+
+
+def assert_checks_as_committed(executed: Path, committed: str | Path, skip: tuple[str, ...] = ()):
+    """A fresh multi-rank run's checked cells print what the committed notebook shows (which `make notebooks`
+    made on 4 ranks, and nbval compares with one process). `skip`: ids of checked cells whose output depends
+    on a parameter the test changed."""
+    ran, want = checked_outputs(executed), checked_outputs(REPO / committed)
+    assert want, f"{committed} has no NBVAL_CHECK_OUTPUT cell"
+    for cell_id, text in want.items():
+        if cell_id not in skip:
+            assert ran.get(cell_id) == text, f"checked cell {cell_id} of {committed}: ran {ran.get(cell_id)!r}, not {text!r}"
