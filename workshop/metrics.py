@@ -13,6 +13,7 @@ runs/<notebook>-<time>. Reports are computed from the records only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -160,6 +161,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def finite_only(value, where: str = "", found: dict | None = None):
+    """`value` with every NaN or infinite float replaced by None, so that it is strict JSON (a reader in
+    another language refuses NaN); `found` collects where each was and what it was ("results.val_loss": "nan")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if found is not None:
+            found[where] = repr(value)
+        return None
+    if isinstance(value, dict):
+        return {k: finite_only(v, f"{where}.{k}" if where else str(k), found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_only(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
 def write_record(run: Path, *, notebook: str, params: dict, results: dict, status: str = "ok",
                  env: DistEnv | None = None, **extra) -> Path | None:
     """Write `run/record.json` (rank 0 only; other ranks return None): what ran, where, with
@@ -180,8 +195,13 @@ def write_record(run: Path, *, notebook: str, params: dict, results: dict, statu
         "results": results,
         **extra,
     }
+    non_finite: dict = {}
+    record = finite_only(record, found=non_finite)
+    if non_finite:  # stored as null, and said why
+        record["non_finite"] = {where: f"{value}: not a number JSON can hold, stored as null"
+                                for where, value in non_finite.items()}
     path = Path(run) / "record.json"
-    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=2, default=str, allow_nan=False) + "\n")
     return path
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from workshop import params
 from workshop.metrics import REPO, atomic_write_text, display_path, runs_root
 from workshop.progress import DEFAULT_LOG_EVERY
 
@@ -159,6 +160,12 @@ def check_notebook(notebook: Path, papermill_args: list[str]) -> None:
             + (listing or "  (none)")
         )
     check_types(notebook, known, given)
+    try:
+        broken = params.problems(params.rules(known), given)
+    except ValueError as err:  # a rule the notebook declares but nobody can read
+        raise RunError(f"{notebook.name}: {err}") from None
+    if broken:
+        raise RunError("; ".join(broken) + f" (the rules are in {notebook.name}'s parameters cell)")
     check_environment(given, papermill_args)
 
 

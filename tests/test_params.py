@@ -1,0 +1,55 @@
+"""workshop.params: rules read from a parameters cell's comments, and values checked against them; records
+are strict JSON (metrics.finite_only)."""
+
+import json
+
+import nbformat
+import pytest
+
+from workshop import metrics, params
+
+
+def test_rules_read_from_comments():
+    assert params.parse_rule("passes over the data [>= 1]").bounds == ((">=", 1.0),)
+    assert params.parse_rule("SGD lr (momentum 0.9) [> 0, <= 10]").bounds == ((">", 0.0), ("<=", 10.0))
+    assert params.parse_rule("the model [one of: small_cnn, resnet18]").choices == ("small_cnn", "resnet18")
+    assert params.parse_rule("no rule here (a parenthesis)") is None
+    with pytest.raises(ValueError, match="cannot read the rule"):
+        params.parse_rule("a [between 1 and 2]")
+
+
+@pytest.mark.parametrize("rule,value,why", [
+    ("[>= 1]", -1, "must be >= 1"), ("[>= 1]", 0, "must be >= 1"), ("[> 0, <= 10]", float("nan"), "is not a number"),
+    ("[> 0, <= 10]", 11.0, "must be > 0, <= 10"), ("[> 0, <= 10]", "fast", "must be a number"),
+    ("[>= 1]", True, "must be a number"), ("[one of: a, b]", "c", "must be one of a, b")])
+def test_values_outside_their_rule(rule, value, why):
+    assert why in params.parse_rule(rule).problem(value)
+
+
+@pytest.mark.parametrize("rule,value", [("[>= 1]", 1), ("[> 0, <= 10]", 0.05), ("[one of: a, b]", "b")])
+def test_values_inside_their_rule(rule, value):
+    assert params.parse_rule(rule).problem(value) is None
+
+
+def test_a_notebook_checks_its_own_globals(tmp_path):
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    cell = nbformat.v4.new_code_cell('epochs = 2  # passes [>= 1]\nlr = 0.1  # SGD [> 0, <= 10]\nname = "x"  # free text')
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    assert set(params.declared(path)) == {"epochs", "lr"}
+    params.check(path, {"epochs": 2, "lr": 0.1, "name": "anything"})
+    with pytest.raises(params.ParameterError, match=r"epochs = -1 must be >= 1; parameter lr = nan is not a number"):
+        params.check(path, {"epochs": -1, "lr": float("nan")})
+
+
+def test_records_hold_no_nan(tmp_path):
+    found = {}
+    clean = metrics.finite_only({"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "d": "nan"}, found=found)
+    assert clean == {"a": [1.0, None], "b": {"c": None}, "d": "nan"}
+    assert found == {"a[1]": "nan", "b.c": "-inf"}
+    path = metrics.write_record(tmp_path, notebook="t", params={"lr": float("nan")}, results={"val_loss": float("inf")})
+    record = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in a record"))
+    assert record["params"]["lr"] is None and record["results"]["val_loss"] is None
+    assert set(record["non_finite"]) == {"params.lr", "results.val_loss"}

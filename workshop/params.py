@@ -1,0 +1,101 @@
+"""A notebook's parameters and their valid values, declared once, beside each parameter.
+
+The parameters cell of a notebook ends a parameter's comment with its rule in brackets:
+
+    epochs = 2  # passes over the training set [>= 1]
+    lr = 0.05  # SGD learning rate [> 0, <= 10]
+    model_name = "small_cnn"  # the model [one of: small_cnn, resnet18, vit_tiny]
+
+`scripts/run_notebook.sh` checks the values it is given against these rules before a run folder exists
+(`python -m workshop.runner prepare`), and the notebook checks its own values in its setup cell, where there is
+no launcher (JupyterLab): `params.check("01_baseline", globals())`. A value outside its rule is an error that
+names the parameter, the value and what is valid. NaN is outside every range. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+_RULE = re.compile(r"\[([^\[\]]+)\]\s*$")  # the last bracket of a comment
+
+
+class ParameterError(ValueError):
+    """A parameter value outside what its notebook declares valid."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    text: str  # as declared: ">= 1", "> 0, <= 10", "one of: a, b"
+    bounds: tuple[tuple[str, float], ...] = ()
+    choices: tuple[str, ...] = ()
+
+    def problem(self, value) -> str | None:
+        """Why `value` breaks this rule, or None when it keeps it."""
+        if self.choices:
+            return None if str(value) in self.choices else f"must be one of {', '.join(self.choices)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number {self.text}"
+        if isinstance(value, float) and math.isnan(value):
+            return f"is not a number; it must be {self.text}"
+        for op, bound in self.bounds:
+            if not _OPS[op](value, bound):
+                return f"must be {self.text}"
+        return None
+
+
+def parse_rule(comment: str) -> Rule | None:
+    """The rule at the end of a parameter's comment, or None where it declares none."""
+    m = _RULE.search(comment or "")
+    if not m:
+        return None
+    text = m.group(1).strip()
+    if text.startswith("one of:"):
+        return Rule(text, choices=tuple(c.strip() for c in text.removeprefix("one of:").split(",") if c.strip()))
+    bounds = []
+    for part in text.split(","):
+        bm = re.fullmatch(r"\s*(>=|<=|>|<)\s*(-?[\d.]+(?:e-?\d+)?)\s*", part)
+        if not bm:
+            raise ValueError(f"cannot read the rule [{text}]: write [>= 1], [> 0, <= 10] or [one of: a, b]")
+        bounds.append((bm.group(1), float(bm.group(2))))
+    return Rule(text, bounds=tuple(bounds))
+
+
+def declared(notebook: str | Path) -> dict[str, Rule]:
+    """The rules of a notebook's parameters cell, by parameter name ("01_baseline" or a path)."""
+    import papermill
+
+    path = Path(notebook)
+    if not path.suffix:
+        path = NOTEBOOKS / f"{notebook}.ipynb"
+    return rules(papermill.inspect_notebook(str(path)))
+
+
+def rules(inspected: dict) -> dict[str, Rule]:
+    """The rules of the parameters that `papermill.inspect_notebook` found (their comments are its "help")."""
+    found = {name: parse_rule(p.get("help", "")) for name, p in inspected.items()}
+    return {name: rule for name, rule in found.items() if rule is not None}
+
+
+def problems(rules: dict[str, Rule], values: dict) -> list[str]:
+    """One message per value that breaks its rule."""
+    out = []
+    for name, rule in rules.items():
+        if name in values:
+            why = rule.problem(values[name])
+            if why:
+                out.append(f"parameter {name} = {values[name]!r} {why}")
+    return out
+
+
+def check(notebook: str | Path, values: dict) -> None:
+    """Raise ParameterError naming every parameter of `notebook` whose value in `values` (the notebook's
+    globals(), or the values a launcher was given) breaks its declared rule."""
+    found = problems(declared(notebook), values)
+    if found:
+        raise ParameterError("; ".join(found) + " (see the notebook's parameters cell)")
