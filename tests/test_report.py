@@ -183,3 +183,29 @@ def test_make_run_series_ends_with_the_report(runs, tmp_path):
     assert "scaling report:" in out.stdout and report_md.name in out.stdout.split("scaling report:")[1]
     nb = (report_md.parent.parent / "09_scaling_report.ipynb").read_text()
     assert "reporting on:" in nb and series.name in nb  # the series' folder was passed as `runs`
+
+
+def test_an_empty_plot_is_one_sentence_saying_what_run_fills_it(tmp_path):
+    runs = tmp_path / "runs"
+    # one run on one device, no peak memory: nothing to scale, nothing in memory; a throughput for the cost
+    record(runs, "one", "bench-ddp", {"model": "small_cnn", "micro_batch_size": 64, "throughput": 100.0})
+    rep = report.build(runs, sacct=None)
+    assert "on 2 or more ranks" in report.missing(rep, "speedup.png") and "05_ddp" in report.missing(rep, "efficiency.png")
+    assert "peak_memory_bytes" in report.missing(rep, "memory.png") and report.missing(rep, "cost.png") is None
+    assert isinstance(report.figure(rep, "speedup.png"), str) and not isinstance(report.figure(rep, "cost.png"), str)
+    path = report.write(rep, tmp_path / "out")
+    assert sorted(p.name for p in path.parent.glob("*.png")) == ["cost.png"]
+    text = path.read_text()
+    assert "![cost](cost.png)" in text and "![speedup]" not in text and "so there is no speedup to plot" in text
+    # the full folder fills every plot
+    full = report.build(_full_runs(tmp_path), sacct=None)
+    assert all(report.missing(full, name) is None for name in report.PLOTS)
+
+
+def _full_runs(tmp_path):
+    runs = tmp_path / "full"
+    for n, sps in ((1, 100.0), (2, 150.0)):
+        record(runs, f"cnn{n}", "bench-ddp", {"model": "small_cnn", "micro_batch_size": 64, "throughput": sps,
+                                             "strategy": "ddp" if n > 1 else "single", "peak_memory_bytes": 2**20},
+               world_size=n)
+    return runs

@@ -420,6 +420,28 @@ def plot_cost(report: Report):
 PLOTS = {"speedup.png": plot_speedup, "efficiency.png": lambda r: plot_speedup(r, efficiency=True),
          "memory.png": plot_memory, "cost.png": plot_cost}
 
+_MULTI_RANK = ("run a series on 2 or more ranks beside its one-device run, e.g. "
+               "`scripts/run_notebook.sh --nproc 2 notebooks/05_ddp.ipynb`, or "
+               "`python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.bench strategies`")
+
+
+def missing(report: Report, name: str) -> str | None:
+    """The one sentence that stands in for plot `name` (a key of PLOTS) when it has nothing to show, saying what
+    run would fill it; None when it has something."""
+    if name in ("speedup.png", "efficiency.png") and not any(True for _ in _lines(report)):
+        return f"No series was measured on more than one device, so there is no {name[:-4]} to plot: {_MULTI_RANK}."
+    if name == "memory.png" and not any(r.peak_memory_bytes for s in report.series for r in s.rows):
+        return ("No run recorded its peak memory, so there is no memory to plot: the notebooks record it "
+                "(results.peak_memory_bytes), e.g. `scripts/run_notebook.sh --nproc 2 notebooks/06_sharding.ipynb`.")
+    if name == "cost.png" and not report.series:
+        return "No run measured a throughput, so there is no cost to plot: run the notebooks (`make run`) or a benchmark."
+    return None
+
+
+def figure(report: Report, name: str):
+    """Plot `name` (a key of PLOTS) as a matplotlib Figure, or, when it would be empty, the sentence of `missing`."""
+    return missing(report, name) or PLOTS[name](report)
+
 
 # --- Markdown --------------------------------------------------------------------------------------
 
@@ -437,6 +459,9 @@ def markdown(report: Report, plots: list[str] = ()) -> str:
         parts += [f"## {s.title}", "", series_table(s), ""]
     for name in plots:
         parts += [f"![{name[:-4]}]({name})", ""]
+    if report.runs:  # an empty plot is never shown: one sentence says what run would fill it
+        parts += [f"*{name[:-4]}*: {missing(report, name)}" for name in PLOTS if name not in plots and missing(report, name)]
+        parts.append("")
     if report.failed:
         parts += ["## Failed runs", "", "Listed, never averaged in.", "", failed_table(report.failed), ""]
     if report.unmeasured:
@@ -450,8 +475,8 @@ def write(report: Report, out: Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = []
-    if report.series:
-        for name, plot in PLOTS.items():
+    for name, plot in PLOTS.items():
+        if not missing(report, name):
             plot(report).savefig(out / name, dpi=110)
             names.append(name)
     path = out / "report.md"
