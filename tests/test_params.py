@@ -10,8 +10,8 @@ from workshop import metrics, params
 
 
 def test_rules_read_from_comments():
-    assert params.parse_rule("passes over the data [>= 1]").bounds == ((">=", 1.0),)
-    assert params.parse_rule("SGD lr (momentum 0.9) [> 0, <= 10]").bounds == ((">", 0.0), ("<=", 10.0))
+    assert params.parse_rule("passes over the data [at least 1]").bounds == (("at least", 1.0),)
+    assert params.parse_rule("SGD lr (momentum 0.9) [above 0, at most 10]").bounds == (("above", 0.0), ("at most", 10.0))
     assert params.parse_rule("the model [one of: small_cnn, resnet18]").choices == ("small_cnn", "resnet18")
     assert params.parse_rule("no rule here (a parenthesis)") is None
     with pytest.raises(ValueError, match="cannot read the rule"):
@@ -19,28 +19,32 @@ def test_rules_read_from_comments():
 
 
 @pytest.mark.parametrize("rule,value,why", [
-    ("[>= 1]", -1, "must be >= 1"), ("[>= 1]", 0, "must be >= 1"), ("[> 0, <= 10]", float("nan"), "is not a number"),
-    ("[> 0, <= 10]", 11.0, "must be > 0, <= 10"), ("[> 0, <= 10]", "fast", "must be a number"),
-    ("[>= 1]", True, "must be a number"), ("[one of: a, b]", "c", "must be one of a, b")])
+    ("[at least 1]", -1, "must be at least 1"), ("[at least 1]", 0, "must be at least 1"),
+    ("[above 0, at most 10]", float("nan"), "is not a number"),
+    ("[above 0, at most 10]", 11.0, "must be above 0, at most 10"), ("[above 0, below 1]", 1.0, "must be above 0, below 1"),
+    ("[above 0, at most 10]", "fast", "must be a number"),
+    ("[at least 1]", True, "must be a number"), ("[one of: a, b]", "c", "must be one of a, b")])
 def test_values_outside_their_rule(rule, value, why):
     assert why in params.parse_rule(rule).problem(value)
 
 
-@pytest.mark.parametrize("rule,value", [("[>= 1]", 1), ("[> 0, <= 10]", 0.05), ("[one of: a, b]", "b")])
+@pytest.mark.parametrize("rule,value", [("[at least 1]", 1), ("[above 0, at most 10]", 0.05), ("[one of: a, b]", "b")])
 def test_values_inside_their_rule(rule, value):
     assert params.parse_rule(rule).problem(value) is None
 
 
 def test_a_notebook_checks_its_own_globals(tmp_path):
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    cell = nbformat.v4.new_code_cell('epochs = 2  # passes [>= 1]\nlr = 0.1  # SGD [> 0, <= 10]\nname = "x"  # free text')
+    cell = nbformat.v4.new_code_cell('epochs = 2  # passes [at least 1]\n'
+                                     'lr = 0.1  # SGD [above 0, at most 10]\n'
+                                     'name = "x"  # free text')
     cell.metadata["tags"] = ["parameters"]
     nb.cells = [cell]
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
     assert set(params.declared(path)) == {"epochs", "lr"}
     params.check(path, {"epochs": 2, "lr": 0.1, "name": "anything"})
-    with pytest.raises(params.ParameterError, match=r"epochs = -1 must be >= 1; parameter lr = nan is not a number"):
+    with pytest.raises(params.ParameterError, match=r"epochs = -1 must be at least 1; parameter lr = nan is not a number"):
         params.check(path, {"epochs": -1, "lr": float("nan")})
 
 

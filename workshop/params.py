@@ -2,9 +2,11 @@
 
 The parameters cell of a notebook ends a parameter's comment with its rule in brackets:
 
-    epochs = 2  # passes over the training set [>= 1]
-    lr = 0.05  # SGD learning rate [> 0, <= 10]
+    epochs = 2  # passes over the training set [at least 1]
+    lr = 0.05  # SGD learning rate [above 0, at most 10]
     model_name = "small_cnn"  # the model [one of: small_cnn, resnet18, vit_tiny]
+
+Words, not `>=`: papermill skips a parameter line with a second `=` in it (its parser splits on `=`).
 
 `scripts/run_notebook.sh` checks the values it is given against these rules before a run folder exists
 (`python -m workshop.runner prepare`), and the notebook checks its own values in its setup cell, where there is
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+_OPS = {"at least": operator.ge, "above": operator.gt, "at most": operator.le, "below": operator.lt}
 _RULE = re.compile(r"\[([^\[\]]+)\]\s*$")  # the last bracket of a comment
 
 
@@ -31,7 +33,7 @@ class ParameterError(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    text: str  # as declared: ">= 1", "> 0, <= 10", "one of: a, b"
+    text: str  # as declared: "at least 1", "above 0, at most 10", "one of: a, b"
     bounds: tuple[tuple[str, float], ...] = ()
     choices: tuple[str, ...] = ()
 
@@ -59,9 +61,9 @@ def parse_rule(comment: str) -> Rule | None:
         return Rule(text, choices=tuple(c.strip() for c in text.removeprefix("one of:").split(",") if c.strip()))
     bounds = []
     for part in text.split(","):
-        bm = re.fullmatch(r"\s*(>=|<=|>|<)\s*(-?[\d.]+(?:e-?\d+)?)\s*", part)
+        bm = re.fullmatch(r"\s*(at least|above|at most|below)\s+(-?[\d.]+(?:e-?\d+)?)\s*", part)
         if not bm:
-            raise ValueError(f"cannot read the rule [{text}]: write [>= 1], [> 0, <= 10] or [one of: a, b]")
+            raise ValueError(f"cannot read the rule [{text}]: write [at least 1], [above 0, at most 10] or [one of: a, b]")
         bounds.append((bm.group(1), float(bm.group(2))))
     return Rule(text, bounds=tuple(bounds))
 
