@@ -122,6 +122,8 @@ trap on_usr1 USR1
 [[ -n $usr1_early ]] && on_usr1
 # SIGTERM (scancel, or the time limit itself): stop the ranks and still write the record.
 trap 'interrupted=${interrupted:-SIGTERM (cancelled, or the time limit was reached)}; kill -TERM "$launcher_pid" 2>/dev/null' TERM
+# SIGINT (Ctrl-C): the user stopped it; recorded as interrupted, as for SIGTERM, not as a failure.
+trap 'interrupted=${interrupted:-SIGINT (stopped by the user, Ctrl-C)}; kill -TERM "$launcher_pid" 2>/dev/null' INT
 while kill -0 "$launcher_pid" 2>/dev/null; do
     wait "$launcher_pid"  # returns early when a trapped signal arrives; then wait again
 done

@@ -130,6 +130,26 @@ def test_an_interrupted_run_resumes_in_its_folder_to_the_same_weights(tmp_path, 
     assert_same_weights(final_weights(run), reference)
 
 
+@pytest.mark.multirank
+def test_ctrl_c_records_an_interrupted_run_and_ends_every_process(runs):
+    """Ctrl-C in a terminal: SIGINT to the whole foreground process group."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(WORKSHOP_PYTHON=sys.executable, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    proc = subprocess.Popen(["bash", str(RUN_NOTEBOOK), "--nproc", "2", RESUME, *RESUME_ARGS, "-p", "step_sleep_s", "0.5"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    run = wait_for_step(runs, 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.time()
+    _, err = proc.communicate(timeout=300)
+    print(f"\nCtrl-C: every process ended {time.time() - sent:.1f} s after it")
+    assert proc.returncode == 3, err[-3000:]
+    record = json.loads((run / "record.json").read_text())
+    assert record["status"] == "interrupted" and record["reason"][0].startswith("SIGINT (stopped by the user"), record
+    assert "RUN INTERRUPTED" in err
+    assert leftover(run) == []
+
+
 # --- run folders on a shared cluster --------------------------------------------------------------
 
 def test_run_folders_are_private_and_hold_no_secrets(runs, monkeypatch):
