@@ -78,3 +78,11 @@ def test_require_prints_every_line_and_raises_with_the_difference(capsys):
     assert capsys.readouterr().out.splitlines()[0].endswith("False")
     with pytest.raises(check.CheckFailed, match="bare: False"):
         check.require({"bare": False}, claim="")
+
+
+def test_a_non_finite_loss_stops_training_with_its_step():
+    check.stop_if_diverged(torch.tensor(2.5), step=3, lr=0.1)
+    with pytest.raises(check.Diverged, match=r"diverged at step 7: the loss is nan \(lr 100\)[\s\S]*10 times lower"):
+        check.stop_if_diverged(torch.tensor(float("nan")), step=7, lr=100.0)
+    with pytest.raises(check.Diverged, match="the loss is inf"):
+        check.stop_if_diverged(float("inf"), step=0)

@@ -15,6 +15,7 @@ Every rank must call the comparisons (they all-reduce the verdict); a process of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -24,6 +25,25 @@ import torch.distributed as tdist
 
 class CheckFailed(AssertionError):
     """A parallel version does not compute what the one-process reference computes."""
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite: training cannot recover from it, so it stops."""
+
+
+def stop_if_diverged(loss, step: int, lr: float | None = None) -> None:
+    """Raise Diverged on every rank, together, when the loss of `step` is NaN or infinite on any rank.
+    Every rank must call it at every step it checks (one scalar all-reduce): a rank that stopped alone
+    would leave the others waiting in their next collective until the timeout."""
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
+    if bad.item():
+        here = f"the loss is {value}" if not math.isfinite(value) else "another rank's loss is not finite"
+        raise Diverged(f"training diverged at step {step}: {here}" + (f" (lr {lr:g})" if lr is not None else "")
+                       + ". Nothing after this step can be trusted; try a learning rate 10 times lower, a warm-up, "
+                       "or gradient clipping (torch.nn.utils.clip_grad_norm_)")
 
 
 @dataclass(frozen=True)
