@@ -212,7 +212,8 @@ def test_projection_marks_what_does_not_fit():
         assert not r["fits"] and r["memory_bytes"] > 112e9 and r["efficiency"] is None and r["step_s"] is None
         assert r["fits_with"] == ["fsdp", "tp_fsdp"]
     text = cm.format_projection(ddp)
-    assert "does not fit; fits with fsdp, tp_fsdp" in text and "7B DDP does not fit on up to 64 h100 GPUs" in text
+    assert "does not fit; fits with fsdp, tp_fsdp" in text
+    assert "7B DDP does not fit on up to 64 h100 GPUs: memory, 110.1 GiB per GPU there against 67.1 GiB usable" in text
     seventy = cm.project(cm.Workload.from_size("70B"), "h100", "fsdp", micro_batch_size=4, devices=(16, 32, 4096))
     assert [r["fits"] for r in seventy.rows] == [False, True, True]
     assert cm.scaling_summary(seventy).startswith("70B FSDP needs 32 GPUs to fit in memory;")

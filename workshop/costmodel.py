@@ -581,8 +581,9 @@ def scaling_summary(proj: Projection, floor: float = 0.8) -> str:
     fitting = [r for r in rows if r["fits"]]
     if not fitting:
         r = rows[-1]
-        return (f"{proj.label} does not fit on up to {r['devices']} {proj.gpu} GPUs: memory "
-                f"({_gib(r['memory_bytes'])} per GPU at {r['devices']}).")
+        cap = MEMORY_MARGIN * GPUS[proj.gpu]["memory"]
+        return (f"{proj.label} does not fit on up to {r['devices']} {proj.gpu} GPUs: memory, {_gib(r['memory_bytes'])} per "
+                f"GPU there against {_gib(cap)} usable.")
     start = fitting[0]
     text = f"{proj.label}"
     if start is not rows[0]:
@@ -591,7 +592,7 @@ def scaling_summary(proj: Projection, floor: float = 0.8) -> str:
     if low is None:
         last = fitting[-1]
         return text + f" keeps {last['efficiency']:.0%} efficiency at {last['devices']} GPUs."
-    gap = "latency: per-operation latency across the nodes" if low["bound"] == "latency" else \
+    gap = "latency: the collectives' latency per operation" if low["bound"] == "latency" else \
         "bandwidth: more bytes than the links move while the GPU computes"
     return text + f" falls below {floor:.0%} at {low['devices']} GPUs ({low['efficiency']:.0%}), bound by {gap}."
 
@@ -605,12 +606,14 @@ def plot_projections(projections: list[Projection], published: list | None = Non
     if ax is None:
         fig = Figure(figsize=(7, 4.2), layout="constrained")
         ax = fig.add_subplot()
+    misfits = 0
     for proj in projections:
         fit = [r for r in proj.rows if r["fits"]]
         line, = ax.plot([r["devices"] for r in fit], [r["efficiency"] for r in fit], "o-", ms=3, label=proj.label)
         out = [r["devices"] for r in proj.rows if not r["fits"]]
-        if out:
-            ax.plot(out, [0.02] * len(out), "x", color=line.get_color(), ms=6)
+        if out:  # one row of marks per projection, so that they do not hide each other
+            ax.plot(out, [0.02 + 0.03 * misfits] * len(out), "x", color=line.get_color(), ms=6)
+            misfits += 1
     if any(not r["fits"] for p in projections for r in p.rows):
         ax.plot([], [], "x", color="gray", label="does not fit")
     for case in published or []:
@@ -625,7 +628,7 @@ def plot_projections(projections: list[Projection], published: list | None = Non
     ax.set_ylabel("scaling efficiency")
     ax.set_title("projected weak scaling")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="lower left", bbox_to_anchor=(0, 0.1))
     return fig if fig is not None else ax
 
 
