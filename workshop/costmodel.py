@@ -19,7 +19,7 @@ The bytes term: NCCL runs one ring (or tree) per NIC of a node, so a node's g GP
 at g times a GPU's share, while inside the node each GPU forwards (g-1)/g of the traffic over NVLink; the
 slower of the two sets the pace. The all-reduce takes whichever of ring and tree is faster for its size and
 scale, as NCCL's tuner does: the ring for large messages on few nodes, the tree where the ring's latency,
-linear in p, takes over (about 2p hops: 65 ms per operation at 4096 GPUs against 0.2 ms for the tree).
+linear in p, takes over (2(p-1) hops: on 4096 H100 of LINKS, 30 ms per operation against 0.2 ms for the tree).
 Inside one node (N = 1) it is the ring. On one link (an AlphaBeta) these are the plain ring formulas.
 
 Step time of one optimizer step per GPU, `compute_s` the forward, backward and optimizer step of its micro
@@ -708,8 +708,8 @@ def _megatron() -> Published:
     return Published(
         "Megatron 2019", "Shoeybi et al. 2019, Megatron-LM, arXiv:1909.08053: abstract (76% of a 39 TFLOP/s "
         "one-GPU baseline on 512 GPUs), sec. 5 (32 DGX-2H, 300 GB/s NVSwitch, 100 GB/s between servers over 8 "
-        "InfiniBand adapters), Table 1; Megatron-LM's training loop all-reduces the fp16 gradients after the "
-        "backward (fp32_allreduce off) and recomputes activations",
+        "InfiniBand adapters), Table 1; Megatron-LM's training loop (github.com/NVIDIA/Megatron-LM, megatron/training.py, "
+        "DDP_impl local) all-reduces the fp16 gradients after the backward (fp32_allreduce off) and recomputes activations",
         0.76, 512, 1, "tp_ddp", Cluster(LINKS["nvlink2-v100"], shared("ib-edr-100", 2), 16, "DGX-2H"), w, b, 2,
         compute_s=flops / 8 / 39e12, overlap=False, bucket_bytes=None, tp=8, tp_allreduces_per_layer=6,
         setup="8.3B GPT-2, 8-way TP x 64-way DP on 512 V100, 16 per node, batch 8 per replica of 1024 tokens")
