@@ -176,9 +176,11 @@ def test_make_run_series_ends_with_the_report(runs, tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (series,) = (tmp_path / "made").iterdir()
-    folders = sorted(p.name.split("-", 2)[-1] for p in series.iterdir())
-    assert folders == ["09_scaling_report", "fail_on_rank"]
-    assert out.stdout.index("=== fail_on_rank") < out.stdout.index("=== 09_scaling_report")  # the report last
+    folders_by_name = {p.name.split("-", 2)[-1]: p.name for p in series.iterdir()}
+    assert sorted(folders_by_name) == ["09_scaling_report", "fail_on_rank"]
+    assert out.stdout.index("fail_on_rank.ipynb") < out.stdout.index("09_scaling_report.ipynb")  # the report last
+    assert "Executing" not in out.stdout  # papermill's progress is in the run folders, one line a notebook here
+    assert (series / folders_by_name["fail_on_rank"] / "logs" / "launcher.log").is_file()
     (report_md,) = series.glob("*-09_scaling_report/report/report.md")
     assert "scaling report:" in out.stdout and report_md.name in out.stdout.split("scaling report:")[1]
     nb = (report_md.parent.parent / "09_scaling_report.ipynb").read_text()

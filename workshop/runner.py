@@ -584,14 +584,27 @@ def series(notebooks: list[Path]) -> int:
     env = dict(os.environ, WORKSHOP_PYTHON=sys.executable, WORKSHOP_RUNS=str(root))
     env.pop("SLURM_JOB_ID", None)  # local ranks even inside an allocation
     notebooks = sorted(notebooks, key=lambda nb: nb.stem == REPORT_NOTEBOOK)  # the report after every other
+    width = max(len(nb.name) for nb in notebooks) if notebooks else 8
     rows = []
+    print(f"running {len(notebooks)} notebooks into {display_path(root)}; what each printed: logs/launcher.log in its run folder")
     for nb in notebooks:
         before = set(root.glob(f"*-{nb.stem}*"))
         nranks = declared_ranks(nb)
         extra = ["-p", "runs", str(root)] if nb.stem == REPORT_NOTEBOOK else []
-        print(f"\n=== {nb.name}: {nranks} rank(s) ===", flush=True)
-        rc = subprocess.run(["bash", str(script), "--nproc", str(nranks), str(nb), *extra], env=env).returncode
+        print(f"  {nb.name:{width}s}  {nranks} rank(s) ...", end=" ", flush=True)
+        start = time.monotonic()
+        log = root / f".{nb.stem}.log"  # papermill's cell-by-cell output goes here, not to the terminal
+        with open(log, "w") as f:
+            rc = subprocess.run(["bash", str(script), "--nproc", str(nranks), str(nb), *extra], env=env, stdout=f,
+                                stderr=subprocess.STDOUT).returncode
         made = sorted(set(root.glob(f"*-{nb.stem}*")) - before)
+        lines = log.read_text(errors="replace").splitlines()
+        if made:  # beside the ranks' own logs
+            log = log.rename(made[-1] / "logs" / "launcher.log" if (made[-1] / "logs").is_dir() else made[-1] / "launcher.log")
+        # a failure: the launcher's own summary names the rank and the cell
+        where = "" if rc == 0 else next((line.strip() for line in lines if line.strip().startswith("rank ")
+                                         and " failed " in line), f"(see {display_path(log)})")
+        print(f"{time.monotonic() - start:.0f} s, " + ("ok" if rc == 0 else f"FAILED {where}".rstrip()), flush=True)
         rows.append((nb.name, nranks, "ok" if rc == 0 else f"FAILED ({rc})", made[-1] if made else None))
     width = max(len(name) for name, *_ in rows) if rows else 8
     print(f"\nthis series' runs: {display_path(root)}")
