@@ -19,6 +19,10 @@ def test_naive_bucketed_ddp_and_lightning_equal_one_process(tmp_path, clean_env)
     for version in ("naive", "bucketed", "torch_ddp", "lightning_ddp"):
         for name, value in saved["states"][version].items():
             torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-5, msg=f"{version}: {name}")
+    # a difference on the last rank alone fails the check on rank 0 too; a NaN there stops rank 0 as well
+    verdict = saved["check_on_rank0"]
+    assert not verdict["weights_ok"] and verdict["weights_detail"] == "equal on this rank, different on another"
+    assert verdict["diverged"].startswith("training diverged at step 5: another rank's loss is not finite")
 
 
 @pytest.mark.multirank

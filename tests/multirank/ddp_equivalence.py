@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from workshop import data, ddp, dist, lit, models, train
+from workshop import check, data, ddp, dist, lit, models, train
 
 MICRO, ACCUM, STEPS, LR = 8, 2, 3, 0.05
 
@@ -64,7 +64,21 @@ trainer = dist.make_trainer(env, max_steps=STEPS, accumulate_grad_batches=ACCUM,
 trainer.fit(module, data.make_loader(train_set, MICRO, env=env))
 results["lightning_ddp"] = module.model
 
+# workshop.check: every rank reaches the same verdict, whichever rank differs
+differs = fresh()
+if env.rank == env.world_size - 1:
+    with torch.no_grad():
+        differs.head[-1].bias[0] += 1.0  # only the last rank's copy differs
+verdicts = {"weights": check.same_weights(differs, fresh())}
+try:
+    check.stop_if_diverged(torch.tensor(float("nan") if env.rank == env.world_size - 1 else 1.0), step=5)
+    verdicts["diverged"] = "no"
+except check.Diverged as err:
+    verdicts["diverged"] = str(err)
+
 if env.is_main:
     states = {name: {k: v.detach().cpu() for k, v in m.state_dict().items()} for name, m in results.items()}
-    torch.save({"world_size": env.world_size, "states": states}, sys.argv[1])
+    torch.save({"world_size": env.world_size, "states": states, "check_on_rank0": {
+        "weights_ok": verdicts["weights"].ok, "weights_detail": verdicts["weights"].detail,
+        "diverged": verdicts["diverged"]}}, sys.argv[1])
 dist.cleanup()
