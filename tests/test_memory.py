@@ -57,3 +57,21 @@ def test_compare_flags_a_rank_off_by_more_than_ten_percent():
     assert [r["agrees"] for r in rows] == [True, False]
     assert rows[1]["optimizer"] == 4500 and rows[1]["total"] == 8500 and rows[1]["predicted_total"] == 8000
     assert "within 10%" in memory.format_table(rows)
+
+
+def test_train_and_measure_times_the_steps_and_reports_every_rank():
+    """One process: a list of one rank, the bytes `measure` gives, no CPU peak (the resident set is no measure)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps = []
+
+    def train():
+        model(torch.randn(2, 8)).sum().backward()
+        optimizer.step()
+        steps.append(1)
+
+    measured = memory.train_and_measure(train, model, optimizer)
+    assert steps == [1] and measured.seconds > 0 and measured.peak_bytes is None
+    assert measured.per_rank == [memory.measure(model, optimizer).as_dict()]
+    assert measured.per_rank[0]["params"] == measured.per_rank[0]["grads"] == 36 * 4  # 8 x 4 weights + 4 biases, fp32

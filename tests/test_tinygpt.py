@@ -84,3 +84,26 @@ def test_loss_falls_well_below_uniform():
         if step == 30:
             break
     assert loss.item() < 0.6 * math.log(256), loss.item()
+
+
+def test_decode_flops_and_kv_cache_bytes_match_what_a_decoding_step_does():
+    """The formulas of notebook 08 against FlopCounterMode's count of one cached decoding step (matmuls and
+    scaled_dot_product_attention) and against the bytes the KVCache holds."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = models.tinygpt("cpu").eval()
+    cache = models.KVCache(model.depth)
+    with torch.no_grad():
+        model(torch.randint(256, (1, 20)), cache)  # a prompt of 20 tokens
+        # the math backend spells attention as matmuls, which the counter sees (a fused CPU kernel it would not)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(torch.randint(256, (1, 1)), cache)  # the 21st token: t = 21 keys and values per layer
+    assert counter.get_total_flops() == models.decode_flops_per_token(model, 21)
+    cached = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(cache.keys, cache.values))
+    assert cached == models.kv_cache_bytes(model, 21) == 2 * 4 * 21 * 128 * 4
+    assert models.decode_flops_per_token("cpu", 21) == models.decode_flops_per_token(model, 21)
+    # the GPU size without building it: 24 layers of 1024, a 512-token context in bf16
+    assert models.kv_cache_bytes("gpu", 512, bytes_per_element=2) == 2 * 24 * 512 * 1024 * 2
+    assert models.decode_flops_per_token("gpu", 512) == 2 * (24 * 12 * 1024**2 + 1024 * 256) + 4 * 24 * 512 * 1024

@@ -12,11 +12,13 @@ on a model split by `tp.apply_tp` (every rank runs the same loop and gets the sa
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from workshop.check import Match, agree
 from workshop.metrics import REPO, Timer
 from workshop.models import StaticKVCache, TinyGPT
 
@@ -116,3 +118,30 @@ def encode_prompts(prompts: list[str], device="cpu") -> list[torch.Tensor]:
     from workshop.data import encode
 
     return [encode(p).unsqueeze(0).to(device) for p in prompts]
+
+
+def same_tokens(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> Match:
+    """Do two decodings give the same tokens for every prompt? The detail names the first prompt and
+    position that differ. Agreed by all ranks (every rank must call it)."""
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if a.shape != e.shape:
+            return agree(Match(False, f"prompt {i}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"))
+        differ = (a != e).nonzero()
+        if len(differ):
+            return agree(Match(False, f"prompt {i}: first different token at position {differ[0, -1].item()}"))
+    if len(actual) != len(expected):
+        return agree(Match(False, f"{len(actual)} decodings, expected {len(expected)}"))
+    return agree(Match(True))
+
+
+def words(text: str) -> list[str]:
+    """The whole words of `text`, lower case: runs of letters followed by something else (a word cut off at
+    the end of a generation is not counted)."""
+    return [w.lower() for w in re.findall(r"[A-Za-z]+(?=[^A-Za-z])", text)]
+
+
+def known_word_share(texts: list[str], vocabulary: set[str]) -> float:
+    """The share of the whole words in `texts` that are in `vocabulary`: how much of a generation is made
+    of real words of the training text (1.0 when all are; 0.0 when there is no whole word)."""
+    found = [w for t in texts for w in words(t)]
+    return sum(w in vocabulary for w in found) / len(found) if found else 0.0

@@ -129,6 +129,42 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer) -> RankMemory:
     return RankMemory(params=param_bytes(model), grads=grads, optimizer=states)
 
 
+def measure_all(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
+    """`measure` on every rank, gathered: one `RankMemory.as_dict()` per rank, in rank order, on every
+    rank (a collective: every rank must call it). A process of one gets a list of one."""
+    import torch.distributed as tdist
+
+    mine = measure(model, optimizer).as_dict()
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return [mine]
+    per_rank: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(per_rank, mine)
+    return per_rank
+
+
+@dataclass
+class Measured:
+    """What `train_and_measure` saw: the training's wall time on this rank, the peak memory (CUDA
+    tensors on a GPU; None on CPU, where the only peak is the process's resident set, which grows with
+    whatever ran before and is no measure of a strategy), and every rank's bytes after the last step."""
+
+    seconds: float
+    peak_bytes: int | None
+    per_rank: list[dict]
+
+
+def train_and_measure(train, model: nn.Module, optimizer: torch.optim.Optimizer, device="cpu") -> Measured:
+    """Run `train()` (the steps of `model` with `optimizer`, gradients kept after the last one), timed,
+    then measure what every rank holds. Every rank must call it."""
+    from workshop import metrics
+
+    metrics.reset_peak_memory(device)
+    with metrics.Timer(device) as timer:
+        train()
+    peak = metrics.peak_memory(device) if str(device).startswith("cuda") else None
+    return Measured(timer.elapsed, peak, measure_all(model, optimizer))
+
+
 PARTS = ("params", "grads", "optimizer")
 
 

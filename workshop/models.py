@@ -339,6 +339,40 @@ def tinygpt(size: str = "cpu", **overrides) -> TinyGPT:
     return TinyGPT(**{**TINYGPT_SIZES[size], **overrides})
 
 
+def _dims(model: TinyGPT | str) -> tuple[int, int, int, int]:
+    """(dim, depth, vocab_size, mlp_ratio) of a TinyGPT, or of a size name without building it."""
+    if isinstance(model, str):
+        if model not in TINYGPT_SIZES:
+            raise ValueError(f"unknown TinyGPT size {model!r}; choose one of {sorted(TINYGPT_SIZES)}")
+        return TINYGPT_SIZES[model]["dim"], TINYGPT_SIZES[model]["depth"], 256, 4
+    return model.dim, model.depth, model.vocab_size, model.layers[0].feed_forward.w1.out_features // model.dim
+
+
+def decode_flops_per_token(model: TinyGPT | str, t: int) -> int:
+    """Forward FLOPs of one decoding step with a KV cache, for the token at position t - 1 (t keys
+    and values in the cache, its own included), batch of one:
+
+      2 N            two FLOPs (a multiply and an add) per weight of the matmuls, N = depth (4 + 2 mlp_ratio)
+                     dim^2 + dim vocab (q, k, v, o; the MLP's two; the head; embeddings are look-ups): Kaplan
+                     et al. 2020, "Scaling Laws for Neural Language Models", table 1, C_forward ~ 2N + ...
+      4 depth t dim  attention: the new query against t keys (q k^T, 2 t dim per layer) and the t weights
+                     against t values (2 t dim per layer). The cache saves recomputing the keys and values,
+                     not reading them: this term grows with t.
+
+    LayerNorm, GELU, softmax and the residual additions (O(dim) each) are left out."""
+    dim, depth, vocab, ratio = _dims(model)
+    n_matmul = depth * (4 + 2 * ratio) * dim * dim + dim * vocab
+    return 2 * n_matmul + 4 * depth * t * dim
+
+
+def kv_cache_bytes(model: TinyGPT | str, t: int, batch_size: int = 1, bytes_per_element: int = 4) -> int:
+    """Bytes of a KV cache holding t tokens for `batch_size` sequences: a key and a value of `dim`
+    elements per token and layer, 2 depth t dim bytes_per_element batch_size (fp32: 4, bf16: 2).
+    Tensor parallelism splits it by heads: 1/tp_size per rank."""
+    dim, depth, _, _ = _dims(model)
+    return 2 * depth * t * dim * bytes_per_element * batch_size
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of (B, T, V) logits against (B, T) targets."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
