@@ -1,7 +1,8 @@
-"""Notebook 04 (DataParallel): its record on one process, and the real comparison where a node
-has two or more GPUs (without them the comparison cells only say what they would measure)."""
+"""Notebook 04 (DataParallel): on one process, DataParallel by hand on CPU threads against one process
+and DDP on 2 CPU ranks; the real comparison where a node has two or more GPUs."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -18,16 +19,27 @@ def only_run(runs):
     return folders[0]
 
 
-def test_one_process_records_what_it_could_not_measure(runs):
+def test_one_process_measures_dataparallel_by_hand_against_ddp_on_cpu(runs):
     out = run_notebook(NB, *[arg for name, value in SMALL.items() for arg in ("-p", name, str(value))])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    record = json.loads((only_run(runs) / "record.json").read_text())
+    run = only_run(runs)
+    record = json.loads((run / "record.json").read_text())
     assert record["status"] == "ok" and record["dist"]["world_size"] == 1
     results = record["results"]
     assert results["dp_output_matches"] is True
+    cpu = results["cpu"]
+    assert cpu["ddp_world_size"] == 2 and cpu["global_batch_size"] == SMALL["batch_size"]
+    assert set(cpu["dp_by_hand_phases_s"]) == {"replicate", "scatter", "forward (threads)", "gather + loss",
+                                               "backward (threads)", "reduce gradients", "optimizer step"}
+    for key in ("one_process_step_s", "dp_by_hand_step_s", "ddp_step_s"):
+        assert cpu[key] > 0, key
+    assert cpu["dp_by_hand_step_s"] == pytest.approx(sum(cpu["dp_by_hand_phases_s"].values()))
+    text = (run / "04_data_parallel.ipynb").read_text()
+    for what in ("outputs", "summed gradients", "weights after the step"):
+        assert re.search(rf"DataParallel by hand, {what} match one process on the same batch: +True", text), what
     if torch.cuda.device_count() < 2:
-        assert results["one_gpu"] is None and results["data_parallel"] is None and results["ddp"] is None
-        assert "2 or more GPUs" in results["note"]
+        assert results["gpu"] is None
+        assert text.count("not measured here") == 1
 
 
 @pytest.mark.gpu
@@ -37,9 +49,9 @@ def test_comparison_on_two_gpus(runs):
         pytest.skip("needs 2 or more GPUs on this node")
     out = run_notebook(NB, "-p", "steps", "10", "-p", "warmup", "3", "-p", "batch_size", "256")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    results = json.loads((only_run(runs) / "record.json").read_text())["results"]
+    results = json.loads((only_run(runs) / "record.json").read_text())["results"]["gpu"]
     n = torch.cuda.device_count()
-    assert results["n_gpus"] == n and results["ddp"]["world_size"] == n
+    assert results["ddp"]["world_size"] == n
     for way in ("one_gpu", "data_parallel", "ddp"):
         assert results[way]["samples_per_s"] > 0
     peaks = results["data_parallel"]["peak_memory_bytes_per_gpu"]

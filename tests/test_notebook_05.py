@@ -1,12 +1,14 @@
-"""notebooks/05_ddp.ipynb as N ranks: 2 local ranks, and 2 nodes x 2 ranks on the local SLURM cluster.
-(nbval runs it as one process.)"""
+"""notebooks/05_ddp.ipynb as N ranks: 2 local ranks, and 2 nodes x 2 ranks on the local SLURM cluster;
+and a broken bucketed all-reduce that must fail the run. (nbval runs it as one process.)"""
 
 import json
+import re
+import shutil
 
 import pytest
 from test_slurm import sbatch_two_by_two
 
-from conftest import run_notebook
+from conftest import REPO, run_notebook
 
 NB05 = "notebooks/05_ddp.ipynb"
 SMALL = ["-p", "split_models", "small_cnn,vit_tiny", "-p", "split_steps", "1", "-p", "allreduce_sizes", "4KiB,1MiB"]
@@ -34,6 +36,16 @@ def test_05_on_two_local_ranks(runs):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
     assert_all_match(run / "05_ddp.ipynb")
+    text = (run / "05_ddp.ipynb").read_text()
+    assert "ring all-reduce matches torch.distributed.all_reduce: True" in text
+    assert "2 rank(s) on 1 node(s), 2 per node" in text
+    # the collectives' table shows both ranks: all-reduce of 1 and 2 is 3 on each, rank 1 received rank 0's 1
+    cells = [c for c in json.loads(text)["cells"] if c["cell_type"] == "code" and "per_rank_table" in "".join(c["source"])]
+    rows = [re.split(r"\s{2,}", line.strip()) for line in "".join(cells[0]["outputs"][0]["text"]).splitlines()[1:]]
+    table = {row[0]: row[1:] for row in rows}
+    assert table["all-reduce (sum)"] == ["3", "3"] and table["all-gather"] == ["1 2", "1 2"]
+    assert table["reduce to 0 (sum)"] == ["3", "-"] and table["broadcast from 0"] == ["1", "1"]
+    assert table["reduce-scatter (sum)"] == ["3", "6"] and table["received from r - 1"] == ["2", "1"]
     record = json.loads((run / "record.json").read_text())
     assert record["dist"]["world_size"] == 2 and all(record["results"]["matches_single_process"].values())
     assert [r["bytes"] for r in record["results"]["allreduce"]] == [4096, 2**20]
@@ -45,3 +57,29 @@ def test_05_on_two_nodes_with_two_ranks_each(slurm, runs):
     assert "4 rank(s) on 2 node(s)" in text
     assert_all_match(run / "05_ddp.ipynb")
     assert nodes == ["n1", "n1", "n2", "n2"]
+
+
+@pytest.mark.multirank
+def test_a_broken_bucketed_all_reduce_fails_the_run_in_the_check_cell(runs, tmp_path, monkeypatch):
+    """The package copied with BucketedAllReduce dividing by world_size + 1, first on PYTHONPATH for
+    every rank's kernel: the run must exit non-zero, naming the check cell and the bucketed check."""
+    broken = tmp_path / "broken"
+    shutil.copytree(REPO / "workshop", broken / "workshop", ignore=shutil.ignore_patterns("__pycache__"))
+    ddp_py = broken / "workshop" / "ddp.py"
+    source = ddp_py.read_text()
+    assert source.count("flat /= self.world_size") == 1
+    ddp_py.write_text(source.replace("flat /= self.world_size", "flat /= self.world_size + 1"))
+    monkeypatch.setenv("PYTHONPATH", str(broken))
+    out = run_notebook("--nproc", 2, NB05, *SMALL)
+    assert out.returncode != 0, out.stdout[-3000:] + out.stderr[-3000:]
+    said = out.stdout + out.stderr
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    cells = json.loads((run / "05_ddp.ipynb").read_text())["cells"]
+    (failed,) = [c for c in cells if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    assert "check.require(checks)" in "".join(failed["source"])  # the check cell, not an earlier one
+    assert f"failed in cell In [{failed['execution_count']}]" in said and "CheckFailed" in said, said[-3000:]
+    lines = check_cell_lines(run / "05_ddp.ipynb")
+    assert any(line.startswith("bucketed all-reduce matches") and line.endswith("False") for line in lines), lines
+    assert any(line.startswith("naive all-reduce matches") and line.endswith("True") for line in lines), lines
+    error = next(o for o in failed["outputs"] if o.get("output_type") == "error")
+    assert "bucketed all-reduce:" in error["evalue"] and "differs by" in error["evalue"], error["evalue"]

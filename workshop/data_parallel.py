@@ -132,7 +132,8 @@ def format_cpu_comparison(result: dict, replicas: int) -> str:
     threads = sum(s for name, s in phases.items() if "threads" in name)
     lines += ["", f"Split perfectly over {replicas} cores, one process's step would take {one / replicas * 1e3:.0f} ms. "
                   f"DataParallel by hand took {dp * 1e3:.0f} ms ({one / dp:.2f}x one process): the threads' forward and "
-                  f"backward alone took {threads * 1e3:.0f} ms (they share one interpreter and its GIL), and copying the "
-                  f"model, scattering, gathering and reducing on the first device {overhead * 1e3:.0f} ms ({overhead / dp:.0%}). "
+                  f"backward alone took {threads * 1e3:.0f} ms (threads of one interpreter take turns at its GIL), and "
+                  f"copying the model, scattering, gathering and reducing on the first device {overhead * 1e3:.0f} ms "
+                  f"({overhead / dp:.0%}). "
                   f"DDP's {result['ddp_world_size']} processes took {ddp * 1e3:.0f} ms ({one / ddp:.2f}x one process)."]
     return "\n".join(lines)
