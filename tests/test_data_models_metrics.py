@@ -18,14 +18,40 @@ def test_synthetic_is_deterministic_from_its_seed():
     assert not torch.equal(a, c)
 
 
-def test_synthetic_is_learnable_by_the_small_cnn():
+def test_synthetic_is_learnable_by_the_small_cnn_but_not_in_one_epoch():
     torch.manual_seed(0)
     train_set, test_set, info = data.get_dataset("synthetic", num_train=2048, num_test=512)
     model = models.get_model("small_cnn")
     history = train.fit(model, data.make_loader(train_set, 64, shuffle=True), data.make_loader(test_set, 256),
                         epochs=2, lr=0.05, device="cpu")
     assert history[-1]["val_acc"] > 0.4  # chance is 0.1
+    assert history[0]["val_acc"] < 0.9  # a learning problem: one epoch does not solve it
     assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_synthetic_classes_are_named_balanced_and_not_given_away_by_colour():
+    images, labels = data.make_synthetic(2000, seed=0)
+    _, _, info = data.get_dataset("synthetic", num_train=8, num_test=8)
+    assert info.classes == data.SYNTHETIC_CLASSES and len(info.classes) == info.num_classes == 10
+    counts = torch.bincount(labels, minlength=10)
+    assert counts.min() > 150  # about 200 each
+    # The mean colour of an image, classified by the nearest class mean: colour tells a pair of classes (they share
+    # a colour family), not the class, so this stays far from what a CNN reaches.
+    colour = images.float().mean(dim=(2, 3))  # (n, 3)
+    train, test = slice(0, 1000), slice(1000, 2000)
+    centres = torch.stack([colour[train][labels[train] == c].mean(0) for c in range(10)])  # (10, 3)
+    guess = torch.cdist(colour[test], centres).argmin(1)
+    assert (guess == labels[test]).float().mean() < 0.5
+
+
+def test_plot_examples_shows_every_class_under_its_name():
+    train_set, _, info = data.get_dataset("synthetic", num_train=200, num_test=8)
+    fig = data.plot_examples(train_set, info.classes, per_class=3)
+    axes = fig.get_axes()
+    assert len(axes) == 3 * len(info.classes)
+    titles = [ax.get_title().replace("\n", " ") for ax in axes if ax.get_title()]
+    assert titles == list(info.classes)
+    assert all(ax.get_images() for ax in axes)  # 200 images hold 3 of every class
 
 
 def test_explicit_cifar10_that_is_not_staged_says_how_to_stage_it(tmp_path):
@@ -52,6 +78,7 @@ def test_imagefolder_reads_one_folder_per_class(tmp_path):
                 Image.new("RGB", (40, 30), (80 * i, 30 * j, 100)).save(tmp_path / "birds" / split / cls / f"{j}.png")
     train_set, test_set, info = data.get_dataset("birds", root=tmp_path, image_size=32)
     assert (info.name, info.num_classes, info.num_train, info.num_test) == ("imagefolder", 2, 6, 6)
+    assert info.classes == ("crow", "wren")
     x, y = train_set[0]
     assert x.shape == (3, 32, 32) and y == 0
 
@@ -116,3 +143,16 @@ def test_timer_and_throughput():
     assert t.elapsed > 0
     assert metrics.throughput(100, 2.0) == 50.0
     assert metrics.fmt_bytes(3 * 1024**2) == "3.0 MiB"
+
+
+def test_baseline_record_computes_throughput_and_report_measurements(tmp_path, clean_env):
+    params = dict(model_name="small_cnn", epochs=2, batch_size=64, num_train=500)
+    path = train.write_baseline_record(tmp_path, params, data_source="synthetic(seed=0)",
+                                       plain={"wall_time_s": 4.0, "peak_memory_bytes": 123, "val_acc": 0.7},
+                                       lightning={"wall_time_s": 5.0, "val_acc": 0.6})
+    record = json.loads(path.read_text())
+    results = record["results"]
+    assert results["plain"]["samples_per_s"] == 250.0 and results["lightning"]["samples_per_s"] == 200.0
+    assert [(m["variant"], m["baseline"], m["throughput"]) for m in results["measurements"]] == [
+        ("plain loop", True, 250.0), ("lightning", False, 200.0)]
+    assert record["wall_time_s"] == 9.0 and record["samples_per_s"] == 250.0 and record["peak_memory_bytes"] == 123
