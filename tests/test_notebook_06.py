@@ -38,6 +38,13 @@ def assert_sharded_memory(record, world_size):
         assert len(per_rank[version]) == world_size
         for rank in per_rank[version]:
             assert rank["params"] * world_size == ddp["params"] and rank["grads"] * world_size == ddp["grads"]
+    # ZeRO-1: whole tensors per rank, so only about 1/world_size of the optimizer states, and all of the rest
+    zero1 = per_rank["zero1"]
+    assert all(rank["params"] == ddp["params"] and rank["optimizer"] < ddp["optimizer"] for rank in zero1)
+    assert sum(rank["optimizer"] for rank in zero1) == pytest.approx(ddp["optimizer"], rel=0.01)
+    # the report's memory per rank on CPU is these tensor bytes, not the process's resident set
+    peaks = {m["strategy"]: m["peak_memory_bytes"] for m in record["results"]["measurements"]}
+    assert peaks["fsdp2_reshard_True"] < peaks["zero1"] < peaks["ddp"] == ddp["total"]
     held = record["results"]["params_held_after_forward"]
     assert held["reshard"] < held["no_reshard"] == ddp["params"]
 

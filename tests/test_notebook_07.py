@@ -38,7 +38,9 @@ def test_07_on_two_local_ranks(runs):
     out = run_notebook("--nproc", 2, NB07, *SMALL)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
-    assert "mesh dp 1 x tp 2" in (run / "07_tensor_parallelism.ipynb").read_text()
+    text = (run / "07_tensor_parallelism.ipynb").read_text()
+    assert "2 rank(s) on 1 node(s), 2 per node" in text and "mesh dp 1 x tp 2" in text
+    assert "rank 0 holds 65,536 of the MLP's 131,072 weights (1/2)" in text
     assert_all_match(run / "07_tensor_parallelism.ipynb")
     assert_record(run, 2, 1, 2)
 
@@ -52,7 +54,8 @@ def test_07_refuses_a_tp_size_that_does_not_fit_the_world(runs):
 @pytest.mark.slurm
 def test_07_on_two_nodes_with_two_ranks_each(slurm, runs):
     run, text, nodes = sbatch_two_by_two(runs, NB07, *SMALL)
-    assert "4 rank(s) on 2 node(s): mesh dp 2 x tp 2" in text
+    assert "4 rank(s) on 2 node(s)" in text and "mesh dp 2 x tp 2" in text
+    assert "rank 0 holds 65,536 of the MLP's 131,072 weights (1/2)" in text
     assert "rank 0's tensor-parallel group: ranks [0, 1]" in text  # tp inside a node
     assert_all_match(run / "07_tensor_parallelism.ipynb")
     assert_record(run, 4, 2, 2)
