@@ -1,14 +1,18 @@
 """Notebook 02 (single-device performance) through scripts/run_notebook.sh, with tiny sizes: every variant has
 a row in the record, the traces are in the run's folder, and the GPU parameters file fits the notebook.
-(nbval runs it with its defaults.) No timing is checked."""
+(nbval runs it with its defaults.) No timing is checked. And the pieces of workshop.perf it shows: the
+augmentation's draws, the sentences that read the table, the quiet profiler and its narrow table."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from conftest import REPO, run_notebook
-from workshop import perf, runner
+from workshop import data, perf, runner
 
 NB = REPO / "notebooks" / "02_single_device_performance.ipynb"
 PARAMS = REPO / "notebooks" / "params" / "02_single_device_performance.yaml"
@@ -50,3 +54,54 @@ def test_02_on_a_gpu_measures_compile_and_mfu(runs):
     rows = json.loads((run / "record.json").read_text())["results"]["rows"]
     assert all(r["status"] == "ok" and r["mfu"] > 0 for r in rows)
     assert next(r for r in rows if r["variant"] == "compile")["compile_time_s"] is not None
+
+
+def test_augment_draws_say_what_augment_batch_did():
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    out = perf.augment_batch(images, pad=2, generator=torch.Generator().manual_seed(5))
+    dy, dx, flip = perf.augment_draws(6, pad=2, generator=torch.Generator().manual_seed(5))
+    mean, std = torch.tensor(data.CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(data.CIFAR_STD).view(1, 3, 1, 1)
+    plain = (images.float() / 255 - mean) / std  # normalised, not moved
+    padded = torch.nn.functional.pad(plain, (2, 2, 2, 2), mode="reflect")
+    for i in range(6):
+        crop = padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8]
+        torch.testing.assert_close(out[i], crop.flip(-1) if flip[i] else crop)
+    assert flip.any() and not flip.all()  # both cases were looked at
+
+
+def _row(variant, step_time_s, status="ok", reason=None):
+    return {"variant": variant, "status": status, "reason": reason, "device": "cpu", "step_time_s": step_time_s,
+            "samples_per_s": 32 / step_time_s if status == "ok" else None, "baseline": "naive",
+            "speedup": 0.03 / step_time_s if status == "ok" else None}
+
+
+def test_read_variants_reads_what_was_measured():
+    rows = [_row("naive", 0.030), _row("workers", 0.029), _row("bf16", 0.203),
+            _row("compile", None, "skipped", "torch.compile on CPU builds C++ kernels; measure it"),
+            _row("resident", 0.101)]
+    text = perf.read_variants(rows)
+    assert "workers: about as fast as naive (1.03x)" in text  # within 10%: noise, not a finding
+    assert "bf16: 7.0x slower than workers" in text
+    assert "resident: 2.0x faster than bf16" in text
+    assert "compile: skipped (torch.compile on CPU builds C++ kernels)" in text
+    assert "Fastest: workers, 1.03x naive's samples/s." in text
+    if not perf.cpu_has_native_bf16():
+        assert "no bf16 instructions" in text
+        assert 'variants="naive,workers,compile,resident"' in text  # how to see the later rows without bf16
+    rows[2]["step_time_s"] = 0.010
+    assert "bf16: 2.9x faster than workers" in perf.read_variants(rows)
+
+
+def test_profiler_on_cpu_prints_nothing_and_its_table_fits_a_notebook():
+    code = ("import torch; from workshop import perf\n"
+            "m = torch.nn.Linear(64, 64)\n"
+            "with perf.profiler('cpu') as prof:\n"
+            "    m(torch.randn(8, 64)).sum().backward()\n"
+            "print(perf.profile_table(prof, row_limit=5))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"})
+    assert out.returncode == 0, out.stderr
+    assert "USDT" not in out.stderr and "gpuGetDeviceCount" not in out.stderr, out.stderr  # Kineto kept quiet
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:2] == ["operator", "self"] and "aten::" in out.stdout
+    assert len(lines) == 1 + 5 + 1 and max(map(len, lines)) <= 90

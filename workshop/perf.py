@@ -93,10 +93,27 @@ def default_num_workers(fallback: int) -> int:
 
 
 def amp_dtype_for(device: str) -> str:
-    """bfloat16 where the device computes in it natively (CPU, Ampere and newer GPUs), else float16."""
+    """float16 on GPUs without bf16 (V100, T4), else bfloat16: Ampere and newer GPUs compute in it natively; CPU
+    autocast supports only bfloat16 (fast where `cpu_has_native_bf16()`, slower than float32 elsewhere)."""
     if str(device).startswith("cuda") and not torch.cuda.is_bf16_supported(including_emulation=False):
         return "float16"  # V100, T4: no bf16 tensor cores
     return "bfloat16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU have bf16 instructions (AVX512-BF16 or AMX-BF16)? Without them, oneDNN has no fast bf16
+    convolution, and bf16 autocast is slower than float32 (notebook 02 measures by how much)."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def device_summary(device: str) -> str:
+    """The device in a few words, for the sentences that read a measurement: the GPU's name, or the CPU's vector
+    instructions and whether it has bf16 ones."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    bf16 = "native bf16 (AVX512-BF16 or AMX)" if cpu_has_native_bf16() else "no bf16 instructions"
+    return f"a CPU with {torch.backends.cpu.get_cpu_capability()} vector instructions and {bf16}"
 
 
 def check_variants(variants) -> list[str]:
@@ -128,6 +145,15 @@ def variant_setups(variants, device: str, num_workers: int) -> list[Setup]:
 
 # --- data -------------------------------------------------------------------------------------------
 
+def augment_draws(batch_size: int, pad: int = PAD, device="cpu", generator: torch.Generator | None = None):
+    """The random choices of `augment_batch`, in its order: crop offsets dy, dx (B,) in [0, 2 pad] into the padded
+    image, and a flip (B,) bool per image. Drawn again from a generator seeded alike, they say what it did."""
+    dy = torch.randint(0, 2 * pad + 1, (batch_size,), device=device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (batch_size,), device=device, generator=generator)
+    flip = torch.rand(batch_size, device=device, generator=generator) < 0.5
+    return dy, dx, flip
+
+
 def augment_batch(images: torch.Tensor, pad: int = PAD, generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W), randomly cropped from the image padded by
     `pad` pixels (reflect) and flipped left-right with probability 1/2: a batch at once, on the images' device."""
@@ -137,12 +163,10 @@ def augment_batch(images: torch.Tensor, pad: int = PAD, generator: torch.Generat
     std = torch.tensor(CIFAR_STD, device=dev).view(1, 3, 1, 1)
     x = (images.float() / 255 - mean) / std
     x = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (B, 3, H + 2 pad, W + 2 pad)
-    dy = torch.randint(0, 2 * pad + 1, (B,), device=dev, generator=generator)  # crop offsets, one per image
-    dx = torch.randint(0, 2 * pad + 1, (B,), device=dev, generator=generator)
+    dy, dx, flip = augment_draws(B, pad, dev, generator)  # crop offsets and a flip, one per image
     rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, None, :]  # (B, 1, 1, W)
     x = x[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None], rows, cols]
-    flip = torch.rand(B, device=dev, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, 3, H, W)
 
 
@@ -477,3 +501,158 @@ def plot_speedups(rows: list[dict]):
     if not any(math.isfinite(v) and v > 0 for v in values):
         ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
     return fig
+
+
+def plot_augmentation(images: torch.Tensor, augmented: torch.Tensor, dy, dx, flip, pad: int = PAD):
+    """What `augment_batch` did to each image: above, the stored uint8 image (3, H, W) padded by reflection with its
+    crop window drawn in; below, the augmented (normalised) image, titled with whether it was flipped."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    n = len(images)
+    mean, std = torch.tensor(CIFAR_MEAN).view(3, 1, 1), torch.tensor(CIFAR_STD).view(3, 1, 1)
+    padded = F.pad(images.float().cpu() / 255, (pad,) * 4, mode="reflect")  # (n, 3, H + 2 pad, W + 2 pad)
+    H, W = images.shape[-2:]
+    fig = Figure(figsize=(1.3 * n, 3.2), dpi=72, layout="constrained")
+    axes = fig.subplots(2, n, squeeze=False)
+    for i in range(n):
+        top, bottom = axes[0, i], axes[1, i]
+        top.imshow(padded[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        top.add_patch(Rectangle((int(dx[i]) - 0.5, int(dy[i]) - 0.5), W, H, fill=False, color="white", lw=1.5))
+        top.set_title(f"crop y{int(dy[i]) - pad:+d} x{int(dx[i]) - pad:+d}", fontsize=8)  # offset from the centre
+        bottom.imshow((augmented[i].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
+        bottom.set_title("flipped" if bool(flip[i]) else "not flipped", fontsize=8)
+        top.axis("off")
+        bottom.axis("off")
+    axes[0, 0].text(-0.15, 0.5, f"stored,\npadded {pad}", transform=axes[0, 0].transAxes, ha="right", va="center", fontsize=8)
+    axes[1, 0].text(-0.15, 0.5, "augmented", transform=axes[1, 0].transAxes, ha="right", va="center", fontsize=8)
+    return fig
+
+
+# --- the profiler ----------------------------------------------------------------------------------------
+
+def profiler(device: str, **kwargs):
+    """torch.profiler.profile recording the CPU, and CUDA kernels on a GPU. On a machine without GPUs, Kineto (the
+    profiler's C++ library) prints "USDT ... profiler_start/stop" lines and "ERROR ... gpuGetDeviceCount failed
+    with code 35" (it probes for GPUs that are not there) to the process's stderr, at every recording: below its
+    log level 6 they reach the notebook. KINETO_LOG_LEVEL is read when Kineto starts, at the first recording, so it
+    is set here, once, unless already set (pytorch/pytorch#83383, "PyTorch profiler is spammy"; torchtitan sets it
+    too, pytorch/torchtitan#136). On a GPU Kineto's own level stays: its errors there (CUPTI) matter."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = str(device).startswith("cuda")
+    if not on_cuda:
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above USDT (5) and ERROR (4): nothing
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    return profile(activities=activities, **kwargs)
+
+
+def profile_table(prof, row_limit: int = 8, name_width: int = 44) -> str:
+    """The operators that took the most time of their own (on the GPU where it ran, else on the CPU), in a table
+    about 80 characters wide: name, self time and its share, total time (with the operators it called), calls.
+    torch's own `key_averages().table()` has more columns than a notebook's width and wraps there."""
+    events = prof.key_averages()
+    on_gpu = any(getattr(e, "self_device_time_total", 0) > 0 for e in events)
+    self_time = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    total_time = (lambda e: e.device_time_total) if on_gpu else (lambda e: e.cpu_time_total)
+    where = "GPU" if on_gpu else "CPU"
+    total = sum(self_time(e) for e in events) or 1.0
+    lines = [f"{'operator':{name_width}s} {'self ' + where + ' ms':>12} {'share':>6} {'total ms':>9} {'calls':>6}"]
+    for e in sorted(events, key=self_time, reverse=True)[:row_limit]:
+        name = e.key if len(e.key) <= name_width else e.key[:name_width - 3] + "..."
+        lines.append(f"{name:{name_width}s} {self_time(e) / 1e3:12.2f} {self_time(e) / total:6.1%} "
+                     f"{total_time(e) / 1e3:9.2f} {e.count:6d}")
+    lines.append(f"{'all operators, over the recorded steps':{name_width}s} {total / 1e3:12.2f} {1:6.1%}")
+    return "\n".join(lines)
+
+
+# --- what the rows say ------------------------------------------------------------------------------------
+
+def _why(row: dict, faster: bool, device: str) -> str:
+    """Why a variant's change made the step faster or slower on this device: the mechanism, in a clause."""
+    on_cuda = device.startswith("cuda")
+    name = row["variant"]
+    if name == "workers":
+        if on_cuda:
+            return ("the GPU no longer waits while this process loads and augments each batch" if faster else
+                    "the input pipeline was not what the GPU waited for")
+        cores = os.cpu_count()
+        return (f"loading overlaps with the step in another process ({cores} cores here)" if faster else
+                f"the workers compete with the training step for this machine's {cores} cores")
+    if name == "bf16":
+        if on_cuda:
+            return ("the convolutions run on the tensor cores in bf16, moving half the bytes" if faster else
+                    "this model is too small to keep the tensor cores busy, and autocast adds conversions")
+        if cpu_has_native_bf16():
+            return ("this CPU computes bf16 natively (AVX512-BF16 or AMX)" if faster else
+                    "the conversions to and from bf16 cost more than the bf16 arithmetic saves at this size")
+        return ("its bf16 kernels beat float32 here even without bf16 instructions" if faster else
+                "this CPU has no bf16 instructions: PyTorch runs bf16 convolutions in generic fallback kernels instead "
+                "of oneDNN's (aten::_slow_conv2d_* in a profile), and autocast adds conversions around each one")
+    if name == "channels_last":
+        return ("the convolution kernels read channels-last (NHWC) without reordering it" if faster else
+                "the layers that want NCHW now reorder their inputs, which costs more than the convolutions save")
+    if name == "compile":
+        return "fused kernels: fewer launches and fewer round trips to memory" if faster else (
+            "compiled kernels did not beat the eager ones at this size")
+    if name == "resident":
+        return ("no DataLoader: each batch is cut from the images in memory and augmented as one tensor operation"
+                if faster else "augmenting a batch at once did not beat the loader at this size")
+    return ""
+
+
+def read_variants(rows: list[dict], noise: float = 0.1) -> str:
+    """The table of `run_variants` in sentences: each measured variant against the one measured before it (the
+    change it adds), faster or slower and why on this device, then the fastest against the baseline. A ratio
+    within `noise` (10%) of 1 is called "about the same": on a shared CPU, runs differ by that much."""
+    measured = [r for r in rows if r["status"] == "ok"]
+    if not measured:
+        return "nothing was measured"
+    device = measured[0]["device"]
+    lines = [f"Measured on {device_summary(device)}:"]
+    previous = measured[0]
+    for r in rows[1:]:
+        if r["status"] != "ok":
+            lines.append(f"- {r['variant']}: skipped ({r['reason'].split(';')[0]}).")
+            continue
+        ratio = previous["step_time_s"] / r["step_time_s"]  # > 1: this change made the step faster
+        if abs(ratio - 1) <= noise:
+            verdict = f"about as fast as {previous['variant']} ({ratio:.2f}x): its change made no measurable difference here"
+        elif ratio > 1:
+            verdict = f"{ratio:.1f}x faster than {previous['variant']}. Why here: {_why(r, True, device)}"
+        else:
+            verdict = f"{1 / ratio:.1f}x slower than {previous['variant']}. Why here: {_why(r, False, device)}"
+        lines.append(f"- {r['variant']}: {verdict}.")
+        previous = r
+    best = best_variant(rows)
+    base = next((r for r in measured if r["variant"] == r.get("baseline")), measured[0])
+    if best["variant"] == base["variant"]:
+        lines.append(f"No variant beat {base['variant']} here.")
+    else:
+        lines.append(f"Fastest: {best['variant']}, {best['speedup']:.2f}x {base['variant']}'s samples/s.")
+    slow_bf16 = next((r for r in measured if r["variant"] == "bf16" and r is not measured[0]
+                      and r["step_time_s"] > (1 + noise) * _before(measured, r)["step_time_s"]), None)
+    if slow_bf16 is not None:
+        later = [r["variant"] for r in measured if measured.index(r) > measured.index(slow_bf16)]
+        if later:
+            lines.append(f"The variants after bf16 ({', '.join(later)}) keep its autocast and its cost; measure them "
+                         "without it with variants=\"" + ",".join(v["variant"] for v in rows if v["variant"] != "bf16")
+                         + "\".")
+    return "\n".join(lines)
+
+
+def _before(measured: list[dict], row: dict) -> dict:
+    return measured[measured.index(row) - 1]
+
+
+# --- the record -------------------------------------------------------------------------------------------
+
+def write_record(run, params: dict, rows: list[dict], flops_per_step: int, traces=(), env: DistEnv | None = None):
+    """Write the run's record.json (rank 0; others get None): the parameters, every row, the fastest variant, the
+    FLOPs of a step, the trace files, and the measured rows in the keys workshop.report reads (notebook 09)."""
+    best = best_variant(rows)
+    results = {"rows": rows, "best": best["variant"] if best else None, "flops_per_step": flops_per_step,
+               "traces": sorted(traces), "measurements": report_measurements(rows)}
+    return metrics.write_record(run, notebook="02_single_device_performance", params=params, results=results, env=env,
+                                samples_per_s=best["samples_per_s"] if best else None,
+                                peak_memory_bytes=best["peak_memory_bytes"] if best else None)
