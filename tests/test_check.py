@@ -86,3 +86,28 @@ def test_a_non_finite_loss_stops_training_with_its_step():
         check.stop_if_diverged(torch.tensor(float("nan")), step=7, lr=100.0)
     with pytest.raises(check.Diverged, match="the loss is inf"):
         check.stop_if_diverged(float("inf"), step=0)
+
+
+def nan_model():
+    from workshop import models
+
+    model = models.get_model("small_cnn", norm="group")
+    with torch.no_grad():
+        model.head[-1].bias[3] = float("nan")  # every logit row then holds a NaN: the first loss is NaN
+    return model
+
+
+def test_every_training_loop_stops_at_the_first_non_finite_loss():
+    from workshop import data, ddp, lit, train
+
+    train_set, _, _ = data.get_dataset("synthetic", num_train=32, num_test=8)
+    loader = data.make_loader(train_set, 8)
+    model = nan_model()
+    with pytest.raises(check.Diverged, match=r"step 0: the loss is nan \(lr 0.05\)"):
+        train.train_epoch(model, loader, train.make_optimizer(model, 0.05), "cpu")
+    model = nan_model()
+    with pytest.raises(check.Diverged, match="step 0"):
+        ddp.train_steps(model, train.make_optimizer(model, 0.05), loader, "cpu", grad_accum_steps=2)
+    trainer = dist.make_trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_model_summary=False)
+    with pytest.raises(check.Diverged, match="step 0"):
+        trainer.fit(lit.LitClassifier(nan_model(), lr=0.05), loader)

@@ -24,6 +24,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
+from workshop import check
 from workshop.dist import DistEnv
 
 
@@ -189,6 +190,7 @@ def train_steps(model: nn.Module, optimizer, loader, device, *, grad_accum_steps
         with contextlib.nullcontext() if last_micro or no_sync is None else no_sync():
             # divided so that the accumulated gradient is the mean over the micro steps' samples
             loss = F.cross_entropy(model(x.to(device)), y.to(device)) / grad_accum_steps
+            check.stop_if_diverged(loss, i // grad_accum_steps, optimizer.param_groups[0]["lr"])  # all ranks together
             loss.backward()
         losses.append(loss.item() * grad_accum_steps)
         if last_micro:

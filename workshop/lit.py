@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workshop import check
 from workshop.models import lm_loss
 from workshop.train import make_optimizer
 
@@ -38,7 +39,9 @@ class LitClassifier(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        check.stop_if_diverged(loss, self.global_step, self.hparams.lr)  # Lightning re-raises it on every rank
+        return loss
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -85,6 +88,7 @@ class LitLanguageModel(L.LightningModule):
         x, y = batch
         loss = lm_loss(self.model(x), y)
         self.log("train_loss", loss, on_step=True, on_epoch=False)
+        check.stop_if_diverged(loss, self.global_step, self.hparams.lr)
         return loss
 
     def configure_optimizers(self):

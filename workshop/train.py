@@ -16,7 +16,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
-from workshop import metrics
+from workshop import check, metrics
 from workshop.progress import progress
 
 
@@ -33,11 +33,12 @@ def train_epoch(model: nn.Module, loader, optimizer, device, epoch: int = 0) -> 
     total_loss, correct, seen = 0.0, 0, 0
     t0 = time.perf_counter()
     steps = progress(loader, desc=f"epoch {epoch}")  # a bar in JupyterLab, a line every N steps in a batch job
-    for x, y in steps:
+    for i, (x, y) in enumerate(steps):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)  # (B, num_classes)
         loss = F.cross_entropy(logits, y)
+        check.stop_if_diverged(loss, epoch * len(loader) + i, optimizer.param_groups[0]["lr"])  # before a NaN step
         loss.backward()
         optimizer.step()
         total_loss += loss.item() * len(y)
