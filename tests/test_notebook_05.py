@@ -8,7 +8,7 @@ import shutil
 import pytest
 from test_slurm import sbatch_two_by_two
 
-from conftest import REPO, run_notebook
+from conftest import REPO, assert_checks_as_committed, run_notebook
 
 NB05 = "notebooks/05_ddp.ipynb"
 SMALL = ["-p", "split_models", "small_cnn,vit_tiny", "-p", "split_steps", "1", "-p", "allreduce_sizes", "4KiB,1MiB"]
@@ -36,6 +36,7 @@ def test_05_on_two_local_ranks(runs):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
     assert_all_match(run / "05_ddp.ipynb")
+    assert_checks_as_committed(run / "05_ddp.ipynb", NB05)  # the committed notebook ran on 2 nodes x 2 ranks
     text = (run / "05_ddp.ipynb").read_text()
     assert "ring all-reduce matches torch.distributed.all_reduce: True" in text
     assert "2 rank(s) on 1 node(s), 2 per node" in text
