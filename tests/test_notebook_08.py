@@ -21,6 +21,8 @@ def test_08_on_two_local_ranks(runs):
     assert (run / "tinygpt.pt").is_file()
     text = (run / "08_inference.ipynb").read_text()
     assert "tensor-parallel greedy gives the single-device tokens: True" in text
+    assert "FLOPs of a cached step (2N + 4 L t d) match what a step counts:    True" in text
+    assert "bytes of the cache (2 L t d bytes batch) match what a step counts: True" in text
     record = json.loads((run / "record.json").read_text())
     assert record["status"] == "ok" and record["dist"]["world_size"] == 2
     same = record["results"]["same_tokens"]
