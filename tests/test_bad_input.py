@@ -192,6 +192,18 @@ CASES = [
          "`workshop.sharding.apply_fsdp` in the module's configure_model (FSDP2, runs on CPU), or strategy=\"ddp\"",
          python='from workshop import dist; dist.make_trainer(strategy="fsdp")',
          skip=lambda: "a GPU is here: FSDP is allowed" if torch.cuda.is_available() else ""),
+    Case("epochs below 1", [NB01, "-p", "epochs", "-1"], 2,
+         "error: parameter epochs = -1 must be at least 1 (the rules are in 01_baseline.ipynb's parameters cell)"),
+    Case("a learning rate that is not a number", [NB01, "-p", "lr", "nan"], 2,
+         "error: parameter lr = nan is not a number; it must be above 0, at most 10 (the rules are in 01_baseline.ipynb's "
+         "parameters cell)"),
+    Case("a batch size of 0", [NB01, "-p", "batch_size", "0"], 2,
+         "error: parameter batch_size = 0 must be at least 1 (the rules are in 01_baseline.ipynb's parameters cell)"),
+    Case("no training images", [NB01, "-p", "num_train", "0"], 2,
+         "error: parameter num_train = 0 must be at least 1 (the rules are in 01_baseline.ipynb's parameters cell)"),
+    Case("a model name that does not exist", [NB01, "-p", "model_name", "resnet50"], 2,
+         "error: parameter model_name = 'resnet50' must be one of small_cnn, resnet18, vit_tiny (the rules are in "
+         "01_baseline.ipynb's parameters cell)"),
     Case("sbatch missing when asked to submit", [], 1,
          "workshop.slurm.SlurmError: `sbatch` is not on PATH: this machine is not part of a SLURM cluster (or its "
          "SLURM module is not loaded), so there is nothing to submit to. Run the notebook here instead, as N local "

@@ -43,9 +43,9 @@ def test_a_notebook_checks_its_own_globals(tmp_path):
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
     assert set(params.declared(path)) == {"epochs", "lr"}
-    params.check(path, {"epochs": 2, "lr": 0.1, "name": "anything"})
+    params.validate(path, {"epochs": 2, "lr": 0.1, "name": "anything"})
     with pytest.raises(params.ParameterError, match=r"epochs = -1 must be at least 1; parameter lr = nan is not a number"):
-        params.check(path, {"epochs": -1, "lr": float("nan")})
+        params.validate(path, {"epochs": -1, "lr": float("nan")})
 
 
 def test_records_hold_no_nan(tmp_path):

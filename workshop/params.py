@@ -10,7 +10,8 @@ Words, not `>=`: papermill skips a parameter line with a second `=` in it (its p
 
 `scripts/run_notebook.sh` checks the values it is given against these rules before a run folder exists
 (`python -m workshop.runner prepare`), and the notebook checks its own values in its setup cell, where there is
-no launcher (JupyterLab): `params.check("01_baseline", globals())`. A value outside its rule is an error that
+no launcher (JupyterLab): `validate("01_baseline", globals())` (`from workshop.params import validate`; the
+notebooks keep the name `params` for the dict their record holds). A value outside its rule is an error that
 names the parameter, the value and what is valid. NaN is outside every range. This module imports no torch.
 """
 
@@ -95,7 +96,7 @@ def problems(rules: dict[str, Rule], values: dict) -> list[str]:
     return out
 
 
-def check(notebook: str | Path, values: dict) -> None:
+def validate(notebook: str | Path, values: dict) -> None:
     """Raise ParameterError naming every parameter of `notebook` whose value in `values` (the notebook's
     globals(), or the values a launcher was given) breaks its declared rule."""
     found = problems(declared(notebook), values)
