@@ -1,5 +1,7 @@
 """workshop.dist: one DistEnv for each way a process can be launched, from its variables."""
 
+import os
+
 import pytest
 import torch
 
@@ -126,3 +128,20 @@ def test_one_process_gets_a_group_of_one(clean_env):
     torch.distributed.all_reduce(t)  # the same cell runs on 1 rank and on N
     assert torch.distributed.get_world_size() == 1 and torch.equal(t, torch.ones(3))
     dist.cleanup()
+
+
+def test_the_process_group_is_left_at_exit_without_cleanup():
+    """A process that never calls dist.cleanup() leaves its group before interpreter finalization
+    (atexit handlers run last-registered first: the probe registered before init runs after the cleanup)."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, torch.distributed as t\n"
+            "atexit.register(lambda: print('group alive at exit:', t.is_initialized()))\n"
+            "from workshop import dist\n"
+            "dist.init()\n"
+            "print('group alive after init:', t.is_initialized())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK"))})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["group alive after init: True", "group alive at exit: False"]

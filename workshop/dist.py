@@ -20,6 +20,7 @@ papermill) or as N ranks (`scripts/run_notebook.sh`, one papermill process per r
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -182,6 +183,12 @@ def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
             _join_world(env, timeout_s)
         else:
             tdist.init_process_group(backend=env.backend, store=tdist.HashStore(), rank=0, world_size=1)
+        # Leave the group while the interpreter is whole. A process that exits with a gloo group alive can abort
+        # in C++ ("terminate called without an active exception"): the group's worker threads still hold work
+        # whose tensors reach into Python during interpreter finalization (pytorch/pytorch#190489; the same fix
+        # proposed upstream in pytorch/pytorch#179291). A notebook that failed half-way, or forgot
+        # dist.cleanup(), then exits cleanly. Registered once: init() joins a group once per process.
+        atexit.register(cleanup)
     _ENV = env
     return env
 
