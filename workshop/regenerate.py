@@ -135,27 +135,29 @@ def regenerate(notebooks: list[Path], local: bool = False) -> int:
         print(f"no SLURM cluster answers{' (--local)' if local else ''}: multi-rank notebooks run as {RANKS} local ranks "
               "(torchrun), and their first output says so; `make slurm-up` for 2 nodes x 2 ranks", flush=True)
     # a runs folder inside the repository (the nodes of a cluster share it, not every /tmp), of a fixed name so the
-    # report (09) prints the same folder every time; it holds only this regeneration's runs, and is removed after
+    # report (09) prints the same folder every time. It keeps the latest run of each notebook: regenerating some
+    # notebooks replaces their runs only, and the report, run last, reads the latest run of every notebook.
     runs = REPO / "runs" / "make-notebooks"
-    shutil.rmtree(runs, ignore_errors=True)
-    runs.mkdir(parents=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    for nb in notebooks:
+        # its earlier run folder, and a sweep's folder of records (notebook 03 names it after the SLURM job)
+        for old in [*runs.glob(f"*-{nb.stem}"), *(runs.glob("sweep-*") if nb.stem.startswith("03_") else [])]:
+            shutil.rmtree(old)
     failed = []
-    try:
-        for nb in notebooks:
-            ranks = RANKS if declared_ranks(nb) > 1 else 1
-            how = f"{ranks} ranks" + (f" on {NODES} SLURM nodes" if ranks > 1 and use_slurm else " locally" if ranks > 1 else "")
-            start = time.monotonic()
-            print(f"{nb.name}: {how} ...", end=" ", flush=True)
-            try:
-                merge_outputs(nb, execute(nb, runs, ranks, use_slurm))
-            except (RuntimeError, subprocess.TimeoutExpired) as err:
-                print("FAILED", flush=True)
-                print(err, file=sys.stderr)
-                failed.append(nb.name)
-                continue
-            print(f"ok, {time.monotonic() - start:.0f} s", flush=True)
-    finally:
-        shutil.rmtree(runs, ignore_errors=True)
+    notebooks = sorted(notebooks, key=lambda nb: nb.stem.startswith("09_"))  # the report after the runs it reads
+    for nb in notebooks:
+        ranks = RANKS if declared_ranks(nb) > 1 else 1
+        how = f"{ranks} ranks" + (f" on {NODES} SLURM nodes" if ranks > 1 and use_slurm else " locally" if ranks > 1 else "")
+        start = time.monotonic()
+        print(f"{nb.name}: {how} ...", end=" ", flush=True)
+        try:
+            merge_outputs(nb, execute(nb, runs, ranks, use_slurm))
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            print("FAILED", flush=True)
+            print(err, file=sys.stderr)
+            failed.append(nb.name)
+            continue
+        print(f"ok, {time.monotonic() - start:.0f} s", flush=True)
     if failed:
         print(f"failed: {', '.join(failed)} (their committed outputs are unchanged)", file=sys.stderr)
     return 1 if failed else 0
