@@ -8,7 +8,7 @@ import pytest
 import yaml
 from test_slurm import sbatch_two_by_two
 
-from conftest import REPO, run_notebook
+from conftest import REPO, assert_checks_as_committed, run_notebook
 
 NB06 = "notebooks/06_sharding.ipynb"
 CHECK = [f"{what} matches the single-process run:" for what in
@@ -63,6 +63,7 @@ def test_06_on_two_local_ranks(runs):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
     assert_all_true(run / "06_sharding.ipynb")
+    assert_checks_as_committed(run / "06_sharding.ipynb", NB06)  # the committed notebook ran on 2 nodes x 2 ranks
     record = json.loads((run / "record.json").read_text())
     assert record["dist"]["world_size"] == 2 and all(record["results"]["matches_single_process"].values())
     assert_sharded_memory(record, 2)

@@ -6,7 +6,7 @@ import json
 import pytest
 from test_slurm import sbatch_two_by_two
 
-from conftest import run_notebook
+from conftest import assert_checks_as_committed, run_notebook
 
 NB07 = "notebooks/07_tensor_parallelism.ipynb"
 SMALL = ["-p", "steps", "2", "-p", "seq_len", "16"]
@@ -42,6 +42,7 @@ def test_07_on_two_local_ranks(runs):
     assert "2 rank(s) on 1 node(s), 2 per node" in text and "mesh dp 1 x tp 2" in text
     assert "rank 0 holds 65,536 of the MLP's 131,072 weights (1/2)" in text
     assert_all_match(run / "07_tensor_parallelism.ipynb")
+    assert_checks_as_committed(run / "07_tensor_parallelism.ipynb", NB07)  # the committed notebook ran on 2 nodes x 2 ranks
     assert_record(run, 2, 1, 2)
 
 

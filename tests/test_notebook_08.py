@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from conftest import run_notebook
+from conftest import assert_checks_as_committed, run_notebook
 
 NB08 = "notebooks/08_inference.ipynb"
-SMALL = ["-p", "train_steps", "10", "-p", "max_new_tokens", "8", "-p", "timing_repeats", "1",
-         "-p", "compile_decoding", "False"]
+SMALL = ["-p", "train_steps", "10", "-p", "timing_repeats", "1", "-p", "compile_decoding", "False"]
+CHECKS_OF_COMPILED = "cba5fa09"  # its lines name compiled decoding, which SMALL leaves out
 
 
 @pytest.mark.multirank
@@ -23,11 +23,13 @@ def test_08_on_two_local_ranks(runs):
     assert "tensor-parallel greedy gives the single-device tokens: True" in text
     assert "FLOPs of a cached step (2N + 4 L t d) match what a step counts:    True" in text
     assert "bytes of the cache (2 L t d bytes batch) match what a step counts: True" in text
+    # the committed notebook ran on 2 nodes x 2 ranks, with compiled decoding
+    assert_checks_as_committed(run / "08_inference.ipynb", NB08, skip=(CHECKS_OF_COMPILED,))
     record = json.loads((run / "record.json").read_text())
     assert record["status"] == "ok" and record["dist"]["world_size"] == 2
     same = record["results"]["same_tokens"]
     assert same == {"no_cache": True, "static": True, "compiled": None, "tp": True}
-    assert record["results"]["tp"]["ranks"] == 2 and record["results"]["kv_cache"]["new_tokens"] == 8
+    assert record["results"]["tp"]["ranks"] == 2 and record["results"]["kv_cache"]["new_tokens"] == 40
 
 
 def test_08_refuses_a_missing_prompts_file(runs, tmp_path):
