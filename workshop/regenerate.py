@@ -49,7 +49,8 @@ def slurm_answers() -> bool:
 
 
 def _environment(runs: Path) -> dict:
-    env = dict(os.environ, WORKSHOP_RUNS=str(runs), WORKSHOP_PYTHON=sys.executable)
+    # no progress lines in a committed notebook (a batch job's log has them; a reader needs the results)
+    env = dict(os.environ, WORKSHOP_RUNS=str(runs), WORKSHOP_PYTHON=sys.executable, WORKSHOP_LOG_EVERY="0")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     for key in [k for k in env if k.startswith("SLURM_")]:  # a job of its own, not a step of the caller's
         del env[key]
