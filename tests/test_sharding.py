@@ -67,3 +67,14 @@ def test_bad_input_is_refused_with_a_reason(env, tmp_path):
         sharding.apply_fsdp(torch.nn.Linear(2, 2), sharding.shard_mesh(env))
     with pytest.raises(ValueError, match="same number of tasks on every node"):
         sharding.hybrid_mesh(dataclasses.replace(env, world_size=3, local_world_size=2))
+
+
+def test_hybrid_layout_needs_equal_ranks_per_node():
+    from workshop.dist import DistEnv
+    from workshop.sharding import hybrid_layout_problem
+
+    assert hybrid_layout_problem(DistEnv(world_size=4, local_world_size=2)) is None
+    assert hybrid_layout_problem(DistEnv(world_size=1, local_world_size=1)) is None
+    # sbatch --ntasks=3 on 2 nodes: 2 tasks on the first, 1 on the second
+    problem = hybrid_layout_problem(DistEnv(world_size=3, local_world_size=2))
+    assert "world size 3 is not a multiple of the ranks per node 2" in problem and "--ntasks-per-node" in problem

@@ -31,14 +31,24 @@ def shard_mesh(env: DistEnv) -> DeviceMesh:
     return init_device_mesh(_device_type(env), (env.world_size,), mesh_dim_names=("shard",))
 
 
+def hybrid_layout_problem(env: DistEnv) -> str | None:
+    """Why this job's layout cannot hold a hybrid mesh (unequal ranks per node, e.g. `sbatch --ntasks=3` on 2
+    nodes puts 2 on one and 1 on the other), and what layout would; None when it can."""
+    if env.world_size % env.local_world_size:
+        return (f"world size {env.world_size} is not a multiple of the ranks per node {env.local_world_size}: hybrid "
+                "sharding needs the same number of ranks on every node; submit with --nodes=N --ntasks-per-node=M "
+                "(e.g. sbatch --nodes=2 --ntasks-per-node=2)")
+    return None
+
+
 def hybrid_mesh(env: DistEnv) -> DeviceMesh:
     """A 2-D mesh (num_nodes, ranks per node) named ("replicate", "shard"): parameters are sharded
     over the ranks of a node (fast links: NVLink) and replicated across nodes, which then only
     all-reduce gradients (slow links: InfiniBand, once per step instead of gathers every layer).
     Ranks are numbered node by node (SLURM's block distribution, torchrun's node ranks)."""
-    if env.world_size % env.local_world_size:
-        raise ValueError(f"world size {env.world_size} is not a multiple of the ranks per node "
-                         f"{env.local_world_size}: start the same number of tasks on every node")
+    problem = hybrid_layout_problem(env)
+    if problem:
+        raise ValueError(problem)
     return init_device_mesh(_device_type(env), (env.num_nodes, env.local_world_size),
                             mesh_dim_names=("replicate", "shard"))
 
