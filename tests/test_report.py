@@ -36,7 +36,8 @@ def runs(tmp_path):
         record(runs, f"cnn{n}", "bench-ddp", {"model": "small_cnn", "micro_batch_size": 64, "global_batch_size": 64 * n,
                                              "step_time_s": 64 * n / sps, "samples_per_s": sps, "throughput": sps,
                                              "samples_or_tokens": "samples", "strategy": "ddp" if n > 1 else "single",
-                                             "peak_memory_bytes": [2**20 * (10 + r) for r in range(n)]},
+                                             "peak_memory_bytes": [2**20 * (10 + r) for r in range(n)],
+                                             "memory_kind": "cuda"},
                world_size=n, local_world_size=min(n, 2), job=str(100 + n))
     # TinyGPT: a second model, tokens/s, two strategies on 2 ranks
     record(runs, "gpt1", "bench-strategies", gpt(1, [("single", 1000.0), ("fsdp", 500.0)]))
@@ -193,7 +194,7 @@ def test_an_empty_plot_is_one_sentence_saying_what_run_fills_it(tmp_path):
     record(runs, "one", "bench-ddp", {"model": "small_cnn", "micro_batch_size": 64, "throughput": 100.0})
     rep = report.build(runs, sacct=None)
     assert "on 2 or more ranks" in report.missing(rep, "speedup.png") and "05_ddp" in report.missing(rep, "efficiency.png")
-    assert "peak_memory_bytes" in report.missing(rep, "memory.png") and report.missing(rep, "cost.png") is None
+    assert "tensor bytes per rank" in report.missing(rep, "memory.png") and report.missing(rep, "cost.png") is None
     assert isinstance(report.figure(rep, "speedup.png"), str) and not isinstance(report.figure(rep, "cost.png"), str)
     path = report.write(rep, tmp_path / "out")
     assert sorted(p.name for p in path.parent.glob("*.png")) == ["cost.png"]
@@ -208,6 +209,24 @@ def _full_runs(tmp_path):
     runs = tmp_path / "full"
     for n, sps in ((1, 100.0), (2, 150.0)):
         record(runs, f"cnn{n}", "bench-ddp", {"model": "small_cnn", "micro_batch_size": 64, "throughput": sps,
-                                             "strategy": "ddp" if n > 1 else "single", "peak_memory_bytes": 2**20},
-               world_size=n)
+                                             "strategy": "ddp" if n > 1 else "single", "peak_memory_bytes": 2**20,
+                                             "memory_kind": "tensors"}, world_size=n)
     return runs
+
+
+def test_a_resident_set_on_cpu_is_not_charted_as_memory(tmp_path):
+    """A CPU process's resident set grows with what ran before it: charted beside a strategy, it would look like
+    a saving that is not there. Only tensor bytes (CUDA's, or counted on CPU) are charted."""
+    runs = tmp_path / "runs"
+    for n in (1, 2):  # a CPU record without memory_kind: its peak is the resident set
+        record(runs, f"rss{n}", "bench-ddp", {"model": "small_cnn", "micro_batch_size": 64, "throughput": 100.0 * n,
+                                             "strategy": "ddp" if n > 1 else "single", "peak_memory_bytes": 2**30}, world_size=n)
+    rep = report.build(runs, sacct=None)
+    assert {r.memory_kind for s in rep.series for r in s.rows} == {"resident set"}
+    assert "resident set says nothing" in report.missing(rep, "memory.png")
+    record(runs, "counted", "bench-ddp", {"model": "small_cnn", "micro_batch_size": 64, "throughput": 180.0, "strategy": "fsdp",
+                                         "peak_memory_bytes": 2**20, "memory_kind": "tensors"}, world_size=2)
+    rep = report.build(runs, sacct=None)
+    assert report.missing(rep, "memory.png") is None
+    fig = report.plot_memory(rep)
+    assert [b.get_width() for b in fig.axes[0].patches] == [1.0]  # MiB: only the counted one

@@ -21,6 +21,10 @@ What a record must hold to be measured (every key in `results`, all optional but
     step_time_s          seconds per optimizer step
     wall_time_s          seconds the measured part took
     peak_memory_bytes    per rank: a number, or a list in rank order (the largest is shown)
+    memory_kind          what peak_memory_bytes counts: "cuda" (tensors allocated on the GPU), "tensors" (the
+                         tensor bytes a rank holds, workshop.memory's measurement on CPU) or "resident set" (the
+                         process's, Python and libraries included; the default on CPU). Only the first two are
+                         plotted: a resident set grows with what ran before, and looks like a saving when it is not.
     world_size           devices used (default: the record's dist.world_size); num_nodes likewise
     epoch_size           samples (or tokens) in an epoch: gives device-hours per epoch
     variant              a label beside the strategy (notebook 02's performance variants)
@@ -82,6 +86,7 @@ class Row:
     step_time_s: float | None = None
     wall_time_s: float | None = None
     peak_memory_bytes: int | None = None
+    memory_kind: str = "resident set"  # what peak_memory_bytes counts: "cuda", "tensors" or "resident set"
     epoch_size: float | None = None
     variant: str = ""
     baseline: bool = False
@@ -208,6 +213,8 @@ def measurements(run: Run) -> list[Row]:
                         micro_batch_size=mbs, global_batch_size=gbs, throughput=throughput,
                         step_time_s=_number(get("step_time_s")), wall_time_s=_number(get("wall_time_s")),
                         peak_memory_bytes=int(peak) if peak else None, epoch_size=_number(get("epoch_size")),
+                        memory_kind=str(get("memory_kind") or ("cuda" if str(world.get("device", "")).startswith("cuda")
+                                                               else "resident set")),
                         variant=str(m.get("variant") or ""), baseline=m.get("baseline") is True))
     return rows
 
@@ -374,11 +381,16 @@ def plot_speedup(report: Report, efficiency: bool = False):
     return fig
 
 
+def _charted(row: Row) -> bool:
+    """A memory that says something about a strategy: tensor bytes, on a GPU or counted on CPU."""
+    return bool(row.peak_memory_bytes) and row.memory_kind in ("cuda", "tensors")
+
+
 def plot_memory(report: Report):
     """Peak memory per rank of each measured configuration, by strategy."""
     from matplotlib.figure import Figure
 
-    rows = [(f"{s.model} {r.config}", r.peak_memory_bytes) for s in report.series for r in s.rows if r.peak_memory_bytes]
+    rows = [(f"{s.model} {r.config}", r.peak_memory_bytes) for s in report.series for r in s.rows if _charted(r)]
     fig = Figure(figsize=(6.5, max(2.5, 0.3 * len(rows) + 1)), layout="constrained")
     ax = fig.add_subplot()
     if rows:
@@ -387,7 +399,8 @@ def plot_memory(report: Report):
         ax.invert_yaxis()
     else:
         ax.text(0.5, 0.5, "no memory measured", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("peak memory per rank (MiB)")
+    ax.set_xlabel("peak memory per rank (MiB): tensors (" + ", ".join(sorted({r.memory_kind for s in report.series
+                                                                          for r in s.rows if _charted(r)})) + ")")
     ax.set_title("memory per rank by strategy")
     return fig
 
@@ -430,9 +443,10 @@ def missing(report: Report, name: str) -> str | None:
     run would fill it; None when it has something."""
     if name in ("speedup.png", "efficiency.png") and not any(True for _ in _lines(report)):
         return f"No series was measured on more than one device, so there is no {name[:-4]} to plot: {_MULTI_RANK}."
-    if name == "memory.png" and not any(r.peak_memory_bytes for s in report.series for r in s.rows):
-        return ("No run recorded its peak memory, so there is no memory to plot: the notebooks record it "
-                "(results.peak_memory_bytes), e.g. `scripts/run_notebook.sh --nproc 2 notebooks/06_sharding.ipynb`.")
+    if name == "memory.png" and not any(_charted(r) for s in report.series for r in s.rows):
+        return ("No run recorded the tensor bytes per rank (a GPU's allocated memory, or workshop.memory's count on "
+                "CPU; a process's resident set says nothing about a strategy), so there is no memory to plot: "
+                "`scripts/run_notebook.sh --nproc 2 notebooks/06_sharding.ipynb` records them.")
     if name == "cost.png" and not report.series:
         return "No run measured a throughput, so there is no cost to plot: run the notebooks (`make run`) or a benchmark."
     return None
@@ -451,8 +465,9 @@ def markdown(report: Report, plots: list[str] = ()) -> str:
              f"{len(report.runs)} run(s), {len(report.failed)} failed (run folders below are relative to it). "
              "Speedup and efficiency are taken inside a series "
              "(same notebook, model and batch per device) against its one-device baseline; device-hours are devices x "
-             "time. Peak memory on CPU is the process's resident set (Python and libraries included); on a GPU, the "
-             "tensors allocated.", ""]
+             "time. Peak memory is the tensors allocated on a GPU; on CPU, the tensor bytes a rank holds where the run counted "
+             "them (notebook 06), else the process's resident set (Python and libraries included), which the memory "
+             "plot leaves out.", ""]
     if not report.runs:
         parts += ["No records found. Run the notebooks (`make run`) or a benchmark, then report again.", ""]
     for s in report.series:
