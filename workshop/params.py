@@ -74,8 +74,9 @@ def declared(notebook: str | Path) -> dict[str, Rule]:
     import papermill
 
     path = Path(notebook)
-    if not path.suffix:
-        path = NOTEBOOKS / f"{notebook}.ipynb"
+    if not path.suffix:  # a name: the notebook beside the running one (a kernel runs in its notebook's folder),
+        here = Path.cwd() / f"{notebook}.ipynb"  # else the repository's, for a package installed elsewhere
+        path = here if here.is_file() else NOTEBOOKS / f"{notebook}.ipynb"
     return rules(papermill.inspect_notebook(str(path)))
 
 
