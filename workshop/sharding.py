@@ -36,7 +36,7 @@ def hybrid_layout_problem(env: DistEnv) -> str | None:
     nodes puts 2 on one and 1 on the other), and what layout would; None when it can."""
     if env.world_size % env.local_world_size:
         return (f"world size {env.world_size} is not a multiple of the ranks per node {env.local_world_size}: hybrid "
-                "sharding needs the same number of ranks on every node; submit with --nodes=N --ntasks-per-node=M "
+                "sharding needs the same number of tasks on every node; submit with --nodes=N --ntasks-per-node=M "
                 "(e.g. sbatch --nodes=2 --ntasks-per-node=2)")
     return None
 
