@@ -137,7 +137,10 @@ def test_ctrl_c_records_an_interrupted_run_and_ends_every_process(runs):
     env.update(WORKSHOP_PYTHON=sys.executable, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
     proc = subprocess.Popen(["bash", str(RUN_NOTEBOOK), "--nproc", "2", RESUME, *RESUME_ARGS, "-p", "step_sleep_s", "0.5"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,  # its own process group, as a terminal's foreground job
+                            # and SIGINT at its default, as in a terminal: a test run started in the background
+                            # inherits it ignored, and bash cannot trap a signal ignored when it started
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run = wait_for_step(runs, 2)
     os.killpg(proc.pid, signal.SIGINT)
     sent = time.time()
