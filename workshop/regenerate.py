@@ -108,7 +108,6 @@ def _scrub_output(out: dict) -> dict:
         out["data"] = data
     if "traceback" in out:
         out["traceback"] = [scrub(line) for line in out["traceback"]]
-    out.pop("metadata", None) if out.get("metadata") == {} and out.get("output_type") == "stream" else None
     return out
 
 
