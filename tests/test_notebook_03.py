@@ -51,7 +51,7 @@ def test_task_from_each_launcher(tmp_path):
 def test_tasks_must_fit_the_grid():
     assert sweep.Task(None, 1, "single", "s").indices(3) == [0, 1, 2]
     assert sweep.Task(1, 2, "torchrun", "s").indices(2) == [1]
-    assert sweep.Task(2, 1, "array", "s", max_index=2).indices(4) == [2]  # rerun of one array index
+    assert sweep.Task(2, 1, "array", "s", max_index=2).indices(4) == [2]  # one array index submitted again on its own
     with pytest.raises(sweep.SweepError, match="5 tasks were started, but the grid has 4 configurations"):
         sweep.Task(0, 5, "slurm", "s").indices(4)
     with pytest.raises(sweep.SweepError, match="array goes up to index 4, but the grid has 4"):
