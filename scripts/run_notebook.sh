@@ -23,15 +23,15 @@
 #
 # Time limits: ask SLURM to warn the job before its limit and to let it requeue itself,
 #   sbatch --signal=B:USR1@120 --requeue ... scripts/run_notebook.sh NOTEBOOK ...
-#   SLURM sends SIGUSR1 to this script 120 s before the limit (B: to the batch shell only). The
-#   script forwards it to every rank; a notebook that trains with workshop.checkpoint saves a
-#   checkpoint and stops; the script records the run as interrupted and requeues the job
+#   SLURM sends SIGUSR1 to the launcher 120 s before the limit (B: to the batch process only). It
+#   forwards it to every rank; a notebook that trains with workshop.checkpoint saves a checkpoint
+#   and stops; the run is recorded as interrupted (exit status 3) and the job requeues itself
 #   (scontrol requeue). The requeued job keeps its id and continues in the same run folder,
 #   job<id>-<notebook>, from the checkpoint; each earlier attempt's notebooks and logs move to
-#   attempt<k>/. Locally, `kill -USR1 <this script's pid>` does the same, without the requeue;
+#   attempt<k>/. Locally, `kill -USR1 <the launcher's pid>` does the same, without the requeue;
 #   resume by hand with --resume RUN_DIR and the same notebook, ranks and parameters.
 #
-# Papermill options pass through: -p NAME VALUE, -r NAME VALUE, -f FILE.yaml, -y YAML, -k KERNEL.
+# Papermill's options: -p NAME VALUE, -r NAME VALUE, -f FILE.yaml, -y YAML, -b BASE64, -k KERNEL, --cwd DIR.
 # Each run gets a folder of its own, runs/<job id or time>-<notebook>/: rank 0's executed notebook,
 # the other ranks' under ranks/, logs/ (one log and status per rank), record.json. The exit
 # status is non-zero if any rank failed, and the message names the rank, the cell and the
@@ -42,100 +42,16 @@
 #SBATCH --output=runs/slurm-%j.out
 #SBATCH --open-mode=append
 
-set -uo pipefail
-# SIGUSR1 may come at any moment, even before the ranks start: remember it until they run.
-usr1_early=""
-trap 'usr1_early=1' USR1
-
-usage() {
+set -u
+# SIGUSR1 (the time-limit warning) may come at once: ignored until the launcher has its handler
+trap '' USR1
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
     sed -n '2,/^#SBATCH/p' "${BASH_SOURCE[0]}" | grep -v '^#SBATCH' | sed 's/^# \{0,1\}//'
-}
-
-PYTHON=${WORKSHOP_PYTHON:-python3}
-nproc=""
-resume=()
-while [[ $# -gt 0 ]]; do
-    case $1 in
-        -h|--help) usage; exit 0 ;;
-        --nproc) [[ $# -ge 2 ]] || { echo "error: --nproc needs a number" >&2; exit 2; }; nproc=$2; shift 2 ;;
-        --nproc=*) nproc=${1#--nproc=}; shift ;;
-        --resume) [[ $# -ge 2 ]] || { echo "error: --resume needs a run folder" >&2; exit 2; }; resume=(--resume "$2"); shift 2 ;;
-        *) break ;;
-    esac
-done
-if [[ $# -lt 1 ]]; then
-    echo "error: no notebook given" >&2
-    echo "usage: scripts/run_notebook.sh [--nproc N] NOTEBOOK [papermill options]   (or: sbatch [options] scripts/run_notebook.sh NOTEBOOK ...)" >&2
-    exit 2
+    exit 0
 fi
-notebook=$1
-shift
-
-if ! "$PYTHON" -c 'import workshop, papermill' 2>/dev/null; then
+PYTHON=${WORKSHOP_PYTHON:-python3}
+if ! "$PYTHON" -c 'import workshop.runner' 2>/dev/null; then
     echo "error: $PYTHON cannot import the workshop package and papermill: activate the workshop environment (conda activate workshop, or source .venv/bin/activate), or set WORKSHOP_PYTHON" >&2
     exit 2
 fi
-
-# Under SLURM (sbatch, or salloc) the ranks are the job's tasks; --nproc runs locally instead.
-if [[ -n ${SLURM_JOB_ID:-} && -z $nproc ]]; then
-    launcher=srun
-    nranks=${SLURM_NTASKS:-${SLURM_JOB_NUM_NODES:-1}}  # sbatch sets no SLURM_NTASKS for --nodes=N alone: one per node
-else
-    launcher=torchrun
-    nranks=${nproc:-1}
-fi
-
-# Refuse bad input (missing notebook, unknown parameter, bad rank count) before anything runs.
-# A requeued job (same id, SLURM_RESTART_COUNT > 0) continues in its interrupted run folder.
-run_dir=$("$PYTHON" -m workshop.runner prepare --nranks "$nranks" "${resume[@]}" "$notebook" "$@") || exit $?
-echo "run folder: $run_dir ($nranks rank(s) via $launcher${SLURM_RESTART_COUNT:+, restart $SLURM_RESTART_COUNT})"
-
-# SIGUSR1 (sbatch --signal=B:USR1@N, or kill -USR1): forward it to every rank, whose kernel saves
-# a checkpoint and stops. The launcher starts with USR1 ignored, so only a kernel that installed
-# a handler (workshop.checkpoint.StopOnSignal) reacts; it runs in the background so that the
-# trap runs at once instead of after the launcher ends.
-interrupted=""
-on_usr1() {
-    interrupted="SIGUSR1 at $(date +%H:%M:%S) (the time limit is near)"
-    echo "$interrupted: asking the ranks to save a checkpoint and stop" >&2
-    touch "$run_dir/stop.requested"  # seen by a kernel that starts later, or missed the signal
-    if [[ $launcher == srun ]]; then
-        scancel --signal=USR1 "$SLURM_JOB_ID"  # every process of the job's steps, on every node; not this shell
-    else
-        "$PYTHON" -m workshop.runner forward-signal "$launcher_pid" USR1
-    fi
-}
-trap '' USR1
-if [[ $launcher == srun ]]; then
-    # --kill-on-bad-exit: when one rank fails the others are stopped instead of waiting forever.
-    # each task ignores USR1 from its first instruction (scancel signals every process of a step)
-    srun --kill-on-bad-exit=1 --ntasks="$nranks" bash -c 'trap "" USR1; exec "$@"' rank \
-        "$PYTHON" -m workshop.runner rank "$run_dir" "$notebook" "$@" &
-elif [[ $nranks -eq 1 ]]; then
-    "$PYTHON" -m workshop.runner rank "$run_dir" "$notebook" "$@" &
-else
-    "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$nranks" --no-python \
-        "$PYTHON" -m workshop.runner rank "$run_dir" "$notebook" "$@" &
-fi
-launcher_pid=$!
-trap on_usr1 USR1
-[[ -n $usr1_early ]] && on_usr1
-# SIGTERM (scancel, or the time limit itself): stop the ranks and still write the record.
-trap 'interrupted=${interrupted:-SIGTERM (cancelled, or the time limit was reached)}; kill -TERM "$launcher_pid" 2>/dev/null' TERM
-# SIGINT (Ctrl-C): the user stopped it; recorded as interrupted, as for SIGTERM, not as a failure.
-trap 'interrupted=${interrupted:-SIGINT (stopped by the user, Ctrl-C)}; kill -TERM "$launcher_pid" 2>/dev/null' INT
-while kill -0 "$launcher_pid" 2>/dev/null; do
-    wait "$launcher_pid"  # returns early when a trapped signal arrives; then wait again
-done
-wait "$launcher_pid"
-rc=$?
-trap '' USR1
-
-"$PYTHON" -m workshop.runner collect "$run_dir" "$rc" ${interrupted:+--interrupted "$interrupted"}
-status=$?
-if [[ $status -eq 3 && $interrupted == SIGUSR1* && -n ${SLURM_JOB_ID:-} && $launcher == srun ]]; then
-    echo "requeueing job $SLURM_JOB_ID: its next start resumes in $run_dir" >&2
-    scontrol requeue "$SLURM_JOB_ID" && exit 0  # this script is ended by the requeue
-    echo "scontrol requeue failed (submit with --requeue?): resume with sbatch ... scripts/run_notebook.sh --resume $run_dir $notebook $*" >&2
-fi
-exit $status
+exec "$PYTHON" -m workshop.runner "$@"  # the launcher: workshop/runner.py

@@ -6,6 +6,7 @@ import json
 import nbformat
 import pytest
 
+from conftest import REPO
 from workshop import metrics, params
 
 
@@ -57,3 +58,11 @@ def test_records_hold_no_nan(tmp_path):
     record = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in a record"))
     assert record["params"]["lr"] is None and record["results"]["val_loss"] is None
     assert set(record["non_finite"]) == {"params.lr", "results.val_loss"}
+
+
+@pytest.mark.parametrize("notebook", sorted(REPO.glob("notebooks/*.ipynb")) + sorted(REPO.glob("tests/notebooks/*.ipynb")),
+                         ids=lambda p: p.name)
+def test_parameters_are_read_as_papermill_reads_them(notebook):
+    import papermill
+
+    assert params.inspect(notebook) == papermill.inspect_notebook(str(notebook))

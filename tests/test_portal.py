@@ -64,7 +64,7 @@ def test_parameters_keep_their_python_types():
                                  "sizes": [1, 2]}) == [
         "-r", "link", "ib-ndr-400", "-p", "steps", "8", "-p", "lr", "0.05", "-p", "submit", "False",
         "-p", "seed", "None", "-y", '{"sizes": [1, 2]}']
-    assert runner.parameter_names(slurm.papermill_args({"a": "x", "b": 1, "c": {"d": 1}})) == ["a", "b", "c"]
+    assert runner.parameter_values(slurm.papermill_args({"a": "x", "b": 1, "c": {"d": 1}})) == {"a": "x", "b": 1, "c": {"d": 1}}
 
 
 def test_sbatch_command_is_relative_to_the_repository():

@@ -1,6 +1,10 @@
 """scripts/run_notebook.sh outside SLURM: 1 and 2 local ranks, failures, and bad input."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +80,18 @@ def test_help_shows_the_header():
     out = run_notebook("--help", timeout=30)
     assert out.returncode == 0 and "sbatch" in out.stdout and "--nproc" in out.stdout
     assert (REPO / "scripts" / "run_notebook.sh").stat().st_mode & 0o111
+
+
+def test_the_launcher_imports_no_torch(runs):
+    """The launcher answers in a fraction of a second: it checks a notebook and its parameters, and makes
+    a run folder, without torch or papermill (each takes seconds to import)."""
+    code = ("import sys; from workshop import runner, slurm; "
+            f"print(runner.prepare({NB01!r}, '2', ['-p', 'epochs', '1'])); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'papermill', 'nbformat', 'lightning'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "WORKSHOP_RUNS": str(runs)})
+    assert out.returncode == 0, out.stderr
+    run, imported = out.stdout.splitlines()
+    assert imported == "[]"
+    assert json.loads((Path(run) / "run.json").read_text())["parameters"] == {"epochs": 1}
+    assert (Path(run) / "parameters.yaml").read_text() == "epochs: 1\n"

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import tempfile
 from pathlib import Path
 
 import torch
@@ -44,6 +43,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from workshop.dist import DistEnv, get_env
+from workshop.runs import atomic_write
 
 FORMAT = 1  # bumped when the layout of a checkpoint changes
 
@@ -81,20 +81,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def atomic_save(obj, path: Path) -> Path:
-    """torch.save into a temporary file in the same folder, then rename it over `path`."""
+    """torch.save, whole or not at all (a temporary file beside `path`, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int, *, model_name: str) -> Path:

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from workshop.dist import DistEnv, get_env
-
-REPO = Path(__file__).resolve().parent.parent
+from workshop.runs import REPO, atomic_write_text, display_path, make_folder, runs_root  # noqa: F401 (the notebooks' names)
 
 
 def _sync(device) -> None:
@@ -81,10 +80,6 @@ def fmt_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def runs_root() -> Path:
-    return Path(os.environ.get("WORKSHOP_RUNS", REPO / "runs"))
-
-
 def run_dir(notebook: str, env: DistEnv | None = None) -> Path:
     """This run's folder: $WORKSHOP_RUN_DIR (set by scripts/run_notebook.sh), else a new
     runs/<notebook>-<job id or time> that no other run writes to."""
@@ -97,18 +92,8 @@ def run_dir(notebook: str, env: DistEnv | None = None) -> Path:
         if env.is_main and path.exists() and not env.is_distributed:
             path = Path(tempfile.mkdtemp(prefix=path.name + "-", dir=path.parent))
     if not path.exists():  # readable by its owner only, unless $WORKSHOP_RUNS_MODE says otherwise
-        path.mkdir(parents=True, exist_ok=True)
-        path.chmod(int(os.environ.get("WORKSHOP_RUNS_MODE", "700"), 8))
+        make_folder(path)
     return path
-
-
-def display_path(path) -> str:
-    """A path as shown to people: relative to the repository when inside it."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def git_revision() -> str | None:
@@ -146,19 +131,6 @@ def _workshop_version() -> str:
         return version("workshop")
     except PackageNotFoundError:
         return "source"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write whole or not at all: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def finite_only(value, where: str = "", found: dict | None = None):
@@ -204,6 +176,3 @@ def write_record(run: Path, *, notebook: str, params: dict, results: dict, statu
     atomic_write_text(path, json.dumps(record, indent=2, default=str, allow_nan=False) + "\n")
     return path
 
-
-def read_record(run: Path) -> dict:
-    return json.loads((Path(run) / "record.json").read_text())

@@ -9,17 +9,23 @@ The parameters cell of a notebook ends a parameter's comment with its rule in br
 Words, not `>=`: papermill skips a parameter line with a second `=` in it (its parser splits on `=`).
 
 `scripts/run_notebook.sh` checks the values it is given against these rules before a run folder exists
-(`python -m workshop.runner prepare`), and the notebook checks its own values in its setup cell, where there is
+(`workshop.runner`), and the notebook checks its own values in its setup cell, where there is
 no launcher (JupyterLab): `validate("01_baseline", globals())` (`from workshop.params import validate`; the
 notebooks keep the name `params` for the dict their record holds). A value outside its rule is an error that
-names the parameter, the value and what is valid. NaN is outside every range. This module imports no torch.
+names the parameter, the value and what is valid. NaN is outside every range. This module imports neither torch nor
+papermill (a launcher refuses a bad value in a fraction of a second); `inspect` reads a parameters cell as papermill's
+`inspect_notebook` does: the names, defaults, annotated types and comments of its assignments.
 """
 
 from __future__ import annotations
 
+import ast
+import io
+import json
 import math
 import operator
 import re
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,17 +77,48 @@ def parse_rule(comment: str) -> Rule | None:
 
 def declared(notebook: str | Path) -> dict[str, Rule]:
     """The rules of a notebook's parameters cell, by parameter name ("01_baseline" or a path)."""
-    import papermill
-
     path = Path(notebook)
     if not path.suffix:  # a name: the notebook beside the running one (a kernel runs in its notebook's folder),
         here = Path.cwd() / f"{notebook}.ipynb"  # else the repository's, for a package installed elsewhere
         path = here if here.is_file() else NOTEBOOKS / f"{notebook}.ipynb"
-    return rules(papermill.inspect_notebook(str(path)))
+    return rules(inspect(path))
+
+
+def parameters_cell(cells: list) -> str | None:
+    """The source of the first cell tagged 'parameters', or None."""
+    for cell in cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = cell.get("source", "")
+            return "".join(source) if isinstance(source, list) else source
+    return None
+
+
+def inspect(notebook: str | Path) -> dict[str, dict]:
+    """The parameters of a notebook, by name, as papermill's `inspect_notebook` gives them: "name",
+    "default" (its source text), "inferred_type_name" (the annotation, else "None") and "help" (the
+    comment on its line). Raises ValueError for a file that is not a notebook or a cell that is not Python."""
+    cells = json.loads(Path(notebook).read_text()).get("cells")
+    if not isinstance(cells, list):
+        raise ValueError("no list of cells")
+    source = parameters_cell(cells)
+    if source is None:
+        return {}
+    tree = ast.parse(source)
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    found = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else getattr(node, "target", None)
+        if not isinstance(node, (ast.Assign, ast.AnnAssign)) or not isinstance(target, ast.Name) or node.value is None:
+            continue
+        annotation = ast.get_source_segment(source, node.annotation) if isinstance(node, ast.AnnAssign) else "None"
+        found[target.id] = {"name": target.id, "default": ast.get_source_segment(source, node.value),
+                            "inferred_type_name": annotation, "help": comments.get(node.end_lineno, "")}
+    return found
 
 
 def rules(inspected: dict) -> dict[str, Rule]:
-    """The rules of the parameters that `papermill.inspect_notebook` found (their comments are its "help")."""
+    """The rules of the parameters that `inspect` found (their comments are its "help")."""
     found = {name: parse_rule(p.get("help", "")) for name, p in inspected.items()}
     return {name: rule for name, rule in found.items() if rule is not None}
 

@@ -225,7 +225,6 @@ class VariantRun:
         model = get_model(model_name).to(self.device)
         if setup.channels_last:
             model = model.to(memory_format=torch.channels_last)  # the weights in NHWC too
-        self.eager = model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         self.model = torch.compile(model) if setup.compile else model  # compiles at its first call
         self.amp_dtype = getattr(torch, setup.amp_dtype) if setup.amp_dtype else None

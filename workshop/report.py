@@ -48,10 +48,6 @@ from pathlib import Path
 
 from workshop.metrics import display_path, fmt_bytes
 
-# The result keys above, read by this module and written by the notebooks and `workshop.bench`.
-KEYS = ("throughput", "samples_or_tokens", "model", "strategy", "global_batch_size", "micro_batch_size", "step_time_s",
-        "wall_time_s", "peak_memory_bytes", "world_size", "num_nodes", "epoch_size", "variant", "baseline")
-
 
 @dataclass
 class Run:

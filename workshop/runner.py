@@ -1,24 +1,30 @@
-"""One notebook as N ranks: the Python half of `scripts/run_notebook.sh`.
+"""One notebook as N ranks: the launcher behind `scripts/run_notebook.sh` and `make run`.
 
-The shell script launches; this module does the rest, in three steps:
+    python -m workshop.runner [--nproc N] [--resume RUN_DIR] NOTEBOOK [-p NAME VALUE ...]   # scripts/run_notebook.sh
+    python -m workshop.runner series [NOTEBOOK ...]       # `make run`: every notebook, then the report
+    python -m workshop.runner rank RUN_DIR                # one rank; srun or torchrun starts it once per rank
 
-    python -m workshop.runner prepare --nranks N NOTEBOOK [papermill options]   # -> run folder
-    python -m workshop.runner rank RUN_DIR NOTEBOOK [papermill options]         # once per rank
-    python -m workshop.runner collect RUN_DIR LAUNCHER_EXIT_CODE                # summary, exit code
-    python -m workshop.runner series [NOTEBOOK ...]                             # `make run`: all, then the report
+A run, step by step (`launch`):
 
-`prepare` refuses bad input before anything runs (a missing notebook, a parameter the notebook
-does not have, a bad rank count) and makes a run folder that no other run writes to. `rank` runs
-papermill for the rank that the launcher (torchrun or srun) started, with Jupyter's runtime files
-and IPython's history in node-local temporary folders, and progress as log lines, not bars.
-`collect` says which rank failed, in which cell, and which notebook to open.
+1. `prepare` refuses bad input before anything runs (a missing notebook, a parameter the notebook does not
+   have or a value its rules refuse, a bad rank count) and makes a run folder that no other run writes to:
+   run.json (what runs, on how many ranks, with which parameters) and parameters.yaml (what papermill reads).
+2. The ranks start: srun under SLURM (one rank per task, across nodes), torchrun for --nproc N > 1, else
+   one process. Each runs `rank`: papermill, with Jupyter's runtime files and IPython's history in
+   node-local temporary folders, and progress as log lines, not bars.
+3. Signals: SIGUSR1 (the time limit is near) reaches every rank, whose kernel saves a checkpoint and stops;
+   SIGTERM (scancel) and SIGINT (Ctrl-C) stop the ranks. The run is then recorded as interrupted.
+4. `collect` says which rank failed, in which cell, and which notebook to open; a SLURM job interrupted
+   by SIGUSR1 requeues itself and resumes in the same folder.
+
+This module imports no torch: a bad input is refused in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import base64
+import importlib.util
 import json
 import os
 import shutil
@@ -30,71 +36,89 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import yaml
 
 from workshop import params
-from workshop.metrics import REPO, atomic_write_text, display_path, runs_root
 from workshop.progress import DEFAULT_LOG_EVERY
+from workshop.runs import REPO, RunError, atomic_write_text, display_path, new_run_dir, runs_root
 
-# papermill options that carry parameters, and how many values follow each
-PARAM_OPTIONS = {"-p": 2, "--parameters": 2, "-r": 2, "--parameters_raw": 2, "-f": 1,
-                 "--parameters_file": 1, "-y": 1, "--parameters_yaml": 1, "-b": 1, "--parameters_base64": 1}
 KERNEL = "workshop-current"  # a kernel spec written per rank: always this interpreter
+INTERRUPTED = 3  # the exit status of a run stopped at a checkpoint (or by a signal): resume it
+USAGE = ("usage: scripts/run_notebook.sh [--nproc N] [--resume RUN_DIR] NOTEBOOK [papermill options]   "
+         "(or: sbatch [options] scripts/run_notebook.sh NOTEBOOK ...)")
 
 
-class RunError(Exception):
-    """Bad input: the message says what to do."""
+def cli_value(text: str):
+    """A -p value as papermill's command line reads it: True/False/None, an int, a float, else the string."""
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
-def _resolve_cli_value(text: str):
-    """A -p value as papermill reads it: True/False/None, an int, a float, else the string."""
-    from papermill.cli import _resolve_type
+def _options_parser() -> argparse.ArgumentParser:
+    """The papermill options that a run takes, as papermill's own command line spells them."""
+    p = argparse.ArgumentParser(prog="scripts/run_notebook.sh NOTEBOOK", add_help=False, allow_abbrev=False,
+                                exit_on_error=False)
+    p.add_argument("-p", "--parameters", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    p.add_argument("-r", "--parameters_raw", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    p.add_argument("-f", "--parameters_file", action="append", default=[])
+    p.add_argument("-y", "--parameters_yaml", action="append", default=[])
+    p.add_argument("-b", "--parameters_base64", action="append", default=[])
+    p.add_argument("-k", "--kernel", default=None)
+    p.add_argument("--cwd", default=None)
+    return p
 
-    return _resolve_type(text)
+
+def _yaml_mapping(text: str, where: str) -> dict:
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise RunError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise RunError(f"{where} must give a mapping of parameter names to values")
+    return loaded
+
+
+def parse_options(papermill_args: list[str]) -> tuple[dict, dict]:
+    """The parameters that papermill options set, with their values as papermill would pass them
+    (files, then YAML, then -p, then -r, as papermill merges them), and the other options (kernel, cwd)."""
+    try:
+        opts, rest = _options_parser().parse_known_args(papermill_args)
+    except argparse.ArgumentError as err:
+        raise RunError(f"{err}: e.g. -p epochs 1") from None
+    if rest:
+        raise RunError(f"unknown option or stray value {' '.join(rest)!r}: a run takes -p NAME VALUE, -r NAME VALUE, "
+                       "-f FILE.yaml, -y YAML, -b BASE64, -k KERNEL and --cwd DIR after the notebook")
+    import base64
+    import binascii
+
+    values: dict = {}
+    for text in opts.parameters_base64:
+        try:
+            values.update(_yaml_mapping(base64.b64decode(text).decode(), "-b"))
+        except (binascii.Error, UnicodeDecodeError):
+            raise RunError("-b: not base64-encoded YAML") from None
+    for name in opts.parameters_file:
+        path = Path(name)
+        if not path.is_file():
+            raise RunError(f"parameters file {path} does not exist")
+        values.update(_yaml_mapping(path.read_text(), f"-f {name}"))
+    for text in opts.parameters_yaml:
+        values.update(_yaml_mapping(text, f"-y {text}"))
+    values.update({name: cli_value(value) for name, value in opts.parameters})
+    values.update(dict(opts.parameters_raw))
+    return values, {"kernel": opts.kernel, "cwd": opts.cwd}
 
 
 def parameter_values(papermill_args: list[str]) -> dict:
-    """The parameters that papermill options set, with their values as papermill will pass them."""
-    values_by_name, i = {}, 0
-    while i < len(papermill_args):
-        opt = papermill_args[i]
-        key, _, inline = opt.partition("=")
-        if key in PARAM_OPTIONS:
-            n = PARAM_OPTIONS[key]
-            values = ([inline] if inline else []) + papermill_args[i + 1: i + 1 + n - bool(inline)]
-            if len(values) < n:
-                raise RunError(f"papermill option {key} needs {n} value(s)")
-            if key in ("-p", "--parameters"):
-                values_by_name[values[0]] = _resolve_cli_value(values[1])
-            elif key in ("-r", "--parameters_raw"):
-                values_by_name[values[0]] = values[1]
-            else:
-                if key in ("-f", "--parameters_file"):
-                    path = Path(values[0])
-                    if not path.is_file():
-                        raise RunError(f"parameters file {path} does not exist")
-                    text = path.read_text()
-                elif key in ("-b", "--parameters_base64"):
-                    text = base64.b64decode(values[0]).decode()
-                else:
-                    text = values[0]
-                try:
-                    loaded = yaml.safe_load(text) or {}
-                except yaml.YAMLError as err:
-                    where = values[0] if key != "-b" else ""
-                    raise RunError(f"{key} {where}: not valid YAML ({str(err).splitlines()[0]})") from None
-                if not isinstance(loaded, dict):
-                    raise RunError(f"{key} must give a mapping of parameter names to values")
-                values_by_name.update(loaded)
-            i += 1 + n - bool(inline)
-        else:
-            i += 1
-    return values_by_name
-
-
-def parameter_names(papermill_args: list[str]) -> list[str]:
-    """The names of the parameters that papermill options set."""
-    return list(parameter_values(papermill_args))
+    """The parameters that papermill options set, by name."""
+    return parse_options(papermill_args)[0]
 
 
 # A parameter's type as papermill infers it from the default, and the value types it accepts. A
@@ -128,10 +152,9 @@ def check_types(notebook: Path, known: dict, given: dict) -> None:
                            f"pass a value of that type, e.g. -p {name} {known[name]['default']}")
 
 
-def check_notebook(notebook: Path, papermill_args: list[str]) -> None:
-    """Raise RunError unless the notebook exists and has every parameter the options set."""
-    import papermill
-
+def check_notebook(notebook: Path, papermill_args: list[str]) -> dict:
+    """Raise RunError unless the notebook exists, has every parameter the options set, and the values
+    keep its rules; the parameters' values, by name."""
     if not notebook.is_file():
         raise RunError(f"notebook {notebook} does not exist (notebooks are under notebooks/, e.g. notebooks/01_baseline.ipynb)")
     if notebook.suffix != ".ipynb":
@@ -141,10 +164,8 @@ def check_notebook(notebook: Path, papermill_args: list[str]) -> None:
                        "(ls -l) or copy it somewhere you can read")
     try:
         cells = json.loads(notebook.read_text()).get("cells")
-        if not isinstance(cells, list):
-            raise ValueError("no list of cells")
-        known = papermill.inspect_notebook(str(notebook))
-    except (ValueError, AttributeError, UnicodeDecodeError) as err:
+        known = params.inspect(notebook)
+    except (ValueError, AttributeError, UnicodeDecodeError, SyntaxError) as err:
         raise RunError(f"{notebook} is not a valid notebook ({type(err).__name__}: {str(err).splitlines()[0]}): "
                        "restore it, e.g. git checkout -- " + display_path(notebook)) from None
     given = parameter_values(papermill_args)
@@ -167,12 +188,16 @@ def check_notebook(notebook: Path, papermill_args: list[str]) -> None:
     if broken:
         raise RunError("; ".join(broken) + f" (the rules are in {notebook.name}'s parameters cell)")
     check_environment(given, papermill_args)
+    return given
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def gpu_present() -> bool:
+    """Whether this machine shows a GPU to this process, without importing torch (seconds to import):
+    the NVIDIA driver lists one, and CUDA_VISIBLE_DEVICES does not hide them all."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
 
 
 def check_environment(given: dict, papermill_args: list[str]) -> None:
@@ -181,14 +206,14 @@ def check_environment(given: dict, papermill_args: list[str]) -> None:
     params_dir = (REPO / "notebooks" / "params").resolve()
     for i, opt in enumerate(papermill_args[:-1]):
         if opt in ("-f", "--parameters_file") and Path(papermill_args[i + 1]).resolve().parent == params_dir:
-            if os.environ.get("WORKSHOP_ALLOW_CPU") != "1" and not _has_cuda():
+            if os.environ.get("WORKSHOP_ALLOW_CPU") != "1" and not gpu_present():
                 raise RunError(f"{papermill_args[i + 1]} holds GPU-sized parameters and this machine has no GPU: drop "
                                "-f to run the CPU defaults, or submit to a GPU partition (sbatch --gpus-per-node=1 ...); "
                                "WORKSHOP_ALLOW_CPU=1 runs them on CPU anyway")
     backend = os.environ.get("WORKSHOP_BACKEND", "")
     if backend and backend not in ("nccl", "gloo"):
         raise RunError(f"WORKSHOP_BACKEND={backend}: use nccl (GPUs) or gloo (CPU), or unset it to let the device decide")
-    if backend == "nccl" and not _has_cuda():
+    if backend == "nccl" and not gpu_present():
         raise RunError("WORKSHOP_BACKEND=nccl but this machine has no GPU: NCCL needs CUDA; unset WORKSHOP_BACKEND "
                        "(gloo is used on CPU) or run on a GPU node")
     if given.get("dataset") == "cifar10":
@@ -198,46 +223,6 @@ def check_environment(given: dict, papermill_args: list[str]) -> None:
             check_cifar10()
         except FileNotFoundError as err:
             raise RunError(str(err)) from None
-
-
-def folder_mode() -> int:
-    """The mode of new run folders: $WORKSHOP_RUNS_MODE (octal, e.g. 750 to let the group read),
-    else 700: on a shared cluster a run's notebooks, logs and checkpoints are its owner's."""
-    text = os.environ.get("WORKSHOP_RUNS_MODE", "700")
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o777 or not mode & 0o700 == 0o700:
-        raise RunError(f"WORKSHOP_RUNS_MODE={text} is not an octal mode the owner can use: give three octal digits "
-                       "starting with 7, e.g. 700 (only you) or 750 (your group may read)")
-    return mode
-
-
-def new_run_dir(notebook: Path, root: Path | None = None) -> Path:
-    """runs/<job id or time>-<notebook>, made here and now: a name taken already gets a suffix,
-    so a second run never writes into the first's folder."""
-    root = root or runs_root()
-    mode = folder_mode()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        writable = os.access(root, os.W_OK | os.X_OK)
-    except OSError:
-        writable = False
-    if not writable:
-        raise RunError(f"the runs folder {root} is not writable: set WORKSHOP_RUNS to a folder you can write "
-                       "(e.g. export WORKSHOP_RUNS=$HOME/runs, or one on the project's scratch file system)")
-    job = os.environ.get("SLURM_JOB_ID")
-    stem = f"{'job' + job if job else datetime.now().strftime('%Y%m%d-%H%M%S')}-{notebook.stem}"
-    for i in range(1, 1000):
-        path = root / (stem if i == 1 else f"{stem}-{i}")
-        try:
-            path.mkdir(mode=mode)
-        except FileExistsError:
-            continue
-        path.chmod(mode)  # mkdir's mode is masked by the umask; this is the mode asked for
-        return path
-    raise RunError(f"too many runs named {stem} under {root}")
 
 
 # What a run folder may keep of the environment: the launchers' variables and the workshop's own,
@@ -303,10 +288,12 @@ def reuse_run_dir(run: Path, notebook: Path, papermill_args: list[str]) -> Path:
 
 
 def prepare(notebook: str, nranks: str, papermill_args: list[str], resume: str | None = None) -> Path:
-    if not nranks.isdigit() or int(nranks) < 1:
+    """Check everything, then make (or, to resume, reuse) the run folder: run.json and parameters.yaml."""
+    if not str(nranks).isdigit() or int(nranks) < 1:
         raise RunError(f"the number of ranks must be a positive integer, got {nranks!r} (e.g. --nproc 2)")
     nb = Path(notebook).resolve()
-    check_notebook(nb, papermill_args)
+    given = check_notebook(nb, papermill_args)
+    options = parse_options(papermill_args)[1]
     again = Path(resume) if resume else requeued_run(nb)
     if again is not None:
         if not again.is_dir():
@@ -316,20 +303,21 @@ def prepare(notebook: str, nranks: str, papermill_args: list[str], resume: str |
         if meta["nranks"] != int(nranks):
             raise RunError(f"{display_path(run)} ran as {meta['nranks']} ranks, not {nranks}: resume with the same "
                            "number of ranks (its data order and checkpoints depend on it)")
-        (run / "ranks").mkdir()
-        (run / "logs").mkdir()
-        return run
-    run = new_run_dir(nb)
+    else:
+        run = new_run_dir(nb.stem)
+        meta = {"notebook": str(nb), "nranks": int(nranks), "papermill_args": papermill_args,
+                "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "environment": safe_environment()}
+        if os.environ.get("SLURM_JOB_ID"):  # the job's own output file, where sbatch put it
+            out = Path(os.environ.get("SLURM_SUBMIT_DIR", ".")) / "runs" / f"slurm-{os.environ['SLURM_JOB_ID']}.out"
+            if out.exists():
+                (run / "slurm.out").symlink_to(os.path.relpath(out, run))
     (run / "ranks").mkdir()
     (run / "logs").mkdir()
-    meta = {"notebook": str(nb), "nranks": int(nranks), "papermill_args": papermill_args,
-            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "environment": safe_environment()}
-    atomic_write_text(run / "run.json", json.dumps(meta, indent=2) + "\n")
-    if os.environ.get("SLURM_JOB_ID"):  # the job's own output file, where sbatch put it
-        out = Path(os.environ.get("SLURM_SUBMIT_DIR", ".")) / "runs" / f"slurm-{os.environ['SLURM_JOB_ID']}.out"
-        if out.exists():
-            (run / "slurm.out").symlink_to(os.path.relpath(out, run))
+    # the parameters travel as data: every rank's papermill reads this file, as given, typed
+    meta.update(parameters=given, kernel=options["kernel"], cwd=options["cwd"])
+    atomic_write_text(run / "parameters.yaml", yaml.safe_dump(given, sort_keys=False))
+    atomic_write_text(run / "run.json", json.dumps(meta, indent=2, default=str) + "\n")
     return run
 
 
@@ -387,18 +375,17 @@ def _rank_environment(run: Path, rank: int) -> tuple[dict, Path]:
     return env, tmp
 
 
-def run_rank(run: Path, notebook: str, papermill_args: list[str]) -> int:
-    """Execute the notebook for this rank with papermill; write logs/rank<R>.status.json."""
+def run_rank(run: Path) -> int:
+    """Execute the run's notebook for this rank with papermill; write logs/rank<R>.status.json."""
     rank = this_rank()
-    nb = Path(notebook).resolve()
+    meta = json.loads((run / "run.json").read_text())
+    nb = Path(meta["notebook"])
     out = output_notebook(run, nb, rank)
     env, tmp = _rank_environment(run, rank)
-    defaults = []
-    if not {"-k", "--kernel"} & {a.split("=")[0] for a in papermill_args}:
-        defaults += ["-k", KERNEL]
-    if "--cwd" not in papermill_args:
-        defaults += ["--cwd", str(nb.parent)]
-    cmd = [sys.executable, "-m", "papermill", str(nb), str(out), *defaults, "--log-output", "--no-progress-bar", *papermill_args]
+    cmd = [sys.executable, "-m", "papermill", str(nb), str(out), "-k", meta.get("kernel") or KERNEL,
+           "--cwd", meta.get("cwd") or str(nb.parent), "--log-output", "--no-progress-bar"]
+    if meta.get("parameters"):
+        cmd += ["-f", str(run / "parameters.yaml")]
     log = run / "logs" / f"rank{rank}.log"
     node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
     started = datetime.now().astimezone().isoformat(timespec="seconds")
@@ -437,45 +424,40 @@ def run_rank(run: Path, notebook: str, papermill_args: list[str]) -> int:
     return rc
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children first), from /proc: papermill and its kernel, which
-    runs in a session of its own and is out of reach of a signal to a process group."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()  # the name, in parentheses, may hold spaces
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process below `pid`: papermill and its kernel, which runs in a session of its own and is
+    out of reach of a signal to a process group."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def terminate_tree(pid: int, grace_s: float = 5.0) -> None:
     """SIGTERM every process below `pid`, then SIGKILL what is left after `grace_s`."""
     procs = descendants(pid)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in procs:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while sig == signal.SIGTERM and time.monotonic() < deadline and any(_alive(p) for p in procs):
-            time.sleep(0.1)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    # polled, not psutil.wait_procs: that reaps a child of this process (waitpid), and its Popen would
+    # then read the exit status 0 of a process that was killed
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(p) for p in procs):
+        time.sleep(0.1)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
-def _alive(pid: int) -> bool:
+def _alive(p: psutil.Process) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return state != "Z"
 
 
 def forward_signal(pid: int, signum: int = signal.SIGUSR1) -> int:
@@ -484,14 +466,11 @@ def forward_signal(pid: int, signum: int = signal.SIGUSR1) -> int:
     n = 0
     for p in descendants(pid):
         try:
-            os.kill(p, signum)
+            p.send_signal(signum)
             n += 1
-        except ProcessLookupError:
+        except psutil.NoSuchProcess:
             pass
     return n
-
-
-INTERRUPTED = 3  # collect's exit status for a run stopped at a checkpoint: resume it
 
 
 def collect(run: Path, launcher_rc: int, interrupted: str | None = None) -> int:
@@ -575,12 +554,11 @@ REPORT_NOTEBOOK = "09_scaling_report"  # run last by `series`, over the runs the
 
 
 def series(notebooks: list[Path]) -> int:
-    """Run the notebooks in order, each as its declared number of local ranks, through
-    scripts/run_notebook.sh, all into one folder of this series (runs/<time>-series/); the scaling
-    report (notebook 09), when among them, runs last over that folder. Then list each one's run
-    folder and say where the report is. Non-zero if any failed."""
-    script = REPO / "scripts" / "run_notebook.sh"
-    root = new_run_dir(Path("series"))  # runs/<time>-series: every run of this series under it
+    """Run the notebooks in order, each as its declared number of local ranks, all into one folder
+    of this series (runs/<time>-series/); the scaling report (notebook 09), when among them, runs
+    last over that folder. Then list each one's run folder and say where the report is. Non-zero if
+    any failed."""
+    root = new_run_dir("series")  # runs/<time>-series: every run of this series under it
     env = dict(os.environ, WORKSHOP_PYTHON=sys.executable, WORKSHOP_RUNS=str(root))
     env.pop("SLURM_JOB_ID", None)  # local ranks even inside an allocation
     notebooks = sorted(notebooks, key=lambda nb: nb.stem == REPORT_NOTEBOOK)  # the report after every other
@@ -595,8 +573,8 @@ def series(notebooks: list[Path]) -> int:
         start = time.monotonic()
         log = root / f".{nb.stem}.log"  # papermill's cell-by-cell output goes here, not to the terminal
         with open(log, "w") as f:
-            rc = subprocess.run(["bash", str(script), "--nproc", str(nranks), str(nb), *extra], env=env, stdout=f,
-                                stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run([sys.executable, "-m", "workshop.runner", "--nproc", str(nranks), str(nb), *extra],
+                                env=env, stdout=f, stderr=subprocess.STDOUT).returncode
         made = sorted(set(root.glob(f"*-{nb.stem}*")) - before)
         lines = log.read_text(errors="replace").splitlines()
         if made:  # beside the ranks' own logs
@@ -617,40 +595,117 @@ def series(notebooks: list[Path]) -> int:
     return 0 if all(status == "ok" for _, _, status, _ in rows) else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workshop.runner", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    sub = parser.add_subparsers(dest="step", required=True)
-    p = sub.add_parser("prepare", allow_abbrev=False)
-    p.add_argument("--nranks", default="1")
-    p.add_argument("--resume", default=None)
-    p.add_argument("notebook")
-    r = sub.add_parser("rank", allow_abbrev=False)
-    r.add_argument("run_dir", type=Path)
-    r.add_argument("notebook")
-    c = sub.add_parser("collect", allow_abbrev=False)
-    c.add_argument("run_dir", type=Path)
-    c.add_argument("launcher_rc", type=int)
-    c.add_argument("--interrupted", default=None)
-    f = sub.add_parser("forward-signal", allow_abbrev=False)
-    f.add_argument("pid", type=int)
-    f.add_argument("signal", default="USR1", nargs="?")
-    s = sub.add_parser("series", allow_abbrev=False)
-    s.add_argument("notebooks", nargs="*", type=Path)
-    args, rest = parser.parse_known_args(argv)
-    try:
-        if args.step == "prepare":
-            print(prepare(args.notebook, args.nranks, rest, resume=args.resume))
+def parse_launch(argv: list[str]) -> tuple[str | None, str | None, str, list[str]]:
+    """--nproc N and --resume RUN_DIR (before the notebook), the notebook, then papermill's options."""
+    nproc = resume = None
+    argv = list(argv)
+    while argv and argv[0].startswith("--"):
+        opt, _, inline = argv.pop(0).partition("=")
+        if opt not in ("--nproc", "--resume"):
+            raise RunError(f"unknown option {opt}: before the notebook come --nproc N and --resume RUN_DIR\n{USAGE}")
+        if not inline and not argv:
+            raise RunError("--nproc needs a number" if opt == "--nproc" else "--resume needs a run folder")
+        value = inline or argv.pop(0)
+        nproc, resume = (value, resume) if opt == "--nproc" else (nproc, value)
+    if not argv:
+        raise RunError(f"no notebook given\n{USAGE}")
+    return nproc, resume, argv[0], argv[1:]
+
+
+class Signals:
+    """What the launcher does with the signals it may get while the ranks run. SIGUSR1 may come at any
+    moment, even before the ranks start: it is remembered until they run."""
+
+    def __init__(self):
+        self.interrupted: str | None = None
+        self.usr1_early = False
+        self.run: Path | None = None
+        self.ranks: subprocess.Popen | None = None
+        self.srun = False
+        signal.signal(signal.SIGUSR1, self._usr1)
+
+    def _usr1(self, signum, frame):
+        if self.ranks is None:
+            self.usr1_early = True
+            return
+        self.interrupted = f"SIGUSR1 at {datetime.now():%H:%M:%S} (the time limit is near)"
+        print(f"{self.interrupted}: asking the ranks to save a checkpoint and stop", file=sys.stderr, flush=True)
+        (self.run / "stop.requested").touch()  # seen by a kernel that starts later, or missed the signal
+        if self.srun:  # every process of the job's steps, on every node; not this batch process
+            subprocess.run(["scancel", "--signal=USR1", os.environ["SLURM_JOB_ID"]], check=False)
+        else:
+            forward_signal(self.ranks.pid, signal.SIGUSR1)
+
+    def _stop(self, signum, frame):
+        why = {signal.SIGTERM: "SIGTERM (cancelled, or the time limit was reached)",
+               signal.SIGINT: "SIGINT (stopped by the user, Ctrl-C)"}[signum]
+        self.interrupted = self.interrupted or why
+        try:
+            self.ranks.terminate()
+        except (OSError, AttributeError):
+            pass
+
+    def watch(self, run: Path, ranks: subprocess.Popen, srun: bool) -> None:
+        """From now on the signals act on these ranks (and a SIGUSR1 that came early does now)."""
+        self.run, self.ranks, self.srun = run, ranks, srun
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        if self.usr1_early:
+            self._usr1(signal.SIGUSR1, None)
+
+
+def _ignore_usr1() -> None:  # in each rank, before it runs: only a kernel that trains with checkpoints reacts
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def launch(argv: list[str]) -> int:
+    """Run one notebook as N ranks (see the module's docstring); the exit status: 0 ok, 1 failed,
+    2 refused before anything ran, 3 interrupted (resume it)."""
+    signals = Signals()
+    nproc, resume, notebook, papermill_args = parse_launch(argv)
+    if importlib.util.find_spec("papermill") is None:
+        raise RunError(f"{sys.executable} cannot import papermill: activate the workshop environment "
+                       "(conda activate workshop, or source .venv/bin/activate), or set WORKSHOP_PYTHON")
+    job = os.environ.get("SLURM_JOB_ID")
+    srun = bool(job) and nproc is None  # under SLURM (sbatch, salloc) the ranks are the job's tasks
+    # sbatch sets no SLURM_NTASKS for --nodes=N alone: one task per node
+    nranks = (os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_JOB_NUM_NODES") or "1") if srun else (nproc or "1")
+    run = prepare(notebook, nranks, papermill_args, resume=resume)
+    restart = os.environ.get("SLURM_RESTART_COUNT")
+    print(f"run folder: {run} ({nranks} rank(s) via {'srun' if srun else 'torchrun'}"
+          f"{', restart ' + restart if restart else ''})", flush=True)
+    rank = [sys.executable, "-m", "workshop.runner", "rank", str(run)]
+    if srun:  # --kill-on-bad-exit: when one rank fails the others are stopped instead of waiting forever;
+        # each task ignores USR1 from its first instruction (scancel signals every process of a step)
+        cmd = ["srun", "--kill-on-bad-exit=1", f"--ntasks={nranks}", "bash", "-c", 'trap "" USR1; exec "$@"', "rank", *rank]
+    elif int(nranks) == 1:
+        cmd = rank
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", nranks, "--no-python",
+               *rank]
+    ranks = subprocess.Popen(cmd, preexec_fn=_ignore_usr1)
+    signals.watch(run, ranks, srun)
+    rc = ranks.wait()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    status = collect(run, rc, signals.interrupted)
+    if status == INTERRUPTED and srun and signals.interrupted.startswith("SIGUSR1"):
+        print(f"requeueing job {job}: its next start resumes in {run}", file=sys.stderr, flush=True)
+        if subprocess.run(["scontrol", "requeue", job]).returncode == 0:
             return 0
-        if args.step == "forward-signal":
-            n = forward_signal(args.pid, getattr(signal, f"SIG{args.signal.removeprefix('SIG')}"))
-            return 0 if n else 1
-        if args.step == "rank":
-            return run_rank(args.run_dir, args.notebook, rest)
-        if args.step == "series":
-            return series(args.notebooks or sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")))
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return collect(args.run_dir, args.launcher_rc, args.interrupted)
+        print(f"scontrol requeue failed (submit with --requeue?): resume with sbatch ... scripts/run_notebook.sh "
+              f"--resume {run} {notebook} {' '.join(papermill_args)}".rstrip(), file=sys.stderr)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["rank"] and len(argv) == 2:
+            return run_rank(Path(argv[1]))
+        if argv[:1] == ["series"]:
+            notebooks = [Path(a) for a in argv[1:]]
+            return series(notebooks or sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")))
+        return launch(argv)
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

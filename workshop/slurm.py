@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from workshop.metrics import REPO, display_path, runs_root
+from workshop.runs import REPO, display_path, runs_root
 
 SCRIPT = REPO / "scripts" / "run_notebook.sh"
 # states of a job that has not ended yet (squeue's long names)
