@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The GPU check: everything the workshop does only on CUDA, in one command, in at most 8 minutes on
+# one H100 or H200. Run it the day a GPU is lent, from the repository's root:
+#   scripts/gpu_check.sh                                   # on a GPU node
+#   sbatch --partition=gpu --gpus-per-node=1 --cpus-per-task=8 --time=00:15:00 scripts/gpu_check.sh
+#   WORKSHOP_ALLOW_CPU=1 scripts/gpu_check.sh              # the same steps on CPU, with CPU sizes (CI runs
+#                                                          # this, so that the script does not rot)
+# Steps, each timed, each with its log:
+#   1. the gpu-marked tests (pytest -m gpu): the device a rank gets, a timed step, CUDA peak memory;
+#   2. python -m workshop.bench single --model resnet18 --batch-size 512 (notebook 02's variants);
+#   3. notebooks 01, 02, 05, 06, 07 and 08 as one process, with their GPU parameters
+#      (notebooks/params/) at fewer steps: CUDA timing and peak memory, bf16 autocast, channels-last,
+#      pinned memory, torch.compile of a training step and of decoding with CUDA graphs
+#      (reduce-overhead), FSDP2 with bf16 compute, DDP and tensor parallelism on a CUDA device.
+# Writes its records under runs/gpu-check-<time>/ and its report (device, versions, each step's
+# status and time) to docs/results/gpu_check.md; on CPU the report stays in the run folder, so a
+# CPU check never overwrites a GPU report. Exit status: the number of steps that failed.
+#
+# Unreachable on one GPU (they need two or more): NCCL between ranks (dist picking cuda:<local
+# rank> with several GPUs on a node, checkpoint's broadcast over NCCL, the collectives of 05, 06
+# and 07 across GPUs, `python -m workshop.bench collectives` and `bench strategies` on NCCL), and
+# the split of 07's mesh over nodes. Run those with the sbatch lines in each notebook's header.
+#SBATCH --job-name=gpu-check
+#SBATCH --time=00:15:00
+#SBATCH --output=runs/slurm-%j.out
+set -u
+cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
+PYTHON=${WORKSHOP_PYTHON:-python3}
+export WORKSHOP_PYTHON=$PYTHON WORKSHOP_LOG_EVERY=0
+if ! "$PYTHON" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    if [[ ${WORKSHOP_ALLOW_CPU:-} != 1 ]]; then
+        echo "error: no CUDA GPU here ($PYTHON sees none): run it on a GPU node, or with WORKSHOP_ALLOW_CPU=1 to run the same steps on CPU" >&2
+        exit 2
+    fi
+    gpu=""
+else
+    gpu=1
+fi
+runs=runs/gpu-check-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$runs/logs"
+export WORKSHOP_RUNS=$PWD/$runs
+steps=()
+
+step() {  # step NAME COMMAND...: run it, its output in logs/NAME.log; one line of status
+    local name=$1 start=$SECONDS rc
+    shift
+    printf '%-24s ' "$name"
+    "$@" >"$runs/logs/$name.log" 2>&1
+    rc=$?
+    local took=$((SECONDS - start))
+    if [[ $rc -eq 0 ]]; then echo "ok      ${took} s"; else echo "FAILED  ${took} s (exit $rc; $runs/logs/$name.log)"; fi
+    steps+=("$name|$rc|$took")
+}
+
+nb() {  # nb NOTEBOOK PARAMS_FILE [GPU options] -- [CPU options]: one process, the GPU parameters at fewer steps
+    local notebook=$1 file=$2
+    shift 2
+    local gpu_opts=() cpu_opts=() into=gpu_opts
+    for a in "$@"; do
+        if [[ $a == -- ]]; then into=cpu_opts; continue; fi
+        if [[ $into == gpu_opts ]]; then gpu_opts+=("$a"); else cpu_opts+=("$a"); fi
+    done
+    local opts=("${gpu_opts[@]}")
+    [[ -z $gpu ]] && opts+=("${cpu_opts[@]}")  # on CPU the sizes shrink to CPU ones as well
+    "$PYTHON" -m workshop.runner "notebooks/$notebook.ipynb" -f "notebooks/params/$file" "${opts[@]}"
+}
+
+echo "GPU check: ${gpu:+CUDA}${gpu:-CPU (WORKSHOP_ALLOW_CPU=1)}; records and logs in $runs"
+step gpu-tests "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+if [[ -n $gpu ]]; then
+    step bench-single "$PYTHON" -m workshop.bench single --model resnet18 --batch-size 512 --steps 20
+else
+    step bench-single "$PYTHON" -m workshop.bench single --model small_cnn --batch-size 16 --steps 2 --warmup 1 \
+        --variants naive,bf16,channels_last
+fi
+step 01_baseline nb 01_baseline gpu.yaml -p epochs 1 -p num_train 16384 -p num_test 4096 -p profile_steps 3 \
+    -- -p model_name small_cnn -p dataset synthetic -p num_train 256 -p num_test 128 -p batch_size 64
+step 02_performance nb 02_single_device_performance 02_single_device_performance.yaml -p steps 15 -p warmup 3 \
+    -p profile_steps 3 -- -p model_name small_cnn -p dataset synthetic -p batch_size 16 -p steps 2 -p warmup 1 \
+    -p num_workers 1 -p profile_steps 1
+step 05_ddp "$PYTHON" -m workshop.runner notebooks/05_ddp.ipynb -p steps 2 -p split_steps 2 \
+    ${gpu:+-p micro_batch_size 64 -p split_batch_size 128}
+step 06_sharding nb 06_sharding 06_sharding.yaml -p steps 3 -- -p size cpu -p seq_len 32 -p micro_batch_size 4
+step 07_tensor_parallel nb 07_tensor_parallelism 07_tensor_parallelism.yaml -p steps 2 \
+    -- -p model_size cpu -p seq_len 32 -p micro_batch_size 4
+step 08_inference nb 08_inference 08_inference.yaml -p train_steps 60 -p max_new_tokens 48 -p timing_repeats 2 \
+    -- -p model_size cpu -p seq_len 64 -p batch_size 16 -p train_steps 20 -p max_new_tokens 16 -p compile_decoding False
+
+"$PYTHON" - "$runs" "${gpu:-}" "${steps[@]}" <<'EOF'
+"""The report: device, versions, each step's status and time."""
+import platform
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+runs, gpu, rows = Path(sys.argv[1]), sys.argv[2], [s.split("|") for s in sys.argv[3:]]
+device = torch.cuda.get_device_name(0) if gpu else f"CPU ({platform.processor() or platform.machine()}), WORKSHOP_ALLOW_CPU=1"
+lines = ["# GPU check", "", f"Made by `scripts/gpu_check.sh` on {datetime.now():%Y-%m-%d %H:%M}; records and logs in "
+         f"`{runs}`.", "", f"- device: {device}", f"- python {platform.python_version()}, torch {torch.__version__}, "
+         f"CUDA {torch.version.cuda}", "", "| step | status | seconds | log |", "|---|---|---|---|"]
+lines += [f"| {name} | {'ok' if rc == '0' else f'FAILED (exit {rc})'} | {took} | `{runs}/logs/{name}.log` |"
+          for name, rc, took in rows]
+out = Path("docs/results/gpu_check.md") if gpu else runs / "gpu_check.md"
+out.write_text("\n".join(lines) + "\n")
+print(f"report: {out}")
+EOF
+failed=0
+for s in "${steps[@]}"; do [[ ${s#*|} == 0\|* ]] || failed=$((failed + 1)); done
+echo "$failed of ${#steps[@]} steps failed"
+exit $failed
