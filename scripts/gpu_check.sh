@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: everything the workshop does only on CUDA, in one command, in at most 8 minutes on
-# one H100 or H200. Run it the day a GPU is lent, from the repository's root:
+# The GPU check: everything the workshop does only on CUDA, in one command, sized for at most 8
+# minutes on one H100 or H200 (not yet timed on one). Run it the day a GPU is lent, from the repository's root:
 #   scripts/gpu_check.sh                                   # on a GPU node
 #   sbatch --partition=gpu --gpus-per-node=1 --cpus-per-task=8 --time=00:15:00 scripts/gpu_check.sh
 #   WORKSHOP_ALLOW_CPU=1 scripts/gpu_check.sh              # the same steps on CPU, with CPU sizes (CI runs
