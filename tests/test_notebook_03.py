@@ -156,29 +156,3 @@ def test_job_array_then_a_collection(slurm, runs):
         assert_collected(collection / "03_task_parallelism.ipynb", 2)
     finally:
         remove_logs(jobs + [array])
-
-
-@pytest.mark.slurm
-def test_two_tasks_of_one_job(slurm, runs):
-    rc, job, log = sbatch(runs, "--ntasks=2", "--gpus-per-task=1", "scripts/run_notebook.sh", NB03, *TINY)
-    try:
-        assert rc == 0, log[-4000:]
-        run = runs / f"job{job}-03_task_parallelism"
-        records = sweep_records(runs / f"sweep-{job}", 2)  # the job id names the sweep
-        assert [(r["config"], r["task"]["index"], r["task"]["launcher"], r["slurm_job_id"]) for r in records] == [
-            (GRID[0], 0, "slurm", job), (GRID[1], 1, "slurm", job)]
-        assert (run / "ranks" / "03_task_parallelism.rank1.ipynb").is_file()
-        assert_collected(run / "03_task_parallelism.ipynb", 2)  # task 0 collected
-    finally:
-        remove_logs([job])
-
-
-@pytest.mark.slurm
-def test_an_array_index_outside_the_grid_fails(slurm, runs):
-    rc, job, log = sbatch(runs, "--array=2", "scripts/run_notebook.sh", NB03, *TINY, timeout=300)
-    try:
-        assert rc != 0
-        assert "the job array goes up to index 2, but the grid has 2 configurations" in log
-        assert not list((runs / f"sweep-{job}").glob("config*"))
-    finally:
-        remove_logs([job])

@@ -6,7 +6,6 @@ import re
 import shutil
 
 import pytest
-from test_slurm import sbatch_two_by_two
 
 from conftest import REPO, assert_checks_as_committed, run_notebook
 
@@ -50,14 +49,6 @@ def test_05_on_two_local_ranks(runs):
     record = json.loads((run / "record.json").read_text())
     assert record["dist"]["world_size"] == 2 and all(record["results"]["matches_single_process"].values())
     assert [r["bytes"] for r in record["results"]["allreduce"]] == [4096, 2**20]
-
-
-@pytest.mark.slurm
-def test_05_on_two_nodes_with_two_ranks_each(slurm, runs):
-    run, text, nodes = sbatch_two_by_two(runs, NB05, *SMALL)
-    assert "4 rank(s) on 2 node(s)" in text
-    assert_all_match(run / "05_ddp.ipynb")
-    assert nodes == ["n1", "n1", "n2", "n2"]
 
 
 @pytest.mark.multirank
