@@ -51,7 +51,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from workshop import dist, metrics, perf
+from workshop import dist, hardware, metrics, perf
 from workshop.ddp import apply_ddp
 from workshop.dist import DistEnv
 from workshop.models import MODELS, count_parameters, get_model
@@ -60,17 +60,7 @@ from workshop.models import MODELS, count_parameters, get_model
 # sends and receives at once, so busbw approaches the per-direction peak, never the sum of both.
 # Inside a node, compare with the GPU-to-GPU link; across nodes, with the network bandwidth per
 # GPU (one NIC per GPU on most GPU clusters).
-NOMINAL_LINKS = {
-    "nvlink5-b200": 900,  # NVLink 5 (B200): 18 links x 50 GB/s
-    "nvlink4-h100": 450,  # NVLink 4 (H100 SXM): 18 links x 25 GB/s
-    "nvlink3-a100": 300,  # NVLink 3 (A100 SXM): 12 links x 25 GB/s
-    "pcie5-x16": 64,  # PCIe 5.0 x16: 32 GT/s x 16 lanes, about 63 GB/s after encoding
-    "pcie4-x16": 32,  # PCIe 4.0 x16: 16 GT/s x 16 lanes, about 31.5 GB/s after encoding
-    "ib-ndr-400": 50,  # InfiniBand NDR, 400 Gb/s per port
-    "ib-hdr-200": 25,  # InfiniBand HDR, 200 Gb/s per port
-    "eth-100g": 12.5,  # 100 Gb/s Ethernet (or RoCE)
-    "eth-25g": 3.125,  # 25 Gb/s Ethernet
-}
+NOMINAL_LINKS = {name: link.GBps for name, link in hardware.LINKS.items()}  # GB/s per direction, per GPU
 
 DEFAULT_SIZES = "4KiB,64KiB,1MiB,16MiB,64MiB"
 # Binary units (KiB = 1024) and decimal ones (KB = 1000), as written; matched case-insensitively.

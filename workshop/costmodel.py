@@ -56,6 +56,8 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
+from workshop import hardware
+
 # --- links and clusters --------------------------------------------------------------------------
 
 
@@ -80,32 +82,11 @@ def _link(name: str, alpha_us: float, GBps: float) -> AlphaBeta:
     return AlphaBeta(alpha_us * 1e-6, 1 / (GBps * 1e9), name)
 
 
-# Peak bandwidth per direction, per GPU (workshop.bench.NOMINAL_LINKS and the vendors' data sheets); latencies
-# per step of a collective of the order that NCCL's tuning model uses (a few microseconds inside a node, about ten
-# across InfiniBand, tens over Ethernet/TCP). Calibrate on your own cluster for real numbers.
-LINKS = {
-    "nvlink5-b200": _link("nvlink5-b200", 3, 900),
-    "nvlink4-h100": _link("nvlink4-h100", 3, 450),
-    "nvlink3-a100": _link("nvlink3-a100", 4, 300),
-    "nvlink2-v100": _link("nvlink2-v100", 4, 150),  # NVSwitch in a DGX-2: 6 NVLink2 x 25 GB/s ("300 GB/s" both ways)
-    "nvlink1-p100": _link("nvlink1-p100", 4, 80),  # 4 NVLink1 x 20 GB/s (P100 white paper: 160 GB/s both ways)
-    "pcie5-x16": _link("pcie5-x16", 6, 64),
-    "pcie4-x16": _link("pcie4-x16", 8, 32),
-    "ib-ndr-400": _link("ib-ndr-400", 8, 50),
-    "ib-hdr-200": _link("ib-hdr-200", 10, 25),
-    "ib-edr-100": _link("ib-edr-100", 10, 12.5),
-    "eth-100g": _link("eth-100g", 30, 12.5),
-    "eth-50g": _link("eth-50g", 50, 6.25),
-    "eth-25g": _link("eth-25g", 50, 3.125),
-}
-
-# Dense bf16 peak FLOP/s and memory of one GPU (vendor data sheets: H100 SXM5 80 GB, A100 SXM4 80 GB, DGX B200
-# 1,440 GB for 8), the GPUs a node usually holds, its NVLink and the network per GPU (one 400 or 200 Gb/s NIC each).
-GPUS = {
-    "b200": {"flops": 2250e12, "memory": 180e9, "per_node": 8, "intra": "nvlink5-b200", "inter": "ib-ndr-400"},
-    "h100": {"flops": 989e12, "memory": 80e9, "per_node": 8, "intra": "nvlink4-h100", "inter": "ib-ndr-400"},
-    "a100": {"flops": 312e12, "memory": 80e9, "per_node": 8, "intra": "nvlink3-a100", "inter": "ib-hdr-200"},
-}
+# The links and GPUs of workshop.hardware (data sheets), as the model uses them: alpha-beta links, and per GPU its
+# dense bf16 peak, memory and usual node.
+LINKS = {name: _link(name, link.latency_us, link.GBps) for name, link in hardware.LINKS.items()}
+GPUS = {key: {"flops": hardware.GPU_PEAK_TFLOPS[node.gpu]["bf16"] * 1e12, "memory": node.memory_GB * 1e9,
+              "per_node": node.per_node, "intra": node.intra, "inter": node.inter} for key, node in hardware.NODES.items()}
 # A configuration fits when its estimate stays under this share of the GPU's memory: the CUDA context, NCCL's
 # buffers and the caching allocator's fragmentation take the rest.
 MEMORY_MARGIN = 0.9
@@ -756,7 +737,7 @@ def validation_markdown(rows: list[dict]) -> str:
              "`tests/test_costmodel.py`: each row feeds `workshop.costmodel` the published configuration (model, batch "
              "per GPU, GPUs per node, links, precision of the communication) and compares its predicted scaling "
              "efficiency with the published one. No constant is set per row; the hardware is data, with its source "
-             "in `workshop/costmodel.py` (`LINKS`, `PUBLISHED`).", "",
+             "in `workshop/hardware.py` (`LINKS`) and `workshop/costmodel.py` (`PUBLISHED`).", "",
              "| result | GPUs (base) | published | predicted | difference | configuration | source |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from workshop import metrics
+from workshop import hardware, metrics
 from workshop.data import CIFAR_MEAN, CIFAR_STD, ImageTensors, get_dataset
 from workshop.dist import DistEnv, get_env
 from workshop.models import count_parameters, get_model
@@ -54,19 +54,6 @@ CHANGES = {
 }
 PAD = 4  # pixels of padding for the random crop, as in the usual CIFAR-10 recipe
 
-# Dense peak TFLOP/s (no 2:4 sparsity) from NVIDIA's data sheets, by a part of torch.cuda.get_device_name();
-# the first key found in the name wins, so the specific names come first. "tf32" is the tensor-core rate for
-# float32 convolutions (cuDNN allows TF32 by default), "fp32" the rate without tensor cores.
-GPU_PEAK_TFLOPS = {
-    "H100 PCIe": {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51},
-    "H100 NVL": {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60},
-    "H200 NVL": {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60},
-    "H100": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67},  # H100 SXM
-    "H200": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67},  # H200 SXM
-    "A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
-    "L40S": {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6},
-    "V100": {"fp16": 125, "fp32": 15.7},  # no bf16, no TF32
-}
 _MEASURED: dict = {}  # (device name, dtype) -> FLOP/s of a measured matmul, for GPUs not in the table
 
 
@@ -280,7 +267,7 @@ def _dtype_key(dtype) -> str:
 
 
 def measured_matmul_flops(device, dtype=torch.bfloat16, n: int = 8192, iters: int = 10) -> float:
-    """FLOP/s of an n x n matmul in `dtype` on `device`: a practical peak for a GPU not in GPU_PEAK_TFLOPS."""
+    """FLOP/s of an n x n matmul in `dtype` on `device`: a practical peak for a GPU not in hardware.GPU_PEAK_TFLOPS."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -298,12 +285,14 @@ def gpu_peak(device, dtype) -> tuple[float | None, str]:
         return None, "CPU: no peak FLOP/s known here, MFU not meaningful"
     name = torch.cuda.get_device_name(torch.device(device))
     key = _dtype_key(dtype)
-    for part, peaks in GPU_PEAK_TFLOPS.items():
+    for part, peaks in hardware.GPU_PEAK_TFLOPS.items():
         if part in name:
             if key == "fp32" and torch.backends.cudnn.allow_tf32 and "tf32" in peaks:
                 key = "tf32"  # float32 convolutions run on the tensor cores in TF32
             if key == "bf16" and key not in peaks:
                 key = "fp16"
+            if key not in peaks:  # a rate the data sheet does not give: measured below
+                break
             return peaks[key] * 1e12, f"{name}: {key} dense {peaks[key]:g} TFLOP/s (data sheet)"
     if (name, key) not in _MEASURED:
         _MEASURED[name, key] = measured_matmul_flops(device, {"fp32": torch.float32, "bf16": torch.bfloat16,
@@ -313,7 +302,7 @@ def gpu_peak(device, dtype) -> tuple[float | None, str]:
 
 
 def peak_flops(device, dtype=torch.bfloat16) -> float | None:
-    """Peak FLOP/s of `device` for `dtype` (see GPU_PEAK_TFLOPS; a measured matmul for other GPUs); None on CPU."""
+    """Peak FLOP/s of `device` for `dtype` (see hardware.GPU_PEAK_TFLOPS; a measured matmul for other GPUs); None on CPU."""
     return gpu_peak(device, dtype)[0]
 
 
