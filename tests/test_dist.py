@@ -79,6 +79,13 @@ def test_torchrun_inside_a_slurm_job_wins():
     assert (e.launcher, e.rank, e.world_size) == ("torchrun", 1, 8)
 
 
+def test_the_backend_is_the_devices_unless_workshop_backend_says_otherwise():
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    assert detect(torchrun, cuda_count=2).backend == "nccl" and detect(torchrun).backend == "gloo"
+    gloo_on_gpus = detect({**torchrun, "WORKSHOP_BACKEND": "gloo"}, cuda_count=2)
+    assert (gloo_on_gpus.device, gloo_on_gpus.backend) == ("cuda:0", "gloo")
+
+
 def test_device_per_local_rank():
     assert detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, cuda_count=4).device == "cuda:1"
     # GPUs bound per task: every rank sees one GPU, its own

@@ -156,6 +156,9 @@ def detect(
         fields = dict(launcher="single")
 
     device, backend = _device(fields.get("local_rank", 0), cuda_count)
+    # $WORKSHOP_BACKEND overrides the device's choice: gloo between GPUs, to tell an NCCL problem from one of
+    # the program (the launcher refuses other names, and nccl without a GPU, before anything runs)
+    backend = e.get("WORKSHOP_BACKEND") or backend
     return DistEnv(**fields, job_id=job_id, device=device, backend=backend)
 
 
