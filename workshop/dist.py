@@ -357,7 +357,10 @@ def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
             kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), progress.lightning_lines()]
     # In a kernel Lightning refuses multi-process strategies, fearing it would have to start the
     # processes itself. Here each rank is a kernel already, started by torchrun or srun, and the
-    # plugin says so: the check does not apply while the Trainer is built.
+    # plugin says so: the check does not apply while the Trainer is built. No public route exists
+    # (checked on Lightning 2.6.6): DDPStrategy always builds a launcher that is not
+    # "interactive compatible", even when the cluster environment creates the processes itself,
+    # while ModelParallelStrategy builds none then. The patch lasts only while the Trainer is built.
     from lightning.pytorch.trainer.connectors import accelerator_connector
 
     with mock.patch.object(accelerator_connector, "_IS_INTERACTIVE", False):
