@@ -505,9 +505,9 @@ def strategy_steps(size: str = "cpu", micro_batch_size: int = 8, seq_len: int = 
     AdamW's moments that the rank holds. Returns the record's results, in the keys of
     workshop.report (one measurement per strategy), with what workshop.costmodel needs."""
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
 
     from workshop.models import tinygpt
+    from workshop.sharding import apply_fsdp
 
     env = env or dist.get_env()
     unknown = [s for s in strategies if s not in STRATEGIES]
@@ -523,9 +523,7 @@ def strategy_steps(size: str = "cpu", micro_batch_size: int = 8, seq_len: int = 
         if strategy == "ddp":
             return apply_ddp(model, env, bucket_cap_mb=DDP_BUCKET_BYTES / 2**20, process_group=group)
         mesh = DeviceMesh.from_group(group, env.device.split(":")[0]) if group is not None else None
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        return fully_shard(model, mesh=mesh)
+        return apply_fsdp(model, mesh)
 
     models = {"single": fresh()}
     parameters = count_parameters(models["single"])

@@ -306,20 +306,17 @@ def apply_tp(model: TinyGPT, tp_mesh, *, sequence_parallel: bool = False) -> Tin
 
 
 def apply_2d(model: TinyGPT, mesh, *, dp_dim: str = "dp", tp_dim: str = "tp", sequence_parallel: bool = False,
-             **fsdp_kwargs) -> TinyGPT:
+             reshard_after_forward: bool = True, mp_policy=None) -> TinyGPT:
     """2D parallelism: tensor parallelism over mesh[tp_dim] (inside a node), then FSDP2 over
     mesh[dp_dim] (across nodes): every block's DTensor weights, already split by tp, are sharded
     again over dp and gathered block by block. TP first, because FSDP shards what TP left.
     Lightning's ModelParallelStrategy names the dimensions "data_parallel" and "tensor_parallel"."""
-    from torch.distributed.fsdp import fully_shard
+    from workshop.sharding import apply_fsdp
 
     # The logits leave the model as a view (DTensor.to_local()); nothing here changes them in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTinyGPT\) returned a view tensor")
     apply_tp(model, mesh[tp_dim], sequence_parallel=sequence_parallel)
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh[dp_dim], **fsdp_kwargs)
-    fully_shard(model, mesh=mesh[dp_dim], **fsdp_kwargs)
-    return model
+    return apply_fsdp(model, mesh[dp_dim], reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
