@@ -49,7 +49,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 
 from workshop import dist, hardware, metrics, perf
 from workshop.ddp import apply_ddp
@@ -129,12 +128,6 @@ def _synthetic_batch(micro_batch_size: int, device: str) -> tuple[torch.Tensor, 
     x = torch.randn(micro_batch_size, *IMAGE_SHAPE, device=device)  # (B, 3, 32, 32)
     y = torch.randint(0, NUM_CLASSES, (micro_batch_size,), device=device)  # (B,)
     return x, y
-
-
-def _train_step(model, optimizer, x, y) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    optimizer.step()
 
 
 def _ms(seconds: float) -> str:
@@ -304,12 +297,12 @@ def ddp_throughput(model_name: str, micro_batch_size: int, steps: int, warmup: i
     x, y = _synthetic_batch(micro_batch_size, env.device)
 
     for _ in range(warmup):  # first steps allocate buffers, pick kernels and build DDP's buckets
-        _train_step(model, optimizer, x, y)
+        perf.train_step(model, optimizer, x, y)
     metrics.reset_peak_memory(env.device)
     dist.barrier()
     with metrics.Timer(env.device) as t:
         for _ in range(steps):
-            _train_step(model, optimizer, x, y)
+            perf.train_step(model, optimizer, x, y)
     time_s = _max_over_ranks([t.elapsed], env)[0]
     peak = [int(b) for b in _per_rank(float(metrics.peak_memory(env.device)), env)]
     return {
@@ -403,7 +396,7 @@ def step_split(model_names: list[str], micro_batch_size: int, steps: int, env: D
         for i in range(warmup + steps):
             dist.barrier()
             with metrics.Timer(env.device) as t:
-                _train_step(model, optimizer, x, y)
+                perf.train_step(model, optimizer, x, y)
             comm_s = _timed_allreduce(buf, env) if env.is_distributed else 0.0
             if i >= warmup:
                 compute.append(t.elapsed)
