@@ -147,9 +147,9 @@ def test_timer_and_throughput():
 
 def test_baseline_record_computes_throughput_and_report_measurements(tmp_path, clean_env):
     params = dict(model_name="small_cnn", epochs=2, batch_size=64, num_train=500)
-    path = train.write_baseline_record(tmp_path, params, data_source="synthetic(seed=0)",
-                                       plain={"wall_time_s": 4.0, "peak_memory_bytes": 123, "val_acc": 0.7},
-                                       lightning={"wall_time_s": 5.0, "val_acc": 0.6})
+    path = metrics.write_baseline_record(tmp_path, params, data_source="synthetic(seed=0)",
+                                         plain={"wall_time_s": 4.0, "peak_memory_bytes": 123, "val_acc": 0.7},
+                                         lightning={"wall_time_s": 5.0, "val_acc": 0.6})
     record = json.loads(path.read_text())
     results = record["results"]
     assert results["plain"]["samples_per_s"] == 250.0 and results["lightning"]["samples_per_s"] == 200.0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import on_ranks
-from workshop import data, dist, inference, models, tp
+from workshop import data, dist, inference, metrics, models, tp
 
 
 def test_tp_size_that_does_not_split_the_model_is_refused():
@@ -72,7 +72,7 @@ def test_prompts_file(tmp_path):
 
 
 def test_timing_units():
-    t = inference.Timing(new_tokens=10, batch_size=2, seconds=0.5)
+    t = metrics.Timing(new_tokens=10, batch_size=2, seconds=0.5)
     assert (t.tokens_per_s, t.ms_per_token) == (40.0, 50.0)
 
 

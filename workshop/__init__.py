@@ -1,6 +1,22 @@
-"""Distributed deep-learning training on HPC clusters: the package the workshop's notebooks
-stand on. One module a concern: `dist` (who am I in this run), `data`, `models`, `train` (the
-plain loop), `lit` (the same with Lightning), `metrics` (timing, memory, records), `runner`
-(one notebook as N ranks)."""
+"""Distributed deep-learning training on HPC clusters: the package the workshop's notebooks stand on.
+
+Four layers; a module imports only from its own layer and the ones below it (tests/test_layers.py checks it):
+
+    launching     runner (one notebook as N ranks), slurm (submit from a kernel), sweep (task parallelism),
+                  regenerate (the committed notebooks)
+    measurement   metrics (timing, peak memory, run folders' records), memory, perf, bench, costmodel, report
+    lesson core   dist (who am I in this run), data, models, train (the plain loop), lit (the same with
+                  Lightning), check, ddp, data_parallel, sharding, tp, checkpoint, inference
+    plain         runs (run folders, atomic writes), params (a notebook's parameters and their rules),
+                  progress (bars and log lines), hardware (links and GPUs from data sheets): no torch
+"""
 
 __version__ = "0.1.0"
+
+LAYERS = {
+    "plain": ("runs", "params", "progress", "hardware"),
+    "core": ("dist", "data", "models", "train", "lit", "check", "ddp", "data_parallel", "sharding", "tp", "checkpoint",
+             "inference"),
+    "measurement": ("metrics", "memory", "perf", "bench", "costmodel", "report"),
+    "launching": ("runner", "slurm", "sweep", "regenerate"),
+}

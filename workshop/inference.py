@@ -1,10 +1,10 @@
-"""Generation, timed: tokens/s and latency per token with and without the KV cache, decoding at fixed
-shapes (eager or compiled with torch.compile, CUDA graphs through mode="reduce-overhead"), and the
-prompts file that users extend. Notebook 08 uses it; tensor-parallel generation is `models.generate`
-on a model split by `tp.apply_tp` (every rank runs the same loop and gets the same tokens).
+"""Generation: decoding at fixed shapes (eager or compiled with torch.compile, CUDA graphs through
+mode="reduce-overhead"), the prompts file that users extend, and whether two decodings agree. Notebook 08
+uses it, and times it with `metrics.timed` (tokens/s, latency per token); tensor-parallel generation is
+`models.generate` on a model split by `tp.apply_tp` (every rank runs the same loop and gets the same tokens).
 
     prompts = inference.read_prompts()                         # notebooks/prompts.txt, one a line
-    timing = inference.timed(lambda: models.generate(model, prompt, 64), new_tokens=64, batch_size=1)
+    timing = metrics.timed(lambda: models.generate(model, prompt, 64), new_tokens=64, batch_size=1)
     decoder = inference.StaticDecoder(model, compile=True)      # compiled once, at the first call
     tokens = decoder.generate(prompt, 64)
 """
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from workshop.check import Match, agree
-from workshop.metrics import REPO, Timer
 from workshop.models import StaticKVCache, TinyGPT
+from workshop.runs import REPO
 
 PROMPTS = REPO / "notebooks" / "prompts.txt"
 
@@ -35,37 +34,6 @@ def read_prompts(path: str | Path = PROMPTS) -> list[str]:
     if not prompts:
         raise ValueError(f"{path} holds no prompt: write one prompt a line")
     return prompts
-
-
-@dataclass
-class Timing:
-    """One timed generation: `new_tokens` per sequence for `batch_size` sequences in `seconds`."""
-
-    new_tokens: int
-    batch_size: int
-    seconds: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens * self.batch_size / self.seconds if self.seconds > 0 else float("nan")
-
-    @property
-    def ms_per_token(self) -> float:
-        """Latency per decoding step (one new token for every sequence of the batch)."""
-        return 1000 * self.seconds / self.new_tokens
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "ms_per_token": self.ms_per_token}
-
-
-def timed(fn, *, new_tokens: int, batch_size: int, device="cpu", repeats: int = 1):
-    """Run `fn()` `repeats` times (synchronised on CUDA); returns (its last result, the fastest Timing)."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        with Timer(device) as t:
-            out = fn()
-        best = min(best, t.elapsed)
-    return out, Timing(new_tokens, batch_size, best)
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:

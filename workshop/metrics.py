@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -52,6 +53,37 @@ class Timer:
         _sync(self.device)
         self.elapsed = time.perf_counter() - self._t0
         return False
+
+
+@dataclass
+class Timing:
+    """One timed generation: `new_tokens` per sequence for `batch_size` sequences in `seconds`."""
+
+    new_tokens: int
+    batch_size: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens * self.batch_size / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def ms_per_token(self) -> float:
+        """Latency per decoding step (one new token for every sequence of the batch)."""
+        return 1000 * self.seconds / self.new_tokens
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "ms_per_token": self.ms_per_token}
+
+
+def timed(fn, *, new_tokens: int, batch_size: int, device="cpu", repeats: int = 1):
+    """Run `fn()` `repeats` times (synchronised on CUDA); returns (its last result, the fastest Timing)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        with Timer(device) as t:
+            out = fn()
+        best = min(best, t.elapsed)
+    return out, Timing(new_tokens, batch_size, best)
 
 
 def throughput(samples: int, seconds: float) -> float:
@@ -176,3 +208,23 @@ def write_record(run: Path, *, notebook: str, params: dict, results: dict, statu
     atomic_write_text(path, json.dumps(record, indent=2, default=str, allow_nan=False) + "\n")
     return path
 
+
+def write_baseline_record(run, params: dict, *, plain: dict, lightning: dict, data_source: str, env=None):
+    """Notebook 01's record.json (rank 0 writes it; other ranks get None). `plain` and `lightning` are what each
+    loop measured: wall_time_s, and where known peak_memory_bytes, val_acc, val_loss. Their samples/s are computed
+    from params' epochs and num_train; both also go into "measurements" in the keys workshop.report reads
+    (notebook 09), the plain loop as the baseline."""
+    samples = params["epochs"] * params["num_train"]
+    loops = {name: {**measured, "samples_per_s": throughput(samples, measured["wall_time_s"])}
+             for name, measured in (("plain", plain), ("lightning", lightning))}
+    common = dict(model=params["model_name"], strategy="single", samples_or_tokens="samples", world_size=1,
+                  global_batch_size=params["batch_size"], epoch_size=params["num_train"])
+    measurements = [{**common, "variant": variant, "baseline": name == "plain", "throughput": loops[name]["samples_per_s"],
+                     "wall_time_s": loops[name]["wall_time_s"],
+                     **({"peak_memory_bytes": loops[name]["peak_memory_bytes"]} if "peak_memory_bytes" in loops[name] else {})}
+                    for name, variant in (("plain", "plain loop"), ("lightning", "lightning"))]
+    return write_record(
+        run, notebook="01_baseline", params=params, results={**loops, "measurements": measurements}, env=env,
+        data_source=data_source, wall_time_s=plain["wall_time_s"] + lightning["wall_time_s"],
+        samples_per_s=loops["plain"]["samples_per_s"], peak_memory_bytes=plain.get("peak_memory_bytes"),
+    )

@@ -16,7 +16,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
-from workshop import check, metrics
+from workshop import check
 from workshop.progress import progress
 
 
@@ -76,24 +76,3 @@ def fit(model: nn.Module, train_loader, test_loader, *, epochs: int, lr: float, 
         val = evaluate(model, test_loader, device)
         history.append({"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc": val["acc"]})
     return history
-
-
-def write_baseline_record(run, params: dict, *, plain: dict, lightning: dict, data_source: str, env=None):
-    """Notebook 01's record.json (rank 0 writes it; other ranks get None). `plain` and `lightning` are what each
-    loop measured: wall_time_s, and where known peak_memory_bytes, val_acc, val_loss. Their samples/s are computed
-    from params' epochs and num_train; both also go into "measurements" in the keys workshop.report reads
-    (notebook 09), the plain loop as the baseline."""
-    samples = params["epochs"] * params["num_train"]
-    loops = {name: {**measured, "samples_per_s": metrics.throughput(samples, measured["wall_time_s"])}
-             for name, measured in (("plain", plain), ("lightning", lightning))}
-    common = dict(model=params["model_name"], strategy="single", samples_or_tokens="samples", world_size=1,
-                  global_batch_size=params["batch_size"], epoch_size=params["num_train"])
-    measurements = [{**common, "variant": variant, "baseline": name == "plain", "throughput": loops[name]["samples_per_s"],
-                     "wall_time_s": loops[name]["wall_time_s"],
-                     **({"peak_memory_bytes": loops[name]["peak_memory_bytes"]} if "peak_memory_bytes" in loops[name] else {})}
-                    for name, variant in (("plain", "plain loop"), ("lightning", "lightning"))]
-    return metrics.write_record(
-        run, notebook="01_baseline", params=params, results={**loops, "measurements": measurements}, env=env,
-        data_source=data_source, wall_time_s=plain["wall_time_s"] + lightning["wall_time_s"],
-        samples_per_s=loops["plain"]["samples_per_s"], peak_memory_bytes=plain.get("peak_memory_bytes"),
-    )
