@@ -28,7 +28,8 @@ def _run(cmd, runs):
 
 
 def _records(runs, notebook):
-    return [json.loads(p.read_text()) for p in runs.glob(f"{notebook}-*/record.json")]
+    records = [json.loads(p.read_text()) for p in runs.glob("*/record.json")]
+    return [r for r in records if r["notebook"] == notebook]
 
 
 def test_parse_size():

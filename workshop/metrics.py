@@ -19,7 +19,6 @@ import platform
 import resource
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from workshop.dist import DistEnv, get_env
-from workshop.runs import REPO, atomic_write_text, display_path, make_folder, runs_root  # noqa: F401 (the notebooks' names)
+from workshop.runs import REPO, atomic_write_text, display_path, make_folder, new_run_dir, runs_root  # noqa: F401
 
 
 def _sync(device) -> None:
@@ -113,16 +112,18 @@ def fmt_bytes(n: float) -> str:
 
 
 def run_dir(notebook: str, env: DistEnv | None = None) -> Path:
-    """This run's folder: $WORKSHOP_RUN_DIR (set by scripts/run_notebook.sh), else a new
-    runs/<notebook>-<job id or time> that no other run writes to."""
+    """This run's folder: $WORKSHOP_RUN_DIR (set by scripts/run_notebook.sh), else one named as the
+    launcher names them, runs/<job id or time>-<notebook>: a new one for one process (JupyterLab,
+    nbval), and for ranks started by hand (torchrun) the one of their job or torchrun run id."""
     if os.environ.get("WORKSHOP_RUN_DIR"):
         path = Path(os.environ["WORKSHOP_RUN_DIR"])
     else:
         env = env or get_env()
-        tag = env.job_id or os.environ.get("TORCHELASTIC_RUN_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = runs_root() / f"{notebook}-{tag}"
-        if env.is_main and path.exists() and not env.is_distributed:
-            path = Path(tempfile.mkdtemp(prefix=path.name + "-", dir=path.parent))
+        if not env.is_distributed:
+            return new_run_dir(notebook)
+        started = os.environ.get("TORCHELASTIC_RUN_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
+        tag = f"job{env.job_id}" if env.job_id else started
+        path = runs_root() / f"{tag}-{notebook}"
     if not path.exists():  # readable by its owner only, unless $WORKSHOP_RUNS_MODE says otherwise
         make_folder(path)
     return path
