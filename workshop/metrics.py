@@ -1,8 +1,8 @@
 """Timing, throughput, peak memory, and the run's folder and `record.json`.
 
 Every run writes into a folder of its own (`run_dir`): `scripts/run_notebook.sh` makes it and
-passes it as $WORKSHOP_RUN_DIR; run by hand (JupyterLab, nbval) a notebook gets
-runs/<notebook>-<time>. Reports are computed from the records only.
+passes it as $WORKSHOP_RUN_DIR; run by hand (JupyterLab, nbval) a notebook gets one named the
+same way, runs/<time>-<notebook>. Reports are computed from the records only.
 
     run = metrics.run_dir("01_baseline")
     with metrics.Timer(device) as t:
