@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from conftest import REPO, RUN_NOTEBOOK, run_notebook
+from workshop import report
 
 FAIL = "tests/notebooks/fail_on_rank.ipynb"
 RESUME = "tests/notebooks/resume_training.ipynb"
@@ -151,6 +153,22 @@ def test_ctrl_c_records_an_interrupted_run_and_ends_every_process(runs):
     assert record["status"] == "interrupted" and record["reason"][0].startswith("SIGINT (stopped by the user"), record
     assert "RUN INTERRUPTED" in err
     assert leftover(run) == []
+
+
+def test_a_run_killed_with_sigkill_is_reported_incomplete(runs):
+    """SIGKILL to the launcher and every process below it at once (a node that fails, the OOM killer taking the
+    job): nobody can write a final record, so the launcher's first one stays, and the report says incomplete."""
+    proc = start_run_notebook(RESUME, *RESUME_ARGS, "-p", "step_sleep_s", "0.5")
+    run = wait_for_step(runs, 2)
+    assert json.loads((run / "record.json").read_text())["status"] == "running"
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.kill()
+    proc.communicate(timeout=60)
+    assert leftover(run) == []
+    (found,) = report.find_runs(runs)
+    assert found.status == "incomplete" and "killed with SIGKILL" in found.reason
+    assert "INCOMPLETE" in report.summary(report.build(runs, sacct=None))
 
 
 # --- run folders on a shared cluster --------------------------------------------------------------

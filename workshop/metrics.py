@@ -13,7 +13,6 @@ same way, runs/<time>-<notebook>. Reports are computed from the records only.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import resource
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from workshop.dist import DistEnv, get_env
-from workshop.runs import REPO, atomic_write_text, display_path, make_folder, new_run_dir, runs_root  # noqa: F401
+from workshop.runs import REPO, atomic_write_text, display_path, finite_only, make_folder, new_run_dir, runs_root  # noqa: F401
 
 
 def _sync(device) -> None:
@@ -164,20 +163,6 @@ def _workshop_version() -> str:
         return version("workshop")
     except PackageNotFoundError:
         return "source"
-
-
-def finite_only(value, where: str = "", found: dict | None = None):
-    """`value` with every NaN or infinite float replaced by None, so that it is strict JSON (a reader in
-    another language refuses NaN); `found` collects where each was and what it was ("results.val_loss": "nan")."""
-    if isinstance(value, float) and not math.isfinite(value):
-        if found is not None:
-            found[where] = repr(value)
-        return None
-    if isinstance(value, dict):
-        return {k: finite_only(v, f"{where}.{k}" if where else str(k), found) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_only(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
-    return value
 
 
 def write_record(run: Path, *, notebook: str, params: dict, results: dict, status: str = "ok",

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -143,6 +144,23 @@ class Report:
 
 # --- reading -------------------------------------------------------------------------------------
 
+def still_running(record: dict) -> bool:
+    """Whether the launcher that wrote a "running" record is alive: on this host, its pid; elsewhere
+    (another node of the cluster) it cannot be seen from here, and counts as gone."""
+    import socket
+
+    launcher = record.get("launcher") or {}
+    if launcher.get("host") != socket.gethostname() or not isinstance(launcher.get("pid"), int):
+        return False
+    try:
+        os.kill(launcher["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def find_runs(root: Path, notebook: str | None = None, sweep: str | None = None, job: str | None = None) -> list[Run]:
     """Every record.json under `root`, oldest first; unreadable ones as failed runs. Filters: the
     notebook's name (or its start: "bench" takes every benchmark), a sweep id, a SLURM job id."""
@@ -150,6 +168,7 @@ def find_runs(root: Path, notebook: str | None = None, sweep: str | None = None,
     if not root.is_dir():
         raise FileNotFoundError(f"no runs folder {root}: give the folder that holds the run folders (runs/ by default)")
     runs = []
+    this_run = Path(os.environ["WORKSHOP_RUN_DIR"]).resolve() if os.environ.get("WORKSHOP_RUN_DIR") else None
     for path in sorted(root.rglob("record.json")):
         try:
             rec = json.loads(path.read_text())
@@ -163,7 +182,13 @@ def find_runs(root: Path, notebook: str | None = None, sweep: str | None = None,
         if isinstance(reason, list):
             reason = "; ".join(map(str, reason))
         name = str(rec.get("notebook") or path.parent.name)
-        runs.append(Run(path.parent, rec, name, str(rec.get("status", "ok")), str(reason), str(path.parent.relative_to(root))))
+        status = str(rec.get("status", "ok"))
+        if status == "running" and path.parent.resolve() == this_run:
+            continue  # the run that makes this report (notebook 09 over its series)
+        if status == "running" and not still_running(rec):  # the launcher's first record, never settled
+            status, reason = "incomplete", (f"{reason}; the launcher is gone: killed with SIGKILL, out of memory, or on a "
+                                            "failed node (see the ranks' logs in its folder)")
+        runs.append(Run(path.parent, rec, name, status, str(reason), str(path.parent.relative_to(root))))
     if notebook:
         runs = [r for r in runs if r.notebook == notebook or r.notebook.startswith(notebook)]
     if sweep:
@@ -331,7 +356,7 @@ def summary(report: Report) -> str:
         best = max(s.rows, key=lambda r: r.throughput)
         lines.append(f"  {s.title}: {len(s.rows)} row(s), best {best.throughput:,.1f} {s.unit}/s ({best.config})")
     for r in report.failed:
-        lines.append(f"  FAILED {r.name} ({r.notebook}): {(r.reason or 'no reason recorded')[:160]}")
+        lines.append(f"  {r.status.upper()} {r.name} ({r.notebook}): {(r.reason or 'no reason recorded')[:160]}")
     return "\n".join(lines)
 
 

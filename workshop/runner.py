@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,7 @@ import yaml
 
 from workshop import params
 from workshop.progress import DEFAULT_LOG_EVERY
-from workshop.runs import REPO, RunError, atomic_write_text, display_path, new_run_dir, runs_root
+from workshop.runs import REPO, RunError, atomic_write_text, display_path, finite_only, new_run_dir, runs_root
 
 KERNEL = "workshop-current"  # a kernel spec written per rank: always this interpreter
 INTERRUPTED = 3  # the exit status of a run stopped at a checkpoint (or by a signal): resume it
@@ -318,7 +319,29 @@ def prepare(notebook: str, nranks: str, papermill_args: list[str], resume: str |
     meta.update(parameters=given, kernel=options["kernel"], cwd=options["cwd"])
     atomic_write_text(run / "parameters.yaml", yaml.safe_dump(given, sort_keys=False))
     atomic_write_text(run / "run.json", json.dumps(meta, indent=2, default=str) + "\n")
+    # A record from the start: the notebook replaces it, `collect` settles it. A run killed with SIGKILL
+    # (out of memory, a failed node) keeps this one, and the report lists it as incomplete.
+    write_record(run, meta, RUNNING, [f"started {meta.get('resumed') or meta['started']} on {socket.gethostname()} "
+                                      f"(launcher pid {os.getpid()}); no final status yet"])
     return run
+
+
+RUNNING = "running"  # the status of a record until the run ends
+
+
+def write_record(run: Path, meta: dict, status: str, reason: list[str], **extra) -> None:
+    """The launcher's own record.json (when the notebook wrote none, or could not): strict JSON."""
+    record = {"notebook": Path(meta["notebook"]).stem, "status": status, "reason": reason, **extra,
+              "params": meta.get("parameters", {}), "slurm_job_id": meta["slurm_job_id"], "run": meta,
+              "launcher": {"host": socket.gethostname(), "pid": os.getpid()}}
+    atomic_write_text(run / "record.json", json.dumps(finite_only(record), indent=2, default=str) + "\n")
+
+
+def record_status(run: Path) -> str | None:
+    try:
+        return json.loads((run / "record.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 def this_rank() -> int:
@@ -486,9 +509,7 @@ def collect(run: Path, launcher_rc: int, interrupted: str | None = None) -> int:
         by_hand = f"resume with: {how} --resume {run} {display_path(meta['notebook'])} {args}".rstrip()
         resume = ("the job requeues itself and resumes here" if slurm and interrupted.startswith("SIGUSR1") else by_hand)
         reason = [f"{interrupted}: " + (saved[0]["error"] if saved else "the ranks stopped without a checkpoint"), resume]
-        atomic_write_text(record, json.dumps({"notebook": Path(meta["notebook"]).stem, "status": "interrupted",
-                                              "reason": reason, "checkpointed": bool(saved), "params": {},
-                                              "slurm_job_id": meta["slurm_job_id"], "run": meta}, indent=2) + "\n")
+        write_record(run, meta, "interrupted", reason, checkpointed=bool(saved))
         print(f"\nRUN INTERRUPTED: {run}", file=sys.stderr)
         for line in reason:
             print(f"  {line}", file=sys.stderr)
@@ -516,10 +537,10 @@ def collect(run: Path, launcher_rc: int, interrupted: str | None = None) -> int:
         problems.append(f"rank {st['rank']} on {st['node']}{first} {where}: open {st['notebook']}")
     if launcher_rc != 0 and not problems:
         problems.append(f"the launcher exited with {launcher_rc}: see {run / 'logs'}")
-    if problems and not record.exists():  # a failed run is recorded as failed, never dropped
-        atomic_write_text(record, json.dumps({"notebook": Path(meta["notebook"]).stem, "status": "failed",
-                                              "reason": problems, "params": {}, "slurm_job_id": meta["slurm_job_id"],
-                                              "run": meta}, indent=2) + "\n")
+    if problems and record_status(run) in (None, RUNNING):  # a failed run is recorded as failed, never dropped
+        write_record(run, meta, "failed", problems)
+    if not problems and record_status(run) == RUNNING:  # a notebook that writes no record of its own
+        record.unlink()
     if problems:
         print(f"\nRUN FAILED: {run}", file=sys.stderr)
         for p in problems:
