@@ -100,6 +100,33 @@ def _other_models_checkpoint(tmp: Path) -> None:
     checkpoint.save(tmp / "ckpt" / "step5.pt", torch.nn.Linear(3, 3), None, 5, model_name="linear")
 
 
+def _image_folder(*classes: str, empty: tuple[str, ...] = ()) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        for name in classes:
+            folder = tmp / "data" / "birds" / "train" / name
+            folder.mkdir(parents=True)
+            if name not in empty:
+                (folder / "0001.png").write_bytes(b"\x89PNG")
+    return setup
+
+
+def _latin1_text(tmp: Path) -> None:
+    (tmp / "notes.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 100)
+
+
+def _truncated_checkpoint(tmp: Path) -> None:
+    from workshop import checkpoint
+
+    path = checkpoint.save(tmp / "ckpt" / "step5.pt", torch.nn.Linear(3, 3), None, 5, model_name="linear")
+    path.write_bytes(path.read_bytes()[:200])  # the job's time ran out while it was written, say
+
+
+def _parameters_file(text: str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        (tmp / "params.yaml").write_text(text)
+    return setup
+
+
 def _no_gpu_here() -> str:
     return "this machine has a GPU" if torch.cuda.is_available() else ""
 
@@ -204,6 +231,65 @@ CASES = [
     Case("a model name that does not exist", [NB01, "-p", "model_name", "resnet50"], 2,
          "error: parameter model_name = 'resnet50' must be one of small_cnn, resnet18, vit_tiny (the rules are in "
          "01_baseline.ipynb's parameters cell)"),
+    Case("-p without a value", [FAIL, "-p", "steps"], 2,
+         "error: argument -p/--parameters: expected 2 arguments (e.g. -p epochs 1 -f params.yaml; "
+         "scripts/run_notebook.sh --help)"),
+    Case("an option papermill does not have", [FAIL, "--steps", "3"], 2,
+         "error: unknown option or stray value '--steps 3': a run takes -p NAME VALUE, -r NAME VALUE, -f FILE.yaml, "
+         "-y YAML, -b BASE64, -k KERNEL and --cwd DIR after the notebook"),
+    Case("a misspelt launcher option", ["--nprocs", "2", FAIL], 2,
+         "error: unknown option --nprocs: before the notebook come --nproc N and --resume RUN_DIR"),
+    Case("YAML that does not parse", [FAIL, "-y", "{steps: [1"], 2,
+         "error: -y {steps: [1: not valid YAML (while parsing a flow sequence)"),
+    Case("YAML that is not a mapping", [FAIL, "-y", "[1, 2]"], 2,
+         "error: -y [1, 2] must give a mapping of parameter names to values"),
+    Case("a parameters file with an unknown key", [FAIL, "-f", "{tmp}/params.yaml"], 2,
+         "error: fail_on_rank.ipynb has no parameter 'stepz'. Its parameters:", setup=_parameters_file("stepz: 2\n")),
+    Case("a parameters file that does not parse", [FAIL, "-f", "{tmp}/params.yaml"], 2,
+         "error: -f {tmp}/params.yaml: not valid YAML (while parsing a flow sequence)", setup=_parameters_file("steps: [1\n")),
+    Case("a number where a switch is expected", ["notebooks/02_single_device_performance.ipynb", "-p", "compile_on_cpu", "1"],
+         2, "error: parameter compile_on_cpu of 02_single_device_performance.ipynb is a bool (default False), got 1 (int): "
+         "pass a value of that type, e.g. -p compile_on_cpu False"),
+    Case("a learning rate far too large", [NB01, "-p", "lr", "100"], 2,
+         "error: parameter lr = 100 must be above 0, at most 10 (the rules are in 01_baseline.ipynb's parameters cell)"),
+    Case("a model size that does not exist", ["notebooks/06_sharding.ipynb", "-p", "size", "huge"], 2,
+         "error: parameter size = 'huge' must be one of cpu, small, gpu (the rules are in 06_sharding.ipynb's "
+         "parameters cell)"),
+    Case("a compile mode that does not exist", ["notebooks/08_inference.ipynb", "-p", "compile_mode", "max"], 2,
+         "error: parameter compile_mode = 'max' must be one of default, reduce-overhead, max-autotune (the rules are in "
+         "08_inference.ipynb's parameters cell)"),
+    Case("a sampling temperature of 0", ["notebooks/08_inference.ipynb", "-p", "temperature", "0"], 2,
+         "error: parameter temperature = 0 must be above 0 (the rules are in 08_inference.ipynb's parameters cell)"),
+    Case("more local ranks than the machine can run", ["--nproc", "999", FAIL], 2,
+         "error: --nproc 999: too many local ranks for this machine"),
+    Case("a rank timeout that is not a number", [FAIL], 2,
+         "error: WORKSHOP_DIST_TIMEOUT=10m: give the seconds a rank waits for the others, a number above 0 (e.g. 600), "
+         "or unset it", env={"WORKSHOP_DIST_TIMEOUT": "10m"}),
+    Case("a log interval that is not a number", [FAIL], 2,
+         "error: WORKSHOP_LOG_EVERY='often': give a whole number of steps (0 for no lines)",
+         env={"WORKSHOP_LOG_EVERY": "often"}),
+    Case("--resume with another number of ranks", ["--nproc", "2", "--resume", "{tmp}/runs/earlier-fail_on_rank", FAIL], 2,
+         "error: {tmp}/runs/earlier-fail_on_rank ran as 1 rank(s), not 2: resume with the same number of ranks (its data "
+         "order and checkpoints depend on it)", setup=_run_folder("interrupted", [])),
+    Case("--resume with another notebook", ["--resume", "{tmp}/runs/earlier-fail_on_rank", RESUME], 2,
+         "error: {tmp}/runs/earlier-fail_on_rank is a run of fail_on_rank.ipynb, not of resume_training.ipynb: resume it "
+         "with its own notebook", setup=_run_folder("interrupted", [])),
+    Case("--resume of a folder that is not a run", ["--resume", "{tmp}", FAIL], 2,
+         "error: {tmp} is not a run folder (no readable run.json): give the folder of the run to resume"),
+    Case("an image folder with one class", [NB01, "-p", "dataset", "birds"], 2,
+         "error: the image folder {tmp}/data/birds/train has one class (sparrow): a classifier needs at least two; lay it "
+         "out as {tmp}/data/birds/train/<class>/*.jpg and {tmp}/data/birds/test/<class>/*.jpg",
+         env={"WORKSHOP_DATA": "{tmp}/data"}, setup=_image_folder("sparrow")),
+    Case("an image folder with an empty class", [NB01, "-p", "dataset", "birds"], 2,
+         "error: the image folder {tmp}/data/birds/train has class folders without images: robin (images are .jpg, .jpeg, "
+         ".png, .ppm, .bmp, .pgm, .tif, .tiff, .webp); add images or remove the folders",
+         env={"WORKSHOP_DATA": "{tmp}/data"}, setup=_image_folder("robin", "sparrow", empty=("robin",))),
+    Case("a text file that is not UTF-8", [], 1,
+         "ValueError: {tmp}/notes.txt is not UTF-8 text (byte 3 is 0xe9): convert it, e.g. iconv -f latin1 -t utf-8 "
+         "in.txt > out.txt", setup=_latin1_text, python='from workshop import data; data.get_text_dataset("{tmp}/notes.txt")'),
+    Case("a checkpoint cut short", [RESUME, "-p", "steps", "8", "-p", "checkpoint_dir", "{tmp}/ckpt"], 1,
+         "(CheckpointMismatch: checkpoint {tmp}/ckpt/step5.pt cannot be read as a workshop checkpoint (",
+         setup=_truncated_checkpoint),
     Case("sbatch missing when asked to submit", [], 1,
          "workshop.slurm.SlurmError: `sbatch` is not on PATH: this machine is not part of a SLURM cluster (or its "
          "SLURM module is not loaded), so there is nothing to submit to. Run the notebook here instead, as N local "
@@ -239,7 +325,7 @@ def test_bad_input(case: Case, tmp_path):
     env.update({k: _fill(v, tmp) for k, v in case.env.items()})
     before = sorted(p.name for p in (tmp / "runs").iterdir()) if (tmp / "runs").is_dir() else []
     prefix = _without_root_override() if case.unprivileged else []
-    command = [sys.executable, "-c", case.python] if case.python else ["bash", str(RUN_NOTEBOOK)]
+    command = [sys.executable, "-c", _fill(case.python, tmp)] if case.python else ["bash", str(RUN_NOTEBOOK)]
     out = subprocess.run([*prefix, *command, *(_fill(a, tmp) for a in case.args)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == case.code, out.stderr[-3000:]
@@ -265,4 +351,4 @@ def test_the_readme_lists_every_case():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", matching[0])[1:-1]]
         assert cells[-2] == str(case.code), (case.name, cells)
         assert cells[-1].strip("`").strip().replace("\\|", "|") == readme_row(case), (case.name, cells[-1])
-    assert len(CASES) >= 15
+    assert len(CASES) >= 49

@@ -238,15 +238,32 @@ def _cifar10(root: Path, augment: bool):
     return sets[0], sets[1], DataInfo("cifar10", 10, (3, 32, 32), len(sets[0]), len(sets[1]), str(folder), tuple(ds.classes))
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # what ImageFolder reads
+
+
+def check_image_folder(root: Path) -> Path:
+    """Raise, saying what to fix, unless `root` holds train/<class>/ folders of images: at least two
+    classes (a classifier of one class learns nothing), none of them empty. Returns `root`."""
+    root = Path(root)
+    layout = f"lay it out as {display_path(root)}/train/<class>/*.jpg and {display_path(root)}/test/<class>/*.jpg"
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(f"no image folder at {display_path(root)}/train: {layout}")
+    classes = sorted(p for p in (root / "train").iterdir() if p.is_dir())
+    if len(classes) < 2:
+        found = f"one class ({classes[0].name})" if classes else "no class folder"
+        raise ValueError(f"the image folder {display_path(root)}/train has {found}: a classifier needs at least two; {layout}")
+    empty = [c.name for c in classes if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in c.rglob("*"))]
+    if empty:
+        raise ValueError(f"the image folder {display_path(root)}/train has class folders without images: "
+                         f"{', '.join(empty)} (images are {', '.join(IMAGE_SUFFIXES)}); add images or remove the folders")
+    return root
+
+
 def _imagefolder(root: Path, image_size: int, augment: bool):
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
-    if not (root / "train").is_dir():
-        raise FileNotFoundError(
-            f"no image folder at {root}/train: lay it out as {root}/train/<class>/*.jpg and "
-            f"{root}/test/<class>/*.jpg (or pass root=...)"
-        )
+    check_image_folder(root)
     norm = T.Normalize(CIFAR_MEAN, CIFAR_STD)
     base = [T.Resize((image_size, image_size)), T.ToTensor(), norm]
     train_tf = T.Compose(([T.RandomHorizontalFlip()] if augment else []) + base)
@@ -405,7 +422,11 @@ def get_text_dataset(
                 f"unknown text data set {name!r}: use 'synthetic', a path to a UTF-8 text file, or the name "
                 f"of a file {display_path(data_root())}/<name>.txt ($WORKSHOP_DATA)"
             )
-        tokens = encode(path.read_text(encoding="utf-8"))
+        try:
+            tokens = encode(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{display_path(path)} is not UTF-8 text (byte {err.start} is {err.object[err.start]:#x}): "
+                             "convert it, e.g. iconv -f latin1 -t utf-8 in.txt > out.txt") from None
         split = int(0.9 * len(tokens))
         train, test, source = tokens[:split], tokens[split:], display_path(path)
     info = TextInfo(name if name == "synthetic" else Path(name).stem, 256, seq_len, len(train), len(test), source)

@@ -40,7 +40,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from workshop import params
+from workshop import params, progress
 from workshop.progress import DEFAULT_LOG_EVERY
 from workshop.runs import REPO, RunError, atomic_write_text, display_path, finite_only, new_run_dir, runs_root
 
@@ -92,7 +92,7 @@ def parse_options(papermill_args: list[str]) -> tuple[dict, dict]:
     try:
         opts, rest = _options_parser().parse_known_args(papermill_args)
     except argparse.ArgumentError as err:
-        raise RunError(f"{err}: e.g. -p epochs 1") from None
+        raise RunError(f"{err} (e.g. -p epochs 1 -f params.yaml; scripts/run_notebook.sh --help)") from None
     if rest:
         raise RunError(f"unknown option or stray value {' '.join(rest)!r}: a run takes -p NAME VALUE, -r NAME VALUE, "
                        "-f FILE.yaml, -y YAML, -b BASE64, -k KERNEL and --cwd DIR after the notebook")
@@ -217,12 +217,29 @@ def check_environment(given: dict, papermill_args: list[str]) -> None:
     if backend == "nccl" and not gpu_present():
         raise RunError("WORKSHOP_BACKEND=nccl but this machine has no GPU: NCCL needs CUDA; unset WORKSHOP_BACKEND "
                        "(gloo is used on CPU) or run on a GPU node")
-    if given.get("dataset") == "cifar10":
-        from workshop.data import check_cifar10
+    timeout = os.environ.get("WORKSHOP_DIST_TIMEOUT", "600")
+    try:
+        ok = float(timeout) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise RunError(f"WORKSHOP_DIST_TIMEOUT={timeout}: give the seconds a rank waits for the others, a number above 0 "
+                       "(e.g. 600), or unset it")
+    try:  # what the kernels would refuse only once they run
+        progress.log_every()
+        progress.is_interactive()
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    dataset = given.get("dataset")
+    if isinstance(dataset, str) and dataset not in ("auto", "synthetic"):  # staged data: torch only on this path
+        from workshop.data import check_cifar10, check_image_folder, data_root
 
         try:
-            check_cifar10()
-        except FileNotFoundError as err:
+            if dataset == "cifar10":
+                check_cifar10()
+            elif dataset == "imagefolder" or (data_root() / dataset).is_dir():
+                check_image_folder(data_root() if dataset == "imagefolder" else data_root() / dataset)
+        except (FileNotFoundError, ValueError) as err:
             raise RunError(str(err)) from None
 
 
@@ -258,7 +275,7 @@ def requeued_run(notebook: Path, root: Path | None = None) -> Path | None:
     return None
 
 
-def reuse_run_dir(run: Path, notebook: Path, papermill_args: list[str]) -> Path:
+def reuse_run_dir(run: Path, notebook: Path, papermill_args: list[str], nranks: int | None = None) -> Path:
     """Continue an interrupted or failed run in its own folder: the previous attempt's notebooks,
     logs and record move to attempt<k>/ (nothing is overwritten); checkpoints stay where they are."""
     run = Path(run).resolve()
@@ -273,6 +290,9 @@ def reuse_run_dir(run: Path, notebook: Path, papermill_args: list[str]) -> Path:
     if meta["papermill_args"] != papermill_args:
         raise RunError(f"{display_path(run)} was started with the parameters {' '.join(meta['papermill_args']) or '(none)'}"
                        f", not {' '.join(papermill_args) or '(none)'}: resume with the same ones, or start a new run")
+    if nranks is not None and meta["nranks"] != nranks:
+        raise RunError(f"{display_path(run)} ran as {meta['nranks']} rank(s), not {nranks}: resume with the same "
+                       "number of ranks (its data order and checkpoints depend on it)")
     record = run / "record.json"
     if record.exists() and json.loads(record.read_text()).get("status") == "ok":
         raise RunError(f"{display_path(run)} finished already (record.json says ok): nothing to resume")
@@ -299,11 +319,8 @@ def prepare(notebook: str, nranks: str, papermill_args: list[str], resume: str |
     if again is not None:
         if not again.is_dir():
             raise RunError(f"--resume {resume}: no such run folder (runs are under {display_path(runs_root())})")
-        run = reuse_run_dir(again, nb, papermill_args)
+        run = reuse_run_dir(again, nb, papermill_args, int(nranks))
         meta = json.loads((run / "run.json").read_text())
-        if meta["nranks"] != int(nranks):
-            raise RunError(f"{display_path(run)} ran as {meta['nranks']} ranks, not {nranks}: resume with the same "
-                           "number of ranks (its data order and checkpoints depend on it)")
     else:
         run = new_run_dir(nb.stem)
         meta = {"notebook": str(nb), "nranks": int(nranks), "papermill_args": papermill_args,
@@ -616,6 +633,16 @@ def series(notebooks: list[Path]) -> int:
     return 0 if all(status == "ok" for _, _, status, _ in rows) else 1
 
 
+def check_local_ranks(nranks: str) -> None:
+    """Local ranks share this machine's cores: refuse more than twice the cores this process may use (its
+    CPU set, which SLURM narrows to the job's), where every rank would crawl and gloo's timeouts fire."""
+    cores = len(os.sched_getaffinity(0))
+    if str(nranks).isdigit() and int(nranks) > max(2 * cores, 1):
+        raise RunError(f"--nproc {nranks}: too many local ranks for this machine ({cores} core(s) for this process; at "
+                       f"most {2 * cores}, twice the cores, run here): use fewer, or submit to SLURM for more "
+                       f"(sbatch --ntasks={nranks} scripts/run_notebook.sh ...)")
+
+
 def parse_launch(argv: list[str]) -> tuple[str | None, str | None, str, list[str]]:
     """--nproc N and --resume RUN_DIR (before the notebook), the notebook, then papermill's options."""
     nproc = resume = None
@@ -691,6 +718,8 @@ def launch(argv: list[str]) -> int:
     srun = bool(job) and nproc is None  # under SLURM (sbatch, salloc) the ranks are the job's tasks
     # sbatch sets no SLURM_NTASKS for --nodes=N alone: one task per node
     nranks = (os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_JOB_NUM_NODES") or "1") if srun else (nproc or "1")
+    if not srun:
+        check_local_ranks(nranks)
     run = prepare(notebook, nranks, papermill_args, resume=resume)
     restart = os.environ.get("SLURM_RESTART_COUNT")
     print(f"run folder: {run} ({nranks} rank(s) via {'srun' if srun else 'torchrun'}"
