@@ -40,6 +40,16 @@ def test_slurm_step_with_several_tasks_is_a_world():
     assert (e.device, e.backend) == ("cuda:1", "nccl")
 
 
+def test_an_uneven_slurm_layout_is_described_as_it_is():
+    """sbatch --ntasks=3 on two nodes: 2 tasks on the first, 1 on the second."""
+    e = detect({**slurm_step(2, 0, 1, ntasks=3, per_node="2,1"), "SLURM_STEP_NUM_NODES": "2"})
+    assert (e.world_size, e.local_world_size, e.num_nodes, e.even_layout) == (3, 2, 2, False)
+    assert dist.describe(e).startswith("3 rank(s) on 2 node(s), unevenly (2 on the first), started by srun")
+    even = detect({**slurm_step(3, 1, 1), "SLURM_STEP_NUM_NODES": "2"})
+    assert (even.num_nodes, even.even_layout) == (2, True)
+    assert dist.describe(even).startswith("4 rank(s) on 2 node(s), 2 per node, started by srun")
+
+
 def test_slurm_ranks_agree_on_the_rendezvous():
     envs = [detect(slurm_step(procid=r, localid=r % 2, nodeid=r // 2)) for r in range(4)]
     assert len({(e.master_addr, e.master_port) for e in envs}) == 1

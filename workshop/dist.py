@@ -53,6 +53,7 @@ class DistEnv:
     job_id: str | None = None  # SLURM job id, when there is one
     device: str = "cpu"  # "cuda:<i>" or "cpu"
     backend: str = "gloo"  # "nccl" on CUDA, "gloo" on CPU
+    nodes: int = 0  # nodes the launcher reports; 0: world size / ranks per node
 
     @property
     def is_main(self) -> bool:
@@ -64,7 +65,13 @@ class DistEnv:
 
     @property
     def num_nodes(self) -> int:
-        return max(1, self.world_size // self.local_world_size)
+        return self.nodes or max(1, self.world_size // self.local_world_size)
+
+    @property
+    def even_layout(self) -> bool:
+        """The same number of ranks on every node. Not so for `sbatch --ntasks=3` on 2 nodes (2 and 1):
+        what counts ranks per node (a hybrid mesh, Lightning's devices x nodes) cannot describe it."""
+        return self.world_size % self.local_world_size == 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -148,6 +155,7 @@ def detect(
             rank=int(e["SLURM_PROCID"]), local_rank=int(e.get("SLURM_LOCALID", 0)),
             world_size=world_size, local_world_size=local_world_size,
             node_rank=int(e.get("SLURM_NODEID", 0)),
+            nodes=int(e.get("SLURM_STEP_NUM_NODES") or e.get("SLURM_JOB_NUM_NODES") or 0),
             master_addr=hostnames(nodelist)[0],
             master_port=int(e.get("WORKSHOP_MASTER_PORT") or slurm_port(job_id, e["SLURM_STEP_ID"])),
             launcher="slurm",
@@ -227,11 +235,14 @@ def get_env() -> DistEnv:
 
 def describe(env: DistEnv | None = None) -> str:
     """How this run was produced, for a notebook's first output: ranks, nodes, launcher, device.
-    "4 rank(s) on 2 node(s), 2 per node, started by srun (SLURM); cpu, gloo"."""
+    "4 rank(s) on 2 node(s), 2 per node, started by srun (SLURM); cpu, gloo"; "3 rank(s) on 2 node(s),
+    unevenly (2 on the first), ..." for sbatch --ntasks=3 on two nodes."""
     env = env or get_env()
     started = {"slurm": "started by srun (SLURM)", "torchrun": "started by torchrun on one machine",
                "single": "one process"}[env.launcher]
     per_node = f", {env.local_world_size} per node" if env.is_distributed else ""
+    if not env.even_layout:
+        per_node = f", unevenly ({env.local_world_size} on the first)"
     device = "cuda" if env.device.startswith("cuda") else env.device
     return f"{env.world_size} rank(s) on {env.num_nodes} node(s){per_node}, {started}; {device}, {env.backend}"
 
@@ -339,7 +350,9 @@ def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
     JupyterLab server started as a SLURM job, for a world of its own; the plugin overrules it.
     `strategy` defaults to "ddp" with more than one rank, else "auto". The FSDP strategy on CPU
     is refused with what to use instead (ModelParallelStrategy, which runs on CPU too). Unless
-    `enable_progress_bar` is given, Lightning's bar shows in JupyterLab only (`workshop.progress`)."""
+    `enable_progress_bar` is given, Lightning's bar shows in JupyterLab only (`workshop.progress`).
+    Lightning counts devices per node, the same on every node: an uneven layout (3 tasks on 2 nodes)
+    is given to it as one node of world-size devices, the same world (the plugin gives every rank)."""
     import lightning as L
 
     _quiet_lightning()
@@ -366,8 +379,8 @@ def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
     with mock.patch.object(accelerator_connector, "_IS_INTERACTIVE", False):
         return L.Trainer(
             accelerator="gpu" if env.device.startswith("cuda") else "cpu",
-            devices=env.local_world_size,
-            num_nodes=env.num_nodes,
+            devices=env.local_world_size if env.even_layout else env.world_size,
+            num_nodes=env.num_nodes if env.even_layout else 1,
             strategy=strategy,
             plugins=plugins,
             **kwargs,

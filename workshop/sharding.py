@@ -34,7 +34,7 @@ def shard_mesh(env: DistEnv) -> DeviceMesh:
 def hybrid_layout_problem(env: DistEnv) -> str | None:
     """Why this job's layout cannot hold a hybrid mesh (unequal ranks per node, e.g. `sbatch --ntasks=3` on 2
     nodes puts 2 on one and 1 on the other), and what layout would; None when it can."""
-    if env.world_size % env.local_world_size:
+    if not env.even_layout:
         return (f"world size {env.world_size} is not a multiple of the ranks per node {env.local_world_size}: hybrid "
                 "sharding needs the same number of tasks on every node; submit with --nodes=N --ntasks-per-node=M "
                 "(e.g. sbatch --nodes=2 --ntasks-per-node=2)")

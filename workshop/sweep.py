@@ -126,7 +126,7 @@ def task_env(env: dist.DistEnv | None = None) -> dist.DistEnv:
     """The DistEnv of one configuration: a world of one (rank 0 of 1) on this task's device.
     Task parallelism forms no world; each task is a world of its own, and its record says so."""
     env = env or dist.detect(hostnames=lambda nodelist: [nodelist])
-    return replace(env, rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0,
+    return replace(env, rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0, nodes=1,
                    master_addr=dist.DistEnv.master_addr, master_port=dist.DistEnv.master_port)
 
 
