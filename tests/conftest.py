@@ -38,9 +38,9 @@ def clean_env(monkeypatch):
             monkeypatch.delenv(key)
 
 
-def run_notebook(*args, timeout=600, **kwargs):
-    """scripts/run_notebook.sh with this interpreter; returns the CompletedProcess."""
-    env = dict(os.environ, WORKSHOP_PYTHON=sys.executable)
+def run_notebook(*args, timeout=600, env=None, **kwargs):
+    """scripts/run_notebook.sh with this interpreter, in `env` (default: this process's); returns the CompletedProcess."""
+    env = dict(os.environ if env is None else env, WORKSHOP_PYTHON=sys.executable)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     for key in [k for k in env if k.startswith("SLURM_")]:
         del env[key]

@@ -117,13 +117,6 @@ def test_sweep_on_four_local_processes_prints_the_committed_checks(runs):
     assert_checks_as_committed(run / "03_task_parallelism.ipynb", NB03)
 
 
-@pytest.mark.multirank
-def test_more_tasks_than_configurations_is_an_error(runs):
-    out = run_notebook("--nproc", 2, NB03, *TINY, "-p", "lrs", "0.1", timeout=300)
-    assert out.returncode != 0
-    assert "2 tasks were started, but the grid has 1 configurations" in out.stderr
-
-
 def test_collect_only_needs_an_existing_sweep(runs):
     out = run_notebook(NB03, "-p", "collect_only", "True", "-p", "sweep_id", "nosuch", timeout=300)
     assert out.returncode != 0 and "no sweep at" in out.stderr

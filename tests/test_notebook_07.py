@@ -1,10 +1,10 @@
-"""notebooks/07_tensor_parallelism.ipynb as N ranks: 2 local ranks (tp 2), and 2 nodes x 2 ranks on the local SLURM
-cluster (dp 2 across the nodes, tp 2 within). (nbval runs it as one process.)"""
+"""notebooks/07_tensor_parallelism.ipynb on 2 local ranks (tp 2), its checked cells against the committed notebook
+(a 2 x 2 SLURM run: dp 2 across the nodes, tp 2 within). nbval runs it as one process; a tp_size that does not fit is
+refused (test_bad_input, test_tp)."""
 
 import json
 
 import pytest
-from test_slurm import sbatch_two_by_two
 
 from conftest import assert_checks_as_committed, run_notebook
 
@@ -44,20 +44,3 @@ def test_07_on_two_local_ranks(runs):
     assert_all_match(run / "07_tensor_parallelism.ipynb")
     assert_checks_as_committed(run / "07_tensor_parallelism.ipynb", NB07)  # the committed notebook ran on 2 nodes x 2 ranks
     assert_record(run, 2, 1, 2)
-
-
-def test_07_refuses_a_tp_size_that_does_not_fit_the_world(runs):
-    out = run_notebook(NB07, "-p", "tp_size", "3")
-    assert out.returncode != 0
-    assert "tp_size 3 does not divide the world of 1 ranks" in out.stdout + out.stderr
-
-
-@pytest.mark.slurm
-def test_07_on_two_nodes_with_two_ranks_each(slurm, runs):
-    run, text, nodes = sbatch_two_by_two(runs, NB07, *SMALL)
-    assert "4 rank(s) on 2 node(s)" in text and "mesh dp 2 x tp 2" in text
-    assert "rank 0 holds 65,536 of the MLP's 131,072 weights (1/2)" in text
-    assert "rank 0's tensor-parallel group: ranks [0, 1]" in text  # tp inside a node
-    assert_all_match(run / "07_tensor_parallelism.ipynb")
-    assert_record(run, 4, 2, 2)
-    assert nodes[0] == nodes[1] != nodes[2] == nodes[3]

@@ -40,6 +40,23 @@ def final_weights(run: Path) -> dict:
     return torch.load(run / "final.pt", weights_only=True)["model"]
 
 
+@pytest.fixture(scope="session")
+def reference_weights(tmp_path_factory):
+    """The final weights of an uninterrupted 2-rank run of the resume notebook, by `lightning`: run once per
+    test session, shared by the resume tests on local ranks and on SLURM."""
+    cache = {}
+
+    def get(lightning: bool) -> dict:
+        if lightning not in cache:
+            runs = tmp_path_factory.mktemp(f"reference-{lightning}")
+            out = run_notebook("--nproc", 2, RESUME, *RESUME_ARGS, "-p", "lightning", str(lightning),
+                               env={**os.environ, "WORKSHOP_RUNS": str(runs)})
+            assert out.returncode == 0, out.stderr[-3000:]
+            cache[lightning] = final_weights(only_run(runs))
+        return cache[lightning]
+    return get
+
+
 def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -101,12 +118,10 @@ def stopped_at(run: Path, lightning: bool) -> int:
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("lightning", [False, True], ids=["plain-loop", "lightning"])
-def test_an_interrupted_run_resumes_in_its_folder_to_the_same_weights(tmp_path, monkeypatch, lightning):
+def test_an_interrupted_run_resumes_in_its_folder_to_the_same_weights(tmp_path, monkeypatch, lightning,
+                                                                      reference_weights):
     resume_args = [*RESUME_ARGS, "-p", "lightning", str(lightning)]
-    monkeypatch.setenv("WORKSHOP_RUNS", str(tmp_path / "reference"))
-    assert run_notebook("--nproc", 2, RESUME, *resume_args).returncode == 0
-    reference = final_weights(only_run(tmp_path / "reference"))
-
+    reference = reference_weights(lightning)
     runs = tmp_path / "runs"
     monkeypatch.setenv("WORKSHOP_RUNS", str(runs))
     args = [*resume_args, "-p", "step_sleep_s", "0.5"]
@@ -236,12 +251,8 @@ def test_on_slurm_a_killed_rank_ends_the_job_in_bounded_time(slurm, runs):
 
 
 @pytest.mark.slurm
-def test_on_slurm_a_job_warned_of_its_time_limit_requeues_and_resumes(slurm, tmp_path):
-    reference_runs = tmp_path / "reference"
-    ref = subprocess.run(["bash", str(RUN_NOTEBOOK), "--nproc", "2", RESUME, *RESUME_ARGS], cwd=REPO,
-                         env=slurm_env(reference_runs), capture_output=True, text=True, timeout=600)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    reference = final_weights(only_run(reference_runs))
+def test_on_slurm_a_job_warned_of_its_time_limit_requeues_and_resumes(slurm, tmp_path, reference_weights):
+    reference = reference_weights(False)  # the notebook's default: the plain loop
 
     runs = tmp_path / "runs"
     args = [*RESUME_ARGS, "-p", "step_sleep_s", "0.5"]
