@@ -44,3 +44,19 @@ def test_07_on_two_local_ranks(runs):
     assert_all_match(run / "07_tensor_parallelism.ipynb")
     assert_checks_as_committed(run / "07_tensor_parallelism.ipynb", NB07)  # the committed notebook ran on 2 nodes x 2 ranks
     assert_record(run, 2, 1, 2)
+
+
+@pytest.mark.multirank
+def test_07_on_three_ranks_splits_what_it_can_and_says_what_it_skips(runs):
+    """3 ranks and 4 attention heads: tensor parallelism runs over 1 rank inside the 3-way data parallelism, TP alone
+    over all 3 ranks steps aside in one line, every other version runs, and the run succeeds."""
+    out = run_notebook("--nproc", 3, NB07, *SMALL)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    text = (run / "07_tensor_parallelism.ipynb").read_text()
+    assert ("tensor parallelism over 1 rank(s), not the 3 of a node: tensor-parallel size 3 does not divide the 4 "
+            "attention heads") in text
+    assert "TP alone over all 3 ranks skipped: tensor-parallel size 3 does not divide the 4 attention heads" in text
+    record = json.loads((run / "record.json").read_text())
+    assert record["status"] == "ok" and (record["params"]["dp_size"], record["params"]["tp_size"]) == (3, 1)
+    assert record["results"]["matches_single_process"] == {"2d": True, "lightning_2d": True}

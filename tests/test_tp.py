@@ -23,6 +23,15 @@ def test_tp_size_that_does_not_split_the_model_is_refused():
         tp.check_tp_size(model, 0)
 
 
+def test_the_largest_tp_size_that_fits_a_layout():
+    model = models.tinygpt("cpu")  # 4 heads
+    assert tp.tp_problem(model, 2) is None and "does not divide the 4 attention heads" in tp.tp_problem(model, 3)
+    assert tp.largest_tp_size(model, world_size=4, at_most=2) == 2  # 2 nodes x 2 ranks: TP inside a node
+    assert tp.largest_tp_size(model, world_size=3, at_most=3) == 1  # 3 ranks: 3 does not divide the 4 heads, 1 does
+    assert tp.largest_tp_size(model, world_size=6, at_most=6) == 2  # 3 and 6 do not divide the heads, 2 does
+    assert tp.largest_tp_size(model, world_size=8, at_most=8) == 4
+
+
 def test_mesh_whose_product_is_not_the_world_is_refused():
     tp.check_mesh(2, 2, 4)
     with pytest.raises(ValueError, match=r"dp_size 3 x tp_size 2 = 6 ranks, but the world has 4; choose \(dp_size, tp_size\) "

@@ -211,6 +211,22 @@ def check_tp_size(model_or_dims: TinyGPT | dict, tp_size: int) -> None:
                              f"({', '.join(f'{k} {v}' for k, v in dims.items())}); choose tp_size from {fits}")
 
 
+def tp_problem(model_or_dims: TinyGPT | dict, tp_size: int) -> str | None:
+    """Why `tp_size` does not split the model evenly (check_tp_size's message), or None when it does."""
+    try:
+        check_tp_size(model_or_dims, tp_size)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def largest_tp_size(model_or_dims: TinyGPT | dict, world_size: int, at_most: int) -> int:
+    """The largest tensor-parallel size, at most `at_most` (the ranks of a node), that splits the model evenly and
+    divides the world: 3 ranks and 4 attention heads give 1."""
+    return max(d for d in range(1, min(world_size, at_most) + 1)
+               if world_size % d == 0 and tp_problem(model_or_dims, d) is None)
+
+
 def check_mesh(dp_size: int, tp_size: int, world_size: int) -> None:
     """Refuse a (dp, tp) mesh whose product is not the world size."""
     for name, value in (("dp_size", dp_size), ("tp_size", tp_size)):
