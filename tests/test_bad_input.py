@@ -90,7 +90,7 @@ def _run_folder(status: str, args: list[str]) -> Callable[[Path], None]:
         run = tmp / "runs" / "earlier-fail_on_rank"
         run.mkdir(parents=True)
         (run / "run.json").write_text(json.dumps({"notebook": str(REPO / FAIL), "nranks": 1, "papermill_args": args}))
-        (run / "record.json").write_text(json.dumps({"status": status}))
+        (run / "record.json").write_text(json.dumps({"notebook": "fail_on_rank", "status": status}))
     return setup
 
 

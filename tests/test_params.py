@@ -1,5 +1,5 @@
 """workshop.params: rules read from a parameters cell's comments, and values checked against them; records
-are strict JSON (metrics.finite_only)."""
+are strict JSON (records.finite_only)."""
 
 import json
 
@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 from conftest import REPO
-from workshop import metrics, params
+from workshop import metrics, params, records
 
 
 def test_rules_read_from_comments():
@@ -51,7 +51,7 @@ def test_a_notebook_checks_its_own_globals(tmp_path):
 
 def test_records_hold_no_nan(tmp_path):
     found = {}
-    clean = metrics.finite_only({"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "d": "nan"}, found=found)
+    clean = records.finite_only({"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "d": "nan"}, found=found)
     assert clean == {"a": [1.0, None], "b": {"c": None}, "d": "nan"}
     assert found == {"a[1]": "nan", "b.c": "-inf"}
     path = metrics.write_record(tmp_path, notebook="t", params={"lr": float("nan")}, results={"val_loss": float("inf")})

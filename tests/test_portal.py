@@ -140,9 +140,9 @@ def test_status_from_squeue_then_sacct_then_the_record(runs, tmp_path, monkeypat
     assert slurm.status("41") == slurm.ENDED_WITHOUT_RECORD
     run = runs / "job41-05_ddp"
     run.mkdir(parents=True)
-    (run / "record.json").write_text(json.dumps({"status": "failed"}))
+    (run / "record.json").write_text(json.dumps({"notebook": "05_ddp", "status": "failed"}))
     assert slurm.status("41") == "FAILED"
-    (run / "record.json").write_text(json.dumps({"status": "ok"}))
+    (run / "record.json").write_text(json.dumps({"notebook": "05_ddp", "status": "ok"}))
     assert slurm.status("41") == slurm.wait("41") == "COMPLETED"
     with pytest.raises(slurm.SlurmError, match="not a job id"):
         slurm.status("job41")
@@ -162,7 +162,8 @@ def test_open_result_shows_the_notebook_and_the_record(runs, tmp_path, monkeypat
     run.mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"notebook": str(REPO / "notebooks" / "05_ddp.ipynb")}))
     (run / "05_ddp.ipynb").write_text("{}")
-    (run / "record.json").write_text(json.dumps({"status": "ok", "dist": {"world_size": 4}, "params": {"steps": 4}}))
+    (run / "record.json").write_text(json.dumps({"notebook": "05_ddp", "status": "ok", "dist": {"world_size": 4},
+                                                 "params": {"steps": 4}}))
     result = slurm.open_result("42")
     assert result.notebook == run / "05_ddp.ipynb" and result.record["params"] == {"steps": 4}
     shown = capsys.readouterr().out

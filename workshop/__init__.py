@@ -7,14 +7,15 @@ Four layers; a module imports only from its own layer and the ones below it (tes
     measurement   metrics (timing, peak memory, run folders' records), memory, perf, bench, costmodel, report
     lesson core   dist (who am I in this run), data, models, train (the plain loop), lit (the same with
                   Lightning), check, ddp, data_parallel, sharding, tp, checkpoint, inference
-    plain         runs (run folders, atomic writes), params (a notebook's parameters and their rules),
+    plain         runs (run folders, atomic writes), records (what a record.json holds, written and read),
+                  params (a notebook's parameters and their rules),
                   progress (bars and log lines), hardware (links and GPUs from data sheets): no torch
 """
 
 __version__ = "0.1.0"
 
 LAYERS = {
-    "plain": ("runs", "params", "progress", "hardware"),
+    "plain": ("runs", "records", "params", "progress", "hardware"),
     "core": ("dist", "data", "models", "train", "lit", "check", "ddp", "data_parallel", "sharding", "tp", "checkpoint",
              "inference"),
     "measurement": ("metrics", "memory", "perf", "bench", "costmodel", "report"),

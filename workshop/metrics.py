@@ -2,7 +2,8 @@
 
 Every run writes into a folder of its own (`run_dir`): `scripts/run_notebook.sh` makes it and
 passes it as $WORKSHOP_RUN_DIR; run by hand (JupyterLab, nbval) a notebook gets one named the
-same way, runs/<time>-<notebook>. Reports are computed from the records only.
+same way, runs/<time>-<notebook>. What a record holds is `workshop.records`; `write_record` fills in
+the world, the hardware, the versions and the revision. Reports are computed from the records only.
 
     run = metrics.run_dir("01_baseline")
     with metrics.Timer(device) as t:
@@ -12,7 +13,6 @@ same way, runs/<time>-<notebook>. Reports are computed from the records only.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from workshop import records
 from workshop.dist import DistEnv, get_env
-from workshop.runs import REPO, atomic_write_text, display_path, finite_only, make_folder, new_run_dir, runs_root  # noqa: F401
+from workshop.runs import REPO, atomic_write_text, display_path, make_folder, new_run_dir, runs_root  # noqa: F401
 
 
 def _sync(device) -> None:
@@ -168,11 +169,12 @@ def _workshop_version() -> str:
 def write_record(run: Path, *, notebook: str, params: dict, results: dict, status: str = "ok",
                  env: DistEnv | None = None, **extra) -> Path | None:
     """Write `run/record.json` (rank 0 only; other ranks return None): what ran, where, with
-    which versions, and what it measured. Numbers only from measurements."""
+    which versions, and what it measured (`workshop.records.Record`; a key that breaks its schema
+    raises here, naming it). Numbers only from measurements."""
     env = env or get_env()
     if not env.is_main:
         return None
-    record = {
+    record = records.Record.from_dict({
         "notebook": notebook,
         "status": status,
         "time": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -184,15 +186,8 @@ def write_record(run: Path, *, notebook: str, params: dict, results: dict, statu
         "slurm_job_id": env.job_id,
         "results": results,
         **extra,
-    }
-    non_finite: dict = {}
-    record = finite_only(record, found=non_finite)
-    if non_finite:  # stored as null, and said why
-        record["non_finite"] = {where: f"{value}: not a number JSON can hold, stored as null"
-                                for where, value in non_finite.items()}
-    path = Path(run) / "record.json"
-    atomic_write_text(path, json.dumps(record, indent=2, default=str, allow_nan=False) + "\n")
-    return path
+    })
+    return records.write(run, record)
 
 
 def write_baseline_record(run, params: dict, *, plain: dict, lightning: dict, data_source: str, env=None):

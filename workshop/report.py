@@ -9,37 +9,13 @@ the model, the unit of throughput and the batch per device; speedup and efficien
 inside a series only, against its one-device baseline, never across series. Where SLURM's
 `sacct` answers, each job's elapsed time and allocated GPUs are joined in.
 
-What a record must hold to be measured (every key in `results`, all optional but `throughput`):
-
-    throughput           global samples/s or tokens/s of the run (all ranks together)
-    samples_or_tokens    "samples" or "tokens": the unit of throughput (default "samples")
-    model                the model's name (default: params.model_name or params.model)
-    strategy             "single", "ddp", "fsdp", "tp", "dataparallel", ... (default: "single" on one
-                         device, else "distributed")
-    global_batch_size    samples (or sequences) per optimizer step, all ranks together
-    micro_batch_size     per device; the series key (default global_batch_size / devices)
-    step_time_s          seconds per optimizer step
-    wall_time_s          seconds the measured part took
-    peak_memory_bytes    per rank: a number, or a list in rank order (the largest is shown)
-    memory_kind          what peak_memory_bytes counts: "cuda" (tensors allocated on the GPU), "tensors" (the
-                         tensor bytes a rank holds, workshop.memory's measurement on CPU) or "resident set" (the
-                         process's, Python and libraries included; the default on CPU). Only the first two are
-                         plotted: a resident set grows with what ran before, and looks like a saving when it is not.
-    world_size           devices used (default: the record's dist.world_size); num_nodes likewise
-    epoch_size           samples (or tokens) in an epoch: gives device-hours per epoch
-    variant              a label beside the strategy (notebook 02's performance variants)
-    baseline             true on the measurement that a series' speedups are taken against
-                         (default: the first one-device "single" measurement, else any one-device one)
-
-A record that measured several configurations puts one such dict each in `results.measurements`
-(a list); the record's own `results` then give defaults for what a measurement leaves out.
+What a record must hold to be measured is `workshop.records.Measurement`: a throughput, and what the
+report can fill in from the record where a measurement leaves it out.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import shutil
 import subprocess
@@ -47,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workshop import records
 from workshop.metrics import display_path, fmt_bytes
 
 
@@ -171,12 +148,9 @@ def find_runs(root: Path, notebook: str | None = None, sweep: str | None = None,
     this_run = Path(os.environ["WORKSHOP_RUN_DIR"]).resolve() if os.environ.get("WORKSHOP_RUN_DIR") else None
     for path in sorted(root.rglob("record.json")):
         try:
-            rec = json.loads(path.read_text())
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as err:
-            runs.append(Run(path.parent, {}, path.parent.name, "failed", f"unreadable record.json: {err}",
-                            str(path.parent.relative_to(root))))
+            rec = records.read(path).as_dict()
+        except records.RecordError as err:  # unreadable, or not a record of this schema
+            runs.append(Run(path.parent, {}, path.parent.name, "failed", str(err), str(path.parent.relative_to(root))))
             continue
         reason = rec.get("reason") or rec.get("error") or ""
         if isinstance(reason, list):
@@ -198,45 +172,29 @@ def find_runs(root: Path, notebook: str | None = None, sweep: str | None = None,
     return sorted(runs, key=lambda r: (str(r.record.get("time", "")), str(r.path)))
 
 
-def _number(value) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return value
-    return None
-
-
 def measurements(run: Run) -> list[Row]:
-    """The rows a run measured: its `results` when they hold a throughput, and each of
-    `results.measurements`, the record's results and params filling in what one leaves out."""
-    rec = run.record
-    results = rec.get("results") if isinstance(rec.get("results"), dict) else {}
-    params = rec.get("params") if isinstance(rec.get("params"), dict) else {}
-    world = rec.get("dist") if isinstance(rec.get("dist"), dict) else {}
-    items = [results] if _number(results.get("throughput")) else []
-    items += [m for m in results.get("measurements") or [] if isinstance(m, dict)]
+    """The rows a run measured (`records.Record.measurements`, each with a throughput above 0), the world of
+    its record and its params filling in what a measurement leaves out."""
+    record = records.Record.from_dict(run.record)  # checked against the schema when it was read
+    params, world = record.params, record.dist or {}
     rows = []
-    for m in items:
-        get = lambda k, default=None: m.get(k, results.get(k, default))  # noqa: E731
-        throughput = _number(m.get("throughput"))
-        if not throughput or throughput <= 0:
+    for m in record.measurements():
+        if not m.throughput or m.throughput <= 0:
             continue
-        devices = int(get("world_size") or world.get("world_size") or 1)
+        devices = int(m.world_size or world.get("world_size") or 1)
         local = int(world.get("local_world_size") or devices)
-        nodes = int(get("num_nodes") or (max(1, devices // local) if world.get("world_size") == devices else 1))
-        gbs = _number(get("global_batch_size"))
-        mbs = _number(get("micro_batch_size")) or (gbs / devices if gbs else None)
-        peak = get("peak_memory_bytes")
-        peak = max((p for p in peak if _number(p)), default=None) if isinstance(peak, list) else _number(peak)
-        model = get("model") or params.get("model_name") or params.get("model") or "unknown model"
-        rows.append(Row(run=run, model=str(model), strategy=str(get("strategy") or ("single" if devices == 1 else "distributed")),
-                        unit=str(get("samples_or_tokens") or "samples"), devices=devices, nodes=nodes,
-                        micro_batch_size=mbs, global_batch_size=gbs, throughput=throughput,
-                        step_time_s=_number(get("step_time_s")), wall_time_s=_number(get("wall_time_s")),
-                        peak_memory_bytes=int(peak) if peak else None, epoch_size=_number(get("epoch_size")),
-                        memory_kind=str(get("memory_kind") or ("cuda" if str(world.get("device", "")).startswith("cuda")
-                                                               else "resident set")),
-                        variant=str(m.get("variant") or ""), baseline=m.get("baseline") is True))
+        nodes = int(m.num_nodes or (max(1, devices // local) if world.get("world_size") == devices else 1))
+        mbs = m.micro_batch_size or (m.global_batch_size / devices if m.global_batch_size else None)
+        peak = m.peak_memory_bytes
+        peak = max((p for p in peak if p is not None), default=None) if isinstance(peak, list) else peak
+        on_gpu = str(world.get("device", "")).startswith("cuda")
+        rows.append(Row(run=run, model=str(m.model or params.get("model_name") or params.get("model") or "unknown model"),
+                        strategy=m.strategy or ("single" if devices == 1 else "distributed"),
+                        unit=m.samples_or_tokens or "samples", devices=devices, nodes=nodes, micro_batch_size=mbs,
+                        global_batch_size=m.global_batch_size, throughput=m.throughput, step_time_s=m.step_time_s,
+                        wall_time_s=m.wall_time_s, peak_memory_bytes=int(peak) if peak else None,
+                        epoch_size=m.epoch_size, memory_kind=m.memory_kind or ("cuda" if on_gpu else "resident set"),
+                        variant=m.variant or "", baseline=m.baseline is True))
     return rows
 
 

@@ -40,9 +40,9 @@ from pathlib import Path
 import psutil
 import yaml
 
-from workshop import params, progress
+from workshop import params, progress, records
 from workshop.progress import DEFAULT_LOG_EVERY
-from workshop.runs import REPO, RunError, atomic_write_text, display_path, finite_only, new_run_dir, runs_root
+from workshop.runs import REPO, RunError, atomic_write_text, display_path, new_run_dir, runs_root
 
 KERNEL = "workshop-current"  # a kernel spec written per rank: always this interpreter
 INTERRUPTED = 3  # the exit status of a run stopped at a checkpoint (or by a signal): resume it
@@ -266,11 +266,7 @@ def requeued_run(notebook: Path, root: Path | None = None) -> Path | None:
         return None
     root = root or runs_root()
     for run in sorted(root.glob(f"job{job}-{notebook.stem}*"), key=lambda p: p.stat().st_mtime, reverse=True):
-        record = run / "record.json"
-        try:  # interrupted, failed, or killed before it could write a record (a node failed)
-            if not record.exists() or json.loads(record.read_text()).get("status") != "ok":
-                return run
-        except (OSError, ValueError):
+        if records.status(run) != "ok":  # interrupted, failed, or killed before it could write a record (a node failed)
             return run
     return None
 
@@ -293,8 +289,7 @@ def reuse_run_dir(run: Path, notebook: Path, papermill_args: list[str], nranks: 
     if nranks is not None and meta["nranks"] != nranks:
         raise RunError(f"{display_path(run)} ran as {meta['nranks']} rank(s), not {nranks}: resume with the same "
                        "number of ranks (its data order and checkpoints depend on it)")
-    record = run / "record.json"
-    if record.exists() and json.loads(record.read_text()).get("status") == "ok":
+    if records.status(run) == "ok":
         raise RunError(f"{display_path(run)} finished already (record.json says ok): nothing to resume")
     attempt = run / f"attempt{len(list(run.glob('attempt*'))) + 1}"
     attempt.mkdir(mode=0o700)
@@ -347,18 +342,11 @@ RUNNING = "running"  # the status of a record until the run ends
 
 
 def write_record(run: Path, meta: dict, status: str, reason: list[str], **extra) -> None:
-    """The launcher's own record.json (when the notebook wrote none, or could not): strict JSON."""
-    record = {"notebook": Path(meta["notebook"]).stem, "status": status, "reason": reason, **extra,
-              "params": meta.get("parameters", {}), "slurm_job_id": meta["slurm_job_id"], "run": meta,
-              "launcher": {"host": socket.gethostname(), "pid": os.getpid()}}
-    atomic_write_text(run / "record.json", json.dumps(finite_only(record), indent=2, default=str) + "\n")
-
-
-def record_status(run: Path) -> str | None:
-    try:
-        return json.loads((run / "record.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
+    """The launcher's own record.json (when the notebook wrote none, or could not)."""
+    records.write(run, records.Record(
+        notebook=Path(meta["notebook"]).stem, status=status, reason=reason, params=meta.get("parameters", {}),
+        slurm_job_id=meta["slurm_job_id"],
+        extra={**extra, "run": meta, "launcher": {"host": socket.gethostname(), "pid": os.getpid()}}))
 
 
 def this_rank() -> int:
@@ -554,9 +542,9 @@ def collect(run: Path, launcher_rc: int, interrupted: str | None = None) -> int:
         problems.append(f"rank {st['rank']} on {st['node']}{first} {where}: open {st['notebook']}")
     if launcher_rc != 0 and not problems:
         problems.append(f"the launcher exited with {launcher_rc}: see {run / 'logs'}")
-    if problems and record_status(run) in (None, RUNNING):  # a failed run is recorded as failed, never dropped
+    if problems and records.status(run) in (None, RUNNING):  # a failed run is recorded as failed, never dropped
         write_record(run, meta, "failed", problems)
-    if not problems and record_status(run) == RUNNING:  # a notebook that writes no record of its own
+    if not problems and records.status(run) == RUNNING:  # a notebook that writes no record of its own
         record.unlink()
     if problems:
         print(f"\nRUN FAILED: {run}", file=sys.stderr)

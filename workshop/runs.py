@@ -9,7 +9,6 @@ so the launcher (`workshop.runner`) and `workshop.slurm` answer in a fraction of
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from datetime import datetime
@@ -102,17 +101,3 @@ def atomic_write(path: Path, write: Callable, binary: bool = False) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
-
-
-def finite_only(value, where: str = "", found: dict | None = None):
-    """`value` with every NaN or infinite float replaced by None, so that it is strict JSON (a reader in
-    another language refuses NaN); `found` collects where each was and what it was ("results.val_loss": "nan")."""
-    if isinstance(value, float) and not math.isfinite(value):
-        if found is not None:
-            found[where] = repr(value)
-        return None
-    if isinstance(value, dict):
-        return {k: finite_only(v, f"{where}.{k}" if where else str(k), found) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_only(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
-    return value

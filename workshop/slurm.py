@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from workshop import records
 from workshop.runs import REPO, display_path, runs_root
 
 SCRIPT = REPO / "scripts" / "run_notebook.sh"
@@ -203,7 +204,7 @@ def status(job) -> str:
             return next((s for s in states if s in ACTIVE), states[0])
     run = run_folder(job)
     if run is not None and (run / "record.json").is_file():
-        return "COMPLETED" if json.loads((run / "record.json").read_text()).get("status") == "ok" else "FAILED"
+        return "COMPLETED" if records.status(run) == "ok" else "FAILED"
     return ENDED_WITHOUT_RECORD
 
 
@@ -236,7 +237,7 @@ def open_result(job, quiet: bool = False) -> Result:
     meta_path = run / "run.json"
     stem = Path(json.loads(meta_path.read_text())["notebook"]).stem if meta_path.is_file() else run.name.split("-", 1)[1]
     record_path = run / "record.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = records.read(record_path).as_dict() if record_path.is_file() else {}
     result = Result(run, run / f"{stem}.ipynb", record)
     if not quiet:
         print(f"job {_job_id(job)}: {display_path(run)}")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
-from workshop import dist, metrics
+from workshop import dist, metrics, records
 
 
 class SweepError(ValueError):
@@ -158,7 +158,7 @@ def write_record(folder: Path, index: int, config: dict, t: Task, *, notebook: s
     sweep's id, the configuration and the task. A configuration already recorded "ok" is an error:
     two tasks were given the same configuration."""
     path = record_path(folder, index)
-    if path.exists() and json.loads(path.read_text()).get("status") == "ok":
+    if records.status(path.parent) == "ok":
         raise SweepError(f"configuration {index} of sweep {t.sweep_id} has a record already "
                          f"({metrics.display_path(path)}): two tasks were given the same configuration")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,31 +183,31 @@ def read_grid(folder: Path) -> list[dict]:
 def collect(folder: Path) -> tuple[list[dict], list[int]]:
     """(the records of the sweep's configurations, by index; the indices with no record yet)."""
     grid = read_grid(folder)
-    records, missing = [], []
+    found, missing = [], []
     for i in range(len(grid)):
         path = record_path(folder, i)
         if path.exists():
-            records.append(json.loads(path.read_text()))
+            found.append(records.read(path).as_dict())
         else:
             missing.append(i)
-    return records, missing
+    return found, missing
 
 
 def wait_for(folder: Path, timeout_s: float, poll_s: float = 2.0) -> tuple[list[dict], list[int]]:
     """`collect`, once every configuration has a record or `timeout_s` has passed."""
     deadline = time.monotonic() + timeout_s
     while True:
-        records, missing = collect(folder)
+        found, missing = collect(folder)
         if not missing or time.monotonic() >= deadline:
-            return records, missing
+            return found, missing
         time.sleep(poll_s)
 
 
-def usage(records: list[dict]) -> dict:
+def usage(found: list[dict]) -> dict:
     """What the sweep cost and how long it took, from its records: device-hours (the sum over
     configurations of wall time x devices), the sweep's wall time (first start to last end), and
     the wall time of the same configurations run one after another on one device."""
-    serial = sum(r["results"]["wall_time_s"] for r in records)
-    device_s = sum(r["results"]["wall_time_s"] * r["results"]["devices"] for r in records)
-    wall = max(r["results"]["end"] for r in records) - min(r["results"]["start"] for r in records) if records else 0.0
-    return {"configurations": len(records), "device_hours": device_s / 3600, "sweep_wall_s": wall, "serial_wall_s": serial}
+    serial = sum(r["results"]["wall_time_s"] for r in found)
+    device_s = sum(r["results"]["wall_time_s"] * r["results"]["devices"] for r in found)
+    wall = max(r["results"]["end"] for r in found) - min(r["results"]["start"] for r in found) if found else 0.0
+    return {"configurations": len(found), "device_hours": device_s / 3600, "sweep_wall_s": wall, "serial_wall_s": serial}
