@@ -1,5 +1,6 @@
 """pytest set-up shared by tests/ and the nbval run over notebooks/: runs go to a temporary
-folder (removed at the end), never into the repository's runs/."""
+folder (removed at the end), never into the repository's runs/. `make test` runs the suite on two
+pytest-xdist workers, which inherit the controller's folder."""
 
 import os
 import shutil

@@ -1,8 +1,10 @@
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,7 +73,7 @@ def slurm_answers() -> bool:
 
 
 @pytest.fixture(scope="session")
-def slurm():
+def slurm_cluster():
     """A SLURM cluster that answers, else skip, or fail when WORKSHOP_REQUIRE_SLURM=1 (CI)."""
     if slurm_answers():
         return True
@@ -79,6 +81,15 @@ def slurm():
     if os.environ.get("WORKSHOP_REQUIRE_SLURM") == "1":
         pytest.fail(msg + ", and WORKSHOP_REQUIRE_SLURM=1")
     pytest.skip(msg)
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """The local cluster to this test alone: a SLURM test of another pytest worker waits here until this one
+    ends. Each expects both nodes free (block placement, 2 tasks on the first node of an uneven job)."""
+    with open(Path(tempfile.gettempdir()) / "workshop-tests-slurm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield True
 
 
 def checked_outputs(notebook: Path) -> dict:
