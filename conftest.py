@@ -15,6 +15,11 @@ def pytest_configure(config):
         _made = tempfile.mkdtemp(prefix="workshop-test-runs-")
         os.environ["WORKSHOP_RUNS"] = _made
     os.environ.setdefault("MPLBACKEND", "Agg")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One thread per process while two workers share the cores: the kernels, ranks and jobs a test starts
+        # inherit it. With torch's default (a thread per core in every process) the workers' processes spin
+        # against each other; nbval of notebook 03 took 175 s beside the other worker, 35 s alone.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_unconfigure(config):
