@@ -13,8 +13,8 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 run: setup  ## execute every notebook (CPU, synthetic data, local ranks), then the scaling report (09); prints where it is
 	$(BIN)/python -m workshop.runner series
 
-# Two pytest workers: most tests wait on processes of their own (ranks, SLURM jobs, JupyterLab) for much of
-# their time, so two keep both cores of a small machine busy. `--dist loadfile` keeps a file's tests on one
+# Two pytest workers, each of whose processes runs one thread (conftest.py): one worker alone leaves a core idle
+# while its tests wait on ranks, SLURM jobs and JupyterLab. `--dist loadfile` keeps a file's tests on one
 # worker, so a notebook's cells run in order in one kernel (nbval); --dist loadgroup would not, with pytest 9.2
 # it silently stops grouping (pytest-dev/pytest-xdist#1386). The SLURM tests take the local cluster one at a
 # time (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
