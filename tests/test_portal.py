@@ -148,6 +148,15 @@ def test_status_from_squeue_then_sacct_then_the_record(runs, tmp_path, monkeypat
         slurm.status("job41")
 
 
+def test_an_array_is_running_while_a_task_runs_and_failed_when_one_task_failed(tmp_path, monkeypatch):
+    fake_commands(tmp_path, monkeypatch, squeue="printf 'COMPLETED\\nRUNNING\\n'")
+    assert slurm.status("41") == "RUNNING"
+    fake_commands(tmp_path, monkeypatch, squeue="printf 'COMPLETED\\nFAILED\\nCOMPLETED\\n'")
+    assert slurm.status("41") == "FAILED"
+    fake_commands(tmp_path, monkeypatch, squeue="printf 'COMPLETED\\nCOMPLETED\\n'")
+    assert slurm.status("41") == "COMPLETED"
+
+
 def test_wait_gives_up_after_its_timeout(tmp_path, monkeypatch):
     fake_commands(tmp_path, monkeypatch, squeue="echo PENDING")
     with pytest.raises(TimeoutError, match="job 7 is still PENDING after 0 s: wait again, or cancel it with scancel 7"):

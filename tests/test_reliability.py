@@ -117,9 +117,10 @@ def stopped_at(run: Path, lightning: bool) -> int:
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("lightning", [False, True], ids=["plain-loop", "lightning"])
-def test_an_interrupted_run_resumes_in_its_folder_to_the_same_weights(tmp_path, monkeypatch, lightning,
-                                                                      reference_weights):
+def test_an_interrupted_run_resumes_in_its_folder_to_the_same_weights(tmp_path, monkeypatch, reference_weights):
+    """Resumed by hand (--resume), with Lightning's checkpoints; the plain loop's checkpoints resume in the SLURM
+    requeue test below, through the same launcher code."""
+    lightning = True
     resume_args = [*RESUME_ARGS, "-p", "lightning", str(lightning)]
     reference = reference_weights(lightning)
     runs = tmp_path / "runs"

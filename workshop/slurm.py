@@ -187,6 +187,12 @@ def run_folder(job) -> Path | None:
     return found[0] if found else None
 
 
+def _overall(states: list[str]) -> str:
+    """One state for a job whose tasks (an array's, one line each) are in `states`: the first that has not
+    ended, else the first that did not complete (one failed task fails the array), else COMPLETED."""
+    return next((s for s in states if s in ACTIVE), next((s for s in states if s != "COMPLETED"), states[0]))
+
+
 def status(job) -> str:
     """The job's state: squeue's while SLURM holds the job (it keeps ended ones a few minutes),
     else sacct's where the cluster keeps accounting, else from the run's record ("COMPLETED",
@@ -195,13 +201,13 @@ def status(job) -> str:
     _need("squeue")
     out = _run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"])
     states = out.stdout.split() if out.returncode == 0 else []
-    if states:  # an array job lists one line per task: the first that has not ended, else the first
-        return next((s for s in states if s in ACTIVE), states[0])
+    if states:
+        return _overall(states)
     if shutil.which("sacct"):  # "Slurm accounting storage is disabled" on clusters without it: then no answer
         out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
         states = [line.split()[0] for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
         if states:
-            return next((s for s in states if s in ACTIVE), states[0])
+            return _overall(states)
     run = run_folder(job)
     if run is not None and (run / "record.json").is_file():
         return "COMPLETED" if records.status(run) == "ok" else "FAILED"
