@@ -75,3 +75,53 @@ def test_train_and_measure_times_the_steps_and_reports_every_rank():
     assert steps == [1] and measured.seconds > 0 and measured.peak_bytes is None
     assert measured.per_rank == [memory.measure(model, optimizer).as_dict()]
     assert measured.per_rank[0]["params"] == measured.per_rank[0]["grads"] == 36 * 4  # 8 x 4 weights + 4 biases, fp32
+
+
+# --- activations -----------------------------------------------------------------------------------
+
+def layers_of(model):
+    return {f"layer{i}": block for i, block in enumerate(model.layers)}
+
+
+def saved_and_grads(model, tokens):
+    model.zero_grad()
+    with memory.saved_for_backward(model, layers_of(model)) as saved:
+        loss = models.lm_loss(model(tokens), tokens)
+    loss.backward()
+    return saved, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("seq_len, batch, dim, heads", [(64, 4, 128, 4), (37, 3, 96, 6)])
+def test_a_gpt_block_saves_what_its_formula_says(seq_len, batch, dim, heads):
+    torch.manual_seed(0)
+    model = models.TinyGPT(dim=dim, depth=2, heads=heads)
+    saved, _ = saved_and_grads(model, torch.randint(0, 256, (batch, seq_len)))
+    want = memory.gpt_layer_activation_bytes(seq_len, batch, dim, heads)
+    assert saved.by_module["layer0"] == saved.by_module["layer1"] == want  # exact: each storage counted once
+    assert saved.total == sum(saved.by_module.values())
+    # Korthikanti's 16-bit count is the same 16 values at 2 bytes, plus dropout masks and the attention matrix
+    assert memory.korthikanti_layer_bytes(seq_len, batch, dim, heads) == pytest.approx(
+        seq_len * batch * dim * (2 * 16 + 2) + 5 * heads * seq_len**2 * batch)
+
+
+def test_checkpointing_keeps_less_and_changes_no_gradient():
+    torch.manual_seed(0)
+    model = models.TinyGPT(dim=64, depth=4, heads=4)
+    tokens = torch.randint(0, 256, (2, 32))
+    every, reference = saved_and_grads(model, tokens)
+    block_input = 2 * 32 * 64 * 4  # what a fully checkpointed block keeps: its input, in fp32
+    kept = {}
+    for policy in ("full", "every_other", "selective"):
+        memory.checkpoint_blocks(model.layers, policy)
+        saved, grads = saved_and_grads(model, tokens)
+        kept[policy] = saved.by_module
+        for got, want in zip(grads, reference):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert all(kept["full"][name] == block_input for name in layers_of(model))
+    assert [kept["every_other"][f"layer{i}"] for i in range(4)] == [block_input, every.by_module["layer1"]] * 2
+    assert all(block_input < kept["selective"][name] < every.by_module[name] for name in layers_of(model))
+    memory.checkpoint_blocks(model.layers, "none")
+    assert saved_and_grads(model, tokens)[0].by_module == every.by_module
+    assert model.state_dict().keys() == models.TinyGPT(dim=64, depth=4, heads=4).state_dict().keys()
+    with pytest.raises(ValueError, match="unknown checkpointing policy 'some'; use one of"):
+        memory.checkpoint_blocks(model.layers, "some")

@@ -36,6 +36,13 @@ def leftover(run: Path) -> list[str]:
     return [line for line in out.stdout.splitlines() if "pgrep" not in line]
 
 
+def ended(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def final_weights(run: Path) -> dict:
     return torch.load(run / "final.pt", weights_only=True)["model"]
 
@@ -181,6 +188,9 @@ def test_a_run_killed_with_sigkill_is_reported_incomplete(runs):
     for p in tree:
         p.kill()
     proc.communicate(timeout=60)
+    deadline = time.monotonic() + 30  # a killed process takes a moment to end (and, orphaned, to be reaped)
+    while not all(map(ended, tree)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert leftover(run) == []
     (found,) = report.find_runs(runs)
     assert found.status == "incomplete" and "killed with SIGKILL" in found.reason

@@ -19,7 +19,7 @@ Activations are not counted: they depend on batch and sequence length, not on th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -218,3 +218,130 @@ def plot(rows: list[dict], ax=None):
     ax.set_title("memory per rank: measured (plain) and predicted (hatched)")
     ax.legend()
     return ax
+
+
+# --- activations: what autograd keeps for backward -----------------------------------------------
+
+
+@dataclass
+class Saved:
+    """Bytes of the tensors autograd saved for backward (parameters not counted: they are there anyway), each
+    storage once however many operations saved it or views of it: in all, and by the module that saved them
+    (the names given to `saved_for_backward`; "other" outside them)."""
+
+    total: int = 0
+    by_module: dict = field(default_factory=dict)
+
+
+class saved_for_backward:
+    """Count what a forward pass keeps for backward, on any device, from the saved tensors themselves
+    (torch.autograd.graph.saved_tensors_hooks):
+
+        with memory.saved_for_backward(model, {f"layer{i}": b for i, b in enumerate(model.layers)}) as saved:
+            loss = models.lm_loss(model(x), y)
+        saved.total, saved.by_module["layer0"]
+
+    Each storage counts once, for the module that saved it first (a block's input, saved by its first
+    LayerNorm, belongs to that block), at its whole size (a view keeps its whole storage alive). Activation
+    checkpointing's saved inputs count; a selective checkpoint's kept outputs count only when the checkpoint
+    respects outer hooks (`checkpoint_blocks` asks for that)."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module] | None = None):
+        self.model, self.modules = model, modules or {}
+        self.saved = Saved()
+        self._seen: set[int] = set()
+        self._where: list[str] = ["other"]
+        self._handles: list = []
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key and key not in self._params and key not in self._seen:
+            self._seen.add(key)
+            self.saved.total += storage.nbytes()
+            where = self._where[-1]
+            self.saved.by_module[where] = self.saved.by_module.get(where, 0) + storage.nbytes()
+        return t
+
+    def __enter__(self) -> Saved:
+        self._params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(lambda m, args, name=name: self._where.append(name)))
+            self._handles.append(module.register_forward_hook(lambda m, args, out: (self._where.pop(), None)[1]))
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self.saved
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+
+
+def gpt_layer_activation_bytes(seq_len: int, batch: int, dim: int, heads: int, mlp_ratio: int = 4,
+                               value_bytes: int = 4) -> int:
+    """Bytes one `models.GPTBlock` saves for backward, derived from its code (fp32, no dropout, attention by
+    `scaled_dot_product_attention`'s fused kernel), with s = seq_len, b = batch, h = dim, a = heads:
+
+        values of s*b*h each          first LayerNorm: its input 1, its output 1 (the input of wq, wk, wv)
+                                      attention: q, k, v 3, its output 1 (the input of wo, the same storage)
+                                      second LayerNorm: its input 1, its output 1 (the input of w1)
+                                      MLP: w1's output mlp_ratio (GELU's input), GELU's output mlp_ratio
+                                      (w2's input): 8 + 2 * mlp_ratio = 16 values in all
+        fp32 statistics               each LayerNorm's mean and 1/std, 2 * 2 * s * b; the attention's
+                                      log-sum-exp per head, a * s * b
+
+    Korthikanti et al. 2022 (`korthikanti_layer_bytes`) count s*b*h*(34 + 5*a*s/h) bytes in 16-bit: the same
+    16 values at 2 bytes (32), 2 dropout masks of 1 byte (2), and the a*s*s attention scores, softmax and
+    dropout (5*a*s*s*b) that a fused attention kernel never stores: it recomputes them in backward."""
+    values = (8 + 2 * mlp_ratio) * seq_len * batch * dim * value_bytes
+    statistics = (2 * 2 + heads) * seq_len * batch * 4
+    return values + statistics
+
+
+def korthikanti_layer_bytes(seq_len: int, batch: int, dim: int, heads: int) -> float:
+    """Activation bytes of one transformer layer in 16-bit with dropout and unfused attention, without
+    recomputation: s*b*h*(34 + 5*a*s/h) (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+    Transformer Models", section 4.1, equation 1)."""
+    return seq_len * batch * dim * (34 + 5 * heads * seq_len / dim)
+
+
+CHECKPOINT_POLICIES = ("none", "full", "every_other", "selective")
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    """Selective recomputation: keep the matmuls' and the attention's outputs, recompute everything else
+    (LayerNorms, GELU, additions), which is cheap in FLOPs but not in bytes."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    keep = op in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default) or \
+        "scaled_dot_product" in str(op)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_blocks(blocks, policy: str = "full") -> None:
+    """Activation checkpointing of each block in `blocks` (a model's list of layers), in place:
+
+        "full"         each block keeps only its input and recomputes its forward in backward
+        "every_other"  blocks 0, 2, 4, ... do, the others keep everything (half the saving, half the cost)
+        "selective"    each block keeps its matmuls' and attention's outputs and recomputes the rest
+        "none"         back to keeping everything
+
+    Non-reentrant `torch.utils.checkpoint` (the one PyTorch recommends); the blocks' parameters and state
+    dict are untouched, so FSDP2 and Lightning wrap them as before (checkpoint first, then shard)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    if policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"unknown checkpointing policy {policy!r}; use one of {CHECKPOINT_POLICIES}")
+    for i, block in enumerate(blocks):
+        block.__dict__.pop("forward", None)  # an earlier policy's: the class's own forward again
+        forward = block.forward
+        if policy == "none" or (policy == "every_other" and i % 2):
+            continue
+        options = {}
+        if policy == "selective":
+            options = dict(context_fn=functools.partial(create_selective_checkpoint_contexts, _selective_policy),
+                           respect_saved_tensors_hooks=True)
+        block.forward = functools.partial(checkpoint, forward, use_reentrant=False, **options)
