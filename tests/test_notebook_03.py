@@ -2,8 +2,10 @@
 processes, as a job array and as a 2-task job on the local SLURM cluster; tasks that do not fit the grid."""
 
 import json
+import os
 
 import pytest
+import torch
 from test_slurm import sbatch
 
 from conftest import REPO, assert_checks_as_committed, run_notebook
@@ -77,6 +79,19 @@ def test_records_once_per_configuration_and_usage(runs):
     assert records[0]["dist"]["world_size"] == 1  # each configuration is a world of one
     cost = sweep.usage(records)
     assert cost["device_hours"] == pytest.approx(35 / 3600) and cost["sweep_wall_s"] == 30 and cost["serial_wall_s"] == 35
+    cpus = len(os.sched_getaffinity(0))
+    assert records[0]["task"]["cpus"] == cpus and records[0]["task"]["threads"] == torch.get_num_threads()
+
+    def shared(threads, cpus=cpus):  # the two overlap in time on this machine
+        return {"host": os.uname().nodename, "tasks": 2, "threads": 2 * threads, "cpus": cpus} if 2 * threads > cpus else None
+
+    assert cost["shared_cpus"] == shared(torch.get_num_threads())
+    for threads in (1, cpus, 64):
+        for r in records:
+            r["task"]["threads"] = threads
+        assert sweep.usage(records)["shared_cpus"] == shared(threads)
+    records[1]["results"].update(start=110.0, end=135.0)  # one after the other: nothing shared
+    assert sweep.usage(records)["shared_cpus"] is None
     with pytest.raises(sweep.SweepError, match="another grid"):
         sweep.start(folder, [{"lr": 0.5}], "t1")
 

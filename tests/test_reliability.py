@@ -75,7 +75,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.mark.multirank
 @pytest.mark.parametrize("how", ["raise", "kill", "exit", "hang"])
 def test_a_failing_rank_ends_every_process_in_bounded_time(runs, monkeypatch, how):
-    monkeypatch.setenv("WORKSHOP_DIST_TIMEOUT", "20")  # how long rank 0 waits for a rank that hangs
+    monkeypatch.setenv("WORKSHOP_DIST_TIMEOUT", "12")  # how long rank 0 waits for a rank that hangs
     out = run_notebook("--nproc", 2, FAIL, "-p", "fail_rank", "1", "-p", "how", how, timeout=400)
     ended = time.time()
     run = only_run(runs)

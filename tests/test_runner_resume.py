@@ -56,6 +56,20 @@ def test_only_launcher_and_workshop_variables_and_no_secrets():
     assert runner.safe_environment(env) == {"MASTER_ADDR": "n1", "RANK": "0", "SLURM_JOB_ID": "7", "WORKSHOP_RUNS": "r"}
 
 
+@pytest.mark.parametrize("env, threads", [
+    ({}, None),  # not a SLURM job: torch's default (torchrun sets its own)
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "8", "OMP_NUM_THREADS": "3"}, None),  # the user's choice stands
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "4"}, "4"),  # --cpus-per-task
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "1"}, "1"),  # the batch step: an array task on one CPU
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "2", "SLURM_STEP_ID": "0", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+      "SLURM_NODEID": "1"}, "1"),  # srun, 2 tasks on each node's 2 CPUs (the local cluster)
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "64", "SLURM_STEP_ID": "0", "SLURM_STEP_TASKS_PER_NODE": "4(x2),2",
+      "SLURM_NODEID": "2"}, "32"),  # the third node runs 2 of the step's tasks
+])
+def test_a_slurm_task_runs_its_share_of_the_cpus_as_threads(env, threads):
+    assert runner.slurm_threads(env) == threads
+
+
 def test_terminate_tree_reaches_a_grandchild_in_its_own_session():
     # like papermill's kernel: started in a session of its own, out of reach of a process-group signal
     parent = subprocess.Popen(["bash", "-c", "setsid sleep 300 & wait"])

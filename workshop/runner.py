@@ -400,7 +400,34 @@ def _rank_environment(run: Path, rank: int) -> tuple[dict, Path]:
     env.pop("JPY_SESSION_NAME", None)
     env.setdefault("WORKSHOP_PROGRESS", "log")
     env.setdefault("WORKSHOP_LOG_EVERY", str(DEFAULT_LOG_EVERY))
+    threads = slurm_threads(env)
+    if threads:
+        env["OMP_NUM_THREADS"] = threads
     return env, tmp
+
+
+def slurm_threads(environ) -> str | None:
+    """OMP_NUM_THREADS for a SLURM task that has none: its --cpus-per-task, else its share of the
+    CPUs the job holds on this node. torch starts one intra-op thread per core of the machine in
+    every process, so tasks sharing a node would otherwise run several times its cores' threads
+    and spin against each other (measured: 4 tasks of notebook 03 on the local cluster's 2 cores,
+    each 20 times slower than alone). torchrun sets OMP_NUM_THREADS=1 for 2 or more ranks itself."""
+    if environ.get("OMP_NUM_THREADS") or not environ.get("SLURM_JOB_ID"):
+        return None
+    if environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return environ["SLURM_CPUS_PER_TASK"]
+    cpus = environ.get("SLURM_CPUS_ON_NODE", "")
+    if not cpus.isdigit():
+        return None
+    tasks = 1  # the batch step (a one-task job, an array task) runs one task on its node
+    if environ.get("SLURM_STEP_ID", "").isdigit():  # an srun step: "2(x2),1" tasks on its nodes
+        per_node = []
+        for part in environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split(","):
+            count, _, repeat = part.partition("(x")
+            per_node += [int(count)] * int(repeat.rstrip(")") or 1)
+        node = int(environ.get("SLURM_NODEID", 0))
+        tasks = per_node[node] if node < len(per_node) else per_node[0]
+    return str(max(1, int(cpus) // tasks))
 
 
 def run_rank(run: Path) -> int:

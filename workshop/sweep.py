@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
+import torch
+
 from workshop import dist, metrics, records
 
 
@@ -164,7 +166,10 @@ def write_record(folder: Path, index: int, config: dict, t: Task, *, notebook: s
     path.parent.mkdir(parents=True, exist_ok=True)
     task_info = {"index": index, "count": t.count, "launcher": t.launcher,
                  "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
-                 "node": os.environ.get("SLURMD_NODENAME") or os.uname().nodename}  # n1, n2 on the local cluster
+                 "node": os.environ.get("SLURMD_NODENAME") or os.uname().nodename,  # n1, n2 on the local cluster
+                 # the machine itself (both local nodes are one), its CPUs this task may use, and its threads:
+                 # `usage` tells from them whether tasks that ran at once shared cores
+                 "host": os.uname().nodename, "cpus": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
     written = metrics.write_record(path.parent, notebook=notebook, params=params, results=results, env=task_env(env),
                                    sweep=t.sweep_id, config_index=index, config=config, task=task_info, **extra)
     assert written == path
@@ -210,4 +215,23 @@ def usage(found: list[dict]) -> dict:
     serial = sum(r["results"]["wall_time_s"] for r in found)
     device_s = sum(r["results"]["wall_time_s"] * r["results"]["devices"] for r in found)
     wall = max(r["results"]["end"] for r in found) - min(r["results"]["start"] for r in found) if found else 0.0
-    return {"configurations": len(found), "device_hours": device_s / 3600, "sweep_wall_s": wall, "serial_wall_s": serial}
+    return {"configurations": len(found), "device_hours": device_s / 3600, "sweep_wall_s": wall, "serial_wall_s": serial,
+            "shared_cpus": shared_cpus(found)}
+
+
+def shared_cpus(found: list[dict]) -> dict | None:
+    """Whether CPU tasks that ran at the same time on one machine wanted more threads than it has
+    CPUs: then each ran slower than it would alone, and the sum of their times overstates a run
+    one after another. {"host", "tasks" (the most at once), "threads" (theirs together), "cpus"},
+    or None (GPU tasks, one task at a time, or enough cores)."""
+    worst = None
+    for r in found:
+        t, res = r.get("task") or {}, r["results"]
+        if "cpus" not in t or r.get("dist", {}).get("device", "cpu") != "cpu":
+            continue
+        at_once = [o for o in found if (o.get("task") or {}).get("host") == t["host"]
+                   and o["results"]["start"] < res["end"] and res["start"] < o["results"]["end"]]
+        threads = sum((o["task"].get("threads") or 1) for o in at_once)
+        if len(at_once) > 1 and threads > t["cpus"] and (worst is None or threads > worst["threads"]):
+            worst = {"host": t["host"], "tasks": len(at_once), "threads": threads, "cpus": t["cpus"]}
+    return worst
