@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: run test setup lab kernel notebooks lint slurm-up slurm-down slurm-status
 
-run: setup  ## execute every notebook (CPU, synthetic data, local ranks), then the scaling report (09); prints where it is
+run: setup  ## execute every notebook (CPU, synthetic data, local ranks), then the scaling report (12); prints where it is
 	$(BIN)/python -m workshop.runner series
 
 # Two pytest workers, each of whose processes runs one thread (conftest.py): one worker alone leaves a core idle

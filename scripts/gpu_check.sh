@@ -8,7 +8,7 @@
 # Steps, each timed, each with its log:
 #   1. the gpu-marked tests (pytest -m gpu): the device a rank gets, a timed step, CUDA peak memory;
 #   2. python -m workshop.bench single --model resnet18 --batch-size 512 (notebook 02's variants);
-#   3. notebooks 01, 02, 05, 06, 07 and 08 as one process, with their GPU parameters
+#   3. notebooks 01, 02, 05, 06, 08 and 10 as one process, with their GPU parameters
 #      (notebooks/params/) at fewer steps: CUDA timing and peak memory, bf16 autocast, channels-last,
 #      pinned memory, torch.compile of a training step and of decoding with CUDA graphs
 #      (reduce-overhead), FSDP2 with bf16 compute, DDP and tensor parallelism on a CUDA device.
@@ -18,8 +18,8 @@
 #
 # Unreachable on one GPU (they need two or more): NCCL between ranks (dist picking cuda:<local
 # rank> with several GPUs on a node, checkpoint's broadcast over NCCL, the collectives of 05, 06
-# and 07 across GPUs, `python -m workshop.bench collectives` and `bench strategies` on NCCL), and
-# the split of 07's mesh over nodes. Run those with the sbatch lines in each notebook's header.
+# and 08 across GPUs, `python -m workshop.bench collectives` and `bench strategies` on NCCL), and
+# the split of 08's mesh over nodes. Run those with the sbatch lines in each notebook's header.
 #SBATCH --job-name=gpu-check
 #SBATCH --time=00:15:00
 #SBATCH --output=runs/slurm-%j.out
@@ -81,9 +81,9 @@ step 02_performance nb 02_single_device_performance 02_single_device_performance
 step 05_ddp "$PYTHON" -m workshop.runner notebooks/05_ddp.ipynb -p steps 2 -p split_steps 2 \
     ${gpu:+-p micro_batch_size 64 -p split_batch_size 128}
 step 06_sharding nb 06_sharding 06_sharding.yaml -p steps 3 -- -p size cpu -p seq_len 32 -p micro_batch_size 4
-step 07_tensor_parallel nb 07_tensor_parallelism 07_tensor_parallelism.yaml -p steps 2 \
+step 08_tensor_parallel nb 08_tensor_parallelism 08_tensor_parallelism.yaml -p steps 2 \
     -- -p model_size cpu -p seq_len 32 -p micro_batch_size 4
-step 08_inference nb 08_inference 08_inference.yaml -p train_steps 60 -p max_new_tokens 48 -p timing_repeats 2 \
+step 10_inference nb 10_inference 10_inference.yaml -p train_steps 60 -p max_new_tokens 48 -p timing_repeats 2 \
     -- -p model_size cpu -p seq_len 64 -p batch_size 16 -p train_steps 20 -p max_new_tokens 16 -p compile_decoding False
 
 "$PYTHON" - "$runs" "${gpu:-}" "${steps[@]}" <<'EOF'

@@ -30,7 +30,7 @@ FAIL = "tests/notebooks/fail_on_rank.ipynb"
 RESUME = "tests/notebooks/resume_training.ipynb"
 NB01 = "notebooks/01_baseline.ipynb"
 NB03 = "notebooks/03_task_parallelism.ipynb"
-NB07 = "notebooks/07_tensor_parallelism.ipynb"
+NB08 = "notebooks/08_tensor_parallelism.ipynb"
 TINY03 = ["-p", "lrs", "0.1,0.3", "-p", "steps", "2", "-p", "num_train", "64", "-p", "num_test", "32",
           "-p", "dataset", "synthetic"]
 
@@ -210,7 +210,7 @@ CASES = [
          "ValueError: tensor-parallel size 3 does not divide the 4 attention heads (heads 4, dim 128, hidden 512, "
          "vocab_size 256); choose tp_size from [1, 2, 4]",
          python='from workshop import models, tp; tp.check_tp_size(models.tinygpt("cpu"), 3)'),
-    Case("a mesh whose product is not the world size", ["--nproc", "1", NB07, "-p", "tp_size", "1", "-p", "dp_size", "2"],
+    Case("a mesh whose product is not the world size", ["--nproc", "1", NB08, "-p", "tp_size", "1", "-p", "dp_size", "2"],
          1, "(ValueError: mesh dp_size 2 x tp_size 1 = 2 ranks, but the world has 1; choose (dp_size, tp_size) from "
          "[(1, 1)])"),
     Case("the FSDP strategy on CPU", [], 1,
@@ -255,11 +255,11 @@ CASES = [
     Case("a model size that does not exist", ["notebooks/06_sharding.ipynb", "-p", "size", "huge"], 2,
          "error: parameter size = 'huge' must be one of cpu, small, gpu (the rules are in 06_sharding.ipynb's "
          "parameters cell)"),
-    Case("a compile mode that does not exist", ["notebooks/08_inference.ipynb", "-p", "compile_mode", "max"], 2,
+    Case("a compile mode that does not exist", ["notebooks/10_inference.ipynb", "-p", "compile_mode", "max"], 2,
          "error: parameter compile_mode = 'max' must be one of default, reduce-overhead, max-autotune (the rules are in "
-         "08_inference.ipynb's parameters cell)"),
-    Case("a sampling temperature of 0", ["notebooks/08_inference.ipynb", "-p", "temperature", "0"], 2,
-         "error: parameter temperature = 0 must be above 0 (the rules are in 08_inference.ipynb's parameters cell)"),
+         "10_inference.ipynb's parameters cell)"),
+    Case("a sampling temperature of 0", ["notebooks/10_inference.ipynb", "-p", "temperature", "0"], 2,
+         "error: parameter temperature = 0 must be above 0 (the rules are in 10_inference.ipynb's parameters cell)"),
     Case("more local ranks than the machine can run", ["--nproc", "999", FAIL], 2,
          "error: --nproc 999: too many local ranks for this machine"),
     Case("a rank timeout that is not a number", [FAIL], 2,

@@ -1,6 +1,6 @@
-"""notebooks/08_inference.ipynb on 2 local ranks: tensor-parallel generation gives the single-device tokens, and the
-checkpoint that rank 0 trained is read back by both. Compiled decoding is left to nbval (one process): compiling
-on two ranks at once would double the test's time."""
+"""notebooks/08_tensor_parallelism.ipynb on 2 local ranks (tp 2), its checked cells against the committed notebook
+(a 2 x 2 SLURM run: dp 2 across the nodes, tp 2 within). nbval runs it as one process; a tp_size that does not fit is
+refused (test_bad_input, test_tp)."""
 
 import json
 
@@ -8,9 +8,29 @@ import pytest
 
 from conftest import assert_checks_as_committed, run_notebook
 
-NB08 = "notebooks/08_inference.ipynb"
-SMALL = ["-p", "train_steps", "10", "-p", "timing_repeats", "1", "-p", "compile_decoding", "False"]
-CHECKS_OF_COMPILED = "cba5fa09"  # its lines name compiled decoding, which SMALL leaves out
+NB08 = "notebooks/08_tensor_parallelism.ipynb"
+SMALL = ["-p", "steps", "2", "-p", "seq_len", "16"]
+CHECK = ["MLP split by hand matches", "Megatron block matches", "DTensor plan matches", "sequence-parallel plan matches",
+         "TP training matches", "2D training matches", "Lightning 2D matches"]
+
+
+def assert_all_match(notebook):
+    cells = json.loads(notebook.read_text())["cells"]
+    cell = next(c for c in cells if c["cell_type"] == "code" and "".join(c["source"]).startswith("# NBVAL_CHECK_OUTPUT")
+                and "single-process" in "".join(c["source"]))
+    lines = "".join("".join(o.get("text", "")) for o in cell["outputs"]).splitlines()
+    for what in CHECK:
+        assert any(line.startswith(what) and line.endswith("True") for line in lines), (what, lines)
+
+
+def assert_record(run, world_size, dp_size, tp_size):
+    record = json.loads((run / "record.json").read_text())
+    assert record["status"] == "ok" and record["dist"]["world_size"] == world_size
+    assert (record["params"]["dp_size"], record["params"]["tp_size"]) == (dp_size, tp_size)
+    results = record["results"]
+    assert all(results["matches_dense"].values()) and all(results["matches_single_process"].values())
+    assert results["block_allreduces"] == {"forward": 2, "backward": 2}
+    assert results["collectives_layer0"]["plan"] == {"forward": {"all_reduce": 2}, "backward": {"all_reduce": 2}}
 
 
 @pytest.mark.multirank
@@ -18,21 +38,25 @@ def test_08_on_two_local_ranks(runs):
     out = run_notebook("--nproc", 2, NB08, *SMALL)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
-    assert (run / "tinygpt.pt").is_file()
-    text = (run / "08_inference.ipynb").read_text()
-    assert "tensor-parallel greedy gives the single-device tokens: True" in text
-    assert "FLOPs of a cached step (2N + 4 L t d) match what a step counts:    True" in text
-    assert "bytes of the cache (2 L t d bytes batch) match what a step counts: True" in text
-    # the committed notebook ran on 2 nodes x 2 ranks, with compiled decoding
-    assert_checks_as_committed(run / "08_inference.ipynb", NB08, skip=(CHECKS_OF_COMPILED,))
+    text = (run / "08_tensor_parallelism.ipynb").read_text()
+    assert "2 rank(s) on 1 node(s), 2 per node" in text and "mesh dp 1 x tp 2" in text
+    assert "rank 0 holds 65,536 of the MLP's 131,072 weights (1/2)" in text
+    assert_all_match(run / "08_tensor_parallelism.ipynb")
+    assert_checks_as_committed(run / "08_tensor_parallelism.ipynb", NB08)  # the committed notebook ran on 2 nodes x 2 ranks
+    assert_record(run, 2, 1, 2)
+
+
+@pytest.mark.multirank
+def test_08_on_three_ranks_splits_what_it_can_and_says_what_it_skips(runs):
+    """3 ranks and 4 attention heads: tensor parallelism runs over 1 rank inside the 3-way data parallelism, TP alone
+    over all 3 ranks steps aside in one line, every other version runs, and the run succeeds."""
+    out = run_notebook("--nproc", 3, NB08, *SMALL)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    text = (run / "08_tensor_parallelism.ipynb").read_text()
+    assert ("tensor parallelism over 1 rank(s), not the 3 of a node: tensor-parallel size 3 does not divide the 4 "
+            "attention heads") in text
+    assert "TP alone over all 3 ranks skipped: tensor-parallel size 3 does not divide the 4 attention heads" in text
     record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["dist"]["world_size"] == 2
-    same = record["results"]["same_tokens"]
-    assert same == {"no_cache": True, "static": True, "compiled": None, "tp": True}
-    assert record["results"]["tp"]["ranks"] == 2 and record["results"]["kv_cache"]["new_tokens"] == 40
-
-
-def test_08_refuses_a_missing_prompts_file(runs, tmp_path):
-    out = run_notebook(NB08, "-p", "prompts_file", str(tmp_path / "none.txt"), "-p", "train_steps", "1")
-    assert out.returncode != 0
-    assert "no prompts file at" in out.stdout + out.stderr
+    assert record["status"] == "ok" and (record["params"]["dp_size"], record["params"]["tp_size"]) == (3, 1)
+    assert record["results"]["matches_single_process"] == {"2d": True, "lightning_2d": True}

@@ -15,7 +15,7 @@ Names:
   or a path given with `root=`), resized to `image_size`.
 - `auto`: `cifar10` where it is staged, else `synthetic`; it says which it took.
 
-Token data for the language model (TinyGPT, notebooks 06 to 08), bytes as tokens (vocabulary 256):
+Token data for the language model (TinyGPT, notebooks 06 to 10), bytes as tokens (vocabulary 256):
 
     train, test, info = data.get_text_dataset("synthetic", seq_len=128)
     data.decode(data.encode("hello"))                     # 'hello'

@@ -1,5 +1,5 @@
 """Generation: decoding at fixed shapes (eager or compiled with torch.compile, CUDA graphs through
-mode="reduce-overhead"), the prompts file that users extend, and whether two decodings agree. Notebook 08
+mode="reduce-overhead"), the prompts file that users extend, and whether two decodings agree. Notebook 10
 uses it, and times it with `metrics.timed` (tokens/s, latency per token); tensor-parallel generation is
 `models.generate` on a model split by `tp.apply_tp` (every rank runs the same loop and gets the same tokens).
 

@@ -53,7 +53,7 @@ class LitClassifier(L.LightningModule):
 
 class LitLanguageModel(L.LightningModule):
     """A language model (TinyGPT) as a LightningModule, trained on next-token loss with AdamW, or
-    with SGD and momentum 0.9 (`optimizer="sgd"`: the exact comparisons of notebook 07, where Adam
+    with SGD and momentum 0.9 (`optimizer="sgd"`: the exact comparisons of notebook 08, where Adam
     would magnify rounding in near-zero gradients).
 
     With `ModelParallelStrategy` Lightning builds a device mesh and calls `configure_model`, where

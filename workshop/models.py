@@ -4,7 +4,7 @@ vision transformer.
     model = models.get_model("small_cnn", num_classes=10)
     model = models.get_model("small_cnn", norm="group")   # per-sample normalisation, see SmallCNN
     model = models.get_model("vit_tiny")
-    gpt = models.get_model("tinygpt", size="cpu")           # the language model of notebooks 06 to 08
+    gpt = models.get_model("tinygpt", size="cpu")           # the language model of notebooks 06 to 10
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ TINYGPT_SIZES = {
 
 class TinyGPT(nn.Module):
     """A small decoder-only transformer (GPT-2 shaped, pre-norm, learned positions, no biases in
-    the linear layers) over a byte vocabulary, for notebooks 06 to 08.
+    the linear layers) over a byte vocabulary, for notebooks 06 to 10.
 
     `forward(tokens)` maps (B, T) token ids to (B, T, vocab) logits. With a `KVCache` it takes
     only the new tokens and attends to the cached ones as well (see `generate`); a `StaticKVCache`

@@ -637,7 +637,7 @@ def _before(measured: list[dict], row: dict) -> dict:
 
 def write_record(run, params: dict, rows: list[dict], flops_per_step: int, traces=(), env: DistEnv | None = None):
     """Write the run's record.json (rank 0; others get None): the parameters, every row, the fastest variant, the
-    FLOPs of a step, the trace files, and the measured rows in the keys workshop.report reads (notebook 09)."""
+    FLOPs of a step, the trace files, and the measured rows in the keys workshop.report reads (notebook 12)."""
     best = best_variant(rows)
     results = {"rows": rows, "best": best["variant"] if best else None, "flops_per_step": flops_per_step,
                "traces": sorted(traces), "measurements": report_measurements(rows)}

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from workshop.runner import REPORT_NOTEBOOK
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "run_notebook.sh"
 RANKS = 4  # a multi-rank notebook's committed world: 2 nodes x 2 ranks
@@ -135,7 +137,7 @@ def regenerate(notebooks: list[Path], local: bool = False) -> int:
         print(f"no SLURM cluster answers{' (--local)' if local else ''}: multi-rank notebooks run as {RANKS} local ranks "
               "(torchrun), and their first output says so; `make slurm-up` for 2 nodes x 2 ranks", flush=True)
     # a runs folder inside the repository (the nodes of a cluster share it, not every /tmp), of a fixed name so the
-    # report (09) prints the same folder every time. It keeps the latest run of each notebook: regenerating some
+    # report (12) prints the same folder every time. It keeps the latest run of each notebook: regenerating some
     # notebooks replaces their runs only, and the report, run last, reads the latest run of every notebook.
     runs = REPO / "runs" / "make-notebooks"
     runs.mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,7 @@ def regenerate(notebooks: list[Path], local: bool = False) -> int:
         for old in [*runs.glob(f"*-{nb.stem}"), *(runs.glob("sweep-*") if nb.stem.startswith("03_") else [])]:
             shutil.rmtree(old)
     failed = []
-    notebooks = sorted(notebooks, key=lambda nb: nb.stem.startswith("09_"))  # the report after the runs it reads
+    notebooks = sorted(notebooks, key=lambda nb: nb.stem == REPORT_NOTEBOOK)  # the report after the runs it reads
     for nb in notebooks:
         ranks = RANKS if declared_ranks(nb) > 1 else 1
         how = f"{ranks} ranks" + (f" on {NODES} SLURM nodes" if ranks > 1 and use_slurm else " locally" if ranks > 1 else "")

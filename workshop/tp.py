@@ -2,7 +2,7 @@
 (Megatron-LM, Shoeybi et al. 2019, "Training Multi-Billion Parameter Language Models Using Model
 Parallelism", section 3), first from scratch, then with DTensor, then combined with FSDP (2D).
 
-From scratch, on any process group (notebook 07 writes the same in cells first):
+From scratch, on any process group (notebook 08 writes the same in cells first):
 
     y = copy_to_tp(x, group)        # the paper's f: identity forward, all-reduce backward
     y = reduce_from_tp(x, group)    # the paper's g: all-reduce forward, identity backward

@@ -1,0 +1,38 @@
+"""notebooks/10_inference.ipynb on 2 local ranks: tensor-parallel generation gives the single-device tokens, and the
+checkpoint that rank 0 trained is read back by both. Compiled decoding is left to nbval (one process): compiling
+on two ranks at once would double the test's time."""
+
+import json
+
+import pytest
+
+from conftest import assert_checks_as_committed, run_notebook
+
+NB10 = "notebooks/10_inference.ipynb"
+SMALL = ["-p", "train_steps", "10", "-p", "timing_repeats", "1", "-p", "compile_decoding", "False"]
+CHECKS_OF_COMPILED = "cba5fa09"  # its lines name compiled decoding, which SMALL leaves out
+
+
+@pytest.mark.multirank
+def test_10_on_two_local_ranks(runs):
+    out = run_notebook("--nproc", 2, NB10, *SMALL)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    assert (run / "tinygpt.pt").is_file()
+    text = (run / "10_inference.ipynb").read_text()
+    assert "tensor-parallel greedy gives the single-device tokens: True" in text
+    assert "FLOPs of a cached step (2N + 4 L t d) match what a step counts:    True" in text
+    assert "bytes of the cache (2 L t d bytes batch) match what a step counts: True" in text
+    # the committed notebook ran on 2 nodes x 2 ranks, with compiled decoding
+    assert_checks_as_committed(run / "10_inference.ipynb", NB10, skip=(CHECKS_OF_COMPILED,))
+    record = json.loads((run / "record.json").read_text())
+    assert record["status"] == "ok" and record["dist"]["world_size"] == 2
+    same = record["results"]["same_tokens"]
+    assert same == {"no_cache": True, "static": True, "compiled": None, "tp": True}
+    assert record["results"]["tp"]["ranks"] == 2 and record["results"]["kv_cache"]["new_tokens"] == 40
+
+
+def test_10_refuses_a_missing_prompts_file(runs, tmp_path):
+    out = run_notebook(NB10, "-p", "prompts_file", str(tmp_path / "none.txt"), "-p", "train_steps", "1")
+    assert out.returncode != 0
+    assert "no prompts file at" in out.stdout + out.stderr
