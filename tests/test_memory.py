@@ -125,3 +125,58 @@ def test_checkpointing_keeps_less_and_changes_no_gradient():
     assert model.state_dict().keys() == models.TinyGPT(dim=64, depth=4, heads=4).state_dict().keys()
     with pytest.raises(ValueError, match="unknown checkpointing policy 'some'; use one of"):
         memory.checkpoint_blocks(model.layers, "some")
+
+
+# --- the planner ---------------------------------------------------------------------------------
+
+def test_the_planner_reproduces_korthikanti_et_al_selective_recomputation():
+    # section 5: for GPT-3 (a 96, s 2048, h 12288) 5as/h = 80, and selective recomputation keeps 34 of the
+    # 34 + 80 bytes per s b h: 70% less; MT-NLG 530B (a 128, h 20480): 5as/h = 64, 65% less
+    for name, saved in (("gpt3-175b", 0.70), ("mt-nlg-530b", 0.65)):
+        m = memory.MODELS[name]
+        none, selective = (memory.transformer_activation_bytes(2048, 1, m.dim, m.heads, m.layers, ck)
+                           for ck in ("none", "selective"))
+        assert 1 - selective / none == pytest.approx(saved, abs=0.005)
+    g = memory.MODELS["gpt3-175b"]
+    assert memory.transformer_activation_bytes(2048, 1, g.dim, g.heads, 1) == 2048 * 12288 * (34 + 80)
+    # tensor and sequence parallelism split all of it over t; full checkpointing keeps 2 s b h per layer
+    # and one layer's worth while it is recomputed
+    t8 = memory.transformer_activation_bytes(2048, 1, g.dim, g.heads, g.layers, "none", tp=8)
+    assert t8 == pytest.approx(memory.transformer_activation_bytes(2048, 1, g.dim, g.heads, g.layers) / 8)
+    full = memory.transformer_activation_bytes(2048, 1, g.dim, g.heads, g.layers, "full")
+    assert full == 96 * 2 * 2048 * 12288 + 2048 * 12288 * 114
+    assert memory.transformer_activation_bytes(2048, 1, g.dim, g.heads, 1, attention="fused") == 2048 * 12288 * 34
+
+
+def test_the_planner_breaks_the_memory_down_and_says_what_fits():
+    # the ZeRO paper's 7.5B on 64 GPUs with mixed-precision Adam, stage 1: 31.4 GB of states (as `predict`)
+    p = memory.plan(7.5e9, strategy="zero1", world_size=64, states="mixed_adam")
+    assert (p.parts["params"] + p.parts["grads"] + p.parts["optimizer"]) / 1e9 == pytest.approx(31.4, abs=0.05)
+    seventy = dict(model="llama2-70b", gpu="h100", strategy="fsdp", world_size=64, seq_len=4096)
+    plain, full = memory.plan(**seventy), memory.plan(**seventy, checkpointing="full")
+    assert not plain.fits and full.fits and full.total < full.capacity == 0.9 * 80e9
+    assert plain.parts["params"] == 69e9 * 4 / 64 and plain.parts["unsharded"] == pytest.approx(8 * 69e9 / 81)
+    offloaded = memory.plan(**seventy, checkpointing="full", offload="params")
+    assert offloaded.host == pytest.approx(16 * 69e9 / 64) and offloaded.parts["optimizer"] == 0
+    assert offloaded.total == pytest.approx(full.total - offloaded.host)
+    tp = memory.plan(**{**seventy, "strategy": "ddp"}, tp=8)  # 8 data-parallel ranks of an 8-way split
+    assert tp.parts["optimizer"] == pytest.approx(8 * 69e9 / 8)
+    assert "does not fit" in memory.format_plan(plain) and "fits on H100 80 GB" in memory.format_plan(full)
+    for bad, match in ((dict(gpu="tpu"), "unknown GPU"), (dict(strategy="zero3"), "unknown strategy"),
+                       (dict(world_size=6, tp=4), "tensor-parallel groups"), (dict(micro_batch=0), "micro_batch"),
+                       (dict(strategy="ddp", offload="params"), "needs strategy fsdp"),
+                       (dict(checkpointing="some"), "checkpointing")):
+        with pytest.raises(ValueError, match=match):
+            memory.plan("7B", **bad)
+
+
+def test_python_m_workshop_memory_plan(capsys):
+    assert memory.main(["plan", "70B", "--gpu", "h100", "--strategy", "fsdp", "--world-size", "64",
+                        "--checkpointing", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "activations" in out and out.strip().endswith("fits on H100 80 GB")
+    memory.main(["plan", "70B", "--strategy", "ddp", "--world-size", "64"])
+    assert "does not fit" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit:
+        memory.main(["plan", "seven"])
+    assert exit.value.code == 2 and "bad model size 'seven'" in capsys.readouterr().err

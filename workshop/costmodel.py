@@ -53,7 +53,6 @@ published scaling results with their hardware, and `validate` compares the model
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 
 from workshop import hardware
@@ -87,9 +86,7 @@ def _link(name: str, alpha_us: float, GBps: float) -> AlphaBeta:
 LINKS = {name: _link(name, link.latency_us, link.GBps) for name, link in hardware.LINKS.items()}
 GPUS = {key: {"flops": hardware.GPU_PEAK_TFLOPS[node.gpu]["bf16"] * 1e12, "memory": node.memory_GB * 1e9,
               "per_node": node.per_node, "intra": node.intra, "inter": node.inter} for key, node in hardware.NODES.items()}
-# A configuration fits when its estimate stays under this share of the GPU's memory: the CUDA context, NCCL's
-# buffers and the caching allocator's fragmentation take the rest.
-MEMORY_MARGIN = 0.9
+MEMORY_MARGIN = hardware.MEMORY_MARGIN
 
 
 def get_link(link: AlphaBeta | str) -> AlphaBeta:
@@ -397,17 +394,11 @@ class Workload:
 
 
 def parse_count(size: str | float) -> float:
-    """1.3e9, "1.3B", "350M", "7b", "125k" -> a number of parameters."""
-    if isinstance(size, (int, float)):
-        n = float(size)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMbBtT]?)\s*", str(size))
-        if not m:
-            raise ValueError(f"bad model size {size!r}: write a number of parameters such as 7B, 350M or 1.3e9")
-        n = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
-    if n <= 0:
-        raise ValueError(f"a model has a positive number of parameters, not {size!r}")
-    return n
+    """1.3e9, "1.3B", "350M" -> a number of parameters (workshop.memory.parse_count, imported when called: this
+    module imports no torch)."""
+    from workshop import memory
+
+    return memory.parse_count(size)
 
 
 STRATEGIES = ("ddp", "fsdp", "tp_fsdp")
@@ -415,37 +406,20 @@ STRATEGIES = ("ddp", "fsdp", "tp_fsdp")
 
 def memory_per_gpu(workload: Workload, strategy: str, devices: int, micro_batch_size: int, tp: int = 1,
                    units: int | None = None) -> dict:
-    """Bytes one GPU holds, by part, for `strategy` on `devices` GPUs (tensor parallelism over `tp` of them).
-
-    - params, grads, optimizer: workshop.memory.predict with fp32 parameters and gradients and AdamW's two fp32
-      moments (16 bytes per parameter, autocast's mixed precision): whole on every GPU for DDP, sharded over
-      the data-parallel ranks for FSDP (ZeRO-3), and first split over the TP ranks for TP x FSDP;
-    - unsharded (FSDP): the bf16 parameters of the unit that computes and of the one prefetched, and the fp32
-      gradients of one unit before its reduce-scatter;
-    - activations, for a transformer only, with full activation checkpointing: every layer's bf16 input kept
-      (2 s b h bytes per layer) and one layer's activations alive while it is recomputed, s b h (34 + 5 a s / h)
-      bytes (Korthikanti et al. 2022, eq. 1-2), both split over the TP ranks (sequence parallelism). The logits
-      and the CUDA workspace are not counted; nor are a CNN's activations, which the workload does not describe.
-    """
+    """Bytes one GPU holds, by part, for `strategy` on `devices` GPUs (tensor parallelism over `tp` of them):
+    workshop.memory's planner (`memory.plan`, which says what each part holds) with full activation
+    checkpointing. DDP keeps everything whole on every GPU, FSDP shards it over the data-parallel ranks
+    (ZeRO-3), TP x FSDP first splits it over the TP ranks. A CNN's activations are not counted: the workload
+    does not describe them."""
     from workshop import memory
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    n = workload.parameters
-    units = units or workload.layers + 1
-    if strategy == "ddp":
-        states = memory.predict(n, devices, "ddp", param_dtype="fp32", optimizer="adamw")
-        unsharded = 0.0
-    else:
-        states = memory.predict(n / tp, devices // tp, "zero3", param_dtype="fp32", optimizer="adamw")
-        unsharded = 0.0 if devices // tp == 1 else (2 * 2 + 4) * n / tp / units
-    activations = 0.0
-    if workload.dim:
-        s, b, h, a = workload.tokens_per_sample, micro_batch_size, workload.dim, workload.heads
-        activations = (workload.layers * 2 * s * b * h + s * b * h * (34 + 5 * a * s / h)) / tp
-    parts = {"params": states.params, "grads": states.grads, "optimizer": states.optimizer, "unsharded": unsharded,
-             "activations": activations}
-    return {**parts, "total": sum(parts.values())}
+    shape = memory.ModelShape(workload.name, workload.parameters, workload.layers, workload.dim, workload.heads)
+    p = memory.plan(shape, strategy="ddp" if strategy == "ddp" else "fsdp", world_size=devices,
+                    tp=tp if strategy == "tp_fsdp" else 1, micro_batch=micro_batch_size,
+                    seq_len=workload.tokens_per_sample, checkpointing="full", units=units)
+    return {**p.parts, "total": p.total}
 
 
 # --- projection ----------------------------------------------------------------------------------

@@ -61,9 +61,15 @@ class Node:
     inter: str  # the network per GPU: one 400 or 200 Gb/s NIC each
 
 
-# The usual node of each GPU the cost model projects for (H100 SXM5 80 GB, A100 SXM4 80 GB, DGX B200 1,440 GB for 8)
+# The usual node of each GPU the cost model projects for (H100 SXM5 80 GB, H200 SXM 141 GB with the H100's NVLink 4,
+# A100 SXM4 80 GB, DGX B200 1,440 GB for 8)
 NODES = {
     "b200": Node("B200", 180, 8, "nvlink5-b200", "ib-ndr-400"),
     "h100": Node("H100", 80, 8, "nvlink4-h100", "ib-ndr-400"),
+    "h200": Node("H200", 141, 8, "nvlink4-h100", "ib-ndr-400"),
     "a100": Node("A100", 80, 8, "nvlink3-a100", "ib-hdr-200"),
 }
+
+# A configuration fits when its estimate stays under this share of the GPU's memory: the CUDA context, NCCL's
+# buffers and the caching allocator's fragmentation take the rest (workshop.memory's planner, the cost model).
+MEMORY_MARGIN = 0.9

@@ -14,7 +14,13 @@ Plain fp32 Adam keeps 4 + 4 + 8. Over N data-parallel ranks:
     predict(7.5e9, 64, "zero1", preset="mixed_adam").total / 1e9   # 31.4 (GB), as in the paper
     measure(model, optimizer)                                      # this rank's bytes after a step
 
-Activations are not counted: they depend on batch and sequence length, not on the sharding.
+Activations depend on batch and sequence length, not on the sharding: `saved_for_backward` measures
+what autograd keeps, `gpt_layer_activation_bytes` derives it for this package's GPT block, and
+`transformer_activation_bytes` counts it as Korthikanti et al. 2022 do, with and without activation
+checkpointing (`checkpoint_blocks` applies it). The planner puts it all together, per GPU:
+
+    memory.plan("llama2-70b", gpu="h100", strategy="fsdp", world_size=64, checkpointing="full").fits
+    python -m workshop.memory plan 70B --gpu h100 --strategy fsdp --world-size 64 --checkpointing full
 """
 
 from __future__ import annotations
@@ -345,3 +351,214 @@ def checkpoint_blocks(blocks, policy: str = "full") -> None:
             options = dict(context_fn=functools.partial(create_selective_checkpoint_contexts, _selective_policy),
                            respect_saved_tensors_hooks=True)
         block.forward = functools.partial(checkpoint, forward, use_reentrant=False, **options)
+
+
+# --- the planner: memory per GPU of a training configuration -------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a GPT-shaped model's memory depends on: its parameters, layers, width and heads."""
+
+    name: str
+    parameters: float
+    layers: int
+    dim: int
+    heads: int
+
+
+# Published shapes: GPT-3 (Brown et al. 2020, table 2.1), MT-NLG (Smith et al. 2022), Llama 2 (Touvron et al. 2023)
+MODELS = {
+    "gpt3-175b": ModelShape("GPT-3 175B", 175e9, 96, 12288, 96),
+    "mt-nlg-530b": ModelShape("MT-NLG 530B", 530e9, 105, 20480, 128),
+    "llama2-7b": ModelShape("Llama 2 7B", 6.74e9, 32, 4096, 32),
+    "llama2-13b": ModelShape("Llama 2 13B", 13.0e9, 40, 5120, 40),
+    "llama2-70b": ModelShape("Llama 2 70B", 69.0e9, 80, 8192, 64),
+}
+PLAN_STRATEGIES = ("ddp", "zero1", "zero2", "fsdp")
+CHECKPOINTING = ("none", "selective", "full")
+OFFLOAD = ("none", "optimizer", "params")
+
+
+def parse_count(size: str | float) -> float:
+    """1.3e9, "1.3B", "350M", "7b", "125k" -> a number of parameters."""
+    import re
+
+    if isinstance(size, (int, float)):
+        n = float(size)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMbBtT]?)\s*", str(size))
+        if not m:
+            raise ValueError(f"bad model size {size!r}: write a number of parameters such as 7B, 350M or 1.3e9, "
+                             f"or name one of {', '.join(MODELS)}")
+        n = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+    if n <= 0:
+        raise ValueError(f"a model has a positive number of parameters, not {size!r}")
+    return n
+
+
+def model_shape(model: str | float | ModelShape) -> ModelShape:
+    """A model by name (MODELS), or by its number of parameters ("70B"), shaped as usual: width 128 x layers,
+    so parameters ~ 12 x layers x width^2, heads of 128."""
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, str) and model.lower() in MODELS:
+        return MODELS[model.lower()]
+    n = parse_count(model)
+    layers = max(1, round((n / (12 * 128**2)) ** (1 / 3)))
+    return ModelShape(model if isinstance(model, str) else f"{n:.3g}", n, layers, 128 * layers, layers)
+
+
+def transformer_activation_bytes(seq_len: int, batch: int, dim: int, heads: int, layers: int,
+                                 checkpointing: str = "none", tp: int = 1, attention: str = "unfused") -> float:
+    """Bytes of activations a transformer keeps for backward, in 16-bit (Korthikanti et al. 2022, table 2), with
+    tensor and sequence parallelism over `tp` ranks, per layer s b h (34 + 5 a s / h) / t:
+
+        "none"       every layer keeps all of it
+        "selective"  every layer keeps s b h 34 / t: the attention's a s^2 scores, softmax and dropout are
+                     recomputed (so does a fused attention kernel, `attention="fused"`, without asking)
+        "full"       every layer keeps its input, 2 s b h / t, and one layer at a time holds all of it again
+                     while backward recomputes it"""
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"unknown checkpointing {checkpointing!r}; use one of {', '.join(CHECKPOINTING)}")
+    if attention not in ("unfused", "fused"):
+        raise ValueError(f"attention is 'unfused' or 'fused', not {attention!r}")
+    sbh = seq_len * batch * dim
+    scores = 0 if attention == "fused" else 5 * heads * seq_len / dim
+    full = sbh * (34 + scores) / tp
+    if checkpointing == "none":
+        return layers * full
+    if checkpointing == "selective":
+        return layers * sbh * 34 / tp
+    return layers * 2 * sbh / tp + full
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Bytes one GPU holds in training, by part, and whether they fit in `capacity`: the GPU's memory times
+    hardware.MEMORY_MARGIN. `host` is what offload keeps in the host's memory instead."""
+
+    model: ModelShape
+    settings: dict
+    parts: dict
+    host: float
+    gpu_bytes: float
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def capacity(self) -> float:
+        from workshop.hardware import MEMORY_MARGIN
+
+        return self.gpu_bytes * MEMORY_MARGIN
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+def plan(model: str | float | ModelShape, *, gpu: str = "h100", strategy: str = "fsdp", world_size: int = 8,
+         tp: int = 1, micro_batch: int = 1, seq_len: int = 2048, checkpointing: str = "none", offload: str = "none",
+         attention: str = "unfused", states: str = "fp32_adam", units: int | None = None) -> Plan:
+    """The memory per GPU of training `model` on `world_size` GPUs: tensor parallelism over `tp` of them (the
+    model split first), `strategy` over the world_size / tp data-parallel ranks (ddp, zero1, zero2, fsdp = ZeRO-3).
+
+    - params, grads, optimizer: `predict` with the bytes per parameter of `states` (PRESETS): "fp32_adam",
+      fp32 parameters and gradients and AdamW's two fp32 moments, as under autocast; "mixed_adam", the ZeRO
+      paper's bf16 parameters and gradients with fp32 master weights and moments (16 bytes per parameter both);
+    - unsharded (fsdp): the bf16 parameters of the unit that computes and of the one prefetched, and the fp32
+      gradients of one unit before its reduce-scatter (`units` = layers + 1 unless given);
+    - activations: `transformer_activation_bytes` (16-bit, sequence parallel with tp); the logits and the
+      CUDA workspace are not counted;
+    - offload "optimizer" (ZeRO-Offload) keeps the optimizer states on the host, "params" (FSDP2's
+      CPUOffloadPolicy, fsdp only) the sharded parameters, gradients and optimizer states."""
+    from workshop import hardware
+
+    shape = model_shape(model)
+    if gpu not in hardware.NODES:
+        raise ValueError(f"unknown GPU {gpu!r}; choose one of {', '.join(hardware.NODES)}")
+    if strategy not in PLAN_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(PLAN_STRATEGIES)}")
+    if offload not in OFFLOAD:
+        raise ValueError(f"unknown offload {offload!r}; choose one of {', '.join(OFFLOAD)}")
+    if offload == "params" and strategy != "fsdp":
+        raise ValueError("offload 'params' is FSDP2's CPUOffloadPolicy: it needs strategy fsdp")
+    for name, value in (("world_size", world_size), ("tp", tp), ("micro_batch", micro_batch), ("seq_len", seq_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    if world_size % tp:
+        raise ValueError(f"world_size {world_size} does not split into tensor-parallel groups of {tp}")
+    dp = world_size // tp
+    n = shape.parameters / tp
+    stage = {"fsdp": "zero3"}.get(strategy, strategy)
+    held = predict(n, dp, stage, preset=states)
+    units = units or shape.layers + 1
+    parts = {"params": held.params, "grads": held.grads, "optimizer": held.optimizer,
+             "unsharded": (2 * 2 + 4) * n / units if strategy == "fsdp" and dp > 1 else 0.0,
+             "activations": transformer_activation_bytes(seq_len, micro_batch, shape.dim, shape.heads, shape.layers,
+                                                         checkpointing, tp, attention) if shape.dim else 0.0}
+    moved = {"none": (), "optimizer": ("optimizer",), "params": ("params", "grads", "optimizer")}[offload]
+    host = sum(parts[k] for k in moved)
+    parts.update({k: 0.0 for k in moved})
+    settings = dict(gpu=gpu, strategy=strategy, world_size=world_size, tp=tp, micro_batch=micro_batch, seq_len=seq_len,
+                    checkpointing=checkpointing, offload=offload, attention=attention, states=states)
+    return Plan(shape, settings, parts, host, hardware.NODES[gpu].memory_GB * 1e9)
+
+
+def format_plan(p: Plan) -> str:
+    """The breakdown as a table, with the verdict."""
+    s, gpu = p.settings, p.settings["gpu"].upper()
+    gb = lambda b: f"{b / 1e9:8.2f} GB"  # noqa: E731
+    lines = [f"{p.model.name}: {p.model.parameters / 1e9:.3g}B parameters, {p.model.layers} layers, width {p.model.dim}, "
+             f"{p.model.heads} heads",
+             f"{s['world_size']} x {gpu}, {s['strategy']}" + (f" x tensor parallel {s['tp']}" if s["tp"] > 1 else "")
+             + f"; micro-batch {s['micro_batch']} x {s['seq_len']} tokens; checkpointing {s['checkpointing']}; "
+             f"offload {s['offload']}; {s['attention']} attention"]
+    lines += [f"  {part:<12}{gb(nbytes)}" for part, nbytes in p.parts.items()]
+    lines.append(f"  {'per GPU':<12}{gb(p.total)}   usable: {p.capacity / 1e9:.0f} GB of the {p.gpu_bytes / 1e9:.0f} GB")
+    if p.host:
+        lines.append(f"  {'host':<12}{gb(p.host)}   offloaded to the node's memory, copied every step")
+    verdict = "fits" if p.fits else f"does not fit ({(p.total - p.capacity) / 1e9:.1f} GB too much)"
+    lines.append(f"{verdict} on {gpu} {p.gpu_bytes / 1e9:.0f} GB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m workshop.memory plan 70B --gpu h100 --strategy fsdp --world-size 64 --checkpointing full"""
+    import argparse
+
+    from workshop import hardware
+
+    def whole(text):
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+        return int(text)
+
+    parser = argparse.ArgumentParser(prog="python -m workshop.memory", description="Memory per GPU of training a "
+                                     "GPT-shaped model: parameters, gradients, optimizer states, activations.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="the memory per GPU of one configuration, by part, and whether it fits")
+    p.add_argument("model", help=f"parameters (7B, 350M, 1.3e9) or a published model: {', '.join(MODELS)}")
+    p.add_argument("--gpu", choices=list(hardware.NODES), default="h100")
+    p.add_argument("--strategy", choices=PLAN_STRATEGIES, default="fsdp")
+    p.add_argument("--world-size", type=whole, default=8, help="GPUs in all (default 8)")
+    p.add_argument("--tp", type=whole, default=1, help="tensor-parallel size, inside the world (default 1)")
+    p.add_argument("--micro-batch", type=whole, default=1, help="sequences per GPU per step (default 1)")
+    p.add_argument("--seq-len", type=whole, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--checkpointing", choices=CHECKPOINTING, default="none")
+    p.add_argument("--offload", choices=OFFLOAD, default="none")
+    p.add_argument("--attention", choices=("unfused", "fused"), default="unfused",
+                   help="fused: a FlashAttention-style kernel that stores no attention scores")
+    args = parser.parse_args(argv)
+    try:
+        print(format_plan(plan(args.model, gpu=args.gpu, strategy=args.strategy, world_size=args.world_size, tp=args.tp,
+                               micro_batch=args.micro_batch, seq_len=args.seq_len, checkpointing=args.checkpointing,
+                               offload=args.offload, attention=args.attention)))
+    except ValueError as err:
+        parser.error(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
