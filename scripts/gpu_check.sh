@@ -8,10 +8,11 @@
 # Steps, each timed, each with its log:
 #   1. the gpu-marked tests (pytest -m gpu): the device a rank gets, a timed step, CUDA peak memory;
 #   2. python -m workshop.bench single --model resnet18 --batch-size 512 (notebook 02's variants);
-#   3. notebooks 01, 02, 05, 06, 08 and 10 as one process, with their GPU parameters
+#   3. notebooks 01, 02, 05, 06, 07, 08 and 10 as one process, with their GPU parameters
 #      (notebooks/params/) at fewer steps: CUDA timing and peak memory, bf16 autocast, channels-last,
-#      pinned memory, torch.compile of a training step and of decoding with CUDA graphs
-#      (reduce-overhead), FSDP2 with bf16 compute, DDP and tensor parallelism on a CUDA device.
+#      pinned memory, the CUDA allocator's peak and snapshot, torch.compile of a training step and
+#      of decoding with CUDA graphs (reduce-overhead), FSDP2 with bf16 compute, DDP and tensor
+#      parallelism on a CUDA device.
 # Writes its records under runs/gpu-check-<time>/ and its report (device, versions, each step's
 # status and time) to docs/results/gpu_check.md; on CPU the report stays in the run folder, so a
 # CPU check never overwrites a GPU report. Exit status: the number of steps that failed.
@@ -81,6 +82,8 @@ step 02_performance nb 02_single_device_performance 02_single_device_performance
 step 05_ddp "$PYTHON" -m workshop.runner notebooks/05_ddp.ipynb -p steps 2 -p split_steps 2 \
     ${gpu:+-p micro_batch_size 64 -p split_batch_size 128}
 step 06_sharding nb 06_sharding 06_sharding.yaml -p steps 3 -- -p size cpu -p seq_len 32 -p micro_batch_size 4
+step 07_memory nb 07_memory 07_memory.yaml -p timing_repeats 2 \
+    -- -p size cpu -p seq_len 32 -p micro_batch_size 2 -p sizes 32x2 -p image_batch_size 2 -p timing_repeats 1
 step 08_tensor_parallel nb 08_tensor_parallelism 08_tensor_parallelism.yaml -p steps 2 \
     -- -p model_size cpu -p seq_len 32 -p micro_batch_size 4
 step 10_inference nb 10_inference 10_inference.yaml -p train_steps 60 -p max_new_tokens 48 -p timing_repeats 2 \

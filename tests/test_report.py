@@ -230,3 +230,16 @@ def test_a_resident_set_on_cpu_is_not_charted_as_memory(tmp_path):
     assert report.missing(rep, "memory.png") is None
     fig = report.plot_memory(rep)
     assert [b.get_width() for b in fig.axes[0].patches] == [1.0]  # MiB: only the counted one
+
+
+def test_notebook_07s_activations_and_checkpointing_are_tabled(tmp_path):
+    record(tmp_path, "mem", "07_memory", {
+        "activation_per_layer": [{"tokens": 64, "samples": 4, "measured": 2_105_344, "derived": 2_105_344}],
+        "checkpointing": {"none": {"saved_bytes": 8_000_000, "step_s": 0.020},
+                          "full": {"saved_bytes": 1_000_000, "step_s": 0.030}}})
+    md = report.markdown(report.build(tmp_path, sacct=None))
+    assert "## Activations and checkpointing (notebook 07)" in md
+    assert "| `mem` | 64 x 4 | 2.0 MiB | 2.0 MiB | 1.000 |" in md
+    assert "| `mem` | full | 976.6 KiB | 12% | 30.0 ms | +10.0 ms |" in md
+    record(tmp_path / "other", "nb05", "05_ddp", {"matches_single_process": {"naive": True}})
+    assert "Activations and checkpointing" not in report.markdown(report.build(tmp_path / "other", sacct=None))

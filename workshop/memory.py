@@ -270,7 +270,11 @@ class saved_for_backward:
         return t
 
     def __enter__(self) -> Saved:
-        self._params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        from torch.distributed.tensor import DTensor
+
+        # a DTensor parameter (FSDP2's shard) has no storage of its own: its local shard has
+        self._params = {(p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr()
+                        for p in self.model.parameters()}
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(lambda m, args, name=name: self._where.append(name)))
             self._handles.append(module.register_forward_hook(lambda m, args, out: (self._where.pop(), None)[1]))

@@ -305,6 +305,29 @@ def failed_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def memory_tables(runs: list[Run]) -> str | None:
+    """Notebook 07's records: the activations a GPT block saved against the formula, and what each
+    activation-checkpointing policy kept for backward and cost in step time; None when no run has them."""
+    found = [r for r in runs if r.status == "ok" and isinstance(r.record.get("results", {}).get("checkpointing"), dict)]
+    if not found:
+        return None
+    lines = ["| run | tokens x samples | saved per block | formula | ratio |", "|---|---|---|---|---|"]
+    for r in found:
+        for a in r.record["results"].get("activation_per_layer", []):
+            lines.append(f"| `{r.name}` | {a['tokens']} x {a['samples']} | {fmt_bytes(a['measured'])} | "
+                         f"{fmt_bytes(a['derived'])} | {a['measured'] / a['derived']:.3f} |")
+    lines += ["", "| run | checkpointing | saved for backward | of none | step | extra |", "|---|---|---|---|---|---|"]
+    for r in found:
+        policies = r.record["results"]["checkpointing"]
+        none = policies.get("none", {})
+        for name, c in policies.items():
+            share = c["saved_bytes"] / none["saved_bytes"] if none.get("saved_bytes") else None
+            extra = c["step_s"] - none["step_s"] if c.get("step_s") is not None and none.get("step_s") else None
+            lines.append(f"| `{r.name}` | {name} | {fmt_bytes(c['saved_bytes'])} | {_f(share, '.0%')} | "
+                         f"{_f(c.get('step_s') and c['step_s'] * 1e3, '.1f')} ms | {_f(extra and extra * 1e3, '+.1f')} ms |")
+    return "\n".join(lines)
+
+
 def summary(report: Report) -> str:
     """A few lines for a terminal or a notebook."""
     ok = sum(r.status == "ok" for r in report.runs)
@@ -456,6 +479,9 @@ def markdown(report: Report, plots: list[str] = ()) -> str:
     if report.runs:  # an empty plot is never shown: one sentence says what run would fill it
         parts += [f"*{name[:-4]}*: {missing(report, name)}" for name in PLOTS if name not in plots and missing(report, name)]
         parts.append("")
+    tables = memory_tables(report.runs)
+    if tables:
+        parts += ["## Activations and checkpointing (notebook 07)", "", tables, ""]
     if report.failed:
         parts += ["## Failed runs", "", "Listed, never averaged in.", "", failed_table(report.failed), ""]
     if report.unmeasured:
