@@ -2,7 +2,8 @@
 `workshop` kernel registered as `make kernel` does, notebooks/01_baseline.ipynb opened in headless
 Chromium (Debian's `chromium` and `chromium-driver`, driven by Selenium), Run > Run All Cells from
 the menu, then: every cell ran, none shows an error, the plots rendered, and a screenshot is saved
-in the test's temporary folder (its path is printed).
+in the test's temporary folder (its path is printed). And notebook 07's memory planner: its widget
+renders, and choosing another checkpointing in its drop-down redraws the bar.
 
 Skipped where chromium or chromedriver is missing, unless WORKSHOP_REQUIRE_BROWSER=1 (CI), which
 turns the skip into a failure. `.ci/run` installs both.
@@ -25,6 +26,7 @@ from conftest import REPO
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(1500)]
 NOTEBOOK = REPO / "notebooks" / "01_baseline.ipynb"
+MEMORY_NOTEBOOK = REPO / "notebooks" / "07_memory.ipynb"
 RUN_TIMEOUT_S = 1200  # the whole notebook through the browser, on two busy CPU cores
 CHECK_CELL = """# In JupyterLab: progress bars, not log lines
 from workshop import progress
@@ -58,18 +60,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def lab(tmp_path):
-    """A JupyterLab server on a free localhost port with a token, serving a folder that holds a copy
-    of notebook 01 (outputs cleared, a check cell appended), with Jupyter's folders in tmp_path."""
+def _serve(tmp_path, nb):
+    """A JupyterLab server on a free localhost port with a token, serving a folder that holds notebook `nb`
+    (an nbformat object), with Jupyter's folders in tmp_path; yields what the tests need, then stops it."""
     folder = tmp_path / "lab"
     folder.mkdir()
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-    nb.cells.append(nbformat.v4.new_code_cell(CHECK_CELL))
-    nbformat.write(nb, folder / NOTEBOOK.name)
+    nbformat.write(nb, folder / nb.metadata["file_name"])
 
     env = {k: v for k, v in os.environ.items()
            if k not in ("MPLBACKEND", "WORKSHOP_PROGRESS", "WORKSHOP_LOG_EVERY", "JPY_SESSION_NAME")}
@@ -103,13 +99,42 @@ def lab(tmp_path):
             server.kill()
             pytest.fail(f"JupyterLab did not start: {(tmp_path / 'jupyterlab.log').read_text()[-3000:]}")
         time.sleep(0.5)
-    yield {"url": url, "token": token, "notebook": folder / NOTEBOOK.name, "log": tmp_path / "jupyterlab.log"}
+    yield {"url": url, "token": token, "notebook": folder / nb.metadata["file_name"], "log": tmp_path / "jupyterlab.log"}
     server.terminate()
     try:
         server.wait(timeout=30)
     except subprocess.TimeoutExpired:
         server.kill()
     log.close()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """JupyterLab serving a copy of notebook 01 (outputs cleared, a check cell appended)."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nb.cells.append(nbformat.v4.new_code_cell(CHECK_CELL))
+    nb.metadata["file_name"] = NOTEBOOK.name
+    yield from _serve(tmp_path, nb)
+
+
+@pytest.fixture
+def planner_lab(tmp_path):
+    """JupyterLab serving notebook 07's planner alone: its parameters cell, the imports its planner cells use,
+    and those cells as committed (the table, then the bar with its sliders)."""
+    cells = nbformat.read(MEMORY_NOTEBOOK, as_version=4).cells
+    params = next(c for c in cells if "parameters" in c.metadata.get("tags", []))
+    planner = [c for c in cells if c.cell_type == "code" and c.source.startswith(("# The planner for the parameters",
+                                                                                  "# The planner as a bar"))]
+    assert len(planner) == 2, "notebook 07's planner cells are not where this test looks for them"
+    imports = "import matplotlib.pyplot as plt\n\nfrom workshop import dist, hardware, memory"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c.source) for c in (params, *planner)])
+    nb.cells.insert(1, nbformat.v4.new_code_cell(imports))
+    nb.metadata.update(kernelspec={"name": "workshop", "display_name": "workshop", "language": "python"},
+                       file_name="planner.ipynb")
+    yield from _serve(tmp_path, nb)
 
 
 @pytest.fixture
@@ -216,3 +241,40 @@ def test_run_all_of_notebook_01_in_jupyterlab(lab, browser, tmp_path, capsys):
     # a kernel that JupyterLab started knows a person watches: a bar, not log lines
     check = "".join(o.get("text", "") for o in cells[-1].outputs)
     assert "interactive: True" in check and "bar check: 100%" in check, check
+
+
+def _bar_image(driver) -> str | None:
+    """The src of the last figure on the page (the planner's bar, drawn inside the widget's output)."""
+    return driver.execute_script(
+        "const imgs = document.querySelectorAll('.jp-OutputArea-output img'); "
+        "return imgs.length ? imgs[imgs.length - 1].getAttribute('src') : null")
+
+
+def test_the_memory_planner_widget_redraws_when_a_control_changes(planner_lab, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    shot = tmp_path / "jupyterlab-planner.png"
+    browser.get(f"{planner_lab['url']}/lab/tree/planner.ipynb?token={planner_lab['token']}")
+    _wait("the notebook to open with the workshop kernel idle",
+          lambda: len(_prompts(browser)) == 4 and _kernel_status(browser) == "idle", 180, browser, shot)
+    _menu(browser, "Run", "Run All Cells")
+    ran = re.compile(r"^\[\d+\]:$")
+    _wait("every cell to run and the widget to draw",
+          lambda: all(ran.match(p) for p in _prompts(browser)) and _kernel_status(browser) == "idle"
+          and browser.find_elements(By.CSS_SELECTOR, ".widget-dropdown select"), 300, browser, shot)
+    page = browser.find_element(By.CSS_SELECTOR, ".jp-Notebook").text
+    assert "Traceback (most recent call last)" not in page
+    assert "fits on H100 80 GB" in page  # the table of the parameters' configuration (full checkpointing)
+    before = _bar_image(browser)
+    assert before, "the planner drew no bar"
+
+    # the checkpointing drop-down, from full to none: 70B no longer fits, and the bar is redrawn
+    dropdowns = {e.find_element(By.CSS_SELECTOR, "label").text.strip(): e
+                 for e in browser.find_elements(By.CSS_SELECTOR, ".widget-dropdown")}
+    assert {"model", "gpu", "strategy", "checkpointing", "offload"} <= set(dropdowns), sorted(dropdowns)
+    Select(dropdowns["checkpointing"].find_element(By.CSS_SELECTOR, "select")).select_by_visible_text("none")
+    _wait("the bar to be redrawn", lambda: _bar_image(browser) not in (None, before), 60, browser, shot)
+    browser.save_screenshot(str(shot))
+    sliders = browser.find_elements(By.CSS_SELECTOR, ".widget-slider")
+    assert len(sliders) >= 4, "world size, tp, micro-batch and sequence length should be sliders"
