@@ -32,6 +32,8 @@ def test_07_on_two_local_ranks_with_the_planner_widget(runs):
     saved = {policy: r["saved_bytes"] for policy, r in results["checkpointing"].items()}
     assert saved["full"] < saved["every_other"] < saved["none"] and saved["full"] < saved["selective"] < saved["none"]
     assert results["fsdp_checkpointed_block_bytes"] == 4 * 64 * 128 * 4  # a block's input, the rank's micro-batch
+    assert results["lightning_same_weights"] and results["offload_same_weights"]
+    assert results["offload"]["with"]["shards_on"] == "cpu"  # on this machine the host is the device: no change
     assert results["plan"]["fits"] and results["plan"]["model"] == "Llama 2 70B"
     cells = json.loads((run / "07_memory.ipynb").read_text())["cells"]
     widget = next(c for c in cells if c["cell_type"] == "code" and "the planner with sliders" in "".join(c["source"]))

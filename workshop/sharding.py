@@ -73,7 +73,8 @@ def apply_zero1(model: nn.Module, mesh: DeviceMesh, optimizer_class=torch.optim.
     return ddp, optimizer
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True, mp_policy=None,
+               offload_policy=None) -> nn.Module:
     """FSDP2: `fully_shard` each transformer block of `model.layers`, then the root (embeddings,
     final norm, head). Every parameter becomes a DTensor sharded on dim 0 over the mesh's last
     dimension (and replicated over the first of a 2-D mesh: hybrid sharding). Before a block
@@ -83,15 +84,18 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: boo
     gathers them again in backward (ZeRO-3: least memory, one more all-gather per block);
     False keeps them until backward (ZeRO-2-like: the whole model unsharded between forward and
     backward, one all-gather fewer). `mp_policy` is a `MixedPrecisionPolicy` (e.g. bf16 compute,
-    fp32 reduction on GPUs). Shards the model in place and returns it."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    fp32 reduction on GPUs). `offload_policy` a `CPUOffloadPolicy`: the shards of parameters,
+    gradients and optimizer states live in the host's memory, copied to the device before each
+    all-gather; the optimizer steps on the CPU. Shards the model in place and returns it."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mp_policy = mp_policy or MixedPrecisionPolicy()
+    options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy(),
+                   offload_policy=offload_policy or OffloadPolicy())
     if not hasattr(model, "layers"):
         raise ValueError(f"apply_fsdp shards the blocks in `model.layers`; {type(model).__name__} has none")
     for block in model.layers:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
     return model
 
 
