@@ -3,7 +3,7 @@
 Chromium (Debian's `chromium` and `chromium-driver`, driven by Selenium), Run > Run All Cells from
 the menu, then: every cell ran, none shows an error, the plots rendered, and a screenshot is saved
 in the test's temporary folder (its path is printed). And notebook 07's memory planner: its widget
-renders, and choosing another checkpointing in its drop-down redraws the bar.
+renders, and choosing another checkpointing in its drop-down, or moving a slider, redraws the bar.
 
 Skipped where chromium or chromedriver is missing, unless WORKSHOP_REQUIRE_BROWSER=1 (CI), which
 turns the skip into a failure. `.ci/run` installs both.
@@ -252,6 +252,7 @@ def _bar_image(driver) -> str | None:
 
 def test_the_memory_planner_widget_redraws_when_a_control_changes(planner_lab, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
     shot = tmp_path / "jupyterlab-planner.png"
@@ -275,6 +276,15 @@ def test_the_memory_planner_widget_redraws_when_a_control_changes(planner_lab, b
     assert {"model", "gpu", "strategy", "checkpointing", "offload"} <= set(dropdowns), sorted(dropdowns)
     Select(dropdowns["checkpointing"].find_element(By.CSS_SELECTOR, "select")).select_by_visible_text("none")
     _wait("the bar to be redrawn", lambda: _bar_image(browser) not in (None, before), 60, browser, shot)
+    # and a slider, as a person moves it with the keyboard: the micro-batch from 1 to 2, another bar again
+    sliders = {e.find_element(By.CSS_SELECTOR, "label").text.strip(): e
+               for e in browser.find_elements(By.CSS_SELECTOR, ".widget-slider")}
+    assert {"world_size", "tp", "micro_batch", "seq_len"} <= set(sliders), sorted(sliders)
+    drawn = _bar_image(browser)
+    handle = sliders["micro_batch"].find_element(By.CSS_SELECTOR, ".noUi-handle")
+    handle.click()
+    handle.send_keys(Keys.ARROW_RIGHT)
+    _wait("the micro-batch slider to move and the bar to be redrawn",
+          lambda: sliders["micro_batch"].find_element(By.CSS_SELECTOR, ".widget-readout").text.strip() == "2"
+          and _bar_image(browser) not in (None, drawn), 60, browser, shot)
     browser.save_screenshot(str(shot))
-    sliders = browser.find_elements(By.CSS_SELECTOR, ".widget-slider")
-    assert len(sliders) >= 4, "world size, tp, micro-batch and sequence length should be sliders"
