@@ -370,7 +370,9 @@ class ModelShape:
     heads: int
 
 
-# Published shapes: GPT-3 (Brown et al. 2020, table 2.1), MT-NLG (Smith et al. 2022), Llama 2 (Touvron et al. 2023)
+# Published shapes: GPT-3 (Brown et al. 2020, table 2.1), MT-NLG (Smith et al. 2022), Llama 2 (Touvron et al. 2023).
+# All are counted as GPT blocks (multi-head attention, a 4h MLP): Llama's SwiGLU MLP (about 2.7h wide, three
+# matrices) and the 70B's grouped-query attention change its activations by a few percent, not the verdict.
 MODELS = {
     "gpt3-175b": ModelShape("GPT-3 175B", 175e9, 96, 12288, 96),
     "mt-nlg-530b": ModelShape("MT-NLG 530B", 530e9, 105, 20480, 128),
@@ -402,7 +404,7 @@ def parse_count(size: str | float) -> float:
 
 def model_shape(model: str | float | ModelShape) -> ModelShape:
     """A model by name (MODELS), or by its number of parameters ("70B"), shaped as usual: width 128 x layers,
-    so parameters ~ 12 x layers x width^2, heads of 128."""
+    so parameters ~ 12 x layers x width^2, and heads of 128 dimensions each."""
     if isinstance(model, ModelShape):
         return model
     if isinstance(model, str) and model.lower() in MODELS:
