@@ -371,8 +371,8 @@ class ModelShape:
 
 
 # Published shapes: GPT-3 (Brown et al. 2020, table 2.1), MT-NLG (Smith et al. 2022), Llama 2 (Touvron et al. 2023).
-# All are counted as GPT blocks (multi-head attention, a 4h MLP): Llama's SwiGLU MLP (about 2.7h wide, three
-# matrices) and the 70B's grouped-query attention change its activations by a few percent, not the verdict.
+# All are counted as GPT blocks (multi-head attention, a 4h MLP of two matrices): Llama's SwiGLU MLP (three
+# matrices) and the 70B's grouped-query attention are not modelled, so Llama's activations are an estimate.
 MODELS = {
     "gpt3-175b": ModelShape("GPT-3 175B", 175e9, 96, 12288, 96),
     "mt-nlg-530b": ModelShape("MT-NLG 530B", 530e9, 105, 20480, 128),
