@@ -27,6 +27,7 @@ from conftest import REPO
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(1500)]
 NOTEBOOK = REPO / "notebooks" / "01_baseline.ipynb"
 MEMORY_NOTEBOOK = REPO / "notebooks" / "07_memory.ipynb"
+WIDGET = "application/vnd.jupyter.widget-view+json"
 RUN_TIMEOUT_S = 1200  # the whole notebook through the browser, on two busy CPU cores
 CHECK_CELL = """# In JupyterLab: progress bars, not log lines
 from workshop import progress
@@ -238,9 +239,13 @@ def test_run_all_of_notebook_01_in_jupyterlab(lab, browser, tmp_path, capsys):
     outputs = [o for c in cells for o in c.outputs]
     assert [o for o in outputs if o.output_type == "error"] == []
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
-    # a kernel that JupyterLab started knows a person watches: a bar, not log lines
-    check = "".join(o.get("text", "") for o in cells[-1].outputs)
-    assert "interactive: True" in check and "bar check: 100%" in check, check
+    # a kernel that JupyterLab started knows a person watches: a bar, not log lines; with ipywidgets installed
+    # tqdm.auto draws it as a widget, saved as a widget view beside its text
+    last = cells[-1].outputs
+    check = "".join(o.get("text", "") for o in last)
+    bars = [o for o in last if o.output_type == "display_data" and WIDGET in o.get("data", {})]
+    assert "interactive: True" in check and bars and "bar check" in bars[0]["data"]["text/plain"], last
+    assert browser.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output [class*='progress']"), "no progress bar drawn"
 
 
 def _bar_image(driver) -> str | None:
