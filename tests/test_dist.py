@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from conftest import on_ranks
 from workshop import dist
 
 HOSTS = {"n[1-2]": ["n1", "n2"], "n1": ["n1"], "gpu[017,018]": ["gpu017", "gpu018"]}.__getitem__
@@ -162,3 +163,11 @@ def test_the_process_group_is_left_at_exit_without_cleanup():
                          env={k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK"))})
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["group alive after init: True", "group alive at exit: False"]
+
+
+@pytest.mark.multirank
+def test_cleanup_ends_the_gloo_threads_after_ddp(tmp_path):
+    threads = on_ranks("cleanup_ends_gloo_threads.py", tmp_path / "threads.pt")
+    gloo = [name for name in threads["during"] if "gloo" in name]
+    assert gloo, threads  # the group's worker and transport threads ran
+    assert not [name for name in threads["after"] if "gloo" in name], threads

@@ -190,6 +190,15 @@ def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
     if env.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(env.device))
     if not tdist.is_initialized():
+        # torch._dynamo first. Imported after a group exists (DistributedDataParallel's constructor imports it, so
+        # do FSDP2 and Lightning), it keeps that group alive past destroy_process_group: after DDP(...) and
+        # cleanup() the gloo worker threads still ran; imported before, they end. A group that outlives cleanup()
+        # meets interpreter finalization with its worker threads running, and one that then drops a finished
+        # all-reduce's tensors needs the GIL that finalization refuses it: the rank aborts ("terminate called
+        # without an active exception"; a core dump of it shows ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork
+        # -> decref -> take_gil -> pthread_exit -> std::terminate). The same symptom: pytorch/pytorch#107298.
+        import torch._dynamo as _dynamo  # noqa: F401  (bound apart: `torch` stays this module's global)
+
         if env.is_distributed:
             _join_world(env, timeout_s)
         else:
