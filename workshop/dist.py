@@ -234,7 +234,30 @@ def cleanup() -> None:
     global _ENV
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
+        # A group still held by live objects (a DistributedDataParallel model in a script's globals, Lightning's
+        # strategy) outlives destroy_process_group, and its gloo worker threads with it. A worker drops a finished
+        # all-reduce (and the Python tensors it holds) just after the collective returns, and needs the GIL to do
+        # so; if the interpreter is finalizing by then, the rank aborts (see init). While such threads run, give
+        # them the GIL for a moment: a worker that drops a work is already waiting for it.
+        if _gloo_threads():
+            time.sleep(0.2)
     _ENV = None
+
+
+def _gloo_threads() -> list[str]:
+    """The names of this process's gloo threads (Linux; elsewhere none are seen)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return [n for n in names if "gloo" in n]
 
 
 def get_env() -> DistEnv:
