@@ -6,7 +6,7 @@ Four layers; a module imports only from its own layer and the ones below it (tes
                   regenerate (the committed notebooks)
     measurement   metrics (timing, peak memory, run folders' records), memory, perf, bench, costmodel, report
     lesson core   dist (who am I in this run), data, models, train (the plain loop), lit (the same with
-                  Lightning), check, ddp, data_parallel, sharding, tp, checkpoint, inference
+                  Lightning), check, ddp, data_parallel, sharding, tp, pipeline, checkpoint, inference
     plain         runs (run folders, atomic writes), records (what a record.json holds, written and read),
                   params (a notebook's parameters and their rules),
                   progress (bars and log lines), hardware (links and GPUs from data sheets): no torch
@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 
 LAYERS = {
     "plain": ("runs", "records", "params", "progress", "hardware"),
-    "core": ("dist", "data", "models", "train", "lit", "check", "ddp", "data_parallel", "sharding", "tp", "checkpoint",
-             "inference"),
+    "core": ("dist", "data", "models", "train", "lit", "check", "ddp", "data_parallel", "sharding", "tp", "pipeline",
+             "checkpoint", "inference"),
     "measurement": ("metrics", "memory", "perf", "bench", "costmodel", "report"),
     "launching": ("runner", "slurm", "sweep", "regenerate"),
 }

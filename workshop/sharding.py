@@ -93,7 +93,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: boo
                    offload_policy=offload_policy or OffloadPolicy())
     if not hasattr(model, "layers"):
         raise ValueError(f"apply_fsdp shards the blocks in `model.layers`; {type(model).__name__} has none")
-    for block in model.layers:
+    blocks = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers  # a pipeline stage's
+    for block in blocks:
         fully_shard(block, **options)
     fully_shard(model, **options)
     return model
