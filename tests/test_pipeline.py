@@ -1,0 +1,82 @@
+"""Pipeline parallelism (workshop.pipeline): stages, schedules, sizes refused, and every pipelined version against
+one process on 8 gloo ranks in one launch (tests/multirank/pipeline_equivalence.py): pipelines of 2 and 4 stages
+from scratch and with torch.distributed.pipelining, the bubble of stages of known duration, the activations held,
+and 3D meshes."""
+
+import pytest
+import torch
+
+from conftest import on_ranks
+from workshop import costmodel, models, pipeline
+
+
+def test_blocks_are_split_as_evenly_as_possible():
+    assert pipeline.stage_blocks(4, 2) == [range(0, 2), range(2, 4)]
+    assert pipeline.stage_blocks(4, 3) == [range(0, 2), range(2, 3), range(3, 4)]
+    assert pipeline.stage_blocks(4, 1) == [range(0, 4)]
+    with pytest.raises(ValueError, match="5 pipeline stages for a model of 4 blocks.*choose at most 4 stages"):
+        pipeline.stage_blocks(4, 5)
+    with pytest.raises(ValueError, match="whole number >= 1, got 0"):
+        pipeline.stage_blocks(4, 0)
+
+
+def test_stages_in_a_row_are_the_model_and_keep_its_names():
+    torch.manual_seed(0)
+    model = models.tinygpt("cpu", max_seq_len=16)
+    tokens = torch.randint(256, (2, 16))
+    stages = pipeline.split(model, 3)
+    x = tokens
+    for stage in stages:
+        x = stage(x)
+    torch.testing.assert_close(x, model(tokens))
+    names = [n for stage in stages for n, _ in stage.named_parameters()]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    assert "layers.3.feed_forward.w2.weight" in dict(stages[2].named_parameters())
+    assert model.layers[0].attention.wq.weight is not stages[0].layers["0"].attention.wq.weight  # a copy
+
+
+def test_schedules_hold_what_the_papers_say():
+    p, m = 4, 6
+    for s in range(p):
+        for name, schedule in pipeline.SCHEDULES.items():
+            pipeline.check_schedule(schedule(p, m, s), m)
+        assert pipeline.in_flight(pipeline.gpipe(p, m, s)) == m
+        assert pipeline.in_flight(pipeline.one_f_one_b(p, m, s)) == p - s  # 1F1B: at most p - s in flight
+    assert pipeline.one_f_one_b(2, 3, 0) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("B", 2)]
+    assert pipeline.one_f_one_b(2, 3, 1) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2)]
+    assert pipeline.in_flight(pipeline.one_f_one_b(4, 2, 0)) == 2  # fewer micro-batches than stages
+    with pytest.raises(ValueError, match="cannot run here"):
+        pipeline.check_schedule([("B", 0), ("F", 0)], 1)
+    with pytest.raises(ValueError, match="does not run each of the 2 micro-batches"):
+        pipeline.check_schedule([("F", 0), ("B", 0)], 2)
+
+
+def test_mesh_sizes_that_do_not_make_the_world_are_refused():
+    pipeline.check_mesh(2, 2, 2, 8)
+    with pytest.raises(ValueError, match=r"pp_size 2 x dp_size 2 x tp_size 2 = 8 ranks, but the world has 4"):
+        pipeline.check_mesh(2, 2, 2, 4)
+    with pytest.raises(ValueError, match="tp_size must be a whole number >= 1, got 0"):
+        pipeline.check_mesh(2, 2, 0, 4)
+    with pytest.raises(ValueError, match="unknown pipelining schedule 'zb'"):
+        pipeline.library_schedule("zb", [], [], 1, 1)
+
+
+@pytest.mark.multirank
+def test_pipelines_and_3d_on_8_ranks_equal_one_process(tmp_path, clean_env):
+    saved = on_ranks("pipeline_equivalence.py", tmp_path / "pp.pt", 8)
+    assert saved["world_size"] == 8
+    saved = saved["saved"]
+    for p in (2, 4):
+        for name in ("gpipe", "1f1b"):
+            assert saved[f"p={p} scratch {name} equals one process"] is True
+            assert saved[f"p={p} library {name} equals from scratch"] is True
+            # the bytes a stage holds at its peak: exactly the schedule's micro-batches in flight
+            for peak, one, count in saved[f"p={p} scratch {name} held"]:
+                assert one > 0 and peak == count * one
+        assert [c for *_, c in saved[f"p={p} scratch 1f1b held"]] == list(range(p, 0, -1))
+        assert [c for *_, c in saved[f"p={p} scratch gpipe held"]] == [4] * p
+        for m in (1, 4, 8):  # stages of known duration: the measured bubble is the theory's, within 0.05
+            assert saved[f"p={p} bubble m={m}"] == pytest.approx(costmodel.bubble_fraction(p, m), abs=0.05)
+    assert saved["p=2 library interleaved_1f1b equals one process"] is True
+    assert saved["3D pp2 dp2 tp2 equals one process"] is True
+    assert saved["3D pp4 dp1 tp2 equals one process"] is True
