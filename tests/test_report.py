@@ -243,3 +243,13 @@ def test_notebook_07s_activations_and_checkpointing_are_tabled(tmp_path):
     assert "| `mem` | full | 976.6 KiB | 12% | 30.0 ms | +10.0 ms |" in md
     record(tmp_path / "other", "nb05", "05_ddp", {"matches_single_process": {"naive": True}})
     assert "Activations and checkpointing" not in report.markdown(report.build(tmp_path / "other", sacct=None))
+
+
+def test_notebook_09s_bubble_is_tabled(tmp_path):
+    record(tmp_path, "pp", "09_pipeline_parallelism", {"bubble": [
+        {"schedule": "1f1b", "p": 2, "m": 4, "step_s": 0.05, "measured": 0.213, "theory": 0.2}]})
+    md = report.markdown(report.build(tmp_path, sacct=None))
+    assert "## Pipeline schedules and their bubble (notebook 09)" in md
+    assert "| `pp` | 1f1b | 2 | 4 | 50.0 ms | 21.3% | 20.0% |" in md
+    record(tmp_path / "other", "nb05", "05_ddp", {"matches_single_process": {"naive": True}})
+    assert "Pipeline schedules" not in report.markdown(report.build(tmp_path / "other", sacct=None))

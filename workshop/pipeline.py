@@ -180,6 +180,17 @@ def bubble(timelines: list[Timeline]) -> float:
     return sum(1 - sum(end - begin for _, _, begin, end in t.events) / span for t in timelines) / len(timelines)
 
 
+def unequal_stage_bubble(timelines: list[Timeline]) -> float:
+    """The bubble that the stages' own measured speeds predict, transfers left out: stage s takes t_s per micro-batch
+    (its mean forward plus backward), a micro-batch crosses all stages in sum(t_s), and the others follow at the
+    pace of the slowest, so a step of m micro-batches spans sum(t_s) + (m - 1) max(t_s) and stage s idles
+    1 - m t_s / span of it. Equal stages give (p - 1) / (m + p - 1); the rest of a measured bubble is transfers."""
+    m = len({i for t in timelines for _, i, _, _ in t.events})
+    per_stage = [sum(end - begin for _, _, begin, end in t.events) / m for t in timelines]
+    span = sum(per_stage) + (m - 1) * max(per_stage)
+    return sum(1 - m * t / span for t in per_stage) / len(per_stage)
+
+
 def plot_timeline(timelines: list[Timeline], ax=None, title: str = ""):
     """The pipeline diagram from measured timestamps: one row per stage, a box per forward (light) and backward
     (dark), numbered by micro-batch; white is the bubble."""

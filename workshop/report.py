@@ -328,6 +328,21 @@ def memory_tables(runs: list[Run]) -> str | None:
     return "\n".join(lines)
 
 
+def pipeline_tables(runs: list[Run]) -> str | None:
+    """Notebook 09's records: each schedule's step time and measured bubble against (p-1)/(m+p-1), per number of
+    micro-batches; None when no run has them."""
+    found = [r for r in runs if r.status == "ok" and isinstance(r.record.get("results", {}).get("bubble"), list)]
+    if not found:
+        return None
+    lines = ["| run | schedule | stages p | micro-batches m | step | bubble measured | (p-1)/(m+p-1) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in found:
+        for b in r.record["results"]["bubble"]:
+            lines.append(f"| `{r.name}` | {b['schedule']} | {b['p']} | {b['m']} | {b['step_s'] * 1e3:.1f} ms | "
+                         f"{b['measured']:.1%} | {b['theory']:.1%} |")
+    return "\n".join(lines)
+
+
 def summary(report: Report) -> str:
     """A few lines for a terminal or a notebook."""
     ok = sum(r.status == "ok" for r in report.runs)
@@ -482,6 +497,9 @@ def markdown(report: Report, plots: list[str] = ()) -> str:
     tables = memory_tables(report.runs)
     if tables:
         parts += ["## Activations and checkpointing (notebook 07)", "", tables, ""]
+    tables = pipeline_tables(report.runs)
+    if tables:
+        parts += ["## Pipeline schedules and their bubble (notebook 09)", "", tables, ""]
     if report.failed:
         parts += ["## Failed runs", "", "Listed, never averaged in.", "", failed_table(report.failed), ""]
     if report.unmeasured:
