@@ -1,6 +1,6 @@
 """workshop.costmodel: the collectives' formulas against values worked out by hand, on one link and on two levels,
-calibration on synthetic records, step times with their overlap, memory, the projection, and the published
-scaling results the model must reproduce."""
+calibration on synthetic records, step times with their overlap, memory, the projection, pipeline stages and the
+placements of a model over dp x tp x pp GPUs, and the published scaling results the model must reproduce."""
 
 import json
 import math
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from workshop import costmodel as cm
+from workshop import memory
 
 LINK = cm.AlphaBeta(alpha=1e-5, beta=1e-9)  # 10 us per message, 1 GB/s
 # 4 GPUs per node: 1 us and 100 GB/s inside, 10 us and 10 GB/s per GPU across
@@ -323,3 +324,119 @@ def test_cli_project_validate_and_bad_input(tmp_path, capsys):
             cm.main(bad)
         assert exit_.value.code == 2
     assert cm.main(["project", "7B", "--mfu", "1.5"]) == 2 and "mfu" in capsys.readouterr().err
+
+
+# --- pipeline parallelism and placements ---------------------------------------------------------------
+
+def test_bubble_fraction():
+    assert cm.bubble_fraction(1, 8) == 0
+    assert cm.bubble_fraction(4, 4) == pytest.approx(3 / 7)
+    assert cm.bubble_fraction(4, 64) == pytest.approx(3 / 67)  # 4.5%
+    # Narayanan et al. 2021, eq. 1: the bubble is (p - 1) / m of the ideal time; interleaved, (p - 1) / (v m)
+    for p, m, v in ((4, 4, 1), (8, 32, 1), (8, 32, 4)):
+        f = cm.bubble_fraction(p, m, v)
+        assert f / (1 - f) == pytest.approx((p - 1) / (v * m))
+    for bad in ((0, 4), (4, 0), (4, 2.5)):
+        with pytest.raises(ValueError, match="whole number"):
+            cm.bubble_fraction(*bad)
+
+
+def test_p2p_bytes_and_the_link_between_stages():
+    w = cm.Workload.gpt("Llama 2 70B", 80, 8192, 4096, 69e9, heads=64)
+    # (micro_batch, seq, dim) in bf16 per direction per micro-batch; with TP each rank sends its 1/tp
+    assert cm.p2p_bytes(w, 1) == 4096 * 8192 * 2 and cm.p2p_bytes(w, 2, tp=8) == 2 * 4096 * 8192 * 2 / 8
+    h100 = cm.gpu_cluster("h100")
+    assert cm.stage_link(h100, dp=1, tp=2, pp=4) is h100.intra  # 8 GPUs: one node
+    assert cm.stage_link(h100, dp=1, tp=8, pp=2) is h100.inter and cm.stage_link(h100, 2, 2, 4) is h100.inter
+
+
+def test_pp_step_by_hand():
+    # a 4-layer model without vocabulary on 2 nodes x 4 GPUs (TWO): tp 2, pp 2, dp 2, 3 micro-batches, DDP
+    shape = memory.ModelShape("toy", 1e9, 4, 1024, 8)
+    r = cm.pp_step(shape, dp=2, tp=2, pp=2, microbatches=3, micro_batch_size=1, seq_len=512, cluster=TWO, compute_s=0.4)
+    c = 0.4 * 2 / 4 / 2  # the micro-batch's compute on 2 of 4 layers, split over 2 TP ranks
+    tp = cm.tp_comm(512 * 1024 * 2, 2, 2, TWO.intra, 6)
+    p2p = 2 * (TWO.inter.alpha + 512 * 1024 * 2 / 2 * TWO.inter.beta)  # 8 GPUs > 4 per node: across nodes
+    t = c + tp + p2p
+    ddp = cm.ddp_step(c, 4 * shape.parameters / 2 / 2, 2, TWO, per_node=2) - c
+    assert (r.compute_s, r.tp_s, r.p2p_s) == (pytest.approx(3 * c), pytest.approx(3 * tp), pytest.approx(3 * p2p))
+    assert r.bubble_s == pytest.approx(t) and r.dp_s == pytest.approx(ddp) and r.bubble == pytest.approx(1 / 4)
+    assert r.step_s == pytest.approx((3 + 2 - 1) * t + ddp)
+    # interleaved, 2 virtual stages: half the bubble, twice the sends
+    v = cm.pp_step(shape, 2, 2, 2, 3, 1, 512, cluster=TWO, compute_s=0.4, virtual_stages=2)
+    assert v.p2p_s == pytest.approx(2 * r.p2p_s) and v.bubble == pytest.approx(1 / (2 * 3 + 1))
+
+
+def test_pp_step_without_stages_is_the_existing_step():
+    # one stage, one micro-batch: the step of `project` (DDP, FSDP, TP x FSDP) on the same cluster
+    w = cm.Workload.gpt("Llama 2 70B", 80, 8192, 4096, 69e9, heads=64)
+    h100, compute = cm.gpu_cluster("h100"), 2.0
+    for strategy, dp, tp in (("ddp", 64, 1), ("fsdp", 64, 1), ("tp_fsdp", 8, 8)):
+        want = cm._step(strategy, w, compute, dp * tp, tp, h100, 81, 1)
+        got = cm.pp_step("llama2-70b", dp, tp, 1, 1, compute_s=compute, strategy="ddp" if strategy == "ddp" else "fsdp")
+        assert got.step_s == pytest.approx(want) and got.bubble_s == got.p2p_s == 0
+
+
+def test_pp_step_refuses_bad_input():
+    for kwargs, match in ((dict(tp=16), "TP 16 would cross nodes \\(8 GPUs per node\\): keep tp at most 8"),
+                          (dict(strategy="zero2"), "'ddp' or 'fsdp', not 'zero2'"),
+                          (dict(microbatches=0), "microbatches must be"), (dict(pp=1, virtual_stages=2), "need pp > 1"),
+                          (dict(gpu="abacus"), "unknown GPU"), (dict(mfu=1.5), "mfu"),
+                          (dict(pp=96), "80 layers do not fill 96 pipeline stages")):
+        args = dict(model="llama2-70b", dp=4, tp=8, pp=4, microbatches=8) | kwargs
+        with pytest.raises(ValueError, match=match):
+            cm.pp_step(**args)
+
+
+def test_placements_of_llama2_70b_on_512_h100():
+    rows = cm.placements("llama2-70b", gpus=512, gpu="h100")
+    assert all(r.dp * r.tp * r.pp == 512 for r in rows)
+    assert all(r.microbatches * r.dp == 1024 for r in rows)  # Llama 2's 4M tokens: 1024 sequences of 4096
+    fitting = [r for r in rows if r.fits]
+    assert rows[:len(fitting)] == fitting and [r.step_s for r in fitting] == sorted(r.step_s for r in fitting)
+    assert all(r.memory_bytes <= 0.9 * 80e9 for r in fitting)
+    # pure data parallelism of 70B: 16 bytes per parameter on every GPU, over 1 TB
+    pure = next(r for r in rows if (r.dp, r.strategy) == (512, "ddp"))
+    assert not pure.fits and pure.memory_bytes > 1e12 and pure.reason.startswith("does not fit: 1115.9 GB > 72.0 GB")
+    # tensor parallelism beyond a node is not placed
+    assert all(not r.fits and "TP 16 would cross nodes" in r.reason for r in rows if r.tp > 8)
+    # DDP outermost (Megatron-LM's PTD-P): the fastest keeps TP inside a node and pipelines across nodes
+    ddp = [r for r in fitting if r.strategy == "ddp"]
+    best = ddp[0]
+    assert best.tp in (4, 8) and best.pp > 1 and best.dp > 1 and "across nodes" in best.reason
+    tp8pp4 = next(r for r in ddp if (r.tp, r.pp) == (8, 4))
+    assert tp8pp4.step.bubble == pytest.approx(3 / 67) and "bubble 4.5%" in tp8pp4.reason
+    # FSDP fits without TP or PP (2 sequences per GPU hide its all-gathers behind the compute) and, paying neither
+    # bubble nor TP all-reduces, is the fastest of all in this model
+    fsdp = next(r for r in fitting if (r.dp, r.strategy) == (512, "fsdp"))
+    assert rows[0] is fsdp and fsdp.step.dp_s < 0.01 * fsdp.step_s and fsdp.mfu == pytest.approx(0.4, abs=0.005)
+    # the same cluster with 4096 GPUs: 1024 sequences cannot feed 4096 replicas, and TP 8 x PP wins
+    big = cm.placements("70B", gpus=4096)
+    assert big[0].tp == 8 and big[0].pp > 1 and big[0].fits
+    assert all("do not split into 4096 replicas" in r.reason for r in big if r.dp == 4096 and r.tp == 1)
+
+
+def test_format_placements_and_bad_input():
+    rows = cm.placements(gpus=64, strategies=("ddp",))
+    text = cm.format_placements(rows, top=3)
+    lines = text.splitlines()
+    assert lines[0] == ("| dp | tp | pp | micro-batches | memory GB | fits | step s | bubble % | tokens/s per GPU | MFU "
+                        "| reason |") and len(lines) == 2 + 3 + 2
+    assert lines[-1] == f"{sum(r.fits for r in rows)} of {len(rows)} placements fit; 3 shown."
+    assert "| DP |" in cm.format_placements(cm.placements(gpus=64), top=None)
+    for kwargs, match in ((dict(strategies=("zero1",)), "'ddp' and 'fsdp', not 'zero1'"), (dict(gpus=0), "gpus"),
+                          (dict(gpu="abacus"), "unknown GPU"), (dict(model="seven"), "bad model size")):
+        with pytest.raises(ValueError, match=match):
+            cm.placements(**kwargs)
+
+
+def test_cli_placements(capsys):
+    assert cm.main(["placements", "70B", "--gpus", "512", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Llama 2 70B (69B parameters, 80 layers) on 512 h100") and "| dp | tp | pp |" in out
+    assert len([line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]) == 10
+    assert cm.main(["placements", "70B", "--gpus", "500"]) == 0  # 500 = 4 x 125: tp up to 4, pp dividing
+    capsys.readouterr()
+    assert cm.main(["placements", "lots"]) == 2 and "bad model size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cm.main(["placements", "70B", "--strategy", "zero3"])

@@ -180,3 +180,99 @@ def test_python_m_workshop_memory_plan(capsys):
     with pytest.raises(SystemExit) as exit:
         memory.main(["plan", "seven"])
     assert exit.value.code == 2 and "bad model size 'seven'" in capsys.readouterr().err
+
+
+# --- the planner with pipeline stages --------------------------------------------------------------
+
+SEVENTY = dict(model="llama2-70b", gpu="h100", seq_len=4096, checkpointing="full")
+
+
+def test_one_pipeline_stage_changes_nothing():
+    for strategy, world_size, tp in (("fsdp", 64, 1), ("ddp", 64, 8), ("zero1", 16, 2)):
+        today = memory.plan(**SEVENTY, strategy=strategy, world_size=world_size, tp=tp)
+        for extra in (dict(pp=1), dict(pp=1, microbatches=16), dict(pp=1, microbatches=16, schedule="1f1b")):
+            assert memory.plan(**SEVENTY, strategy=strategy, world_size=world_size, tp=tp, **extra).parts == today.parts
+    plain = memory.plan(**SEVENTY, strategy="fsdp", world_size=64, pp=1)
+    assert plain.parts["params"] == 69e9 * 4 / 64 and plain.parts["unsharded"] == 8 * 69e9 / 81
+    assert plain.parts["activations"] == memory.transformer_activation_bytes(4096, 1, 8192, 64, 80, "full")
+    assert "pipeline" not in memory.format_plan(plain) and "stages" not in memory.format_plan(plain)
+
+
+def test_a_stage_holds_its_share_of_the_layers_and_the_embedding():
+    # Llama 2 70B: 80 layers, embedding and output head of 32,000 x 8192 each; the first of 4 stages holds 20
+    # layers and the embedding
+    embedding = 32000 * 8192
+    assert memory.stage_parameters("llama2-70b", 4) == pytest.approx((69e9 - 2 * embedding) / 4 + embedding)
+    assert memory.stage_parameters("llama2-70b", 1) == 69e9
+    # without a vocabulary every parameter is in the layers: a stage's states are exactly 1/pp of them
+    shape = memory.ModelShape("toy", 8e9, 32, 4096, 32)
+    whole = memory.plan(shape, strategy="ddp", world_size=8)
+    for pp in (2, 4, 8):
+        staged = memory.plan(shape, strategy="ddp", world_size=8, pp=pp)
+        for part in ("params", "grads", "optimizer"):
+            assert staged.parts[part] == pytest.approx(whole.parts[part] / pp)
+    # tensor, pipeline and data parallel together: 16 bytes per parameter of the stage over tp; DDP replicates
+    p = memory.plan(**SEVENTY, strategy="ddp", world_size=512, tp=8, pp=4, microbatches=64)
+    stage = (69e9 - 2 * embedding) / 4 + embedding
+    assert p.parts["params"] + p.parts["grads"] + p.parts["optimizer"] == pytest.approx(16 * stage / 8)
+    assert p.settings["dp"] == 16 and p.settings["stage_layers"] == 20 and p.fits
+    text = memory.format_plan(p)
+    assert "x pipeline parallel 4" in text and "first of 4 stages: 20 of 80 layers" in text and "64 micro-batches" in text
+    # fsdp shards a stage over its dp replicas, one unit per layer of the stage and one for the embedding
+    f = memory.plan(**SEVENTY, strategy="fsdp", world_size=512, tp=8, pp=4, microbatches=64)
+    assert f.parts["optimizer"] == pytest.approx(8 * stage / 8 / 16) and f.parts["unsharded"] == pytest.approx(8 * stage / 8 / 21)
+
+
+def test_uneven_stages_give_the_first_one_layer_more():
+    assert [memory.stage_layers(80, pp) for pp in (1, 4, 16, 32, 80)] == [80, 20, 5, 3, 1]
+    assert memory.stage_layers(80, 4, virtual_stages=2) == 20 and memory.stage_layers(80, 3, virtual_stages=2) == 28
+    shape = memory.ModelShape("toy", 8e9, 10, 4096, 32)
+    assert memory.stage_parameters(shape, 4) == pytest.approx(3 * 8e9 / 10)
+    with pytest.raises(ValueError, match="10 layers do not fill 16 pipeline stages"):
+        memory.stage_layers(10, 16)
+
+
+def test_gpipe_holds_every_micro_batch_and_1f1b_at_most_pp():
+    shape = memory.MODELS["llama2-70b"]
+
+    def activations(m, schedule, checkpointing="none", **kw):
+        return memory.plan(shape, strategy="ddp", world_size=32, tp=8, pp=4, microbatches=m, schedule=schedule,
+                           seq_len=4096, checkpointing=checkpointing, **kw).parts["activations"]
+
+    one = memory.transformer_activation_bytes(4096, 1, 8192, 64, 20, "none", tp=8)  # a micro-batch on 20 layers
+    for m in (1, 2, 4, 8, 16, 64):
+        assert activations(m, "gpipe") == pytest.approx(m * one)
+        assert activations(m, "1f1b") == pytest.approx(min(m, 4) * one)
+    assert memory.in_flight_microbatches(4, 64, "gpipe") == 64 and memory.in_flight_microbatches(4, 64) == 4
+    # full checkpointing: every micro-batch in flight keeps its layers' inputs, one layer is recomputed at a time
+    sbh = 4096 * 8192
+    assert activations(64, "1f1b", "full") == pytest.approx(4 * 20 * 2 * sbh / 8 + sbh * (34 + 5 * 64 * 4096 / 8192) / 8)
+    # interleaved 1F1B, v = 2: pp + (pp - 1) / v micro-batches of the stage, L (1 + (p - 1) / (p v)) layers' worth
+    # (Korthikanti et al. 2022, section 4.2.3)
+    assert memory.in_flight_microbatches(4, 64, "1f1b", virtual_stages=2) == 4 + 3 / 2
+    assert activations(64, "1f1b", virtual_stages=2) == pytest.approx(
+        memory.transformer_activation_bytes(4096, 1, 8192, 64, 80 * (1 + 3 / 8), "none", tp=8))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(world_size=512, tp=8, pp=3), "tp x pp = 8 x 3 = 24 GPUs; choose tp x pp dividing 512"),
+    (dict(world_size=8, pp=0), "pp must be a whole number"),
+    (dict(world_size=8, pp=2, microbatches=0), "microbatches must be a whole number"),
+    (dict(world_size=8, pp=2, schedule="zero-bubble"), "unknown pipeline schedule 'zero-bubble'; choose one of gpipe, 1f1b"),
+    (dict(world_size=8, pp=2, schedule="gpipe", virtual_stages=2), "needs schedule '1f1b' and pp > 1"),
+    (dict(world_size=8, virtual_stages=2), "needs schedule '1f1b' and pp > 1"),
+    (dict(world_size=128, pp=128), "80 layers do not fill 128 pipeline stages"),
+])
+def test_pipeline_settings_refused_with_the_numbers(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        memory.plan("llama2-70b", **kwargs)
+
+
+def test_python_m_workshop_memory_plan_with_pipeline_stages(capsys):
+    assert memory.main(["plan", "llama2-70b", "--strategy", "ddp", "--world-size", "512", "--tp", "8", "--pp", "4",
+                        "--microbatches", "64", "--seq-len", "4096", "--checkpointing", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "x pipeline parallel 4" in out and "16 data-parallel ranks" in out and out.strip().endswith("fits on H100 80 GB")
+    with pytest.raises(SystemExit) as exit:
+        memory.main(["plan", "llama2-70b", "--world-size", "512", "--tp", "8", "--pp", "3"])
+    assert exit.value.code == 2 and "8 x 3 = 24" in capsys.readouterr().err

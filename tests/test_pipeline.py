@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import on_ranks
-from workshop import costmodel, models, pipeline
+from workshop import costmodel, memory, models, pipeline
 
 
 def test_blocks_are_split_as_evenly_as_possible():
@@ -49,6 +49,14 @@ def test_schedules_hold_what_the_papers_say():
         pipeline.check_schedule([("B", 0), ("F", 0)], 1)
     with pytest.raises(ValueError, match="does not run each of the 2 micro-batches"):
         pipeline.check_schedule([("F", 0), ("B", 0)], 2)
+
+
+def test_the_planner_counts_the_micro_batches_the_schedules_hold():
+    """workshop.memory's count for the first stage is what the schedule run here holds there."""
+    for p in (1, 2, 4, 8):
+        for m in (1, 3, 8, 32):
+            for name, schedule in pipeline.SCHEDULES.items():
+                assert memory.in_flight_microbatches(p, m, name) == pipeline.in_flight(schedule(p, m, 0)), (name, p, m)
 
 
 def test_mesh_sizes_that_do_not_make_the_world_are_refused():

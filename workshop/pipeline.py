@@ -10,7 +10,8 @@ From scratch, on any process group whose ranks are the stages in order (notebook
 
 Every stage sends its output activation to the next with `isend` and receives its input with `recv`; backward runs
 in the opposite direction with the gradient of that activation. A `Timeline` records when each stage computed what
-(`bubble` and `plot_timeline` read it), and `LiveActivations` how many bytes of saved activations a stage holds.
+(`bubble`, `unequal_stage_bubble` and `plot_timeline` read it), and `LiveActivations` how many bytes of saved
+activations a stage holds. With the library: `library_schedule(...)` and `library_step(...)`.
 
 3D: `make_mesh(env, pp_size, dp_size, tp_size)` builds a ("pp", "dp", "tp") mesh, tp innermost (inside a node),
 pp outermost (across nodes); `apply_pipeline(model, mesh)` keeps this rank's stage, splits it over mesh["tp"] with
@@ -33,9 +34,6 @@ from torch import nn
 
 from workshop.dist import DistEnv
 from workshop.models import TinyGPT, lm_loss
-
-SCHEDULE_NAMES = ("gpipe", "1f1b")
-
 
 # ---------------------------------------------------------------------------------------------
 # Stages: the model cut along its depth
