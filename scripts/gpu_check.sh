@@ -8,19 +8,19 @@
 # Steps, each timed, each with its log:
 #   1. the gpu-marked tests (pytest -m gpu): the device a rank gets, a timed step, CUDA peak memory;
 #   2. python -m workshop.bench single --model resnet18 --batch-size 512 (notebook 02's variants);
-#   3. notebooks 01, 02, 05, 06, 07, 08 and 10 as one process, with their GPU parameters
+#   3. notebooks 01, 02, 05, 06, 07, 08, 09 and 10 as one process, with their GPU parameters
 #      (notebooks/params/) at fewer steps: CUDA timing and peak memory, bf16 autocast, channels-last,
 #      pinned memory, the CUDA allocator's peak and snapshot, torch.compile of a training step and
 #      of decoding with CUDA graphs (reduce-overhead), FSDP2 with bf16 compute, DDP and tensor
-#      parallelism on a CUDA device.
+#      parallelism on a CUDA device, a pipeline stage's step and torch.distributed.pipelining on one.
 # Writes its records under runs/gpu-check-<time>/ and its report (device, versions, each step's
 # status and time) to docs/results/gpu_check.md; on CPU the report stays in the run folder, so a
 # CPU check never overwrites a GPU report. Exit status: the number of steps that failed.
 #
 # Unreachable on one GPU (they need two or more): NCCL between ranks (dist picking cuda:<local
 # rank> with several GPUs on a node, checkpoint's broadcast over NCCL, the collectives of 05, 06
-# and 08 across GPUs, `python -m workshop.bench collectives` and `bench strategies` on NCCL), and
-# the split of 08's mesh over nodes. Run those with the sbatch lines in each notebook's header.
+# and 08 across GPUs, 09's sends between pipeline stages, `python -m workshop.bench collectives`
+# and `bench strategies` on NCCL), and the split of 08's and 09's meshes over nodes. Run those with the sbatch lines in each notebook's header.
 #SBATCH --job-name=gpu-check
 #SBATCH --time=00:15:00
 #SBATCH --output=runs/slurm-%j.out
@@ -86,6 +86,8 @@ step 07_memory nb 07_memory 07_memory.yaml -p timing_repeats 2 \
     -- -p size cpu -p seq_len 32 -p micro_batch_size 2 -p sizes 32x2 -p image_batch_size 2 -p timing_repeats 1
 step 08_tensor_parallel nb 08_tensor_parallelism 08_tensor_parallelism.yaml -p steps 2 \
     -- -p model_size cpu -p seq_len 32 -p micro_batch_size 4
+step 09_pipeline nb 09_pipeline_parallelism 09_pipeline_parallelism.yaml -p timing_repeats 1 -p bubble_microbatches 1,4 \
+    -- -p model_size cpu -p seq_len 32 -p micro_batch_size 2 -p bubble_microbatches 2 -p timing_repeats 1
 step 10_inference nb 10_inference 10_inference.yaml -p train_steps 60 -p max_new_tokens 48 -p timing_repeats 2 \
     -- -p model_size cpu -p seq_len 64 -p batch_size 16 -p train_steps 20 -p max_new_tokens 16 -p compile_decoding False
 
