@@ -319,7 +319,8 @@ def test_cli_project_validate_and_bad_input(tmp_path, capsys):
     capsys.readouterr()
     assert cm.main(["project", "lots"]) == 2 and "bad model size" in capsys.readouterr().err
     for bad in (["project", "7B", "--gpu", "abacus"], ["project", "7B", "--micro-batch-size", "0"],
-                ["project", "7B", "--strategy", "pipeline"], ["project", "7B", "--mfu", "x"]):
+                ["project", "7B", "--strategy", "pipeline"], ["project", "7B", "--mfu", "x"],
+                ["project", "7B", "--mfu", "nan"], ["project", "7B", "--mfu", "inf"]):
         with pytest.raises(SystemExit) as exit_:
             cm.main(bad)
         assert exit_.value.code == 2
@@ -438,5 +439,8 @@ def test_cli_placements(capsys):
     assert cm.main(["placements", "70B", "--gpus", "500"]) == 0  # 500 = 4 x 125: tp up to 4, pp dividing
     capsys.readouterr()
     assert cm.main(["placements", "lots"]) == 2 and "bad model size" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cm.main(["placements", "70B", "--strategy", "zero3"])
+    for bad in (["placements", "70B", "--strategy", "zero3"], ["placements", "70B", "--top", "-1"],
+                ["placements", "70B", "--mfu", "nan"]):
+        with pytest.raises(SystemExit) as exit_:
+            cm.main(bad)
+        assert exit_.value.code == 2

@@ -35,6 +35,15 @@ def test_notebook_01_on_two_local_ranks(runs):
     assert record["params"]["epochs"] == 1 and record["params"]["num_train"] == 512  # -p reached the notebook
     assert record["results"]["plain"]["samples_per_s"] > 0
     assert str(run) in out.stdout  # says where the results are
+    for log in (run / "logs").glob("rank*.log"):  # each kernel on Unix sockets in its rank's folder, not on ports
+        assert "running over TCP" not in log.read_text()
+
+
+def test_a_kernel_gets_unix_sockets_that_fit_in_a_socket_path(tmp_path):
+    from workshop import runner
+
+    assert runner.kernel_sockets(tmp_path) == str(tmp_path / "kernel")
+    assert runner.kernel_sockets(tmp_path / ("x" * runner.MAX_SOCKET_PATH)) is None  # too long: TCP on localhost
 
 
 def test_two_runs_of_one_notebook_never_share_a_folder(runs):

@@ -1149,8 +1149,8 @@ def main(argv: list[str] | None = None) -> int:
                 value = kind(text)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-            if value <= 0:
-                raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+            if not math.isfinite(value) or value <= 0:
+                raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
             return value
         return parse
 
@@ -1185,6 +1185,8 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("validate", help="the model against published scaling results")
     v.add_argument("--out", type=Path, help="also write costmodel_validation.md here")
     args = parser.parse_args(argv)
+    if args.command == "placements" and args.top < 0:
+        parser.error(f"--top {args.top}: give how many rows to show, or 0 for all")
     try:
         if args.command == "check":
             print(check(args.runs, args.out))

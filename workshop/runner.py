@@ -3,6 +3,7 @@
     python -m workshop.runner [--nproc N] [--resume RUN_DIR] NOTEBOOK [-p NAME VALUE ...]   # scripts/run_notebook.sh
     python -m workshop.runner series [NOTEBOOK ...]       # `make run`: every notebook, then the report
     python -m workshop.runner rank RUN_DIR                # one rank; srun or torchrun starts it once per rank
+    python -m workshop.runner execute RUN_DIR RANK_DIR    # the rank's papermill, its kernel on Unix sockets
 
 A run, step by step (`launch`):
 
@@ -10,8 +11,8 @@ A run, step by step (`launch`):
    have or a value its rules refuse, a bad rank count) and makes a run folder that no other run writes to:
    run.json (what runs, on how many ranks, with which parameters) and parameters.yaml (what papermill reads).
 2. The ranks start: srun under SLURM (one rank per task, across nodes), torchrun for --nproc N > 1, else
-   one process. Each runs `rank`: papermill, with Jupyter's runtime files and IPython's history in
-   node-local temporary folders, and progress as log lines, not bars.
+   one process. Each runs `rank`: papermill (`execute`), with Jupyter's runtime files, IPython's history
+   and the kernel's sockets in node-local temporary folders, and progress as log lines, not bars.
 3. Signals: SIGUSR1 (the time limit is near) reaches every rank, whose kernel saves a checkpoint and stops;
    SIGTERM (scancel) and SIGINT (Ctrl-C) stop the ranks. The run is then recorded as interrupted.
 4. `collect` says which rank failed, in which cell, and which notebook to open; a SLURM job interrupted
@@ -385,7 +386,7 @@ def _rank_environment(run: Path, rank: int) -> tuple[dict, Path]:
     """Node-local folders for Jupyter's runtime files and IPython's history (a shared home
     folder breaks their sqlite and socket files), and a kernel spec for this interpreter."""
     base = Path(os.environ.get("SLURM_TMPDIR") or tempfile.gettempdir())
-    tmp = Path(tempfile.mkdtemp(prefix=f"workshop-{run.name}-rank{rank}-", dir=base))
+    tmp = Path(tempfile.mkdtemp(prefix=f"wk-rank{rank}-", dir=base))  # short: the kernel's sockets live in it
     spec = tmp / "jupyter" / "kernels" / KERNEL
     spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({
@@ -430,6 +431,48 @@ def slurm_threads(environ) -> str | None:
     return str(max(1, int(cpus) // tasks))
 
 
+# Longest Unix socket path: sun_path holds 108 bytes on Linux, 104 on macOS
+MAX_SOCKET_PATH = 100
+
+
+def kernel_sockets(tmp: Path) -> str | None:
+    """Where the rank's kernel puts its five ZeroMQ sockets (KernelManager.ip of the "ipc" transport), or None
+    for TCP on localhost where ZeroMQ has no Unix sockets or the path would be too long for one.
+
+    Over TCP, jupyter_client picks free ports by binding and releasing them, and the kernel binds them a moment
+    later; a process starting at the same time (another rank's kernel, a rendezvous store) can take one in
+    between, and the kernel dies before any cell ran: "ZMQError: Address already in use", then "Kernel died
+    before replying to kernel_info" (jupyter/jupyter_client#154, nteract/papermill#511; met when two ranks
+    start together on one machine). Sockets in the rank's own folder cannot collide."""
+    import zmq
+
+    path = str(tmp / "kernel")
+    return path if zmq.has("ipc") and len(path) + len("-65535") <= MAX_SOCKET_PATH else None
+
+
+def execute(run: Path, tmp: Path) -> int:
+    """Execute the run's notebook for this rank with papermill (its Python API: the parameters as data), the
+    kernel on Unix sockets in the rank's folder `tmp` (`kernel_sockets`), the cells' output as log lines.
+    A failing cell raises papermill's error, whose traceback ends the rank's log."""
+    import logging
+
+    import papermill
+    from traitlets.config import Config
+
+    meta = json.loads((run / "run.json").read_text())
+    nb = Path(meta["notebook"])
+    parameters = yaml.safe_load((run / "parameters.yaml").read_text()) if meta.get("parameters") else None
+    config = Config()
+    sockets = kernel_sockets(tmp)
+    if sockets:
+        config.KernelManager.transport, config.KernelManager.ip = "ipc", sockets
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill's --log-output
+    papermill.execute_notebook(str(nb), str(output_notebook(run, nb, this_rank())), parameters=parameters,
+                               kernel_name=meta.get("kernel") or KERNEL, cwd=meta.get("cwd") or str(nb.parent),
+                               log_output=True, progress_bar=False, config=config)
+    return 0
+
+
 def run_rank(run: Path) -> int:
     """Execute the run's notebook for this rank with papermill; write logs/rank<R>.status.json."""
     rank = this_rank()
@@ -437,10 +480,7 @@ def run_rank(run: Path) -> int:
     nb = Path(meta["notebook"])
     out = output_notebook(run, nb, rank)
     env, tmp = _rank_environment(run, rank)
-    cmd = [sys.executable, "-m", "papermill", str(nb), str(out), "-k", meta.get("kernel") or KERNEL,
-           "--cwd", meta.get("cwd") or str(nb.parent), "--log-output", "--no-progress-bar"]
-    if meta.get("parameters"):
-        cmd += ["-f", str(run / "parameters.yaml")]
+    cmd = [sys.executable, "-m", "workshop.runner", "execute", str(run), str(tmp)]
     log = run / "logs" / f"rank{rank}.log"
     node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
     started = datetime.now().astimezone().isoformat(timespec="seconds")
@@ -767,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["rank"] and len(argv) == 2:
             return run_rank(Path(argv[1]))
+        if argv[:1] == ["execute"] and len(argv) == 3:
+            return execute(Path(argv[1]), Path(argv[2]))
         if argv[:1] == ["series"]:
             notebooks = [Path(a) for a in argv[1:]]
             return series(notebooks or sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")))
