@@ -38,6 +38,10 @@ from torch import nn
 from workshop.dist import DistEnv
 from workshop.models import CausalSelfAttention, FeedForward, GPTBlock, KVCache, TinyGPT, causal_attention
 
+# Once, when the module is imported (not on every apply_2d): FSDP2 warns at every forward that the 2D model returns
+# a view. The logits leave it as one (DTensor.to_local()), and nothing here changes them in place.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTinyGPT\) returned a view tensor")
+
 # ---------------------------------------------------------------------------------------------
 # From scratch: the paper's f and g as autograd functions
 # ---------------------------------------------------------------------------------------------
@@ -329,8 +333,6 @@ def apply_2d(model: TinyGPT, mesh, *, dp_dim: str = "dp", tp_dim: str = "tp", se
     Lightning's ModelParallelStrategy names the dimensions "data_parallel" and "tensor_parallel"."""
     from workshop.sharding import apply_fsdp
 
-    # The logits leave the model as a view (DTensor.to_local()); nothing here changes them in place.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTinyGPT\) returned a view tensor")
     apply_tp(model, mesh[tp_dim], sequence_parallel=sequence_parallel)
     return apply_fsdp(model, mesh[dp_dim], reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
 
