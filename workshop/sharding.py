@@ -5,7 +5,8 @@ Notebook 06 writes the ideas in cells and checks these against one process.
     model, optimizer = apply_zero1(model, shard_mesh(env), lr=3e-3)   # DDP + ZeroRedundancyOptimizer
     model = apply_fsdp(model, shard_mesh(env))                          # fully_shard per block, then root
     model = apply_fsdp(model, hybrid_mesh(env))                         # replicate across nodes, shard within
-    save_checkpoint(path, model, optimizer); load_checkpoint(path, model, optimizer)   # one file per rank
+    save_checkpoint(path, model, optimizer, step=step)   # one file per rank
+    step = load_checkpoint(path, model, optimizer)       # on any number of ranks
 
 Each `apply_*` takes the mesh explicitly; `shard_mesh` and `hybrid_mesh` build the usual ones from
 the DistEnv. Works on CPU (gloo) and GPU (NCCL); every rank calls every function (collectives).
@@ -107,28 +108,68 @@ def bf16_policy():
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int | None = None) -> Path:
     """A sharded checkpoint with torch.distributed.checkpoint: every rank writes its own shards of
     the model and optimizer state (no gather on rank 0) into the folder `path`, plus one metadata
-    file. Every rank must call it with the same path on a file system they all see."""
+    file; with `step`, the training step it was taken after (`load_checkpoint` returns it). Every
+    rank must call it with the same path on a file system they all see."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+    state = {"model": model_state, "optimizer": optim_state}
+    if step is not None:  # AdamW's own "step" counts its updates, not where the data order stands: kept apart
+        state["step"] = torch.tensor(int(step))
+    dcp.save(state, checkpoint_id=str(path))
     return Path(path)
 
 
-def load_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
     """Load a `save_checkpoint` folder into an already sharded model and its optimizer, in place:
-    each rank reads the pieces of its own shards (the world size or mesh may differ from the
-    one that saved)."""
+    each rank reads the pieces of its own shards. Returns the step it was saved with, None if it
+    was saved without one.
+
+    What may change on resume: the world size and the mesh (4 ranks save, 2 or 1 load; every
+    parameter's and optimizer state's shards are read from whichever files hold them). What must
+    stay the same for the run to continue as if uninterrupted: the model (another shape is refused,
+    naming what differs), the optimizer and its settings, the global batch size, the data order by
+    step (batch s holds the same samples whatever the world size: each rank takes its share of it,
+    not a sampler's epoch order for that world) and the seeds of anything random after the load."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     if not Path(path, ".metadata").is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: save one with save_checkpoint(path, model, optimizer)")
     model_state, optim_state = get_state_dict(model, optimizer)  # the layout to read into
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    # dcp.load reads only the keys asked for: a model with fewer blocks than the one saved would load without a
+    # word, and a wider one fails with one traceback per rank. Every rank reads the same metadata, so all refuse.
+    problem = _model_mismatch(saved, model_state)
+    if problem:
+        from workshop.checkpoint import CheckpointMismatch
+
+        raise CheckpointMismatch(f"checkpoint {path} holds another model than this one: {problem}; resume with the "
+                                 "model that saved it (the same size and overrides), or start afresh in a new folder")
     state = {"model": model_state, "optimizer": optim_state}
+    if "step" in saved:
+        state["step"] = torch.tensor(0)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return int(state["step"]) if "step" in state else None
+
+
+def _model_mismatch(saved: dict, model_state: dict) -> str | None:
+    """How the model in a checkpoint's metadata (keys "model.<name>", global shapes) differs from
+    `model_state` (DTensors report their global shape too); None when every name and shape agree."""
+    held = {k.removeprefix("model."): tuple(m.size) for k, m in saved.items()
+            if k.startswith("model.") and hasattr(m, "size")}
+    wanted = {k: tuple(t.shape) for k, t in model_state.items() if isinstance(t, torch.Tensor)}
+    differences = [f"{k} is {held[k]} there, {wanted[k]} here" for k in wanted.keys() & held.keys()
+                   if held[k] != wanted[k]]
+    differences += [f"{k} is not in the checkpoint" for k in wanted.keys() - held.keys()]
+    differences += [f"{k} is not in this model" for k in held.keys() - wanted.keys()]
+    if not differences:
+        return None
+    differences.sort()
+    more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+    return "; ".join(differences[:3]) + more
