@@ -68,6 +68,12 @@ def test_explicit_port_overrides_the_derived_one():
     assert e.master_port == 31000
 
 
+def test_explicit_address_overrides_the_first_node():
+    e = detect({**slurm_step(2, 0, 1), "WORKSHOP_MASTER_ADDR": "gpu017-ib"})
+    assert (e.master_addr, e.master_port) == ("gpu017-ib", detect(slurm_step(2, 0, 1)).master_port)
+    assert detect({**slurm_step(2, 0, 1), "WORKSHOP_MASTER_ADDR": ""}).master_addr == "gpu017"
+
+
 def test_batch_script_step_is_one_process():
     # sbatch --nodes=2 --ntasks-per-node=2: the batch script itself has SLURM variables, no step
     e = detect({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_NODEID": "0",

@@ -8,7 +8,9 @@ papermill) or as N ranks (`scripts/run_notebook.sh`, one papermill process per r
 2. a SLURM job *step* started by srun with more than one task: SLURM_STEP_ID, SLURM_PROCID,
    SLURM_STEP_NUM_TASKS, SLURM_LOCALID. MASTER_ADDR is the first host of
    `scontrol show hostnames $SLURM_STEP_NODELIST`, MASTER_PORT is derived from the job id
-   (and step id), so two jobs sharing a node do not collide;
+   (and step id), so two jobs sharing a node do not collide. $WORKSHOP_MASTER_ADDR and
+   $WORKSHOP_MASTER_PORT, where set, are taken instead: a rendezvous host chosen on purpose
+   (another interface's name, or a wrong one that `python -m workshop.doctor` should catch);
 3. otherwise one process. A batch script's own step and a JupyterLab server started as a SLURM
    job carry SLURM variables too, but they are one process, not a world.
 
@@ -156,7 +158,7 @@ def detect(
             world_size=world_size, local_world_size=local_world_size,
             node_rank=int(e.get("SLURM_NODEID", 0)),
             nodes=int(e.get("SLURM_STEP_NUM_NODES") or e.get("SLURM_JOB_NUM_NODES") or 0),
-            master_addr=hostnames(nodelist)[0],
+            master_addr=e.get("WORKSHOP_MASTER_ADDR") or hostnames(nodelist)[0],
             master_port=int(e.get("WORKSHOP_MASTER_PORT") or slurm_port(job_id, e["SLURM_STEP_ID"])),
             launcher="slurm",
         )

@@ -1,0 +1,192 @@
+"""python -m workshop.doctor: `diagnose` on made-up worlds, then the command itself on 2 torchrun ranks (healthy,
+and with a planted misconfiguration), with rendezvous hosts that do not resolve or do not answer, and as a
+SLURM step of 2 nodes x 2 tasks. A launch that does not end within its bound fails the test; after every
+launch no process that carried its marker may remain."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO
+from workshop import dist
+from workshop.doctor import Report, diagnose, main
+
+STARTUP_S = 25  # a launch's own start (torch imported by the launcher and by each rank on 2 busy cores), at most
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+DOCTOR = [sys.executable, "-m", "workshop.doctor"]
+
+
+# --- diagnose ---------------------------------------------------------------------------------------
+
+def test_two_ranks_on_one_gpu_are_named():
+    gpus = ("GPU-aaaa", "GPU-bbbb")
+    world = [Report(rank=0, host="n1", local_rank=0, device="cuda:0", gpu_uuids=gpus),
+             Report(rank=1, host="n1", local_rank=1, device="cuda:0", gpu_uuids=gpus)]  # both picked cuda:0
+    problems = diagnose(world)
+    assert len(problems) == 1
+    assert problems[0].startswith("ranks 0 and 1 on n1 both use the GPU GPU-aaaa (cuda:0, cuda:0)")
+    assert "--gpus-per-node = --ntasks-per-node" in problems[0]
+    # the same device index on different nodes, or GPUs bound per task (each rank sees its own as cuda:0): fine
+    assert diagnose([Report(rank=0, host="n1", device="cuda:0", gpu_uuids=("GPU-a",)),
+                     Report(rank=1, host="n2", device="cuda:0", gpu_uuids=("GPU-a",))]) == []
+    assert diagnose([Report(rank=0, host="n1", local_rank=0, device="cuda:0", gpu_uuids=("GPU-a",)),
+                     Report(rank=1, host="n1", local_rank=1, device="cuda:0", gpu_uuids=("GPU-b",))]) == []
+
+
+def test_the_same_local_rank_on_one_host_without_gpus_is_named():
+    world = [Report(rank=r, host=h, local_rank=0) for r, h in ((0, "n1"), (1, "n1"), (2, "n2"))]
+    assert diagnose(world) == [
+        "ranks 0 and 1 on n1 both have local rank 0: they would share cuda:0 on a GPU node. Each rank on a node needs "
+        "its own local rank (LOCAL_RANK under torchrun, SLURM_LOCALID under srun): is something (the job script, a "
+        ".bashrc) setting LOCAL_RANK for every rank?"]
+
+
+def test_ranks_per_node_torch_versions_and_threads():
+    four = tuple(f"GPU-{i}" for i in range(4))
+    idle = [Report(rank=r, host="n1", local_rank=r, device=f"cuda:{r}", gpu_uuids=four) for r in range(2)]
+    assert diagnose(idle) == ["n1 runs 2 rank(s) and its ranks see 4 GPU(s): 2 GPU(s) idle. Start one rank per GPU: "
+                              "--ntasks-per-node=4 with --gpus-per-node=4 under SLURM, --nproc-per-node 4 under torchrun"]
+    mixed = [Report(rank=0, host="n1", torch_version="2.5.1"), Report(rank=1, host="n2", torch_version="2.4.0")]
+    assert diagnose(mixed)[0].startswith("the ranks run different torch versions: torch 2.4.0 on rank 1 (n2); "
+                                         "torch 2.5.1 on rank 0 (n1)")
+    crowded = [Report(rank=0, host="n1", omp_num_threads="8", cpus=2), Report(rank=1, host="n2", omp_num_threads="2", cpus=2)]
+    assert diagnose(crowded) == [
+        "rank 0 on n1 may use 2 CPU(s) but OMP_NUM_THREADS is 8: its threads would take turns on 2 CPU(s), slower, "
+        "not faster. Set OMP_NUM_THREADS to the CPUs per task (export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK), or ask "
+        "for --cpus-per-task=8"]
+
+
+def test_a_healthy_world_gives_nothing():
+    world = [Report(rank=r, host=f"n{r // 2 + 1}", local_rank=r % 2, device=f"cuda:{r % 2}",
+                    gpu_uuids=(f"GPU-{r // 2}a", f"GPU-{r // 2}b"), omp_num_threads="4", cpus=8) for r in range(4)]
+    assert diagnose(world) == []
+    assert diagnose([Report(rank=r, host="n1", local_rank=r) for r in range(2)]) == []
+
+
+def test_bad_command_line_input_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--timeout", "0"])
+    assert exit.value.code == 2 and "0 must be more than 0" in capsys.readouterr().err
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+@dataclass
+class Launch:
+    rc: int
+    out: str
+    left: list[str]  # processes of this launch still alive after it ended
+
+
+def launch(cmd: list[str], bound_s: float, **env_extra) -> Launch:
+    """Run `cmd` from the repository's root; fail the test if it does not end within `bound_s` seconds. Each
+    launch carries a marker in its environment (srun passes it on to its tasks): a process that still has it once
+    the launch has ended was left behind."""
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env.update(WORKSHOP_DOCTOR_TEST=marker, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", **env_extra)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=bound_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not end within {bound_s:g} s:\n{out[-4000:]}")
+    return Launch(proc.returncode, out, left_behind(marker))
+
+
+def left_behind(marker: str) -> list[str]:
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.environ().get("WORKSHOP_DOCTOR_TEST") == marker:
+                left.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return left
+
+
+def table(out: str) -> dict[int, list[str]]:
+    """Rank 0's table: rank -> the line's cells."""
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\d+\s+\S+\s+\d+\s+(cpu|cuda)", line)]
+    return {int(cells[0]): cells for cells in rows}
+
+
+def test_two_healthy_ranks(clean_env):
+    done = launch([*TORCHRUN, "-m", "workshop.doctor"], STARTUP_S + 30)
+    assert done.rc == 0, done.out[-4000:]
+    rows = table(done.out)
+    assert sorted(rows) == [0, 1]
+    assert [(cells[2], cells[3]) for _, cells in sorted(rows.items())] == [("0", "cpu"), ("1", "cpu")]
+    assert re.search(r"all-reduce of 4\.0 MiB float32 on 2 ranks \(gloo\): sum exact; [\d.]+ ms, algbw [\d.]+ GB/s, "
+                     r"busbw [\d.]+ GB/s \(fastest of 5\)", done.out), done.out[-3000:]
+    assert "nothing wrong found" in done.out and done.left == []
+
+
+def test_a_planted_local_rank_is_named(clean_env):
+    """Both ranks told LOCAL_RANK=0: the doctor joins, then names them, and exits 1."""
+    done = launch([*TORCHRUN, "--no-python", "bash", "-c", f"LOCAL_RANK=0 exec {sys.executable} -m workshop.doctor"],
+                  STARTUP_S + 30)
+    assert [cells[2] for _, cells in sorted(table(done.out).items())] == ["0", "0"], done.out[-4000:]
+    host = table(done.out)[0][1]
+    assert f"ranks 0 and 1 on {host} both have local rank 0: they would share cuda:0" in done.out
+    assert done.rc == 1 and done.left == []
+
+
+def test_a_rendezvous_host_that_does_not_resolve_fails_at_once(clean_env):
+    """With --timeout 60, ending within the launch's start alone shows that no rank waited for it."""
+    done = launch([*TORCHRUN, "--no-python", "bash", "-c",
+                   f"MASTER_ADDR=no-such-host.invalid exec {sys.executable} -m workshop.doctor --timeout 60"], STARTUP_S)
+    assert done.rc != 0
+    assert "the rendezvous host 'no-such-host.invalid' does not resolve" in done.out, done.out[-4000:]
+    assert "scontrol show hostnames $SLURM_JOB_NODELIST | head -1" in done.out and done.left == []
+
+
+def test_a_rendezvous_host_that_does_not_answer_fails_within_the_timeout(clean_env):
+    done = launch([*TORCHRUN, "--no-python", "bash", "-c",
+                   f"MASTER_ADDR=10.255.255.1 exec {sys.executable} -m workshop.doctor --timeout 5"], STARTUP_S + 5)
+    assert done.rc != 0
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank} on \S+: could not join the process group of 2 ranks at 10\.255\.255\.1:\d+",
+                         done.out), done.out[-4000:]
+    assert "GLOO_SOCKET_IFNAME" in done.out and done.left == []
+
+
+@pytest.mark.slurm
+def test_srun_two_nodes_two_tasks_each(slurm):
+    done = launch(["srun", "--nodes=2", "--ntasks-per-node=2", "--time=00:02:00", *DOCTOR, "--timeout", "20"],
+                  STARTUP_S + 40)
+    assert done.rc == 0, done.out[-4000:]
+    rows = table(done.out)
+    assert [(cells[1], cells[2]) for _, cells in sorted(rows.items())] == [("n1", "0"), ("n1", "1"), ("n2", "0"), ("n2", "1")]
+    assert {cells[7].rsplit(":", 1)[0] for cells in rows.values()} == {"n1"}  # the rendezvous host: the first node
+    assert "on 4 ranks (gloo): sum exact" in done.out and "nothing wrong found" in done.out
+    assert done.left == []
+
+
+@pytest.mark.slurm
+def test_srun_with_a_wrong_workshop_master_addr(slurm):
+    done = launch(["srun", "--nodes=2", "--ntasks-per-node=2", "--time=00:02:00", *DOCTOR, "--timeout", "5"],
+                  STARTUP_S + 20, WORKSHOP_MASTER_ADDR="10.255.255.1")
+    assert done.rc != 0
+    named = re.findall(r"rank (\d) on (n\d): could not join the process group of 4 ranks at 10\.255\.255\.1:", done.out)
+    assert sorted(named) == [("0", "n1"), ("1", "n1"), ("2", "n2"), ("3", "n2")], done.out[-4000:]
+    assert done.left == []
+
+
+def test_one_process_reports_dists_world(clean_env):
+    """The doctor's rank and device are workshop.dist's, never its own: one process reports dist's single world."""
+    from workshop.doctor import local_report
+
+    report = local_report(dist.detect())
+    assert (report.rank, report.world_size, report.device, report.master_addr) == (0, 1, "cpu", None)
+    assert report.cpus == len(os.sched_getaffinity(0))
