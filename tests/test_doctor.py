@@ -152,12 +152,13 @@ def test_a_rendezvous_host_that_does_not_resolve_fails_at_once(clean_env):
 
 
 def test_a_rendezvous_host_that_does_not_answer_fails_within_the_timeout(clean_env):
+    """Both ranks give up at the same deadline; torchrun ends the other as soon as the first exits, so one rank's
+    message is all the launch promises (under srun every rank's is, test_srun_with_a_wrong_workshop_master_addr)."""
     done = launch([*TORCHRUN, "--no-python", "bash", "-c",
                    f"MASTER_ADDR=10.255.255.1 exec {sys.executable} -m workshop.doctor --timeout 5"], STARTUP_S + 5)
     assert done.rc != 0
-    for rank in (0, 1):
-        assert re.search(rf"rank {rank} on \S+: could not join the process group of 2 ranks at 10\.255\.255\.1:\d+",
-                         done.out), done.out[-4000:]
+    assert re.search(r"rank [01] on \S+: could not join the process group of 2 ranks at 10\.255\.255\.1:\d+ within 5 s",
+                     done.out), done.out[-4000:]
     assert "GLOO_SOCKET_IFNAME" in done.out and done.left == []
 
 
