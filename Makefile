@@ -13,12 +13,13 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 run: setup  ## execute every notebook (CPU, synthetic data, local ranks), then the scaling report (12); prints where it is
 	$(BIN)/python -m workshop.runner series
 
-# Two pytest workers, each of whose processes runs one thread (conftest.py): one worker alone leaves a core idle
-# while its tests wait on ranks, SLURM jobs and JupyterLab. `--dist loadfile` keeps a file's tests on one
-# worker, so a notebook's cells run in order in one kernel (nbval); --dist loadgroup would not, with pytest 9.2
-# it silently stops grouping (pytest-dev/pytest-xdist#1386). The SLURM tests take the local cluster one at a
-# time (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
+# Three pytest workers on two cores, each of whose processes runs one thread (conftest.py): the tests spend much
+# of their time waiting on ranks, SLURM jobs and JupyterLab, and a third worker fills those waits (on 2 cores, the
+# whole suite: 763 s with 2 workers, 692 s with 3, the CPUs then idle 1% of the time). `--dist loadfile` keeps a
+# file's tests on one worker, so a notebook's cells run in order in one kernel (nbval); --dist loadgroup would
+# not, with pytest 9.2 it silently stops grouping (pytest-dev/pytest-xdist#1386). The SLURM tests take the local
+# cluster one at a time (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 3
 
 test: setup  ## the whole test suite (SLURM tests need `make slurm-up`)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile

@@ -175,6 +175,17 @@ def test_srun_two_nodes_two_tasks_each(slurm):
 
 
 @pytest.mark.slurm
+def test_srun_three_tasks_over_two_nodes(slurm):
+    """sbatch --ntasks=3 on two nodes of 2 CPUs: 2 tasks on the first, 1 on the second; every rank knows it."""
+    done = launch(["srun", "--nodes=2", "--ntasks=3", "--time=00:02:00", *DOCTOR, "--timeout", "20"], STARTUP_S + 40)
+    assert done.rc == 0, done.out[-4000:]
+    rows = table(done.out)
+    assert [(cells[1], cells[2]) for _, cells in sorted(rows.items())] == [("n1", "0"), ("n1", "1"), ("n2", "0")]
+    assert "on 3 ranks (gloo): sum exact" in done.out and "nothing wrong found" in done.out
+    assert done.left == []
+
+
+@pytest.mark.slurm
 def test_srun_with_a_wrong_workshop_master_addr(slurm):
     done = launch(["srun", "--nodes=2", "--ntasks-per-node=2", "--time=00:02:00", *DOCTOR, "--timeout", "5"],
                   STARTUP_S + 20, WORKSHOP_MASTER_ADDR="10.255.255.1")

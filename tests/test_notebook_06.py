@@ -1,11 +1,12 @@
-"""notebooks/06_sharding.ipynb as N ranks: 2 local ranks, and 3 SLURM tasks over 2 nodes (an uneven layout,
-where the hybrid section steps aside). nbval runs it as one process; the committed notebook is a 2 x 2 SLURM run."""
+"""notebooks/06_sharding.ipynb on 2 local ranks; nbval runs it as one process; the committed notebook is a 2 x 2 SLURM
+run. An uneven layout (sbatch --ntasks=3 over 2 nodes), where the hybrid section steps aside, is checked where it is
+decided: sharding.hybrid_layout_problem (test_sharding), dist.describe (test_dist), and 3 srun tasks over the local
+cluster's 2 nodes (test_doctor)."""
 
 import json
 
 import pytest
 import yaml
-from test_slurm import sbatch
 
 from conftest import REPO, assert_checks_as_committed, run_notebook
 
@@ -67,22 +68,3 @@ def test_06_on_two_local_ranks(runs):
     assert record["dist"]["world_size"] == 2 and all(record["results"]["matches_single_process"].values())
     assert_sharded_memory(record, 2)
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-
-
-@pytest.mark.slurm
-def test_06_on_three_tasks_over_two_nodes_skips_only_the_hybrid_section(slurm, runs):
-    """sbatch --ntasks=3 puts 2 tasks on one node and 1 on the other: a hybrid mesh cannot hold that layout, and
-    its section says so in one line; every other section runs on 3 ranks and the run succeeds."""
-    rc, job, log = sbatch(runs, "--ntasks=3", "scripts/run_notebook.sh", NB06)
-    assert rc == 0, log[-4000:]
-    run = runs / f"job{job}-06_sharding"
-    text = (run / "06_sharding.ipynb").read_text()
-    assert "3 rank(s) on 2 node(s), unevenly (2 on the first), started by srun (SLURM)" in text
-    assert "hybrid sharding skipped: world size 3 is not a multiple of the ranks per node 2" in text
-    lines = check_cell_lines(run / "06_sharding.ipynb")
-    for what in CHECK:
-        if not what.startswith("hybrid"):
-            assert any(line.startswith(what) and line.endswith("True") for line in lines), (what, lines)
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["dist"]["world_size"] == 3
-    (REPO / "runs" / f"slurm-{job}.out").unlink()
