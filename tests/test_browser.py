@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(1500)]
 NOTEBOOK = REPO / "notebooks" / "01_baseline.ipynb"
 MEMORY_NOTEBOOK = REPO / "notebooks" / "07_memory.ipynb"
 WIDGET = "application/vnd.jupyter.widget-view+json"
+SMALLER = "num_train = 1024\nnum_test = 256\nprofile_steps = 2"
 RUN_TIMEOUT_S = 1200  # the whole notebook through the browser, on two busy CPU cores
 CHECK_CELL = """# In JupyterLab: progress bars, not log lines
 from workshop import progress
@@ -111,11 +112,15 @@ def _serve(tmp_path, nb):
 
 @pytest.fixture
 def lab(tmp_path):
-    """JupyterLab serving a copy of notebook 01 (outputs cleared, a check cell appended)."""
+    """JupyterLab serving a copy of notebook 01 (outputs cleared, smaller sizes injected after its parameters cell
+    as papermill injects them, a check cell appended). What its cells compute at the default sizes is nbval's to
+    check; here it is the interface, and a quarter of the images fills every cell's output as well."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(SMALLER, metadata={"tags": ["injected-parameters"]}))
     nb.cells.append(nbformat.v4.new_code_cell(CHECK_CELL))
     nb.metadata["file_name"] = NOTEBOOK.name
     yield from _serve(tmp_path, nb)
