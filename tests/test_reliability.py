@@ -17,6 +17,7 @@ import torch
 
 from conftest import REPO, RUN_NOTEBOOK, run_notebook
 from workshop import report
+from workshop import runs as runs_module
 
 FAIL = "tests/notebooks/fail_on_rank.ipynb"
 RESUME = "tests/notebooks/resume_training.ipynb"
@@ -212,10 +213,14 @@ def test_run_folders_are_private_and_hold_no_secrets(runs, monkeypatch):
             assert secret not in path.read_text(errors="replace"), path
     environment = json.loads((run / "run.json").read_text())["environment"]
     assert environment["WORKSHOP_NOTE"] == "kept" and "WORKSHOP_RUNS" in environment
+    # the launcher made that folder with runs.new_run_dir; the group may read where $WORKSHOP_RUNS_MODE says so
     monkeypatch.setenv("WORKSHOP_RUNS_MODE", "750")
-    assert run_notebook(FAIL).returncode == 0
-    modes = sorted(p.stat().st_mode & 0o777 for p in runs.iterdir())
-    assert modes == [0o700, 0o750]
+    old = os.umask(0o077)  # the mode asked for, whatever the umask
+    try:
+        shared = runs_module.new_run_dir("fail_on_rank", runs)
+    finally:
+        os.umask(old)
+    assert shared.stat().st_mode & 0o777 == 0o750 and shared != run
 
 
 # --- on the local SLURM cluster ---------------------------------------------------------------------
