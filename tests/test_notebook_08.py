@@ -1,6 +1,7 @@
 """notebooks/08_tensor_parallelism.ipynb on 2 local ranks (tp 2), its checked cells against the committed notebook
 (a 2 x 2 SLURM run: dp 2 across the nodes, tp 2 within). nbval runs it as one process; a tp_size that does not fit is
-refused (test_bad_input, test_tp)."""
+refused (test_bad_input, test_tp). On a world whose size does not divide the heads (3 ranks) the notebook asks
+tp.largest_tp_size and tp.tp_problem what it can split, which test_tp checks."""
 
 import json
 
@@ -44,19 +45,3 @@ def test_08_on_two_local_ranks(runs):
     assert_all_match(run / "08_tensor_parallelism.ipynb")
     assert_checks_as_committed(run / "08_tensor_parallelism.ipynb", NB08)  # the committed notebook ran on 2 nodes x 2 ranks
     assert_record(run, 2, 1, 2)
-
-
-@pytest.mark.multirank
-def test_08_on_three_ranks_splits_what_it_can_and_says_what_it_skips(runs):
-    """3 ranks and 4 attention heads: tensor parallelism runs over 1 rank inside the 3-way data parallelism, TP alone
-    over all 3 ranks steps aside in one line, every other version runs, and the run succeeds."""
-    out = run_notebook("--nproc", 3, NB08, *SMALL)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    (run,) = [p for p in runs.iterdir() if p.is_dir()]
-    text = (run / "08_tensor_parallelism.ipynb").read_text()
-    assert ("tensor parallelism over 1 rank(s), not the 3 of a node: tensor-parallel size 3 does not divide the 4 "
-            "attention heads") in text
-    assert "TP alone over all 3 ranks skipped: tensor-parallel size 3 does not divide the 4 attention heads" in text
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and (record["params"]["dp_size"], record["params"]["tp_size"]) == (3, 1)
-    assert record["results"]["matches_single_process"] == {"2d": True, "lightning_2d": True}
