@@ -1,0 +1,133 @@
+"""workshop.faults: `diagnose` on made-up Flight Recorder traces, then the faults provoked for real on 2 torchrun
+ranks: a rank that skips an all-reduce (the other times out, the traces name the rank behind and the collective),
+a broadcast where the others all-reduce (found from the traces after the timeout, and at once with
+TORCH_DISTRIBUTED_DEBUG=DETAIL), and a slow rank whose delay the others spend waiting inside the all-reduce. Every
+launch ends within its bound and leaves no process behind (test_doctor.launch)."""
+
+import re
+import sys
+
+import pytest
+from test_doctor import STARTUP_S, TORCHRUN, launch
+
+from workshop.faults import diagnose, main, read_traces, short_error
+
+TIMEOUT_S = 3  # the process group's timeout in these launches
+
+
+def entry(seq, op="all_reduce", sizes=((4,),), where=("train.py", 12, "step")):
+    return {"collective_seq_id": seq, "profiling_name": f"gloo:{op}", "input_sizes": [list(s) for s in sizes],
+            "process_group": ("0", "default_pg"), "is_p2p": False,
+            "frames": [{"filename": "/env/lib/torch/distributed/c10d.py", "line": 1, "name": op},
+                       {"filename": f"/home/me/{where[0]}", "line": where[1], "name": where[2]}]}
+
+
+def trace(*entries):
+    return {"version": "2.10", "entries": list(entries)}
+
+
+# --- diagnose ----------------------------------------------------------------------------------------------
+
+def test_a_rank_that_never_entered_a_collective_is_named_with_the_collective():
+    traces = {0: trace(entry(1), entry(2), entry(3, where=("train.py", 40, "sync"))), 1: trace(entry(1), entry(2)),
+              2: trace(entry(1), entry(2), entry(3))}
+    assert diagnose(traces) == [
+        "default_pg: rank 1 is behind: it entered 2 collective(s), rank 0 3; rank 1 never called collective #3 "
+        "(all_reduce of [[4]], which rank 0 called at train.py:40 (sync))"]
+
+
+def test_the_first_collective_called_differently_is_named_with_where_each_rank_called_it():
+    traces = {0: trace(entry(1), entry(2, sizes=((8, 2),))), 1: trace(entry(1), entry(2, "broadcast", where=("x.py", 7, "f")))}
+    assert diagnose(traces) == ["default_pg: the ranks' collective #2 differs: rank 0 all_reduce of [[8, 2]] at "
+                                "train.py:12 (step); rank 1 broadcast of [[4]] at x.py:7 (f)"]
+
+
+def test_traces_that_agree_say_so():
+    assert diagnose({0: trace(entry(1), entry(2)), 1: trace(entry(1), entry(2))}) == [
+        "every rank entered the same collectives (2 in a group)"]
+
+
+def test_details_fingerprints_are_shortened():
+    text = ("Rank 1 is running collective: CollectiveFingerPrint(SequenceNumber=2, OpType=BROADCAST, TensorShape=[4], "
+            "TensorDtypes=Float, TensorDeviceTypes=TensorOptions(dtype=float (default), device=cpu, "
+            "memory_format=(nullopt)))")
+    assert short_error(text) == ("Rank 1 is running collective: CollectiveFingerPrint(SequenceNumber=2, "
+                                 "OpType=BROADCAST, TensorShape=[4], TensorDtypes=Float)")
+
+
+def test_bad_input_exits_2(tmp_path, capsys):
+    assert main(["read", str(tmp_path)]) == 2
+    assert "no rank<R>.pkl in" in capsys.readouterr().err
+    assert main(["hang", "--traces", str(tmp_path), "--step", "5", "--steps", "4"]) == 2
+    assert "--step 5 is after the last of --steps 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main(["hang", "--traces", str(tmp_path), "--timeout", "nan"])
+    assert exit.value.code == 2
+    with pytest.raises(FileNotFoundError, match="TORCH_FR_BUFFER_SIZE"):
+        read_traces(tmp_path)
+
+
+# --- provoked on 2 ranks --------------------------------------------------------------------------------------
+
+def faults(*args):
+    return [*TORCHRUN, "-m", "workshop.faults", *map(str, args)]
+
+
+def test_a_skipped_all_reduce_times_out_and_the_traces_name_the_rank_behind(clean_env, tmp_path):
+    done = launch(faults("hang", "--traces", tmp_path, "--timeout", TIMEOUT_S), STARTUP_S + TIMEOUT_S + 5)
+    assert done.rc != 0 and done.left == []
+    assert "rank 1: skips all-reduce 3 (the planted fault)" in done.out
+    assert re.search(rf"rank 0 on \S+: collective 3 failed after {TIMEOUT_S}\.\d s: .*Timed out", done.out), done.out[-3000:]
+    assert diagnose(read_traces(tmp_path)) == [
+        "default_pg: rank 1 is behind: it entered 2 collective(s), rank 0 3; rank 1 never called collective #3 "
+        "(all_reduce of [[4]], which rank 0 called at faults.py:" + where_all_reduce() + " (_all_reduces))"]
+
+
+@pytest.mark.slurm
+def test_on_slurm_the_traces_of_two_nodes_name_the_rank_behind(slurm, tmp_path):
+    """One task on each node of the local cluster; the traces folder is on the file system both nodes share."""
+    done = launch(["srun", "--nodes=2", "--ntasks-per-node=1", "--time=00:02:00", sys.executable, "-m", "workshop.faults",
+                   "hang", "--traces", str(tmp_path), "--timeout", str(TIMEOUT_S)], STARTUP_S + TIMEOUT_S + 15)
+    assert done.rc != 0 and done.left == []
+    assert re.search(rf"rank 0 on n1: collective 3 failed after {TIMEOUT_S}\.\d s: .*Timed out", done.out), done.out[-3000:]
+    (finding,) = diagnose(read_traces(tmp_path))
+    assert finding.startswith("default_pg: rank 1 is behind: it entered 2 collective(s), rank 0 3; rank 1 never called "
+                              "collective #3 (all_reduce of [[4]]")
+
+
+def where_all_reduce() -> str:
+    """The line of workshop/faults.py that all-reduces in _all_reduces."""
+    import workshop.faults as module
+    lines = open(module.__file__).read().splitlines()
+    return str(next(i for i, line in enumerate(lines, 1) if line.strip() == "tdist.all_reduce(t)"))
+
+
+def test_a_mismatched_collective_is_found_in_the_traces_after_the_timeout(clean_env, tmp_path):
+    done = launch(faults("mismatch", "--traces", tmp_path, "--timeout", TIMEOUT_S), STARTUP_S + TIMEOUT_S + 5)
+    assert done.rc != 0 and done.left == []
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank} on \S+: collective 3 failed after {TIMEOUT_S}\.\d s", done.out), done.out[-3000:]
+    (finding,) = diagnose(read_traces(tmp_path))
+    assert re.fullmatch(r"default_pg: the ranks' collective #3 differs: rank 0 all_reduce of \[\[4\]\] at faults\.py:\d+ "
+                        r"\(_all_reduces\); rank 1 broadcast of \[\[4\]\] at faults\.py:\d+ \(_all_reduces\)", finding)
+
+
+def test_with_detail_a_mismatched_collective_fails_at_once_naming_both(clean_env, tmp_path):
+    done = launch(faults("mismatch", "--traces", tmp_path, "--timeout", 60), STARTUP_S + 10,
+                  TORCH_DISTRIBUTED_DEBUG="DETAIL")
+    assert done.rc != 0 and done.left == []
+    assert re.search(r"rank 0 on \S+: collective 3 failed after 0\.\d s: Detected mismatch between collectives on "
+                     r"ranks\. Rank 0 is running collective: CollectiveFingerPrint\(SequenceNumber=\d+, OpType=ALLREDUCE, "
+                     r"TensorShape=\[4\], TensorDtypes=Float\), but Rank 1 is running collective: "
+                     r"CollectiveFingerPrint\(SequenceNumber=\d+, OpType=BROADCAST", done.out), done.out[-3000:]
+
+
+def test_a_slow_rank_makes_the_others_wait_inside_the_all_reduce(clean_env):
+    delay_s = 0.2
+    done = launch(faults("straggle", "--rank", 1, "--delay", delay_s, "--steps", 4), STARTUP_S + 10)
+    assert done.rc == 0 and done.left == [], done.out[-3000:]
+    rows = {int(m[1]): (float(m[2]), float(m[3])) for m in re.finditer(r"^\s*(\d)\s+([\d.]+)\s+([\d.]+)$", done.out, re.M)}
+    assert sorted(rows) == [0, 1]
+    (work0, wait0), (work1, wait1) = rows[0], rows[1]
+    # the slow rank's work holds its delay, and the other spends about that delay waiting for it
+    assert work1 >= 1e3 * delay_s > work0 and wait0 >= 0.5e3 * delay_s > wait1

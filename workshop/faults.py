@@ -1,0 +1,277 @@
+"""Faults provoked on purpose, and how to find them: a rank that skips a collective (the others hang until the
+process group's timeout), a rank that calls another collective than the others, a rank slower than the rest.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.faults hang --traces DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.faults mismatch --traces DIR
+    TORCH_DISTRIBUTED_DEBUG=DETAIL python -m torch.distributed.run ... -m workshop.faults mismatch --traces DIR
+    srun --nodes 2 --ntasks-per-node 2 python -m workshop.faults hang --traces DIR      # in an sbatch script
+    python -m workshop.faults read DIR                                                  # who is behind, and where
+
+Every rank keeps PyTorch's Flight Recorder (TORCH_FR_BUFFER_SIZE: the last collectives each rank entered, with
+the Python stack that called them; on NCCL and, since torch 2.7, on gloo) and writes it to DIR/rank<R>.pkl when a
+collective fails, or when it is done. `read_traces` and `diagnose` compare the ranks' records: the first
+collective the ranks called differently, and the ranks that never entered a collective the others wait in. On
+NCCL the recorder also knows which collectives completed (TORCH_NCCL_DUMP_ON_TIMEOUT writes it by itself, into
+TORCH_FR_DUMP_TEMP_FILE); on gloo every entry stays "scheduled", so the sequence numbers are what tell.
+
+With TORCH_DISTRIBUTED_DEBUG=DETAIL, torch.distributed checks before every collective that all ranks call the
+same one (op, shapes, dtypes), and a mismatch fails at once on every rank, naming both collectives, instead of
+hanging until the timeout. It costs an extra all-gather per collective: a setting for finding a bug, not for
+training.
+
+`straggle` measures a rank that is slower than the others: each step's own work and the time each rank then
+waits inside the all-reduce for the slowest one.
+
+Exit status of a rank: 1 where a collective failed (what the fault does to the others), 0 where none did,
+2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from workshop import dist, runs
+from workshop.dist import DistEnv
+from workshop.doctor import host_name
+
+TRACE_BUFFER = "2000"  # collectives each rank's Flight Recorder keeps (TORCH_FR_BUFFER_SIZE)
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+# --- the Flight Recorder's records --------------------------------------------------------------------------
+
+def keep_traces() -> None:
+    """Turn the Flight Recorder on for the process group made after this call (it reads the variable then)."""
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", TRACE_BUFFER)
+
+
+def dump_trace(folder: Path, rank: int) -> Path:
+    """This rank's Flight Recorder records, as written by torch (a pickled dict), in folder/rank<R>.pkl."""
+    # torch._C._distributed_c10d._dump_fr_trace is what torch.distributed's own dump-on-timeout calls for
+    # the gloo backend; there is no public name for it in torch 2.14.
+    data = torch._C._distributed_c10d._dump_fr_trace()
+    path = Path(folder) / f"rank{rank}.pkl"
+    return runs.atomic_write(path, lambda f: f.write(data), binary=True)
+
+
+def read_traces(folder: Path) -> dict[int, dict]:
+    """{rank: that rank's Flight Recorder dump} of every rank<R>.pkl in `folder`."""
+    folder = Path(folder)
+    traces = {}
+    for path in sorted(folder.glob("rank*.pkl")):
+        with open(path, "rb") as f:
+            traces[int(path.stem[4:])] = pickle.load(f)
+    if not traces:
+        raise FileNotFoundError(f"no rank<R>.pkl in {folder}: run the job with TORCH_FR_BUFFER_SIZE set and "
+                                "dump each rank's trace (workshop.faults.dump_trace) when a collective fails")
+    return traces
+
+
+def _where(entry: dict) -> str:
+    """The innermost caller outside torch: file:line (function)."""
+    for frame in entry.get("frames") or []:
+        filename = frame.get("filename", "")
+        if f"{os.sep}torch{os.sep}" not in filename:
+            return f"{Path(filename).name}:{frame.get('line')} ({frame.get('name')})"
+    return "an unknown place"
+
+
+def _what(entry: dict) -> str:
+    name = entry["profiling_name"].split(":", 1)[-1]
+    return f"{name} of {entry['input_sizes']}"
+
+
+def collectives(trace: dict) -> dict[str, dict[int, dict]]:
+    """{process group: {sequence number: entry}} of one rank's collectives (point-to-point left out)."""
+    groups: dict[str, dict[int, dict]] = defaultdict(dict)
+    for entry in trace.get("entries", []):
+        if not entry.get("is_p2p"):
+            groups[entry["process_group"][1]][entry["collective_seq_id"]] = entry
+    return groups
+
+
+def diagnose(traces: dict[int, dict]) -> list[str]:
+    """What the ranks' records say, in plain words: per process group, the first collective that the ranks
+    called differently, and each rank that never entered a collective another rank waits in."""
+    per_rank = {rank: collectives(trace) for rank, trace in traces.items()}
+    groups = sorted({group for by_group in per_rank.values() for group in by_group})
+    findings = []
+    for group in groups:
+        seen = {rank: by_group.get(group, {}) for rank, by_group in per_rank.items()}
+        last = {rank: max(entries, default=0) for rank, entries in seen.items()}
+        for seq in range(1, min(last.values()) + 1):
+            called = {rank: entries[seq] for rank, entries in seen.items() if seq in entries}
+            kinds = {(e["profiling_name"], str(e["input_sizes"])) for e in called.values()}
+            if len(kinds) > 1:
+                calls = "; ".join(f"rank {rank} {_what(e)} at {_where(e)}" for rank, e in sorted(called.items()))
+                findings.append(f"{group}: the ranks' collective #{seq} differs: {calls}")
+                break
+        ahead = max(last.values())
+        leader = min(rank for rank, n in last.items() if n == ahead)
+        for rank in sorted(r for r, n in last.items() if n < ahead):
+            waiting = seen[leader][ahead] if ahead in seen[leader] else None
+            first_missing = seen[leader].get(last[rank] + 1, waiting)
+            findings.append(f"{group}: rank {rank} is behind: it entered {last[rank]} collective(s), rank {leader} "
+                            f"{ahead}; rank {rank} never called collective #{last[rank] + 1} "
+                            f"({_what(first_missing)}, which rank {leader} called at {_where(first_missing)})")
+    if not findings:
+        counts = sorted({max(entries) for by_group in per_rank.values() for entries in by_group.values() if entries})
+        findings.append(f"every rank entered the same collectives ({' or '.join(map(str, counts)) or 'none'} in a group)")
+    return findings
+
+
+# --- the faults -------------------------------------------------------------------------------------------
+
+def _all_reduces(env: DistEnv, steps: int, fault_rank: int, fault_step: int, fault: str, traces: Path) -> int:
+    """`steps` all-reduces of a known tensor; rank `fault_rank` does `fault` at step `fault_step` (1-based):
+    "skip" leaves it out and is then busy elsewhere until the others have given up (its trace is the same
+    whenever it is taken, so it dumps it first: a launcher ends it once the others have failed), "broadcast"
+    calls a broadcast instead. Every rank dumps its trace when a collective fails or when it is done.
+    Returns 1 where a collective failed, else 0."""
+    for step in range(1, steps + 1):
+        t = torch.ones(4)
+        if env.rank == fault_rank and step == fault_step and fault == "skip":
+            print(f"rank {env.rank}: skips all-reduce {step} (the planted fault)", flush=True)
+            dump_trace(traces, env.rank)
+            time.sleep(_timeout_s() + 3)  # busy elsewhere, past the others' timeout
+            return 0
+        started = time.monotonic()
+        try:
+            if env.rank == fault_rank and step == fault_step and fault == "broadcast":
+                print(f"rank {env.rank}: calls a broadcast where the others all-reduce (the planted fault)", flush=True)
+                tdist.broadcast(t, src=0)
+            else:
+                tdist.all_reduce(t)
+        except RuntimeError as e:
+            print(f"rank {env.rank} on {host_name()}: collective {step} failed after {time.monotonic() - started:.1f} s: "
+                  f"{short_error(str(e))[:600]}", flush=True)
+            dump_trace(traces, env.rank)
+            return 1
+    dump_trace(traces, env.rank)
+    return 0
+
+
+def short_error(text: str) -> str:
+    """A collective's error on one line, without the tensor options that DETAIL's fingerprints spell out."""
+    text = re.sub(r", TensorDeviceTypes=TensorOptions\((?:[^()]|\([^()]*\))*\)", "", text)
+    return " ".join(text.split())
+
+
+def _timeout_s() -> float:
+    return float(os.environ.get("WORKSHOP_DIST_TIMEOUT", 600))
+
+
+def straggle(env: DistEnv, steps: int, slow_rank: int, delay_s: float, work: int = 256) -> list[dict]:
+    """Each step every rank multiplies two (work x work) matrices (its own work), rank `slow_rank` sleeps
+    `delay_s` more, then all all-reduce: per rank and step, the seconds of work and the seconds waited inside
+    the all-reduce. Gathered on every rank: [{rank, work_s: [...], wait_s: [...]}, ...]."""
+    a = torch.randn(work, work)
+    mine = {"rank": env.rank, "work_s": [], "wait_s": []}
+    for _ in range(steps):
+        dist.barrier()  # every step starts together, so a wait is this step's
+        start = time.perf_counter()
+        b = a @ a
+        if env.rank == slow_rank:
+            time.sleep(delay_s)
+        worked = time.perf_counter()
+        if env.is_distributed:
+            tdist.all_reduce(b[:1, :1].contiguous())
+        done = time.perf_counter()
+        mine["work_s"].append(worked - start)
+        mine["wait_s"].append(done - worked)
+    if not env.is_distributed:
+        return [mine]
+    everyone = [None] * env.world_size
+    tdist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def format_straggle(times: list[dict]) -> str:
+    """One line per rank: the median seconds of its own work and of its wait inside the all-reduce, in ms."""
+    lines = ["rank  work ms  wait in all-reduce ms"]
+    for t in times:
+        lines.append(f"{t['rank']:>4}  {1e3 * statistics.median(t['work_s']):7.1f}  "
+                     f"{1e3 * statistics.median(t['wait_s']):21.1f}")
+    return "\n".join(lines)
+
+
+# --- the command line -----------------------------------------------------------------------------------
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m workshop.faults", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, what in (("hang", "a rank skips an all-reduce: the others wait until the timeout"),
+                       ("mismatch", "a rank calls a broadcast where the others all-reduce")):
+        q = sub.add_parser(name, help=what)
+        q.add_argument("--traces", type=Path, required=True, help="folder for each rank's Flight Recorder dump")
+        q.add_argument("--rank", type=int, default=1, help="the rank with the fault (default 1)")
+        q.add_argument("--step", type=_positive(int), default=3, help="the all-reduce it gets wrong (default 3)")
+        q.add_argument("--steps", type=_positive(int), default=4, help="all-reduces in all (default 4)")
+        q.add_argument("--timeout", type=_positive(float), default=5.0,
+                       help="the process group's timeout in seconds (default 5)")
+    q = sub.add_parser("straggle", help="a rank slower than the others: each rank's work and wait per step")
+    q.add_argument("--rank", type=int, default=1, help="the slow rank (default 1)")
+    q.add_argument("--delay", type=_positive(float), default=0.05, help="its extra seconds per step (default 0.05)")
+    q.add_argument("--steps", type=_positive(int), default=10, help="steps (default 10)")
+    q = sub.add_parser("read", help="what the ranks' dumps in a folder say")
+    q.add_argument("folder", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "read":
+        try:
+            print("\n".join(diagnose(read_traces(args.folder))))
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        return EXIT_OK
+    if args.command == "straggle":
+        env = dist.init()
+        if not 0 <= args.rank < env.world_size:
+            print(f"error: --rank {args.rank} is not a rank of this world of {env.world_size}", file=sys.stderr)
+            return EXIT_USAGE
+        times = straggle(env, args.steps, args.rank, args.delay)
+        dist.print0(format_straggle(times))
+        dist.cleanup()
+        return EXIT_OK
+    if args.step > args.steps:
+        print(f"error: --step {args.step} is after the last of --steps {args.steps}", file=sys.stderr)
+        return EXIT_USAGE
+    keep_traces()
+    os.environ["WORKSHOP_DIST_TIMEOUT"] = str(args.timeout)
+    env = dist.init(timeout_s=args.timeout)
+    if not 0 <= args.rank < env.world_size:
+        print(f"error: --rank {args.rank} is not a rank of this world of {env.world_size}", file=sys.stderr)
+        return EXIT_USAGE
+    args.traces.mkdir(parents=True, exist_ok=True)
+    fault = "skip" if args.command == "hang" else "broadcast"
+    failed = _all_reduces(env, args.steps, args.rank, args.step, fault, args.traces)
+    # a group whose collective timed out cannot be destroyed cleanly on gloo: leave without it
+    sys.stdout.flush()
+    os._exit(failed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
