@@ -6,6 +6,7 @@ launch no process that carried its marker may remain."""
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -193,6 +194,21 @@ def test_srun_with_a_wrong_workshop_master_addr(slurm):
     named = re.findall(r"rank (\d) on (n\d): could not join the process group of 4 ranks at 10\.255\.255\.1:", done.out)
     assert sorted(named) == [("0", "n1"), ("1", "n1"), ("2", "n2"), ("3", "n2")], done.out[-4000:]
     assert done.left == []
+
+
+@pytest.mark.slurm
+def test_srun_with_a_rendezvous_port_already_taken(slurm):
+    """Something listens on the job's rendezvous port on the first node: rank 0 says so at once."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = launch(["srun", "--nodes=2", "--ntasks-per-node=1", "--time=00:02:00", *DOCTOR, "--timeout", "5"],
+                      STARTUP_S + 10, WORKSHOP_MASTER_PORT=str(port))
+    assert done.rc != 0 and done.left == []
+    assert re.search(rf"rank 0 on n1: the port {port} is already taken on n1: another process listens on it", done.out), \
+        done.out[-3000:]
+    assert f"ss -ltn | grep {port}" in done.out
 
 
 def test_one_process_reports_dists_world(clean_env):

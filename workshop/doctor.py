@@ -350,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a refused connection, a bad interface, a timeout: say which, and what to check
         watchdog.cancel()
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        _say_cannot_join(report, f"could not join {where} ({type(err).__name__}: {detail})")
+        if "EADDRINUSE" in detail:  # rank 0 could not open the rendezvous port: something else listens on it
+            _say_cannot_join(report, f"the port {env.master_port} is already taken on {report.host}: another process "
+                                     f"listens on it, so rank 0 cannot open {where} ({type(err).__name__}: {detail})")
+        else:
+            _say_cannot_join(report, f"could not join {where} ({type(err).__name__}: {detail})")
         return EXIT_NO_GROUP
     watchdog.cancel()
     try:
