@@ -4,6 +4,7 @@ process group's timeout), a rank that calls another collective than the others, 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.faults hang --traces DIR
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.faults mismatch --traces DIR
     TORCH_DISTRIBUTED_DEBUG=DETAIL python -m torch.distributed.run ... -m workshop.faults mismatch --traces DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.faults straggle --delay 0.05
     srun --nodes 2 --ntasks-per-node 2 python -m workshop.faults hang --traces DIR      # in an sbatch script
     python -m workshop.faults read DIR                                                  # who is behind, and where
 
@@ -66,7 +67,8 @@ def dump_trace(folder: Path, rank: int) -> Path:
 
 
 def read_traces(folder: Path) -> dict[int, dict]:
-    """{rank: that rank's Flight Recorder dump} of every rank<R>.pkl in `folder`."""
+    """{rank: that rank's Flight Recorder dump} of every rank<R>.pkl in `folder`. The dumps are pickles, as torch
+    writes them: read only those of your own jobs."""
     folder = Path(folder)
     traces = {}
     for path in sorted(folder.glob("rank*.pkl")):
@@ -120,11 +122,11 @@ def diagnose(traces: dict[int, dict]) -> list[str]:
         ahead = max(last.values())
         leader = min(rank for rank, n in last.items() if n == ahead)
         for rank in sorted(r for r, n in last.items() if n < ahead):
-            waiting = seen[leader][ahead] if ahead in seen[leader] else None
-            first_missing = seen[leader].get(last[rank] + 1, waiting)
+            missing = seen[leader].get(last[rank] + 1)  # None once the leader's ring buffer has dropped it
+            what = (f"{_what(missing)}, which rank {leader} called at {_where(missing)}" if missing else
+                    f"older than rank {leader}'s buffer holds: raise TORCH_FR_BUFFER_SIZE")
             findings.append(f"{group}: rank {rank} is behind: it entered {last[rank]} collective(s), rank {leader} "
-                            f"{ahead}; rank {rank} never called collective #{last[rank] + 1} "
-                            f"({_what(first_missing)}, which rank {leader} called at {_where(first_missing)})")
+                            f"{ahead}; rank {rank} never called collective #{last[rank] + 1} ({what})")
     if not findings:
         counts = sorted({max(entries) for by_group in per_rank.values() for entries in by_group.values() if entries})
         findings.append(f"every rank entered the same collectives ({' or '.join(map(str, counts)) or 'none'} in a group)")
