@@ -75,7 +75,7 @@ def test_a_healthy_world_gives_nothing():
 def test_bad_command_line_input_exits_2(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--timeout", "0"])
-    assert exit.value.code == 2 and "0 must be more than 0" in capsys.readouterr().err
+    assert exit.value.code == 2 and "0 must be a finite number above 0" in capsys.readouterr().err
 
 
 # --- the command ------------------------------------------------------------------------------------

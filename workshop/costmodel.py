@@ -1143,16 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     from pathlib import Path
 
-    def positive(kind):
-        def parse(text):
-            try:
-                value = kind(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-            if not math.isfinite(value) or value <= 0:
-                raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-            return value
-        return parse
+    from workshop.params import positive
 
     parser = argparse.ArgumentParser(prog="python -m workshop.costmodel", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

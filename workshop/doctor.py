@@ -38,6 +38,7 @@ import torch.distributed as tdist
 
 from workshop import bench, dist, metrics
 from workshop.dist import DistEnv
+from workshop.params import positive
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NO_GROUP = 0, 1, 2, 3
 _PATTERN = 1024  # element i of every rank's tensor holds (rank + 1) + i % _PATTERN: a misplaced chunk shows
@@ -304,25 +305,13 @@ def format_allreduce(result: dict, env: DistEnv, repeats: int) -> str:
 
 # --- the command ------------------------------------------------------------------------------------------------
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} must be more than 0")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workshop.doctor", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timeout", type=_positive(float), default=30.0,
+    parser.add_argument("--timeout", type=positive(float), default=30.0,
                         help="seconds a rank waits for the others to join the group (default 30)")
-    parser.add_argument("--mib", type=_positive(float), default=4.0, help="size of the all-reduced tensor in MiB (default 4)")
-    parser.add_argument("--repeats", type=_positive(int), default=5, help="timed all-reduces; the fastest counts (default 5)")
+    parser.add_argument("--mib", type=positive(float), default=4.0, help="size of the all-reduced tensor in MiB (default 4)")
+    parser.add_argument("--repeats", type=positive(int), default=5, help="timed all-reduces; the fastest counts (default 5)")
     return parser
 
 

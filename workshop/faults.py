@@ -45,6 +45,7 @@ import torch.distributed as tdist
 from workshop import dist, runs
 from workshop.dist import DistEnv
 from workshop.doctor import host_name
+from workshop.params import positive
 
 TRACE_BUFFER = "2000"  # collectives each rank's Flight Recorder keeps (TORCH_FR_BUFFER_SIZE)
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -210,15 +211,6 @@ def format_straggle(times: list[dict]) -> str:
 
 # --- the command line -----------------------------------------------------------------------------------
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m workshop.faults", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,14 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=what)
         q.add_argument("--traces", type=Path, required=True, help="folder for each rank's Flight Recorder dump")
         q.add_argument("--rank", type=int, default=1, help="the rank with the fault (default 1)")
-        q.add_argument("--step", type=_positive(int), default=3, help="the all-reduce it gets wrong (default 3)")
-        q.add_argument("--steps", type=_positive(int), default=4, help="all-reduces in all (default 4)")
-        q.add_argument("--timeout", type=_positive(float), default=5.0,
+        q.add_argument("--step", type=positive(int), default=3, help="the all-reduce it gets wrong (default 3)")
+        q.add_argument("--steps", type=positive(int), default=4, help="all-reduces in all (default 4)")
+        q.add_argument("--timeout", type=positive(float), default=5.0,
                        help="the process group's timeout in seconds (default 5)")
     q = sub.add_parser("straggle", help="a rank slower than the others: each rank's work and wait per step")
     q.add_argument("--rank", type=int, default=1, help="the slow rank (default 1)")
-    q.add_argument("--delay", type=_positive(float), default=0.05, help="its extra seconds per step (default 0.05)")
-    q.add_argument("--steps", type=_positive(int), default=10, help="steps (default 10)")
+    q.add_argument("--delay", type=positive(float), default=0.05, help="its extra seconds per step (default 0.05)")
+    q.add_argument("--steps", type=positive(int), default=10, help="steps (default 10)")
     q = sub.add_parser("read", help="what the ranks' dumps in a folder say")
     q.add_argument("folder", type=Path)
     return p

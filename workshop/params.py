@@ -140,3 +140,20 @@ def validate(notebook: str | Path, values: dict) -> None:
     found = problems(declared(notebook), values)
     if found:
         raise ParameterError("; ".join(found) + " (see the notebook's parameters cell)")
+
+
+def positive(kind):
+    """An argparse type for the package's command lines (doctor, faults, costmodel): `kind` (int or float) of a
+    finite value above 0; anything else is argparse's usage error (exit 2) naming the value."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+        return value
+    return parse
+
