@@ -90,6 +90,10 @@ step 09_pipeline nb 09_pipeline_parallelism 09_pipeline_parallelism.yaml -p timi
     -- -p model_size cpu -p seq_len 32 -p micro_batch_size 2 -p bubble_microbatches 2 -p timing_repeats 1
 step 10_inference nb 10_inference 10_inference.yaml -p train_steps 60 -p max_new_tokens 48 -p timing_repeats 2 \
     -- -p model_size cpu -p seq_len 64 -p batch_size 16 -p train_steps 20 -p max_new_tokens 16 -p compile_decoding False
+# the debugging notebook's CPU run is the tests' (nbval and 2 ranks); on a GPU its own ranks use NCCL and CUDA
+if [[ -n $gpu ]]; then
+    step 11_when_things_go_wrong "$PYTHON" -m workshop.runner notebooks/11_when_things_go_wrong.ipynb
+fi
 
 "$PYTHON" - "$runs" "${gpu:-}" "${steps[@]}" <<'EOF'
 """The report: device, versions, each step's status and time."""

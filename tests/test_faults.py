@@ -10,7 +10,7 @@ import sys
 import pytest
 from test_doctor import STARTUP_S, TORCHRUN, launch
 
-from workshop.faults import diagnose, main, read_traces, short_error
+from workshop.faults import Job, diagnose, launch, main, read_traces, short_error
 
 TIMEOUT_S = 3  # the process group's timeout in these launches
 
@@ -65,6 +65,13 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert exit.value.code == 2
     with pytest.raises(FileNotFoundError, match="TORCH_FR_BUFFER_SIZE"):
         read_traces(tmp_path)
+
+
+def test_a_launch_past_its_bound_is_ended_with_everything_it_started(clean_env):
+    """A small world whose ranks never end (a web server each) is ended at its bound, none of it left running."""
+    (done,) = launch(Job(("--bind", "127.0.0.1", "0"), ranks=2, bound_s=2, module="http.server"))
+    assert done.ended_at_bound and done.returncodes == (None, None)
+    assert done.seconds == 2 and done.left == ()
 
 
 # --- provoked on 2 ranks --------------------------------------------------------------------------------------

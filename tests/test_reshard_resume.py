@@ -1,8 +1,7 @@
 """A checkpoint written by 4 ranks resumes on 2 ranks and on one process with the losses of the run that was
 never interrupted, for FSDP2 (torch.distributed.checkpoint, one file per rank, resharded on load) and DDP (one
-full-state file): tests/multirank/reshard_resume.py trains, saves and resumes; this compares."""
+full-state file): `python -m workshop.reshard` trains, saves and resumes; this compares."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,26 +10,24 @@ import pytest
 import torch
 
 from conftest import REPO
-from workshop import checkpoint, dist, models, sharding
+from workshop import checkpoint, dist, models, reshard, sharding
+from workshop.reshard import SAVED, STEPS
 
-SCRIPT = REPO / "tests" / "multirank" / "reshard_resume.py"
-SAVED, STEPS = 3, 6  # as in the script: checkpointed after step 3 of 6
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                       "GROUP_RANK", "TORCHELASTIC_RUN_ID")
 
 
 def launch(mode: str, folder, world_size: int) -> dict:
-    """The script in `mode` on `world_size` gloo ranks (torchrun; one rank: a plain process); its losses,
+    """workshop.reshard in `mode` on `world_size` gloo ranks (torchrun; one rank: a plain process); its losses,
     {strategy: {step: loss}}."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCHER_VARIABLES}
     runner = [sys.executable]
     if world_size > 1:
         runner += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size)]
-    done = subprocess.run([*runner, str(SCRIPT), mode, str(folder), "fsdp", "ddp"], cwd=REPO, env=env,
+    done = subprocess.run([*runner, "-m", "workshop.reshard", mode, str(folder), "fsdp", "ddp"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    losses = json.loads((folder / f"losses-{mode}-{world_size}.json").read_text())
-    return {strategy: {int(step): loss for step, loss in by_step.items()} for strategy, by_step in losses.items()}
+    return reshard.read_losses(folder, mode, world_size)
 
 
 @pytest.fixture(scope="module")

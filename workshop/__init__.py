@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 LAYERS = {
     "plain": ("runs", "records", "params", "progress", "hardware"),
     "core": ("dist", "data", "models", "train", "lit", "check", "ddp", "data_parallel", "sharding", "tp", "pipeline",
-             "checkpoint", "inference"),
+             "checkpoint", "reshard", "inference"),
     "measurement": ("metrics", "memory", "perf", "bench", "costmodel", "report", "doctor", "faults"),
     "launching": ("runner", "slurm", "sweep", "regenerate"),
 }

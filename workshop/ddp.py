@@ -200,3 +200,65 @@ def train_steps(model: nn.Module, optimizer, loader, device, *, grad_accum_steps
             optimizer.zero_grad(set_to_none=True)
     return losses
 
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over all ranks, differentiable: the gradient of a sum that every rank uses is the sum
+    of every rank's gradient, so the backward pass all-reduces too."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        tdist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        tdist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are the global batch's, on any device: each rank's per-channel sums of
+    x and x^2 and its count are all-reduced (differentiably, so the backward pass sums every rank's share of the
+    gradient through the statistics, as torch's SyncBatchNorm does on GPUs), then every rank normalises with the
+    same mean and variance. Evaluation uses the running statistics, updated from the global ones."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected a batch of at least 2 dimensions (N, C, ...), got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        self._check_input_dim(x)
+        c, dims = x.shape[1], [0, *range(2, x.dim())]
+        count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
+        totals = _SumOverRanks.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:c] / n
+        var = totals[c:2 * c] / n - mean * mean  # biased, as BatchNorm normalises
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)  # unbiased, as BatchNorm keeps it
+            self.num_batches_tracked.add_(1)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm of `model` normalised with the statistics of the global batch: torch's SyncBatchNorm on
+    CUDA (it runs on GPUs only), GlobalBatchNorm elsewhere; the weights, biases and running statistics kept."""
+    if any(p.is_cuda for p in model.parameters()):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            synced = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats)
+            synced.load_state_dict(child.state_dict())
+            setattr(model, name, synced)
+        else:
+            sync_batchnorm(child)
+    return model

@@ -29,6 +29,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -237,8 +238,12 @@ def checklist(report: Report) -> str:
     ])
 
 
+_began = time.monotonic()  # when main() began (torch imported): how long a failure took to show counts from it
+
+
 def _say_cannot_join(report: Report, what: str) -> None:
-    print(f"rank {report.rank} on {report.host}: {what}\n{checklist(report)}", file=sys.stderr, flush=True)
+    took = f" [{time.monotonic() - _began:.1f} s after the check began]"
+    print(f"rank {report.rank} on {report.host}: {what}{took}\n{checklist(report)}", file=sys.stderr, flush=True)
 
 
 def _give_up(report: Report, what: str) -> None:
@@ -316,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _began
+    _began = time.monotonic()
     args = build_parser().parse_args(argv)  # bad arguments: a message and exit 2, before any rank waits
     try:
         env = dist.detect()

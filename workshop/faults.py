@@ -25,6 +25,9 @@ waits inside the all-reduce for the slowest one.
 
 Exit status of a rank: 1 where a collective failed (what the fault does to the others), 0 where none did,
 2 bad input.
+
+From a notebook, `launch` provokes them in a small world of its own: local child processes, started by rank 0
+whatever the notebook's own world, each launch bounded in time and checked to leave no process behind.
 """
 
 from __future__ import annotations
@@ -33,12 +36,19 @@ import argparse
 import os
 import pickle
 import re
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as tdist
 
@@ -207,6 +217,158 @@ def format_straggle(times: list[dict]) -> str:
         lines.append(f"{t['rank']:>4}  {1e3 * statistics.median(t['work_s']):7.1f}  "
                      f"{1e3 * statistics.median(t['wait_s']):21.1f}")
     return "\n".join(lines)
+
+
+def slowest(times: list[dict]) -> tuple[int, float, float]:
+    """The straggler in `straggle`'s times: (its rank, how many ms longer its own work takes than the median of the
+    others', the median ms the other ranks wait for it inside the all-reduce). On one rank: (0, 0, 0)."""
+    work = {t["rank"]: statistics.median(t["work_s"]) for t in times}
+    wait = {t["rank"]: statistics.median(t["wait_s"]) for t in times}
+    rank = max(work, key=work.get)
+    others = [r for r in work if r != rank]
+    if not others:
+        return rank, 0.0, 0.0
+    return (rank, 1e3 * (work[rank] - statistics.median(work[r] for r in others)),
+            1e3 * statistics.median(wait[r] for r in others))
+
+
+def plot_straggle(times: list[dict]):
+    """Each rank's median step as a bar: its own work, then its wait inside the all-reduce."""
+    import matplotlib.pyplot as plt
+
+    ranks = [t["rank"] for t in times]
+    work = [1e3 * statistics.median(t["work_s"]) for t in times]
+    wait = [1e3 * statistics.median(t["wait_s"]) for t in times]
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(ranks)))
+    ax.barh(ranks, work, label="own work")
+    ax.barh(ranks, wait, left=work, label="waiting inside the all-reduce")
+    ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per step (median)")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+# --- a small world of its own, from a notebook -----------------------------------------------------------
+
+# what a launcher gives a process: none of it may leak from the notebook's own world into a child's (torchrun's
+# TORCHELASTIC_USE_AGENT_STORE, for one, tells rank 0 not to open the store that its ranks would then wait for)
+_WORLD_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+                    "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_NAME", "WORKSHOP_MASTER_ADDR",
+                    "WORKSHOP_MASTER_PORT", "WORKSHOP_RUN_DIR")
+_WORLD_PREFIXES = ("SLURM_", "TORCHELASTIC_")
+
+
+@dataclass(frozen=True)
+class Job:
+    """`python -m <module> <args>` as `ranks` local ranks (RANK, WORLD_SIZE, LOCAL_RANK and a free MASTER_PORT on
+    127.0.0.1 set, as torchrun would), ended after `bound_s` seconds if still running; `env` is added to every
+    rank's environment (a value of None removes the variable). The ranks run on CPU with gloo (no GPU visible), so
+    they never take memory or time from a GPU of the notebook's own ranks."""
+
+    args: tuple[str, ...]
+    ranks: int = 2
+    bound_s: float = 30.0
+    env: dict = field(default_factory=dict)
+    module: str = "workshop.faults"
+
+
+@dataclass(frozen=True)
+class Launched:
+    """What a Job did: each rank's exit status (None: still running at the bound, so ended) and output
+    (stdout and stderr together), the seconds until the last rank ended, and the processes left behind (none)."""
+
+    job: Job
+    returncodes: tuple[int | None, ...]
+    outputs: tuple[str, ...]
+    seconds: float
+    left: tuple[str, ...]
+
+    @property
+    def ended_at_bound(self) -> bool:
+        return None in self.returncodes
+
+    def lines(self, pattern: str = "") -> list[str]:
+        """Every rank's output lines that contain `pattern`, in rank order."""
+        return [line for out in self.outputs for line in out.splitlines() if pattern in line]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(job: Job, marker: str, logs: Path) -> list[tuple[subprocess.Popen, Path]]:
+    base = {k: v for k, v in os.environ.items() if k not in _WORLD_VARIABLES and not k.startswith(_WORLD_PREFIXES)}
+    base.update(WORLD_SIZE=str(job.ranks), LOCAL_WORLD_SIZE=str(job.ranks), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(free_port()), WORKSHOP_LAUNCH=marker, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    started = []
+    for rank in range(job.ranks):
+        env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+        for key, value in job.env.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = str(value)
+        log = logs / f"{marker}-{rank}.log"
+        with open(log, "w") as out:  # a file, not a pipe: a rank that writes a lot never blocks on it
+            started.append((subprocess.Popen([sys.executable, "-m", job.module, *map(str, job.args)], env=env,
+                                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True), log))
+    return started
+
+
+def _left_behind(marker: str) -> list[str]:
+    """Processes of this user that carry the launch's marker in their environment."""
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.environ().get("WORKSHOP_LAUNCH") == marker and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:200]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return left
+
+
+def _run(jobs: tuple[Job, ...]) -> list[Launched]:
+    with tempfile.TemporaryDirectory(prefix="workshop-launch-") as tmp:
+        begun = time.monotonic()
+        markers = [uuid.uuid4().hex for _ in jobs]
+        started = [_start(job, marker, Path(tmp)) for job, marker in zip(jobs, markers)]
+        results = []
+        for job, marker, procs in zip(jobs, markers, started):
+            ended = 0.0
+            for proc, _ in procs:
+                try:
+                    proc.wait(timeout=max(0.0, begun + job.bound_s - time.monotonic()))
+                    ended = max(ended, time.monotonic() - begun)
+                except subprocess.TimeoutExpired:
+                    ended = job.bound_s
+            codes = tuple(proc.poll() for proc, _ in procs)
+            for proc, _ in procs:  # a rank still running at the bound, and anything it started, ends here
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+            time.sleep(0.1)  # let the kernel reap what was killed before it is looked for
+            results.append(Launched(job, codes, tuple(log.read_text(errors="replace") for _, log in procs),
+                                    round(ended, 1), tuple(_left_behind(marker))))
+        return results
+
+
+def launch(*jobs: Job, env: DistEnv | None = None) -> list[Launched]:
+    """Run the jobs at the same time, each bounded by its `bound_s`; on rank 0 of the current world when it has
+    more than one rank (the others wait, then receive the results), so a notebook starts one set whatever its
+    own world is."""
+    env = env or dist.get_env()
+    results = _run(jobs) if env.is_main else None
+    if env.is_distributed:
+        box = [results]
+        tdist.broadcast_object_list(box, src=0)
+        results = box[0]
+    return results
 
 
 # --- the command line -----------------------------------------------------------------------------------

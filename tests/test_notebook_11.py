@@ -1,0 +1,45 @@
+"""notebooks/11_when_things_go_wrong.ipynb on 2 local ranks: every provoked fault caught and explained (its checked
+cells as in the committed notebook, a 2 x 2 SLURM run), the slowed rank found, the differences of DDP against one
+process that need two ranks, and no process of the notebook's small worlds left once it has ended. nbval runs it as
+one process."""
+
+import json
+
+import psutil
+import pytest
+
+from conftest import assert_checks_as_committed, run_notebook
+
+NB11 = "notebooks/11_when_things_go_wrong.ipynb"
+CHILDREN = ("workshop.faults", "workshop.doctor", "workshop.reshard")
+
+
+def children_running() -> list[str]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if any(f"-m {module}" in cmdline for module in CHILDREN) and "WORKSHOP_LAUNCH" in (p.environ() or {}):
+            found.append(f"{p.pid} {cmdline}")
+    return found
+
+
+@pytest.mark.multirank
+def test_11_on_two_local_ranks(runs):
+    out = run_notebook("--nproc", 2, NB11)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    text = (run / "11_when_things_go_wrong.ipynb").read_text()
+    assert_checks_as_committed(run / "11_when_things_go_wrong.ipynb", NB11)
+    for line in ("one-GPU batch size per rank differs from one process: True",
+                 "BatchNorm per rank differs from one process:          True",
+                 "no DistributedSampler: each sample seen 2 times:      True",
+                 "rank 1, the slowed one, is found from the times:      True"):
+        assert line in text, line
+    record = json.loads((run / "record.json").read_text())
+    assert record["status"] == "ok" and record["dist"]["world_size"] == 2
+    results = record["results"]
+    assert results["straggle"]["found"] == 1 and [r["rank"] for r in results["straggle"]["per_rank"]] == [0, 1]
+    assert results["resume"] == {"written_by": 2, "resumed_on": [4, 1], "same_losses": True}
+    assert results["ddp_gaps"]["share"] < 1e-5 < results["ddp_gaps"]["whole_per_rank"]
+    assert sorted(p.name for p in (run / "reshard" / "fsdp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert children_running() == []
