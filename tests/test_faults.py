@@ -10,7 +10,8 @@ import sys
 import pytest
 from test_doctor import STARTUP_S, TORCHRUN, launch
 
-from workshop.faults import Job, diagnose, launch, main, read_traces, short_error
+from workshop import faults as workshop_faults
+from workshop.faults import diagnose, main, read_traces, short_error
 
 TIMEOUT_S = 3  # the process group's timeout in these launches
 
@@ -69,7 +70,8 @@ def test_bad_input_exits_2(tmp_path, capsys):
 
 def test_a_launch_past_its_bound_is_ended_with_everything_it_started(clean_env):
     """A small world whose ranks never end (a web server each) is ended at its bound, none of it left running."""
-    (done,) = launch(Job(("--bind", "127.0.0.1", "0"), ranks=2, bound_s=2, module="http.server"))
+    job = workshop_faults.Job(("--bind", "127.0.0.1", "0"), ranks=2, bound_s=2, module="http.server")
+    (done,) = workshop_faults.launch(job)
     assert done.ended_at_bound and done.returncodes == (None, None)
     assert done.seconds == 2 and done.left == ()
 

@@ -238,11 +238,11 @@ def checklist(report: Report) -> str:
     ])
 
 
-_began = time.monotonic()  # when main() began (torch imported): how long a failure took to show counts from it
+_began = time.monotonic()  # when the rank began to join: how long a failure took to show counts from it
 
 
 def _say_cannot_join(report: Report, what: str) -> None:
-    took = f" [{time.monotonic() - _began:.1f} s after the check began]"
+    took = f" [{time.monotonic() - _began:.1f} s after it began to join]"
     print(f"rank {report.rank} on {report.host}: {what}{took}\n{checklist(report)}", file=sys.stderr, flush=True)
 
 
@@ -336,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
                                  f"({report.resolve_error}): no rank can reach it, so this rank stops now.")
         return EXIT_NO_GROUP
     where = f"the process group of {env.world_size} ranks at {env.master_addr}:{env.master_port}"
+    # dist.init imports torch._dynamo before it joins (why: there); imported here, its seconds on a busy node do
+    # not count against --timeout, which is the rendezvous's
+    import torch._dynamo  # noqa: F401
+
+    _began = time.monotonic()
     # torch's store retries past its timeout (a connect that times out, then backoff: 5 s became 11 s with
     # torch 2.14), so the bound is kept here: at --timeout, say so and end this process
     watchdog = threading.Timer(args.timeout, _give_up, (report, f"could not join {where} within {args.timeout:g} s"))
