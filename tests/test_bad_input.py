@@ -260,6 +260,10 @@ CASES = [
          "10_inference.ipynb's parameters cell)"),
     Case("a sampling temperature of 0", ["notebooks/10_inference.ipynb", "-p", "temperature", "0"], 2,
          "error: parameter temperature = 0 must be above 0 (the rules are in 10_inference.ipynb's parameters cell)"),
+    Case("a provoked hang that would never time out", ["notebooks/11_when_things_go_wrong.ipynb", "-p", "fault_timeout",
+                                                        "0"], 2,
+         "error: parameter fault_timeout = 0 must be above 0, at most 30 (the rules are in 11_when_things_go_wrong.ipynb's "
+         "parameters cell)"),
     Case("more local ranks than the machine can run", ["--nproc", "999", FAIL], 2,
          "error: --nproc 999: too many local ranks for this machine"),
     Case("a rank timeout that is not a number", [FAIL], 2,
