@@ -349,7 +349,7 @@ def _run(jobs: tuple[Job, ...]) -> list[Launched]:
             for proc, _ in procs:  # a rank still running at the bound, and anything it started, ends here
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                except (ProcessLookupError, PermissionError):  # the group is gone (and its id perhaps reused)
                     pass
                 proc.wait()
             time.sleep(0.1)  # let the kernel reap what was killed before it is looked for
