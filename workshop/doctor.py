@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     where = f"the process group of {env.world_size} ranks at {env.master_addr}:{env.master_port}"
     # dist.init imports torch._dynamo before it joins (why: there); imported here, its seconds on a busy node do
     # not count against --timeout, which is the rendezvous's
-    import torch._dynamo  # noqa: F401
+    import torch._dynamo as _dynamo  # noqa: F401  (bound apart: `torch` stays this module's global)
 
     _began = time.monotonic()
     # torch's store retries past its timeout (a connect that times out, then backoff: 5 s became 11 s with
