@@ -201,7 +201,6 @@ def train_steps(model: nn.Module, optimizer, loader, device, *, grad_accum_steps
     return losses
 
 
-
 class _SumOverRanks(torch.autograd.Function):
     """The sum of a tensor over all ranks, differentiable: the gradient of a sum that every rank uses is the sum
     of every rank's gradient, so the backward pass all-reduces too."""
@@ -239,10 +238,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         n = totals[-1]
         mean = totals[:c] / n
         var = totals[c:2 * c] / n - mean * mean  # biased, as BatchNorm normalises
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)  # unbiased, as BatchNorm keeps it
-            self.num_batches_tracked.add_(1)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                # momentum None: a cumulative average, as BatchNorm's
+                weight = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean.detach(), weight)
+                self.running_var.lerp_(var.detach() * n / (n - 1), weight)  # unbiased, as BatchNorm keeps it
         shape = [1, c] + [1] * (x.dim() - 2)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
