@@ -276,3 +276,10 @@ def test_python_m_workshop_memory_plan_with_pipeline_stages(capsys):
     with pytest.raises(SystemExit) as exit:
         memory.main(["plan", "llama2-70b", "--world-size", "512", "--tp", "8", "--pp", "3"])
     assert exit.value.code == 2 and "8 x 3 = 24" in capsys.readouterr().err
+
+
+def test_master_weights_add_an_fp32_copy_even_of_fp32_weights():
+    assert memory.optimizer_state_bytes("adamw", torch.float32, master_weights=True) == 12
+    assert memory.optimizer_state_bytes("adamw", torch.bfloat16, master_weights=False) == 8
+    m = memory.predict(1000, 4, "zero2", master_weights=True)
+    assert (m.params, m.grads, m.optimizer) == (4000, 1000, 3000)

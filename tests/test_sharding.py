@@ -78,3 +78,11 @@ def test_hybrid_layout_needs_equal_ranks_per_node():
     # sbatch --ntasks=3 on 2 nodes: 2 tasks on the first, 1 on the second
     problem = hybrid_layout_problem(DistEnv(world_size=3, local_world_size=2))
     assert "world size 3 is not a multiple of the ranks per node 2" in problem and "--ntasks-per-node" in problem
+
+
+def test_a_missing_deepspeed_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed raises ImportError
+    with pytest.raises(ImportError, match="pip install deepspeed"):
+        sharding.import_deepspeed("cpu")

@@ -81,28 +81,33 @@ def dtype_bytes(dtype: torch.dtype | str) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def optimizer_state_bytes(optimizer: str = "adamw", param_dtype: torch.dtype | str = torch.float32) -> int:
+def optimizer_state_bytes(optimizer: str = "adamw", param_dtype: torch.dtype | str = torch.float32,
+                          master_weights: bool | None = None) -> int:
     """K, the optimizer's bytes per parameter: its fp32 moments (Adam/AdamW: exp_avg and exp_avg_sq,
     8; SGD with momentum: 4; plain SGD: 0), plus an fp32 master copy of the weights (4) when the
-    parameters are kept in a lower precision. Per-tensor scalars (Adam's `step`) are not counted."""
+    parameters are kept in a lower precision, or whenever `master_weights` is True (DeepSpeed's ZeRO
+    optimizers step an fp32 copy of their partition even of fp32 weights). Per-tensor scalars (Adam's
+    `step`) are not counted."""
     moments = {"adam": 8, "adamw": 8, "sgd_momentum": 4, "sgd": 0}
     if optimizer not in moments:
         raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(moments)}")
-    master = 4 if dtype_bytes(param_dtype) < 4 else 0
-    return moments[optimizer] + master
+    if master_weights is None:
+        master_weights = dtype_bytes(param_dtype) < 4
+    return moments[optimizer] + (4 if master_weights else 0)
 
 
 def predict(num_params: float, world_size: int, stage: str, *, preset: str | None = None,
             param_dtype: torch.dtype | str = torch.float32, grad_dtype: torch.dtype | str | None = None,
-            optimizer: str = "adamw") -> RankMemory:
+            optimizer: str = "adamw", master_weights: bool | None = None) -> RankMemory:
     """Bytes per rank of parameters, gradients and optimizer states for `num_params` parameters
     trained data-parallel on `world_size` ranks with a ZeRO `stage` (one of STAGES).
 
     Bytes per parameter come from a `preset` (PRESETS: "mixed_adam" is the paper's 2 + 2 + 12,
     "fp32_adam" 4 + 4 + 8), else from the dtypes and the optimizer (gradients in the parameters'
-    dtype unless `grad_dtype` says otherwise). A shard is an exact 1 / world_size: real
-    implementations round (FSDP pads each tensor's first dimension to a multiple of the world
-    size; ZeroRedundancyOptimizer gives each rank whole tensors), which the measurement shows."""
+    dtype unless `grad_dtype` says otherwise; `master_weights` as in `optimizer_state_bytes`). A shard
+    is an exact 1 / world_size: real implementations round (FSDP pads each tensor's first dimension to
+    a multiple of the world size; ZeroRedundancyOptimizer gives each rank whole tensors), which the
+    measurement shows."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; use one of {STAGES}")
     if world_size < 1:
@@ -114,7 +119,7 @@ def predict(num_params: float, world_size: int, stage: str, *, preset: str | Non
     else:
         p = dtype_bytes(param_dtype)
         g = dtype_bytes(grad_dtype if grad_dtype is not None else param_dtype)
-        k = optimizer_state_bytes(optimizer, param_dtype)
+        k = optimizer_state_bytes(optimizer, param_dtype, master_weights)
     level = STAGES.index(stage)  # 0 ddp, 1 shards optimizer states, 2 and gradients, 3 and parameters
     share = 1 / world_size
     return RankMemory(
@@ -153,9 +158,14 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer) -> RankMemory:
 def measure_all(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
     """`measure` on every rank, gathered: one `RankMemory.as_dict()` per rank, in rank order, on every
     rank (a collective: every rank must call it). A process of one gets a list of one."""
+    return gather(measure(model, optimizer))
+
+
+def gather(mine: RankMemory) -> list[dict]:
+    """Every rank's `RankMemory`, as `as_dict()`, in rank order, on every rank (a collective)."""
     import torch.distributed as tdist
 
-    mine = measure(model, optimizer).as_dict()
+    mine = mine.as_dict()
     if not (tdist.is_available() and tdist.is_initialized()):
         return [mine]
     per_rank: list = [None] * tdist.get_world_size()

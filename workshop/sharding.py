@@ -5,6 +5,7 @@ Notebook 06 writes the ideas in cells and checks these against one process.
     model, optimizer = apply_zero1(model, shard_mesh(env), lr=3e-3)   # DDP + ZeroRedundancyOptimizer
     model = apply_fsdp(model, shard_mesh(env))                          # fully_shard per block, then root
     model = apply_fsdp(model, hybrid_mesh(env))                         # replicate across nodes, shard within
+    engine, optimizer = apply_deepspeed(model, optimizer, config)        # DeepSpeed ZeRO stage 1, 2 or 3
     save_checkpoint(path, model, optimizer, step=step)   # one file per rank
     step = load_checkpoint(path, model, optimizer)       # on any number of ranks
 
@@ -21,6 +22,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from workshop.dist import DistEnv
+from workshop.memory import RankMemory, local_bytes
 
 
 def _device_type(env: DistEnv) -> str:
@@ -173,3 +175,68 @@ def _model_mismatch(saved: dict, model_state: dict) -> str | None:
     differences.sort()
     more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
     return "; ".join(differences[:3]) + more
+
+
+def import_deepspeed(device: str = "cpu"):
+    """`import deepspeed`, set up for `device`: its accelerator ("cpu" on CPU, where DeepSpeed would otherwise look for
+    CUDA; DS_ACCELERATOR decides at its import, so a value already set is kept), its INFO lines off, and on CPU no
+    JIT-compiled C++ at run time. A missing package is an error that says how to install it."""
+    import logging
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if str(device).startswith("cuda") else "cpu")
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise ImportError(f"DeepSpeed is not installed ({err}): `pip install deepspeed`, or `make setup` / the conda "
+                          "environment, which install it with the workshop") from err
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    # DeepSpeed's communication backend on the CPU accelerator compiles a shared-memory all-reduce (C++, ninja and
+    # a compiler, tens of seconds) the first time a process group starts; it serves only inference_all_reduce, which
+    # training never calls. Marked incompatible, it is not built and every collective goes through gloo.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict, device: str = "cpu"):
+    """`deepspeed.initialize` on the process group already started (dist.init): returns (engine, optimizer), the
+    engine to call for the forward, `engine.backward(loss)` and `engine.step()`; the optimizer is DeepSpeed's ZeRO
+    wrapper around `optimizer`, which it rebuilds over flat fp32 partitions (so a torch optimizer needs
+    "zero_allow_untested_optimizer" in `config`). `config` is DeepSpeed's JSON config as a dict."""
+    deepspeed = import_deepspeed(device)
+    engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, zero_optimizer
+
+
+def deepspeed_memory(engine) -> RankMemory:
+    """Bytes this rank holds in a DeepSpeed ZeRO engine, measured after `engine.backward` and before `engine.step`
+    (the step frees the gradient partition): parameters (stage 3: this rank's partition `ds_tensor`, plus whatever
+    is gathered at the moment), gradients (the reduced partition the step will use) and optimizer states (the inner
+    optimizer's states plus DeepSpeed's fp32 copy of the partition it steps). Reads the ZeRO optimizers' own
+    attributes (DeepSpeed 0.19): an unknown layout raises rather than count nothing."""
+    zero = engine.optimizer
+    stage3 = hasattr(zero, "fp32_partitioned_groups_flat")
+    params = 0
+    for p in engine.module.parameters():
+        params += local_bytes(p.data)  # stage 3: empty outside a gather
+        if hasattr(p, "ds_tensor"):
+            params += local_bytes(p.ds_tensor)
+    if stage3:
+        grads, master = [zero.grad_partitions_flat_buffer], zero.fp32_partitioned_groups_flat
+    elif hasattr(zero, "single_partition_of_fp32_groups"):
+        grads, master = zero.averaged_gradients, zero.single_partition_of_fp32_groups
+    else:
+        raise TypeError(f"deepspeed_memory reads DeepSpeed's ZeRO optimizers; this engine's is {type(zero).__name__}")
+    states = [v for s in zero.optimizer.state.values() for v in s.values()]
+    return RankMemory(params=params, grads=_tensor_bytes(grads), optimizer=_tensor_bytes(master) + _tensor_bytes(states))
+
+
+def _tensor_bytes(held) -> int:
+    """Bytes of the tensors in `held`, a tensor or nested lists, tuples and dicts of them (other values count 0)."""
+    if isinstance(held, torch.Tensor):
+        return local_bytes(held)
+    if isinstance(held, dict):
+        held = held.values()
+    if isinstance(held, (list, tuple, type({}.values()))):
+        return sum(_tensor_bytes(h) for h in held)
+    return 0
