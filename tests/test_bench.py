@@ -288,3 +288,24 @@ def test_single_on_a_gpu_measures_every_variant_with_mfu(runs):
     assert [r["variant"] for r in rows] == list(perf.VARIANTS)
     assert all(r["status"] == "ok" and r["samples_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
     assert rows[4]["compile_time_s"] is not None and rows[1]["pin_memory"] is True
+
+
+def test_the_collective_counter_counts_each_collective_and_its_whole_tensor(clean_env):
+    import torch.distributed as tdist
+
+    from workshop import dist
+
+    dist.init(dist.DistEnv())  # a process group of one: the collectives run, alone
+    try:
+        whole, part = torch.zeros(8), torch.ones(8)
+        with bench.CollectiveCounter() as counted:
+            tdist.all_reduce(torch.ones(10))
+            tdist.all_reduce(torch.ones(6, dtype=torch.float64))
+            tdist.all_gather_into_tensor(whole, part)
+            tdist.broadcast(torch.ones(3), src=0)
+            torch.ones(4) * 2  # not a collective
+        assert counted.calls == {"all_reduce": {"calls": 2, "bytes": 40 + 48}, "all_gather": {"calls": 1, "bytes": 32},
+                                 "broadcast": {"calls": 1, "bytes": 12}}
+        assert torch.equal(whole, part)  # the collective itself ran
+    finally:
+        dist.cleanup()

@@ -13,8 +13,8 @@ from conftest import REPO, assert_checks_as_committed, run_notebook
 NB06 = "notebooks/06_sharding.ipynb"
 CHECK = [f"{what} matches the single-process run:" for what in
          ("ZeRO-1 by hand", "ZeroRedundancyOptimizer", "FSDP2 (reshard)", "FSDP2 (no reshard)", "hybrid sharding",
-          "Lightning FSDP2")] + ["measured bytes per rank within 10% of workshop.memory:",
-                                 "checkpoint round trip gives the same next losses:"]
+          "Lightning FSDP2", "DeepSpeed ZeRO-1", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3")]
+CHECK += ["measured bytes per rank within 10% of workshop.memory:", "checkpoint round trip gives the same next losses:"]
 
 
 def check_cell_lines(notebook):
@@ -47,6 +47,16 @@ def assert_sharded_memory(record, world_size):
     assert peaks["fsdp2_reshard_True"] < peaks["zero1"] < peaks["ddp"] == ddp["total"]
     held = record["results"]["params_held_after_forward"]
     assert held["reshard"] < held["no_reshard"] == ddp["params"]
+    # DeepSpeed after a backward: stages 1 and 2 keep a gradient partition, stage 3 a parameter partition too
+    for stage in (1, 2, 3):
+        for rank in per_rank[f"deepspeed_zero{stage}"]:
+            assert rank["grads"] * world_size == ddp["grads"]
+            assert rank["params"] * (world_size if stage == 3 else 1) == ddp["params"]
+    # ... and every step of stages 1 and 2 reduces the gradients and then gathers the parameters: twice DDP's tensors
+    steps = record["results"]["zero_against_ddp"]
+    for version in ("zero1", "zero2"):
+        assert steps[version]["collective_bytes"] == pytest.approx(2 * steps["ddp"]["collective_bytes"], rel=0.01)
+        assert steps[version]["collectives"]["all_gather"]["bytes"] == pytest.approx(ddp["params"], rel=0.01)
 
 
 def test_gpu_params_file_names_notebook_parameters():

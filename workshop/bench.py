@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from workshop import dist, hardware, metrics, perf
 from workshop.ddp import apply_ddp
@@ -67,6 +68,41 @@ _UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 1
 _FLOAT32 = 4  # bytes per element of the tensors all-reduced here
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)  # CIFAR-shaped synthetic samples
+
+
+# --- counting collectives -----------------------------------------------------------------------
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts the torch.distributed collectives this process calls inside `with CollectiveCounter() as counted:`.
+    Collectives are dispatcher ops (c10d.allreduce_, c10d._allgather_base_, ...) whoever calls them (DDP's C++
+    reducer, FSDP2, DeepSpeed), so a dispatch mode sees each one. `counted.calls` maps a collective ("all_gather",
+    "all_reduce", "broadcast", "reduce_scatter", ...) to {"calls": n, "bytes": b}: b sums, per call, the bytes of the
+    whole tensor it gathers, reduces or broadcasts (its largest tensor argument, a list's tensors together). Every
+    other op passes through untouched; the mode costs Python time per op, so time steps outside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, dict] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace, _, op = func.name().partition("::")
+        if namespace == "c10d":
+            name = op.split(".")[0].strip("_")
+            for suffix in ("_coalesced", "_base", "_into_tensor", "_tensor"):
+                name = name.replace(suffix, "")
+            name = {"allreduce": "all_reduce", "allgather": "all_gather", "alltoall": "all_to_all"}.get(name, name)
+            seen = self.calls.setdefault(name, {"calls": 0, "bytes": 0})
+            seen["calls"] += 1
+            seen["bytes"] += max((_arg_bytes(a) for a in (*args, *(kwargs or {}).values())), default=0)
+        return func(*args, **(kwargs or {}))
+
+
+def _arg_bytes(arg) -> int:
+    if isinstance(arg, torch.Tensor):
+        return arg.numel() * arg.element_size()
+    if isinstance(arg, (list, tuple)):
+        return sum(_arg_bytes(a) for a in arg if isinstance(a, torch.Tensor))
+    return 0
 
 
 # --- helpers -----------------------------------------------------------------------------------

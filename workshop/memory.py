@@ -184,16 +184,19 @@ class Measured:
     per_rank: list[dict]
 
 
-def train_and_measure(train, model: nn.Module, optimizer: torch.optim.Optimizer, device="cpu") -> Measured:
+def train_and_measure(train, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                      device="cpu") -> Measured:
     """Run `train()` (the steps of `model` with `optimizer`, gradients kept after the last one), timed,
-    then measure what every rank holds. Every rank must call it."""
+    then measure what every rank holds. Without a model, `train()` measures itself and returns what
+    `gather` gave (DeepSpeed: the bytes after a backward, before its step frees them). Every rank must
+    call it."""
     from workshop import metrics
 
     metrics.reset_peak_memory(device)
     with metrics.Timer(device) as timer:
-        train()
+        held = train()
     peak = metrics.peak_memory(device) if str(device).startswith("cuda") else None
-    return Measured(timer.elapsed, peak, measure_all(model, optimizer))
+    return Measured(timer.elapsed, peak, held if model is None else measure_all(model, optimizer))
 
 
 PARTS = ("params", "grads", "optimizer")

@@ -181,8 +181,10 @@ def import_deepspeed(device: str = "cpu"):
     """`import deepspeed`, set up for `device`: its accelerator ("cpu" on CPU, where DeepSpeed would otherwise look for
     CUDA; DS_ACCELERATOR decides at its import, so a value already set is kept), its INFO lines off, and on CPU no
     JIT-compiled C++ at run time. A missing package is an error that says how to install it."""
+    import importlib
     import logging
     import os
+    import warnings
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if str(device).startswith("cuda") else "cpu")
     try:
@@ -191,19 +193,29 @@ def import_deepspeed(device: str = "cpu"):
         raise ImportError(f"DeepSpeed is not installed ({err}): `pip install deepspeed`, or `make setup` / the conda "
                           "environment, which install it with the workshop") from err
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    # DeepSpeed's communication backend on the CPU accelerator compiles a shared-memory all-reduce (C++, ninja and
-    # a compiler, tens of seconds) the first time a process group starts; it serves only inference_all_reduce, which
-    # training never calls. Marked incompatible, it is not built and every collective goes through gloo.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # DeepSpeed's communication backend (TorchBackend) JIT-compiles a shared-memory all-reduce on the CPU accelerator
+    # (C++ through ninja and a compiler, seconds to minutes) when its process group starts; only inference_all_reduce
+    # uses it, which training never calls. Without it every collective goes through the gloo group. DeepSpeed has no
+    # setting for this (the op's compatibility check would itself compile test programs), so its builder is replaced.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # deepspeed.comm.torch is torch itself
+    # DeepSpeed 0.19 calls all_gather_into_tensor and reduce_scatter_tensor, which torch 2.14 deprecates with a
+    # FutureWarning at every call: its lines, not the lesson's.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                            FutureWarning)
     return deepspeed
 
 
-def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict, device: str = "cpu"):
+def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict, env: DistEnv):
     """`deepspeed.initialize` on the process group already started (dist.init): returns (engine, optimizer), the
     engine to call for the forward, `engine.backward(loss)` and `engine.step()`; the optimizer is DeepSpeed's ZeRO
     wrapper around `optimizer`, which it rebuilds over flat fp32 partitions (so a torch optimizer needs
     "zero_allow_untested_optimizer" in `config`). `config` is DeepSpeed's JSON config as a dict."""
-    deepspeed = import_deepspeed(device)
+    import os
+
+    deepspeed = import_deepspeed(env.device)
+    # DeepSpeed reads this rank's device index from LOCAL_RANK, which torchrun sets and srun (SLURM_LOCALID), a
+    # papermill kernel or a one-process notebook do not: it asserts without it. The DistEnv knows it in every case.
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
     engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, zero_optimizer
 

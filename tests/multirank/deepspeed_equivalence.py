@@ -31,7 +31,7 @@ def engine_for(stage):
     config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 0.0, "steps_per_print": 10**9,
               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
               "zero_allow_untested_optimizer": True}
-    return sharding.apply_deepspeed(model, torch.optim.AdamW(model.parameters(), lr=LR), config, env.device)[0]
+    return sharding.apply_deepspeed(model, torch.optim.AdamW(model.parameters(), lr=LR), config, env)[0]
 
 
 def gather(obj):
