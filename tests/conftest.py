@@ -112,3 +112,29 @@ def assert_checks_as_committed(executed: Path, committed: str | Path, skip: tupl
     for cell_id, text in want.items():
         if cell_id not in skip:
             assert ran.get(cell_id) == text, f"checked cell {cell_id} of {committed}: ran {ran.get(cell_id)!r}, not {text!r}"
+
+
+def wandb_history(folder: Path) -> list[dict]:
+    """The metrics an offline W&B run logged, one dict per step, read from its `run-<id>.wandb` file: a LevelDB-style
+    log (a 7-byte ":W&B" header, then 32 KiB blocks of chunks, each with a 4-byte checksum, a 2-byte little-endian
+    length and a type: 1 whole, 2 first, 3 middle, 4 last) of wandb's protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = folder.glob("run-*.wandb")
+    data, block, pos, pieces, steps = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B", path
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pieces += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            pieces = b""
+            if record.WhichOneof("record_type") == "history":
+                steps.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                              for item in record.history.item})
+    return steps

@@ -190,11 +190,11 @@ def write_record(run: Path, *, notebook: str, params: dict, results: dict, statu
     return records.write(run, record)
 
 
-def write_baseline_record(run, params: dict, *, plain: dict, lightning: dict, data_source: str, env=None):
+def write_baseline_record(run, params: dict, *, plain: dict, lightning: dict, data_source: str, env=None, **extra):
     """Notebook 01's record.json (rank 0 writes it; other ranks get None). `plain` and `lightning` are what each
     loop measured: wall_time_s, and where known peak_memory_bytes, val_acc, val_loss. Their samples/s are computed
     from params' epochs and num_train; both also go into "measurements" in the keys workshop.report reads
-    (notebook 12), the plain loop as the baseline."""
+    (notebook 12), the plain loop as the baseline. `extra` keys go into the record beside them (`tracking`)."""
     samples = params["epochs"] * params["num_train"]
     loops = {name: {**measured, "samples_per_s": throughput(samples, measured["wall_time_s"])}
              for name, measured in (("plain", plain), ("lightning", lightning))}
@@ -207,5 +207,5 @@ def write_baseline_record(run, params: dict, *, plain: dict, lightning: dict, da
     return write_record(
         run, notebook="01_baseline", params=params, results={**loops, "measurements": measurements}, env=env,
         data_source=data_source, wall_time_s=plain["wall_time_s"] + lightning["wall_time_s"],
-        samples_per_s=loops["plain"]["samples_per_s"], peak_memory_bytes=plain.get("peak_memory_bytes"),
+        samples_per_s=loops["plain"]["samples_per_s"], peak_memory_bytes=plain.get("peak_memory_bytes"), **extra,
     )
