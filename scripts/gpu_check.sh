@@ -6,13 +6,15 @@
 #   WORKSHOP_ALLOW_CPU=1 scripts/gpu_check.sh              # the same steps on CPU, with CPU sizes (CI runs
 #                                                          # this, so that the script does not rot)
 # Steps, each timed, each with its log:
-#   1. the gpu-marked tests (pytest -m gpu): the device a rank gets, a timed step, CUDA peak memory;
+#   1. the gpu-marked tests (pytest -m gpu): the device a rank gets, a timed step, CUDA peak memory, and
+#      AxoNN's tensor parallelism against one process (with the gpu extra: pip install -e '.[gpu]');
 #   2. python -m workshop.bench single --model resnet18 --batch-size 512 (notebook 02's variants);
 #   3. notebooks 01, 02, 05, 06, 07, 08, 09 and 10 as one process, with their GPU parameters
 #      (notebooks/params/) at fewer steps: CUDA timing and peak memory, bf16 autocast, channels-last,
 #      pinned memory, the CUDA allocator's peak and snapshot, torch.compile of a training step and
 #      of decoding with CUDA graphs (reduce-overhead), FSDP2 with bf16 compute, DDP and tensor
-#      parallelism on a CUDA device, a pipeline stage's step and torch.distributed.pipelining on one.
+#      parallelism on a CUDA device (AxoNN's too, with the gpu extra), DeepSpeed ZeRO 1-3 and Lightning's
+#      DeepSpeed strategies, a pipeline stage's step and torch.distributed.pipelining on one.
 # Writes its records under runs/gpu-check-<time>/ and its report (device, versions, each step's
 # status and time) to docs/results/gpu_check.md; on CPU the report stays in the run folder, so a
 # CPU check never overwrites a GPU report. Exit status: the number of steps that failed.

@@ -120,3 +120,23 @@ def test_two_ranks_equal_one_process(tmp_path, clean_env):
 def test_2d_on_four_ranks_equals_one_process(tmp_path, clean_env):
     pairs = _launch(4, tmp_path / "tp4.pt")
     _assert_pairs(pairs, ["train_2d.", "train_lightning_2d."])
+
+
+@pytest.mark.parametrize("text, world, grid", [("0,1,1", 4, (4, 1, 1)), ("2,0,1", 4, (2, 2, 1)), ("1,1,0", 2, (1, 1, 2)),
+                                               ("2,2,1", 4, (2, 2, 1)), ("0,1,1", 1, (1, 1, 1))])
+def test_axonn_tp_dimensions_fill_in_the_rest_of_the_world(text, world, grid):
+    assert tp.parse_tp_dimensions(text, world) == grid
+
+
+@pytest.mark.parametrize("text, message", [
+    ("4,1", "three whole numbers"), ("0,0,1", "at most one of them 0"), ("a,b,c", "three whole numbers"),
+    ("2,2,2", "2 x 2 x 2 = 8 ranks, but the world has 4")])
+def test_axonn_tp_dimensions_that_do_not_fit_are_refused(text, message):
+    with pytest.raises(ValueError, match=message):
+        tp.parse_tp_dimensions(text, 4)
+
+
+def test_axonn_steps_aside_on_cpu_naming_nccl_and_cuda():
+    from workshop import dist
+
+    assert "AxoNN requires NCCL and CUDA" in tp.axonn_problem(dist.DistEnv(device="cpu"))

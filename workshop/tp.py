@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workshop.dist import DistEnv
-from workshop.models import CausalSelfAttention, FeedForward, GPTBlock, KVCache, TinyGPT, causal_attention
+from workshop.models import CausalSelfAttention, FeedForward, GPTBlock, KVCache, TinyGPT, causal_attention, lm_loss
 
 # Once, when the module is imported (not on every apply_2d): FSDP2 warns at every forward that the 2D model returns
 # a view. The logits leave it as one (DTensor.to_local()), and nothing here changes them in place.
@@ -372,3 +372,74 @@ def lightning_2d(sequence_parallel: bool = False):
     `apply_2d`; the optimizer is made afterwards, over the split weights."""
     return functools.partial(apply_2d, dp_dim="data_parallel", tp_dim="tensor_parallel",
                              sequence_parallel=sequence_parallel)
+
+
+# --- AxoNN (GPUs only) ------------------------------------------------------------------------------
+
+def axonn_problem(env: DistEnv) -> str | None:
+    """Why AxoNN's tensor parallelism cannot run on this rank, or None when it can: AxoNN 0.2 creates its process
+    groups with NCCL and its layers on CUDA, and is the `gpu` extra of this package."""
+    import importlib.util
+
+    if not env.device.startswith("cuda"):
+        return "AxoNN requires NCCL and CUDA (its process groups are NCCL's, its layers CUDA's); this rank runs on CPU"
+    if importlib.util.find_spec("axonn") is None:
+        return "AxoNN is not installed: pip install -e '.[gpu]' (or pip install axonn)"
+    return None
+
+
+def parse_tp_dimensions(text: str, world_size: int) -> tuple[int, int, int]:
+    """AxoNN's tensor-parallel grid "rows,columns,depth" (e.g. "2,2,1"); one 0 stands for whatever the others leave of
+    the world. The product must be the world size (AxoNN's G_intra_r x G_intra_c x G_intra_d, with no data or
+    pipeline parallelism beside it)."""
+    try:
+        dims = [int(x) for x in str(text).split(",")]
+    except ValueError:
+        dims = []
+    if len(dims) != 3 or any(d < 0 for d in dims) or dims.count(0) > 1:
+        raise ValueError(f"tp_dimensions {text!r}: give rows,columns,depth as three whole numbers, at most one of them 0 "
+                         f"(the rest of the {world_size} ranks), e.g. \"{world_size},1,1\"")
+    if 0 in dims:
+        given = (dims[0] or 1) * (dims[1] or 1) * (dims[2] or 1)
+        dims[dims.index(0)] = max(1, world_size // given)
+    if dims[0] * dims[1] * dims[2] != world_size:
+        raise ValueError(f"tp_dimensions {text!r} make a grid of {dims[0]} x {dims[1]} x {dims[2]} = "
+                         f"{dims[0] * dims[1] * dims[2]} ranks, but the world has {world_size}")
+    return dims[0], dims[1], dims[2]
+
+
+def axonn_parallelize(build, state: dict, tp_dimensions: tuple[int, int, int]) -> nn.Module:
+    """A model whose nn.Linear layers are AxoNN's tensor-parallel Linear on the grid `tp_dimensions` (rows, columns,
+    depth): `build()` runs under AxoNN's `auto_parallelize`, which swaps each nn.Linear it can split for one, and the
+    whole weights of `state` are loaded, each rank keeping its block of every matrix. Every rank must call it,
+    after dist.init on GPUs (AxoNN builds its NCCL groups from the process group already there)."""
+    from axonn import axonn as ax
+    from axonn.intra_layer import auto_parallelize
+
+    rows, columns, depth = tp_dimensions
+    ax.init(G_inter=1, G_data=1, G_intra_r=rows, G_intra_c=columns, G_intra_d=depth)
+    with auto_parallelize():
+        model = build()
+    model.load_state_dict(state)
+    return model
+
+
+def axonn_train(model: nn.Module, optimizer: torch.optim.Optimizer, loader, env: DistEnv) -> list[float]:
+    """AxoNN's training loop over `loader` (this rank's share of each global batch): the forward and backward inside
+    `optimize_communication` (AxoNN adds its layers' weight gradients when the block ends), `sync_gradients` to
+    average the data-parallel layers' gradients, the step. Returns each step's loss of the global batch (the mean of
+    the ranks' losses, equal shares). Every rank must call it."""
+    from axonn.intra_layer import optimize_communication, sync_gradients
+
+    losses = []
+    for x, y in loader:
+        optimizer.zero_grad()
+        with optimize_communication():
+            loss = lm_loss(model(x.to(env.device)), y.to(env.device))
+            loss.backward()
+        sync_gradients(model, mean=True)
+        optimizer.step()
+        summed = loss.detach().clone()
+        tdist.all_reduce(summed)
+        losses.append(summed.item() / env.world_size)
+    return losses
