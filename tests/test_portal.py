@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,9 @@ def test_a_rank_keeps_nothing_in_the_home_folder(runs, monkeypatch, tmp_path):
     local.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("TMPDIR", str(local))
+    # tempfile caches the first temporary folder it finds: one found under this TMPDIR must not outlive the test (a
+    # W&B run started later in this process lost its logged steps to it)
+    monkeypatch.setattr(tempfile, "tempdir", None)
     monkeypatch.setenv("JPY_SESSION_NAME", str(home / "notebooks" / "probe.ipynb"))
     for key in ("IPYTHONDIR", "JUPYTER_RUNTIME_DIR", "WORKSHOP_PROGRESS", "WORKSHOP_LOG_EVERY"):
         monkeypatch.delenv(key, raising=False)

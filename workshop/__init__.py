@@ -4,7 +4,8 @@ Four layers; a module imports only from its own layer and the ones below it (tes
 
     launching     runner (one notebook as N ranks), slurm (submit from a kernel), sweep (task parallelism),
                   regenerate (the committed notebooks)
-    measurement   metrics (timing, peak memory, run folders' records), memory, perf, bench, costmodel, report,
+    measurement   metrics (timing, peak memory, run folders' records), tracking (CSV, TensorBoard, W&B loggers),
+                  memory, perf, bench, costmodel, report,
                   doctor (a job's pre-flight check: each rank's host, device, interface; what is wrong),
                   faults (a hang, a mismatched collective, a slow rank, provoked; who is behind, from the traces)
     lesson core   dist (who am I in this run), data, models, train (the plain loop), lit (the same with
@@ -20,6 +21,6 @@ LAYERS = {
     "plain": ("runs", "records", "params", "progress", "hardware"),
     "core": ("dist", "data", "models", "train", "lit", "check", "ddp", "data_parallel", "sharding", "tp", "pipeline",
              "checkpoint", "reshard", "inference"),
-    "measurement": ("metrics", "memory", "perf", "bench", "costmodel", "report", "doctor", "faults"),
+    "measurement": ("metrics", "tracking", "memory", "perf", "bench", "costmodel", "report", "doctor", "faults"),
     "launching": ("runner", "slurm", "sweep", "regenerate"),
 }

@@ -155,6 +155,40 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer) -> RankMemory:
     return RankMemory(params=param_bytes(model), grads=grads, optimizer=states)
 
 
+def measure_deepspeed(engine) -> RankMemory:
+    """Bytes this rank holds in a DeepSpeed ZeRO engine, measured after `engine.backward` and before `engine.step`
+    (the step frees the gradient partition): parameters (stage 3: this rank's partition `ds_tensor`, plus whatever
+    is gathered at the moment), gradients (the reduced partition the step will use) and optimizer states (the inner
+    optimizer's states plus DeepSpeed's fp32 copy of the partition it steps). Reads the ZeRO optimizers' own
+    attributes (DeepSpeed 0.19): an unknown layout raises rather than count nothing."""
+    zero = engine.optimizer
+    stage3 = hasattr(zero, "fp32_partitioned_groups_flat")
+    params = 0
+    for p in engine.module.parameters():
+        params += local_bytes(p.data)  # stage 3: empty outside a gather
+        if hasattr(p, "ds_tensor"):
+            params += local_bytes(p.ds_tensor)
+    if stage3:
+        grads, master = [zero.grad_partitions_flat_buffer], zero.fp32_partitioned_groups_flat
+    elif hasattr(zero, "single_partition_of_fp32_groups"):
+        grads, master = zero.averaged_gradients, zero.single_partition_of_fp32_groups
+    else:
+        raise TypeError(f"measure_deepspeed reads DeepSpeed's ZeRO optimizers; this engine's is {type(zero).__name__}")
+    states = [v for s in zero.optimizer.state.values() for v in s.values()]
+    return RankMemory(params=params, grads=_tensor_bytes(grads), optimizer=_tensor_bytes(master) + _tensor_bytes(states))
+
+
+def _tensor_bytes(held) -> int:
+    """Bytes of the tensors in `held`, a tensor or nested lists, tuples and dicts of them (other values count 0)."""
+    if isinstance(held, torch.Tensor):
+        return local_bytes(held)
+    if isinstance(held, dict):
+        held = list(held.values())
+    if isinstance(held, (list, tuple)):
+        return sum(_tensor_bytes(h) for h in held)
+    return 0
+
+
 def measure_all(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
     """`measure` on every rank, gathered: one `RankMemory.as_dict()` per rank, in rank order, on every
     rank (a collective: every rank must call it). A process of one gets a list of one."""

@@ -22,7 +22,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from workshop.dist import DistEnv
-from workshop.memory import RankMemory, local_bytes
 
 
 def _device_type(env: DistEnv) -> str:
@@ -194,10 +193,10 @@ def import_deepspeed(device: str = "cpu"):
                           "environment, which install it with the workshop") from err
     deepspeed.utils.logger.setLevel(logging.WARNING)
     # DeepSpeed's communication backend (TorchBackend) JIT-compiles a shared-memory all-reduce on the CPU accelerator
-    # (C++ through ninja and a compiler, seconds to minutes) when its process group starts; only inference_all_reduce
-    # uses it, which training never calls. Without it every collective goes through the gloo group. DeepSpeed has no
+    # (C++, through ninja and a compiler) when its process group starts; only inference_all_reduce uses it, which
+    # training never calls. Without it every collective goes through the gloo group. DeepSpeed has no
     # setting for this (the op's compatibility check would itself compile test programs), so its builder is replaced.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # deepspeed.comm.torch is torch itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # the attribute deepspeed.comm.torch is torch
     # DeepSpeed 0.19 calls all_gather_into_tensor and reduce_scatter_tensor, which torch 2.14 deprecates with a
     # FutureWarning at every call: its lines, not the lesson's.
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
@@ -219,36 +218,3 @@ def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: 
     engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, zero_optimizer
 
-
-def deepspeed_memory(engine) -> RankMemory:
-    """Bytes this rank holds in a DeepSpeed ZeRO engine, measured after `engine.backward` and before `engine.step`
-    (the step frees the gradient partition): parameters (stage 3: this rank's partition `ds_tensor`, plus whatever
-    is gathered at the moment), gradients (the reduced partition the step will use) and optimizer states (the inner
-    optimizer's states plus DeepSpeed's fp32 copy of the partition it steps). Reads the ZeRO optimizers' own
-    attributes (DeepSpeed 0.19): an unknown layout raises rather than count nothing."""
-    zero = engine.optimizer
-    stage3 = hasattr(zero, "fp32_partitioned_groups_flat")
-    params = 0
-    for p in engine.module.parameters():
-        params += local_bytes(p.data)  # stage 3: empty outside a gather
-        if hasattr(p, "ds_tensor"):
-            params += local_bytes(p.ds_tensor)
-    if stage3:
-        grads, master = [zero.grad_partitions_flat_buffer], zero.fp32_partitioned_groups_flat
-    elif hasattr(zero, "single_partition_of_fp32_groups"):
-        grads, master = zero.averaged_gradients, zero.single_partition_of_fp32_groups
-    else:
-        raise TypeError(f"deepspeed_memory reads DeepSpeed's ZeRO optimizers; this engine's is {type(zero).__name__}")
-    states = [v for s in zero.optimizer.state.values() for v in s.values()]
-    return RankMemory(params=params, grads=_tensor_bytes(grads), optimizer=_tensor_bytes(master) + _tensor_bytes(states))
-
-
-def _tensor_bytes(held) -> int:
-    """Bytes of the tensors in `held`, a tensor or nested lists, tuples and dicts of them (other values count 0)."""
-    if isinstance(held, torch.Tensor):
-        return local_bytes(held)
-    if isinstance(held, dict):
-        held = held.values()
-    if isinstance(held, (list, tuple, type({}.values()))):
-        return sum(_tensor_bytes(h) for h in held)
-    return 0

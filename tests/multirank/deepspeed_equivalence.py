@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as tdist
 
-from workshop import data, dist, models, sharding, tp
+from workshop import data, dist, memory, models, sharding, tp
 
 MICRO, STEPS, SEQ, LR = 4, 3, 32, 3e-3
 
@@ -57,7 +57,7 @@ for stage in (1, 2, 3):
     for (x, y), i in zip(shard, range(STEPS)):
         engine.backward(models.lm_loss(engine(x), y))
         if i == STEPS - 1:
-            measured[stage] = gather(sharding.deepspeed_memory(engine).as_dict())
+            measured[stage] = gather(memory.measure_deepspeed(engine).as_dict())
         engine.step()
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         states[stage] = tp.full_state(engine.module)
