@@ -5,12 +5,12 @@ Notebook 06 writes the ideas in cells and checks these against one process.
     model, optimizer = apply_zero1(model, shard_mesh(env), lr=3e-3)   # DDP + ZeroRedundancyOptimizer
     model = apply_fsdp(model, shard_mesh(env))                          # fully_shard per block, then root
     model = apply_fsdp(model, hybrid_mesh(env))                         # replicate across nodes, shard within
-    engine, optimizer = apply_deepspeed(model, optimizer, config)        # DeepSpeed ZeRO stage 1, 2 or 3
+    engine, optimizer = apply_deepspeed(model, optimizer, config, env)   # DeepSpeed ZeRO stage 1, 2 or 3
     save_checkpoint(path, model, optimizer, step=step)   # one file per rank
     step = load_checkpoint(path, model, optimizer)       # on any number of ranks
 
-Each `apply_*` takes the mesh explicitly; `shard_mesh` and `hybrid_mesh` build the usual ones from
-the DistEnv. Works on CPU (gloo) and GPU (NCCL); every rank calls every function (collectives).
+Each `apply_*` takes the mesh explicitly (DeepSpeed's shards over the whole process group); `shard_mesh`
+and `hybrid_mesh` build the usual ones from the DistEnv. Works on CPU (gloo) and GPU (NCCL); every rank calls every function (collectives).
 """
 
 from __future__ import annotations
