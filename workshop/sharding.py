@@ -10,7 +10,8 @@ Notebook 06 writes the ideas in cells and checks these against one process.
     step = load_checkpoint(path, model, optimizer)       # on any number of ranks
 
 Each `apply_*` takes the mesh explicitly (DeepSpeed's shards over the whole process group); `shard_mesh`
-and `hybrid_mesh` build the usual ones from the DistEnv. Works on CPU (gloo) and GPU (NCCL); every rank calls every function (collectives).
+and `hybrid_mesh` build the usual ones from the DistEnv. Works on CPU (gloo) and GPU (NCCL); every rank
+calls every function (collectives).
 """
 
 from __future__ import annotations

@@ -56,16 +56,17 @@ def micro(x, first, n=M):
     return [t.clone() for t in x[first:first + n * MICRO].split(MICRO)]  # storages of their own, as loaded batches
 
 
-# The sleeping stages of the bubble check: forward 20 ms, backward 40 ms, so that the schedule alone decides
+# The sleeping stages of the bubble check: forward 50 ms, backward 100 ms, so that the schedule alone decides (8 ranks
+# share 2 cores with other tests: at 20 and 40 ms, their waits for the CPU moved a measured bubble of 0.2 to 0.3)
 class _Sleep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        time.sleep(0.02)
+        time.sleep(0.05)
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        time.sleep(0.04)
+        time.sleep(0.10)
         return grad
 
 
