@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 .PHONY: run test setup lab kernel notebooks lint slurm-up slurm-down slurm-status
 
 run: setup  ## execute every notebook (CPU, synthetic data, local ranks), then the scaling report (12); prints where it is
-	$(BIN)/python -m workshop.runner series
+	$(BIN)/python -m workshop.launch.runner series
 
 # Three pytest workers on two cores, each of whose processes runs one thread (conftest.py): the tests spend much
 # of their time waiting on ranks, SLURM jobs and JupyterLab, and a third worker fills those waits (on 2 cores, the
@@ -41,7 +41,7 @@ lab: kernel  ## start JupyterLab on the notebooks
 notebooks: setup  ## re-execute the committed notebooks: multi-rank ones on 2 SLURM nodes x 2 ranks (else 4 local ranks)
 	@scripts/local_slurm.sh status >/dev/null 2>&1 || scripts/local_slurm.sh start || \
 	    echo "no local SLURM cluster (needs root): the multi-rank notebooks run on 4 local ranks"
-	$(BIN)/python -m workshop.regenerate
+	$(BIN)/python -m workshop.launch.regenerate
 
 lint: setup
 	$(BIN)/ruff check workshop tests notebooks

@@ -8,7 +8,7 @@
 # Steps, each timed, each with its log:
 #   1. the gpu-marked tests (pytest -m gpu): the device a rank gets, a timed step, CUDA peak memory, and
 #      AxoNN's tensor parallelism against one process (with the gpu extra: pip install -e '.[gpu]');
-#   2. python -m workshop.bench single --model resnet18 --batch-size 512 (notebook 02's variants);
+#   2. python -m workshop.measure.bench single --model resnet18 --batch-size 512 (notebook 02's variants);
 #   3. notebooks 01, 02, 05, 06, 07, 08, 09 and 10 as one process, with their GPU parameters
 #      (notebooks/params/) at fewer steps: CUDA timing and peak memory, bf16 autocast, channels-last,
 #      pinned memory, the CUDA allocator's peak and snapshot, torch.compile of a training step and
@@ -21,7 +21,7 @@
 #
 # Unreachable on one GPU (they need two or more): NCCL between ranks (dist picking cuda:<local
 # rank> with several GPUs on a node, checkpoint's broadcast over NCCL, the collectives of 05, 06
-# and 08 across GPUs, 09's sends between pipeline stages, `python -m workshop.bench collectives`
+# and 08 across GPUs, 09's sends between pipeline stages, `python -m workshop.measure.bench collectives`
 # and `bench strategies` on NCCL), and the split of 08's and 09's meshes over nodes. Run those with the sbatch lines in each notebook's header.
 #SBATCH --job-name=gpu-check
 #SBATCH --time=00:15:00
@@ -65,15 +65,15 @@ nb() {  # nb NOTEBOOK PARAMS_FILE [GPU options] -- [CPU options]: one process, t
     done
     local opts=("${gpu_opts[@]}")
     [[ -z $gpu ]] && opts+=("${cpu_opts[@]}")  # on CPU the sizes shrink to CPU ones as well
-    "$PYTHON" -m workshop.runner "notebooks/$notebook.ipynb" -f "notebooks/params/$file" "${opts[@]}"
+    "$PYTHON" -m workshop.launch.runner "notebooks/$notebook.ipynb" -f "notebooks/params/$file" "${opts[@]}"
 }
 
 echo "GPU check: ${gpu:+CUDA}${gpu:-CPU (WORKSHOP_ALLOW_CPU=1)}; records and logs in $runs"
 step gpu-tests "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
 if [[ -n $gpu ]]; then
-    step bench-single "$PYTHON" -m workshop.bench single --model resnet18 --batch-size 512 --steps 20
+    step bench-single "$PYTHON" -m workshop.measure.bench single --model resnet18 --batch-size 512 --steps 20
 else
-    step bench-single "$PYTHON" -m workshop.bench single --model small_cnn --batch-size 16 --steps 2 --warmup 1 \
+    step bench-single "$PYTHON" -m workshop.measure.bench single --model small_cnn --batch-size 16 --steps 2 --warmup 1 \
         --variants naive,bf16,channels_last
 fi
 step 01_baseline nb 01_baseline gpu.yaml -p epochs 1 -p num_train 16384 -p num_test 4096 -p profile_steps 3 \
@@ -81,7 +81,7 @@ step 01_baseline nb 01_baseline gpu.yaml -p epochs 1 -p num_train 16384 -p num_t
 step 02_performance nb 02_single_device_performance 02_single_device_performance.yaml -p steps 15 -p warmup 3 \
     -p profile_steps 3 -- -p model_name small_cnn -p dataset synthetic -p batch_size 16 -p steps 2 -p warmup 1 \
     -p num_workers 1 -p profile_steps 1
-step 05_ddp "$PYTHON" -m workshop.runner notebooks/05_ddp.ipynb -p steps 2 -p split_steps 2 \
+step 05_ddp "$PYTHON" -m workshop.launch.runner notebooks/05_ddp.ipynb -p steps 2 -p split_steps 2 \
     ${gpu:+-p micro_batch_size 64 -p split_batch_size 128}
 step 06_sharding nb 06_sharding 06_sharding.yaml -p steps 3 -- -p size cpu -p seq_len 32 -p micro_batch_size 4
 step 07_memory nb 07_memory 07_memory.yaml -p timing_repeats 2 \
@@ -94,7 +94,7 @@ step 10_inference nb 10_inference 10_inference.yaml -p train_steps 60 -p max_new
     -- -p model_size cpu -p seq_len 64 -p batch_size 16 -p train_steps 20 -p max_new_tokens 16 -p compile_decoding False
 # the debugging notebook's CPU run is the tests' (nbval and 2 ranks); on a GPU its own ranks use NCCL and CUDA
 if [[ -n $gpu ]]; then
-    step 11_when_things_go_wrong "$PYTHON" -m workshop.runner notebooks/11_when_things_go_wrong.ipynb
+    step 11_when_things_go_wrong "$PYTHON" -m workshop.launch.runner notebooks/11_when_things_go_wrong.ipynb
 fi
 
 "$PYTHON" - "$runs" "${gpu:-}" "${steps[@]}" <<'EOF'

@@ -50,8 +50,8 @@ if [[ ${1:-} == -h || ${1:-} == --help ]]; then
     exit 0
 fi
 PYTHON=${WORKSHOP_PYTHON:-python3}
-if ! "$PYTHON" -c 'import workshop.runner' 2>/dev/null; then
+if ! "$PYTHON" -c 'import workshop.launch.runner' 2>/dev/null; then
     echo "error: $PYTHON cannot import the workshop package and papermill: activate the workshop environment (conda activate workshop, or source .venv/bin/activate), or set WORKSHOP_PYTHON" >&2
     exit 2
 fi
-exec "$PYTHON" -m workshop.runner "$@"  # the launcher: workshop/runner.py
+exec "$PYTHON" -m workshop.launch.runner "$@"  # the launcher: workshop/launch/runner.py

@@ -95,7 +95,7 @@ def slurm(slurm_cluster):
 def checked_outputs(notebook: Path) -> dict:
     """The text each `# NBVAL_CHECK_OUTPUT` cell of a notebook printed, by cell id, with machine paths,
     job ids and times scrubbed as `make notebooks` scrubs them."""
-    from workshop.regenerate import scrub
+    from workshop.launch.regenerate import scrub
 
     cells = json.loads(Path(notebook).read_text())["cells"]
     return {c.get("id"): scrub("".join("".join(o.get("text", "")) for o in c.get("outputs", [])

@@ -295,10 +295,10 @@ CASES = [
          "(CheckpointMismatch: checkpoint {tmp}/ckpt/step5.pt cannot be read as a workshop checkpoint (",
          setup=_truncated_checkpoint),
     Case("sbatch missing when asked to submit", [], 1,
-         "workshop.slurm.SlurmError: `sbatch` is not on PATH: this machine is not part of a SLURM cluster (or its "
+         "workshop.launch.slurm.SlurmError: `sbatch` is not on PATH: this machine is not part of a SLURM cluster (or its "
          "SLURM module is not loaded), so there is nothing to submit to. Run the notebook here instead, as N local "
          "ranks: scripts/run_notebook.sh --nproc N notebooks/<notebook>.ipynb",
-         env={"PATH": "{tmp}"}, python='from workshop import slurm; slurm.submit("05_ddp.ipynb", nodes=2)'),
+         env={"PATH": "{tmp}"}, python='from workshop.launch import slurm; slurm.submit("05_ddp.ipynb", nodes=2)'),
     Case("a logger that does not exist", [NB01, "-p", "logger", "mlflow"], 2,
          "error: parameter logger = 'mlflow' must be one of tensorboard, csv, wandb (the rules are in 01_baseline.ipynb's "
          "parameters cell)"),
@@ -307,7 +307,7 @@ CASES = [
          "refused); compute nodes usually have no internet. Unset WANDB_MODE: the run logs offline into its folder, and "
          "`wandb sync runs/<run>/wandb/offline-run-*` uploads it from a login node",
          env={"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9"},
-         python="from workshop import tracking; tracking.wandb_mode()"),
+         python="from workshop.measure import tracking; tracking.wandb_mode()"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""workshop.bench: its arithmetic in one process, and each benchmark started on 2 gloo ranks.
+"""workshop.measure.bench: its arithmetic in one process, and each benchmark started on 2 gloo ranks.
 
 The benchmarks print figures; these tests check that they run, print and record, never a timing.
 """
@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from workshop import bench, perf
+from workshop.measure import bench, perf
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "workshop.bench"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "workshop.measure.bench"]
 
 
 def _run(cmd, runs):
@@ -152,11 +153,11 @@ def test_strategies_on_2_ranks_records_ddp_and_fsdp(tmp_path):
     assert ddp["state_bytes_per_rank"][0] == 4 * res["param_bytes"]  # weights, gradients, two moments
 
 
-# --- single: one device, cumulative performance variants (workshop.perf) ----------------------------
+# --- single: one device, cumulative performance variants (workshop.measure.perf) ----------------------------
 
 def test_single_on_cpu_writes_a_record_with_a_row_per_variant(runs):
     variants = "naive,workers,bf16,channels_last,compile,resident"
-    out = _run([sys.executable, "-m", "workshop.bench", "single", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+    out = _run([sys.executable, "-m", "workshop.measure.bench", "single", "--batch-size", "4", "--steps", "1", "--warmup", "1",
                 "--num-workers", "1", "--variants", variants], runs)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "samples/s" in out.stdout and "speedup" in out.stdout and "record: " in out.stdout
@@ -280,7 +281,7 @@ def test_run_variants_format_and_plot(clean_env):
 
 @pytest.mark.gpu
 def test_single_on_a_gpu_measures_every_variant_with_mfu(runs):
-    out = _run([sys.executable, "-m", "workshop.bench", "single", "--model", "small_cnn", "--batch-size", "128",
+    out = _run([sys.executable, "-m", "workshop.measure.bench", "single", "--model", "small_cnn", "--batch-size", "128",
                 "--steps", "5", "--warmup", "2", "--num-workers", "2"], runs)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (record,) = _records(runs, "bench-single")

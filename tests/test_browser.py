@@ -31,7 +31,7 @@ WIDGET = "application/vnd.jupyter.widget-view+json"
 SMALLER = "num_train = 1024\nnum_test = 256\nprofile_steps = 2"
 RUN_TIMEOUT_S = 1200  # the whole notebook through the browser, on two busy CPU cores
 CHECK_CELL = """# In JupyterLab: progress bars, not log lines
-from workshop import progress
+from workshop.base import progress
 
 print("interactive:", progress.is_interactive())
 for _ in progress.progress(range(3), desc="bar check"):
@@ -135,7 +135,7 @@ def planner_lab(tmp_path):
     planner = [c for c in cells if c.cell_type == "code" and c.source.startswith(("# The planner for the parameters",
                                                                                   "# The planner as a bar"))]
     assert len(planner) == 2, "notebook 07's planner cells are not where this test looks for them"
-    imports = "import matplotlib.pyplot as plt\n\nfrom workshop import dist, hardware, memory"
+    imports = "import matplotlib.pyplot as plt\n\nfrom workshop import dist\nfrom workshop.base import hardware\nfrom workshop.measure import memory"
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c.source) for c in (params, *planner)])
     nb.cells.insert(1, nbformat.v4.new_code_cell(imports))
     nb.metadata.update(kernelspec={"name": "workshop", "display_name": "workshop", "language": "python"},

@@ -1,4 +1,4 @@
-"""workshop.costmodel: the collectives' formulas against values worked out by hand, on one link and on two levels,
+"""workshop.estimate.costmodel: the collectives' formulas against values worked out by hand, on one link and on two levels,
 calibration on synthetic records, step times with their overlap, memory, the projection, pipeline stages and the
 placements of a model over dp x tp x pp GPUs, and the published scaling results the model must reproduce."""
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from workshop import costmodel as cm
-from workshop import memory
+from workshop.estimate import costmodel as cm
+from workshop.measure import memory
 
 LINK = cm.AlphaBeta(alpha=1e-5, beta=1e-9)  # 10 us per message, 1 GB/s
 # 4 GPUs per node: 1 us and 100 GB/s inside, 10 us and 10 GB/s per GPU across
@@ -307,7 +307,7 @@ def test_check_command_on_synthetic_records(tmp_path, capsys):
     text = cm.check(tmp_path, out=tmp_path / "out")
     assert text.count("+0.0%") == 2 and "largest error 0%" in text
     assert (tmp_path / "out" / "costmodel_check.png").stat().st_size > 0
-    assert "workshop.bench collectives" in (tmp_path / "out" / "costmodel_check.md").read_text()
+    assert "workshop.measure.bench collectives" in (tmp_path / "out" / "costmodel_check.md").read_text()
 
 
 def test_cli_project_validate_and_bad_input(tmp_path, capsys):

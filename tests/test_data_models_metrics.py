@@ -1,4 +1,4 @@
-"""workshop.data, workshop.models, workshop.metrics and workshop.train, in one process."""
+"""workshop.data, workshop.models, workshop.measure.metrics and workshop.train, in one process."""
 
 import json
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from workshop import data, dist, metrics, models, train
+from workshop import data, dist, models, train
+from workshop.measure import metrics
 
 
 def test_synthetic_is_deterministic_from_its_seed():

@@ -7,6 +7,7 @@ import torch
 
 from conftest import on_ranks
 from workshop import dist
+from workshop.base import world
 
 HOSTS = {"n[1-2]": ["n1", "n2"], "n1": ["n1"], "gpu[017,018]": ["gpu017", "gpu018"]}.__getitem__
 
@@ -60,7 +61,7 @@ def test_slurm_ranks_agree_on_the_rendezvous():
 def test_two_jobs_on_one_node_get_different_ports():
     ports = {detect(slurm_step(0, 0, 0, job=str(job))).master_port for job in range(1000, 1100)}
     assert len(ports) == 100
-    assert all(dist.PORT_BASE <= p < dist.PORT_BASE + dist.PORT_SPAN for p in ports)
+    assert all(world.PORT_BASE <= p < world.PORT_BASE + world.PORT_SPAN for p in ports)
 
 
 def test_explicit_port_overrides_the_derived_one():

@@ -1,4 +1,4 @@
-"""python -m workshop.doctor: `diagnose` on made-up worlds, then the command itself on 2 torchrun ranks (healthy,
+"""python -m workshop.launch.doctor: `diagnose` on made-up worlds, then the command itself on 2 torchrun ranks (healthy,
 and with a planted misconfiguration), with rendezvous hosts that do not resolve or do not answer, and as a
 SLURM step of 2 nodes x 2 tasks. A launch that does not end within its bound fails the test; after every
 launch no process that carried its marker may remain."""
@@ -18,11 +18,11 @@ import pytest
 
 from conftest import REPO
 from workshop import dist
-from workshop.doctor import Report, diagnose, main
+from workshop.launch.doctor import Report, diagnose, main
 
 STARTUP_S = 25  # a launch's own start (torch imported by the launcher and by each rank on 2 busy cores), at most
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-DOCTOR = [sys.executable, "-m", "workshop.doctor"]
+DOCTOR = [sys.executable, "-m", "workshop.launch.doctor"]
 
 
 # --- diagnose ---------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def table(out: str) -> dict[int, list[str]]:
 
 
 def test_two_healthy_ranks(clean_env):
-    done = launch([*TORCHRUN, "-m", "workshop.doctor"], STARTUP_S + 30)
+    done = launch([*TORCHRUN, "-m", "workshop.launch.doctor"], STARTUP_S + 30)
     assert done.rc == 0, done.out[-4000:]
     rows = table(done.out)
     assert sorted(rows) == [0, 1]
@@ -135,7 +135,7 @@ def test_two_healthy_ranks(clean_env):
 
 def test_a_planted_local_rank_is_named(clean_env):
     """Both ranks told LOCAL_RANK=0: the doctor joins, then names them, and exits 1."""
-    done = launch([*TORCHRUN, "--no-python", "bash", "-c", f"LOCAL_RANK=0 exec {sys.executable} -m workshop.doctor"],
+    done = launch([*TORCHRUN, "--no-python", "bash", "-c", f"LOCAL_RANK=0 exec {sys.executable} -m workshop.launch.doctor"],
                   STARTUP_S + 30)
     assert [cells[2] for _, cells in sorted(table(done.out).items())] == ["0", "0"], done.out[-4000:]
     host = table(done.out)[0][1]
@@ -146,7 +146,7 @@ def test_a_planted_local_rank_is_named(clean_env):
 def test_a_rendezvous_host_that_does_not_resolve_fails_at_once(clean_env):
     """With --timeout 60, ending within the launch's start alone shows that no rank waited for it."""
     done = launch([*TORCHRUN, "--no-python", "bash", "-c",
-                   f"MASTER_ADDR=no-such-host.invalid exec {sys.executable} -m workshop.doctor --timeout 60"], STARTUP_S)
+                   f"MASTER_ADDR=no-such-host.invalid exec {sys.executable} -m workshop.launch.doctor --timeout 60"], STARTUP_S)
     assert done.rc != 0
     assert "the rendezvous host 'no-such-host.invalid' does not resolve" in done.out, done.out[-4000:]
     assert "scontrol show hostnames $SLURM_JOB_NODELIST | head -1" in done.out and done.left == []
@@ -156,7 +156,7 @@ def test_a_rendezvous_host_that_does_not_answer_fails_within_the_timeout(clean_e
     """Both ranks give up at the same deadline; torchrun ends the other as soon as the first exits, so one rank's
     message is all the launch promises (under srun every rank's is, test_srun_with_a_wrong_workshop_master_addr)."""
     done = launch([*TORCHRUN, "--no-python", "bash", "-c",
-                   f"MASTER_ADDR=10.255.255.1 exec {sys.executable} -m workshop.doctor --timeout 5"], STARTUP_S + 5)
+                   f"MASTER_ADDR=10.255.255.1 exec {sys.executable} -m workshop.launch.doctor --timeout 5"], STARTUP_S + 5)
     assert done.rc != 0
     assert re.search(r"rank [01] on \S+: could not join the process group of 2 ranks at 10\.255\.255\.1:\d+ within 5 s",
                      done.out), done.out[-4000:]
@@ -213,7 +213,7 @@ def test_srun_with_a_rendezvous_port_already_taken(slurm):
 
 def test_one_process_reports_dists_world(clean_env):
     """The doctor's rank and device are workshop.dist's, never its own: one process reports dist's single world."""
-    from workshop.doctor import local_report
+    from workshop.launch.doctor import local_report
 
     report = local_report(dist.detect())
     assert (report.rank, report.world_size, report.device, report.master_addr) == (0, 1, "cpu", None)

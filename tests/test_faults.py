@@ -1,4 +1,4 @@
-"""workshop.faults: `diagnose` on made-up Flight Recorder traces, then the faults provoked for real on 2 torchrun
+"""workshop.launch.faults: `diagnose` on made-up Flight Recorder traces, then the faults provoked for real on 2 torchrun
 ranks: a rank that skips an all-reduce (the other times out, the traces name the rank behind and the collective),
 a broadcast where the others all-reduce (found from the traces after the timeout, and at once with
 TORCH_DISTRIBUTED_DEBUG=DETAIL), and a slow rank whose delay the others spend waiting inside the all-reduce. Every
@@ -10,8 +10,8 @@ import sys
 import pytest
 from test_doctor import STARTUP_S, TORCHRUN, launch
 
-from workshop import faults as workshop_faults
-from workshop.faults import diagnose, main, read_traces, short_error
+from workshop.launch import faults as workshop_faults
+from workshop.launch.faults import diagnose, main, read_traces, short_error
 
 TIMEOUT_S = 3  # the process group's timeout in these launches
 
@@ -79,7 +79,7 @@ def test_a_launch_past_its_bound_is_ended_with_everything_it_started(clean_env):
 # --- provoked on 2 ranks --------------------------------------------------------------------------------------
 
 def faults(*args):
-    return [*TORCHRUN, "-m", "workshop.faults", *map(str, args)]
+    return [*TORCHRUN, "-m", "workshop.launch.faults", *map(str, args)]
 
 
 def test_a_skipped_all_reduce_times_out_and_the_traces_name_the_rank_behind(clean_env, tmp_path):
@@ -95,7 +95,7 @@ def test_a_skipped_all_reduce_times_out_and_the_traces_name_the_rank_behind(clea
 @pytest.mark.slurm
 def test_on_slurm_the_traces_of_two_nodes_name_the_rank_behind(slurm, tmp_path):
     """One task on each node of the local cluster; the traces folder is on the file system both nodes share."""
-    done = launch(["srun", "--nodes=2", "--ntasks-per-node=1", "--time=00:02:00", sys.executable, "-m", "workshop.faults",
+    done = launch(["srun", "--nodes=2", "--ntasks-per-node=1", "--time=00:02:00", sys.executable, "-m", "workshop.launch.faults",
                    "hang", "--traces", str(tmp_path), "--timeout", str(TIMEOUT_S)], STARTUP_S + TIMEOUT_S + 15)
     assert done.rc != 0 and done.left == []
     assert re.search(rf"rank 0 on n1: collective 3 failed after {TIMEOUT_S}\.\d s: .*Timed out", done.out), done.out[-3000:]
@@ -105,8 +105,8 @@ def test_on_slurm_the_traces_of_two_nodes_name_the_rank_behind(slurm, tmp_path):
 
 
 def where_all_reduce() -> str:
-    """The line of workshop/faults.py that all-reduces in _all_reduces."""
-    import workshop.faults as module
+    """The line of workshop/launch/faults.py that all-reduces in _all_reduces."""
+    import workshop.launch.faults as module
     lines = open(module.__file__).read().splitlines()
     return str(next(i for i, line in enumerate(lines, 1) if line.strip() == "tdist.all_reduce(t)"))
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from workshop import dist, metrics, models
+from workshop import dist, models
+from workshop.measure import metrics
 
 pytestmark = pytest.mark.gpu
 

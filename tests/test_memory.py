@@ -1,9 +1,10 @@
-"""workshop.memory: the ZeRO paper's accounting, and measured bytes of a model and optimizer."""
+"""workshop.measure.memory: the ZeRO paper's accounting, and measured bytes of a model and optimizer."""
 
 import pytest
 import torch
 
-from workshop import memory, models
+from workshop import models
+from workshop.measure import memory
 
 
 def test_zero_paper_worked_example():

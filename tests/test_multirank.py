@@ -27,7 +27,7 @@ def test_naive_bucketed_ddp_and_lightning_equal_one_process(tmp_path, clean_env)
 
 @pytest.mark.multirank
 def test_zero1_fsdp_hybrid_and_lightning_equal_one_process_and_the_memory_model(tmp_path, clean_env):
-    from workshop import memory
+    from workshop.measure import memory
 
     saved = on_ranks("sharding_equivalence.py", tmp_path / "sharding.pt")
     world, num_params = saved["world_size"], saved["num_params"]

@@ -1,6 +1,6 @@
 """Notebook 02 (single-device performance) through scripts/run_notebook.sh, with tiny sizes: every variant has
 a row in the record, the traces are in the run's folder, and the GPU parameters file fits the notebook.
-(nbval runs it with its defaults.) No timing is checked. And the pieces of workshop.perf it shows: the
+(nbval runs it with its defaults.) No timing is checked. And the pieces of workshop.measure.perf it shows: the
 augmentation's draws, the sentences that read the table, the quiet profiler and its narrow table."""
 
 import json
@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from conftest import REPO, run_notebook
-from workshop import data, perf, runner
+from workshop import data
+from workshop.launch import runner
+from workshop.measure import perf
 
 NB = REPO / "notebooks" / "02_single_device_performance.ipynb"
 PARAMS = REPO / "notebooks" / "params" / "02_single_device_performance.yaml"
@@ -93,7 +95,7 @@ def test_read_variants_reads_what_was_measured():
 
 
 def test_profiler_on_cpu_prints_nothing_and_its_table_fits_a_notebook():
-    code = ("import torch; from workshop import perf\n"
+    code = ("import torch; from workshop.measure import perf\n"
             "m = torch.nn.Linear(64, 64)\n"
             "with perf.profiler('cpu') as prof:\n"
             "    m(torch.randn(8, 64)).sum().backward()\n"

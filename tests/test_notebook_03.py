@@ -1,4 +1,4 @@
-"""notebooks/03_task_parallelism.ipynb and workshop.sweep: a sweep as one process (nbval runs that), as 2 local
+"""notebooks/03_task_parallelism.ipynb and workshop.launch.sweep: a sweep as one process (nbval runs that), as 2 local
 processes, as a job array and as a 2-task job on the local SLURM cluster; tasks that do not fit the grid."""
 
 import json
@@ -9,14 +9,14 @@ import torch
 from test_slurm import sbatch
 
 from conftest import REPO, assert_checks_as_committed, run_notebook
-from workshop import sweep
+from workshop.launch import sweep
 
 NB03 = "notebooks/03_task_parallelism.ipynb"
 TINY = ["-p", "lrs", "0.05,0.2", "-p", "steps", "3", "-p", "num_train", "256", "-p", "num_test", "128"]
 GRID = [{"lr": 0.05, "batch_size": 64}, {"lr": 0.2, "batch_size": 64}]
 
 
-# --- workshop.sweep, no processes ---------------------------------------------------------------------
+# --- workshop.launch.sweep, no processes ---------------------------------------------------------------------
 
 def test_grid_is_every_combination_first_axis_slowest():
     grid = sweep.make_grid(lr=sweep.parse_values("0.1, 0.3"), batch_size=sweep.parse_values(32, int))

@@ -4,7 +4,7 @@ SLURM run; tests/test_browser.py moves the widget's controls in JupyterLab.
 
 The widget is not built under papermill: nbclient sometimes waits forever for a cell that builds an interactive
 widget (jupyter/nbclient#312, nteract/papermill#723; seen here once in 2 CI runs), and a batch run has no one to move
-the sliders anyway (workshop.progress.is_interactive is False there)."""
+the sliders anyway (workshop.base.progress.is_interactive is False there)."""
 
 import json
 from unittest import mock
@@ -53,9 +53,9 @@ def test_the_planner_cell_builds_its_widget_and_follows_the_controls():
     params = next("".join(c["source"]) for c in cells if "parameters" in c["metadata"].get("tags", []))
     ns = {}
     exec(params, ns)
-    exec("import matplotlib.pyplot as plt\nfrom workshop import dist, hardware, memory", ns)
+    exec("import matplotlib.pyplot as plt\nfrom workshop import dist\nfrom workshop.base import hardware\nfrom workshop.measure import memory", ns)
     cell = next(s for first, s in source.items() if first.startswith("# The planner as a bar"))
-    with mock.patch("workshop.progress.is_interactive", return_value=True):
+    with mock.patch("workshop.base.progress.is_interactive", return_value=True):
         exec(cell, ns)
     planner = ns["planner"]
     controls = {c.description: c for c in planner.children if getattr(c, "description", "")}

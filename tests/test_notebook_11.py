@@ -11,7 +11,7 @@ import pytest
 from conftest import assert_checks_as_committed, run_notebook
 
 NB11 = "notebooks/11_when_things_go_wrong.ipynb"
-CHILDREN = ("workshop.faults", "workshop.doctor", "workshop.reshard")
+CHILDREN = ("workshop.launch.faults", "workshop.launch.doctor", "workshop.reshard")
 
 
 def children_running() -> list[str]:

@@ -1,4 +1,4 @@
-"""workshop.params: rules read from a parameters cell's comments, and values checked against them; records
+"""workshop.base.params: rules read from a parameters cell's comments, and values checked against them; records
 are strict JSON (records.finite_only)."""
 
 import json
@@ -7,7 +7,8 @@ import nbformat
 import pytest
 
 from conftest import REPO
-from workshop import metrics, params, records
+from workshop.base import params, records
+from workshop.measure import metrics
 
 
 def test_rules_read_from_comments():

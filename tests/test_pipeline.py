@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from conftest import on_ranks
-from workshop import costmodel, memory, models, pipeline
+from workshop import models, pipeline
+from workshop.estimate import costmodel
+from workshop.measure import memory
 
 
 def test_blocks_are_split_as_evenly_as_possible():
@@ -52,7 +54,7 @@ def test_schedules_hold_what_the_papers_say():
 
 
 def test_the_planner_counts_the_micro_batches_the_schedules_hold():
-    """workshop.memory's count for the first stage is what the schedule run here holds there."""
+    """workshop.measure.memory's count for the first stage is what the schedule run here holds there."""
     for p in (1, 2, 4, 8):
         for m in (1, 3, 8, 32):
             for name, schedule in pipeline.SCHEDULES.items():

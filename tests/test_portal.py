@@ -1,6 +1,6 @@
 """The cluster-portal path without a cluster: what a batch rank's kernel sees (node-local Jupyter and
 IPython folders, log lines instead of bars, even when submitted from a JupyterLab kernel), and
-workshop.slurm's pieces that need no SLURM (the sbatch command, the job's environment, the states
+workshop.launch.slurm's pieces that need no SLURM (the sbatch command, the job's environment, the states
 read back where the cluster keeps no accounting, and a plain error where there is no sbatch)."""
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_notebook
-from workshop import runner, slurm
+from workshop.launch import runner, slurm
 
 PROBE = "tests/notebooks/probe.ipynb"
 
@@ -61,7 +61,7 @@ def test_a_rank_keeps_nothing_in_the_home_folder(runs, monkeypatch, tmp_path):
     assert not (home / ".ipython").exists() and not (home / ".local" / "share" / "jupyter" / "runtime").exists()
 
 
-# --- workshop.slurm without SLURM ---------------------------------------------------------------------
+# --- workshop.launch.slurm without SLURM ---------------------------------------------------------------------
 
 def test_parameters_keep_their_python_types():
     assert slurm.papermill_args({"link": "ib-ndr-400", "steps": 8, "lr": 0.05, "submit": False, "seed": None,

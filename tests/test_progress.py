@@ -1,4 +1,4 @@
-"""workshop.progress: a bar where a person watches (JupyterLab), a line every N steps in a batch
+"""workshop.base.progress: a bar where a person watches (JupyterLab), a line every N steps in a batch
 job's log, nothing under nbval or nbconvert; the plain loop and Lightning's Trainer follow it."""
 
 import sys
@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from workshop import dist, lit, models, progress, train
+from workshop import dist, lit, models, train
+from workshop.base import progress
 
 
 @pytest.fixture

@@ -1,12 +1,13 @@
-"""workshop.records: the record schema. A key that breaks it is refused when written, naming it; a record on disk
+"""workshop.base.records: the record schema. A key that breaks it is refused when written, naming it; a record on disk
 that breaks it is a failed run in the report, with why; records round-trip as strict JSON."""
 
 import json
 
 import pytest
 
-from workshop import metrics, records, report
-from workshop.records import Measurement, Record, RecordError
+from workshop.base import records
+from workshop.base.records import Measurement, Record, RecordError
+from workshop.measure import metrics, report
 
 
 @pytest.mark.parametrize("values,why", [

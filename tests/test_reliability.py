@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import REPO, RUN_NOTEBOOK, run_notebook
-from workshop import report
-from workshop import runs as runs_module
+from workshop.base import runs as runs_module
+from workshop.measure import report
 
 FAIL = "tests/notebooks/fail_on_rank.ipynb"
 RESUME = "tests/notebooks/resume_training.ipynb"

@@ -1,4 +1,4 @@
-"""workshop.report on a runs folder written here: two models, a failed run, a run with nothing
+"""workshop.measure.report on a runs folder written here: two models, a failed run, a run with nothing
 to report, a series with no one-device run; grouping, speedup, efficiency, cost, files, CLI."""
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from workshop import bench, perf, report
+from workshop.measure import bench, perf, report
 
 
 def record(runs, name, notebook, results, status="ok", world_size=1, local_world_size=None, job=None, time="2026-01-01T00:00:00",
@@ -163,7 +163,7 @@ def test_record_writers_speak_the_report_keys(tmp_path):
 
 
 def test_make_run_series_ends_with_the_report(runs, tmp_path):
-    """`python -m workshop.runner series` runs the report notebook last, over the series' own folder."""
+    """`python -m workshop.launch.runner series` runs the report notebook last, over the series' own folder."""
     import os
     import subprocess
     import sys
@@ -172,7 +172,7 @@ def test_make_run_series_ends_with_the_report(runs, tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(WORKSHOP_RUNS=str(tmp_path / "made"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
-    out = subprocess.run([sys.executable, "-m", "workshop.runner", "series", "notebooks/12_scaling_report.ipynb",
+    out = subprocess.run([sys.executable, "-m", "workshop.launch.runner", "series", "notebooks/12_scaling_report.ipynb",
                           "tests/notebooks/fail_on_rank.ipynb"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""workshop.runner without processes: which folder a requeued job continues in, what a resumed run
+"""workshop.launch.runner without processes: which folder a requeued job continues in, what a resumed run
 keeps, what a run folder may hold of the environment, and the process tree a rank stops."""
 
 import json
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import REPO
-from workshop import runner
+from workshop.launch import runner
 
 NB = REPO / "tests" / "notebooks" / "fail_on_rank.ipynb"
 

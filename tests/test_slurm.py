@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from workshop import dist
-from workshop.slurm import wait as wait_for_job
+from workshop.base.world import slurm_port
+from workshop.launch.slurm import wait as wait_for_job
 
 pytestmark = pytest.mark.slurm
 PROBE = "tests/notebooks/probe.ipynb"
@@ -60,7 +60,7 @@ def test_two_nodes_with_two_ranks_each(slurm, runs):
     world = record["dist"]
     assert (world["launcher"], world["world_size"], world["local_world_size"], world["node_rank"], world["master_addr"]) \
         == ("slurm", 4, 2, 0, "n1")
-    assert world["master_port"] == dist.slurm_port(job, "0")  # the job's own port: two jobs never share one
+    assert world["master_port"] == slurm_port(job, "0")  # the job's own port: two jobs never share one
     assert "probe loop: step 3/3" in log  # rank 0's progress as log lines, in the job's output
     assert (run / "slurm.out").resolve() == (REPO / "runs" / f"slurm-{job}.out").resolve()
     (REPO / "runs" / f"slurm-{job}.out").unlink()

@@ -1,4 +1,4 @@
-"""workshop.slurm on a real SLURM (scripts/local_slurm.sh start): submit from what looks like a
+"""workshop.launch.slurm on a real SLURM (scripts/local_slurm.sh start): submit from what looks like a
 JupyterLab kernel of a portal job, follow the job, open its result."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import REPO
-from workshop import slurm as ws
+from workshop.launch import slurm as ws
 
 pytestmark = pytest.mark.slurm
 PROBE = "tests/notebooks/probe.ipynb"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import on_ranks
-from workshop import data, dist, inference, metrics, models, tp
+from workshop import data, dist, inference, models, tp
+from workshop.measure import metrics
 
 
 def test_tp_size_that_does_not_split_the_model_is_refused():

@@ -1,4 +1,4 @@
-"""workshop.tracking: CSV and TensorBoard or W&B loggers in the run's folder; W&B offline, never asking for a key,
+"""workshop.measure.tracking: CSV and TensorBoard or W&B loggers in the run's folder; W&B offline, never asking for a key,
 and a clear error where it cannot run (a server out of reach: test_bad_input). The offline W&B runs themselves, their
 folders and metrics against the record: notebook 01 with `-p logger wandb` on 2 ranks, in test_run_notebook."""
 
@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from workshop import dist, tracking
+from workshop import dist
+from workshop.measure import tracking
 
 
 @pytest.fixture

@@ -42,8 +42,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from workshop.base.runs import atomic_write
 from workshop.dist import DistEnv, get_env
-from workshop.runs import atomic_write
 
 FORMAT = 1  # bumped when the layout of a checkpoint changes
 

@@ -37,8 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from workshop.base.runs import display_path
 from workshop.dist import DistEnv, print0
-from workshop.runs import display_path
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

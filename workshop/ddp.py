@@ -169,7 +169,7 @@ def apply_ddp(model: nn.Module, env: DistEnv, **kwargs) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     model = model.to(env.device)
-    if env.device.startswith("cuda"):
+    if env.device_type == "cuda":
         index = torch.device(env.device).index
         return DistributedDataParallel(model, device_ids=[index], output_device=index, **kwargs)
     return DistributedDataParallel(model, **kwargs)

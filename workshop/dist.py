@@ -2,17 +2,8 @@
 
 A notebook is an SPMD program: the same cells run as one process (JupyterLab, nbval,
 papermill) or as N ranks (`scripts/run_notebook.sh`, one papermill process per rank).
-`detect()` reads the launcher's variables, in this order:
-
-1. torchrun: RANK, WORLD_SIZE, LOCAL_RANK (+ MASTER_ADDR, MASTER_PORT) win;
-2. a SLURM job *step* started by srun with more than one task: SLURM_STEP_ID, SLURM_PROCID,
-   SLURM_STEP_NUM_TASKS, SLURM_LOCALID. MASTER_ADDR is the first host of
-   `scontrol show hostnames $SLURM_STEP_NODELIST`, MASTER_PORT is derived from the job id
-   (and step id), so two jobs sharing a node do not collide. $WORKSHOP_MASTER_ADDR and
-   $WORKSHOP_MASTER_PORT, where set, are taken instead: a rendezvous host chosen on purpose
-   (another interface's name, or a wrong one that `python -m workshop.doctor` should catch);
-3. otherwise one process. A batch script's own step and a JupyterLab server started as a SLURM
-   job carry SLURM variables too, but they are one process, not a world.
+`detect()` reads the launcher's variables by the rule of `workshop.base.world` (torchrun, then an srun
+step of several tasks, else one process) and adds the device: `cuda:local_rank` where CUDA is, else the CPU.
 
     env = dist.init()          # detect, then join the process group (a group of one for one process)
     dist.print0(env)           # only rank 0 prints
@@ -26,7 +17,6 @@ import atexit
 import datetime
 import logging
 import os
-import subprocess
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -36,10 +26,8 @@ from unittest import mock
 import torch
 import torch.distributed as tdist
 
-# Ports derived from a SLURM job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN): below Linux's
-# ephemeral range (32768+), so an outgoing connection never holds a rendezvous port.
-PORT_BASE = 20000
-PORT_SPAN = 12000
+from workshop.base import world
+from workshop.base.hardware import device_type
 
 
 @dataclass(frozen=True)
@@ -56,6 +44,11 @@ class DistEnv:
     device: str = "cpu"  # "cuda:<i>" or "cpu"
     backend: str = "gloo"  # "nccl" on CUDA, "gloo" on CPU
     nodes: int = 0  # nodes the launcher reports; 0: world size / ranks per node
+
+    @property
+    def device_type(self) -> str:
+        """"cuda" or "cpu": what init_device_mesh, autocast and Lightning's accelerator take."""
+        return device_type(self.device)
 
     @property
     def is_main(self) -> bool:
@@ -85,32 +78,6 @@ class DistEnv:
         )
 
 
-def slurm_hostnames(nodelist: str) -> list[str]:
-    """Expand a SLURM node list ("n[1-2]") with `scontrol show hostnames`."""
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist],
-            check=True, capture_output=True, text=True, timeout=30,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as err:
-        raise RuntimeError(
-            f"cannot expand SLURM node list {nodelist!r} with `scontrol show hostnames`: {err}"
-        ) from err
-    return out.split()
-
-
-def slurm_port(job_id: str, step_id: str = "0") -> int:
-    """A rendezvous port derived from the job (and step) id: the same on every task of a step,
-    different for jobs that share a node."""
-    step = int(step_id) if step_id.isdigit() else 0
-    return PORT_BASE + (int(job_id) * 16 + step) % PORT_SPAN
-
-
-def _tasks_on_first_node(tasks_per_node: str) -> int:
-    # SLURM_STEP_TASKS_PER_NODE looks like "2(x2)" or "2,1"
-    return int(tasks_per_node.split(",")[0].split("(")[0])
-
-
 def _device(local_rank: int, cuda_count: int) -> tuple[str, str]:
     if cuda_count == 0:
         return "cpu", "gloo"
@@ -127,49 +94,19 @@ def _device(local_rank: int, cuda_count: int) -> tuple[str, str]:
 def detect(
     environ: Mapping[str, str] | None = None,
     cuda_count: int | None = None,
-    hostnames: Callable[[str], list[str]] = slurm_hostnames,
+    hostnames: Callable[[str], list[str]] = world.slurm_hostnames,
 ) -> DistEnv:
-    """The DistEnv of this process, from its environment variables (see the module docstring)."""
+    """The DistEnv of this process: the world by `workshop.base.world`'s rule, and the device (see the module
+    docstring)."""
     e = os.environ if environ is None else environ
     if cuda_count is None:
         cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    job_id = e.get("SLURM_JOB_ID")
-
-    if "RANK" in e and "WORLD_SIZE" in e:  # torchrun (or any launcher that speaks its language)
-        rank, world_size = int(e["RANK"]), int(e["WORLD_SIZE"])
-        local_rank = int(e.get("LOCAL_RANK", rank))
-        fields = dict(
-            rank=rank, local_rank=local_rank, world_size=world_size,
-            local_world_size=int(e.get("LOCAL_WORLD_SIZE", world_size)),
-            node_rank=int(e.get("GROUP_RANK", e.get("NODE_RANK", 0))),
-            master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(e.get("MASTER_PORT", 29500)),
-            launcher="torchrun",
-        )
-    elif (
-        e.get("SLURM_STEP_ID", "").isdigit()  # an srun step, not the batch or extern step
-        and int(e.get("SLURM_STEP_NUM_TASKS", "1")) > 1
-    ):
-        world_size = int(e["SLURM_STEP_NUM_TASKS"])
-        nodelist = e.get("SLURM_STEP_NODELIST") or e["SLURM_JOB_NODELIST"]
-        local_world_size = _tasks_on_first_node(e.get("SLURM_STEP_TASKS_PER_NODE", str(world_size)))
-        fields = dict(
-            rank=int(e["SLURM_PROCID"]), local_rank=int(e.get("SLURM_LOCALID", 0)),
-            world_size=world_size, local_world_size=local_world_size,
-            node_rank=int(e.get("SLURM_NODEID", 0)),
-            nodes=int(e.get("SLURM_STEP_NUM_NODES") or e.get("SLURM_JOB_NUM_NODES") or 0),
-            master_addr=e.get("WORKSHOP_MASTER_ADDR") or hostnames(nodelist)[0],
-            master_port=int(e.get("WORKSHOP_MASTER_PORT") or slurm_port(job_id, e["SLURM_STEP_ID"])),
-            launcher="slurm",
-        )
-    else:
-        fields = dict(launcher="single")
-
+    fields = world.world(e, hostnames)
     device, backend = _device(fields.get("local_rank", 0), cuda_count)
     # $WORKSHOP_BACKEND overrides the device's choice: gloo between GPUs, to tell an NCCL problem from one of
     # the program (the launcher refuses other names, and nccl without a GPU, before anything runs)
     backend = e.get("WORKSHOP_BACKEND") or backend
-    return DistEnv(**fields, job_id=job_id, device=device, backend=backend)
+    return DistEnv(**fields, device=device, backend=backend)
 
 
 _ENV: DistEnv | None = None
@@ -189,7 +126,7 @@ def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
     if _ENV is not None and env is None:
         return _ENV
     env = env or detect()
-    if env.device.startswith("cuda"):
+    if env.device_type == "cuda":
         torch.cuda.set_device(torch.device(env.device))
     if not tdist.is_initialized():
         # torch._dynamo first. Imported after a group exists (DistributedDataParallel's constructor imports it, so
@@ -215,14 +152,20 @@ def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
     return env
 
 
+_WRITTEN: dict[str, str | None] = {}  # the launcher variables init() set, with the values they had before
+
+
 def _join_world(env: DistEnv, timeout_s: float | None) -> None:
-    # Libraries that read the torchrun variables (device meshes, Lightning) see the same world.
-    os.environ.update(
-        MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
-        WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank), LOCAL_WORLD_SIZE=str(env.local_world_size),
-    )
+    # Libraries that read the torchrun variables (device meshes, Lightning) see the same world. cleanup() puts back
+    # what was there before, so a later detect() in this process reads the launcher that really started it.
+    values = dict(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
+                  WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                  LOCAL_WORLD_SIZE=str(env.local_world_size))
+    for key, value in values.items():
+        _WRITTEN.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
     if timeout_s is None:
-        timeout_s = float(os.environ.get("WORKSHOP_DIST_TIMEOUT", 600))
+        timeout_s = world.timeout_s()
     tdist.init_process_group(
         backend=env.backend,
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
@@ -243,6 +186,12 @@ def cleanup() -> None:
         # them the GIL for a moment: a worker that drops a work is already waiting for it.
         if _gloo_threads():
             time.sleep(0.2)
+    for key, value in _WRITTEN.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _WRITTEN.clear()
     _ENV = None
 
 
@@ -277,7 +226,7 @@ def describe(env: DistEnv | None = None) -> str:
     per_node = f", {env.local_world_size} per node" if env.is_distributed else ""
     if not env.even_layout:
         per_node = f", unevenly ({env.local_world_size} on the first)"
-    device = "cuda" if env.device.startswith("cuda") else env.device
+    device = env.device_type
     return f"{env.world_size} rank(s) on {env.num_nodes} node(s){per_node}, {started}; {device}, {env.backend}"
 
 
@@ -370,7 +319,7 @@ def _check_strategy_fits_device(strategy, env: DistEnv) -> None:
     from lightning.pytorch.strategies import FSDPStrategy
 
     wants_fsdp = isinstance(strategy, FSDPStrategy) or (isinstance(strategy, str) and strategy.startswith("fsdp"))
-    if wants_fsdp and not env.device.startswith("cuda"):
+    if wants_fsdp and env.device_type != "cuda":
         raise ValueError(
             "Lightning's FSDP strategy needs CUDA GPUs and this rank runs on CPU: use "
             "strategy=ModelParallelStrategy(data_parallel_size=env.world_size, tensor_parallel_size=1) with "
@@ -384,7 +333,7 @@ def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
     JupyterLab server started as a SLURM job, for a world of its own; the plugin overrules it.
     `strategy` defaults to "ddp" with more than one rank, else "auto". The FSDP strategy on CPU
     is refused with what to use instead (ModelParallelStrategy, which runs on CPU too). Unless
-    `enable_progress_bar` is given, Lightning's bar shows in JupyterLab only (`workshop.progress`).
+    `enable_progress_bar` is given, Lightning's bar shows in JupyterLab only (`workshop.base.progress`).
     Lightning counts devices per node, the same on every node: an uneven layout (3 tasks on 2 nodes)
     is given to it as one node of world-size devices, the same world (the plugin gives every rank)."""
     import lightning as L
@@ -396,7 +345,7 @@ def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
     _check_strategy_fits_device(strategy, env)
     plugins = list(kwargs.pop("plugins", [])) + [lightning_environment(env)]
     if "enable_progress_bar" not in kwargs:  # a bar in JupyterLab; in a batch job's log, a line every N steps
-        from workshop import progress
+        from workshop.base import progress
 
         kwargs["enable_progress_bar"] = progress.is_interactive()
         if not kwargs["enable_progress_bar"]:
@@ -412,7 +361,7 @@ def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
 
     with mock.patch.object(accelerator_connector, "_IS_INTERACTIVE", False):
         return L.Trainer(
-            accelerator="gpu" if env.device.startswith("cuda") else "cpu",
+            accelerator="gpu" if env.device_type == "cuda" else "cpu",
             devices=env.local_world_size if env.even_layout else env.world_size,
             num_nodes=env.num_nodes if env.even_layout else 1,
             strategy=strategy,

@@ -11,15 +11,15 @@ uses it, and times it with `metrics.timed` (tokens/s, latency per token); tensor
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
 import torch
 
+from workshop.base.progress import quiet
+from workshop.base.runs import REPO
 from workshop.check import Match, agree
 from workshop.models import StaticKVCache, TinyGPT
-from workshop.runs import REPO
 
 PROMPTS = REPO / "notebooks" / "prompts.txt"
 
@@ -55,8 +55,6 @@ class StaticDecoder:
         self.model = model
         self.max_seq_len = max_seq_len or model.max_seq_len
         self.cache = StaticKVCache(model.depth, self.max_seq_len)
-        if compile and not torch.cuda.is_available():  # inductor on CPU says it found no CUDA; we know
-            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self.step = torch.compile(self._step, mode=mode, fullgraph=True) if compile else self._step
 
     def _step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # (B, 1), (1,) -> (B, V)
@@ -74,10 +72,12 @@ class StaticDecoder:
         self.cache.input_pos = torch.arange(T, device=prompt.device)
         logits = self.model(prompt, self.cache)[:, -1]  # prefill, eager: the prompt's length varies
         tokens = [prompt]
-        for i in range(max_new_tokens):
-            tokens.append(next_token(logits, temperature, generator))
-            if i + 1 < max_new_tokens:
-                logits = self.step(tokens[-1], torch.tensor([T + i], device=prompt.device))
+        # the first step compiles; inductor on CPU then says it found no CUDA, which we know
+        with quiet("torch.utils.cpp_extension"):
+            for i in range(max_new_tokens):
+                tokens.append(next_token(logits, temperature, generator))
+                if i + 1 < max_new_tokens:
+                    logits = self.step(tokens[-1], torch.tensor([T + i], device=prompt.device))
         return torch.cat(tokens, dim=1)
 
 

@@ -389,8 +389,7 @@ def make_mesh(env: DistEnv, pp_size: int, dp_size: int, tp_size: int):
     from torch.distributed.device_mesh import init_device_mesh
 
     check_mesh(pp_size, dp_size, tp_size, env.world_size)
-    device_type = "cuda" if env.device.startswith("cuda") else "cpu"
-    return init_device_mesh(device_type, (pp_size, dp_size, tp_size), mesh_dim_names=("pp", "dp", "tp"))
+    return init_device_mesh(env.device_type, (pp_size, dp_size, tp_size), mesh_dim_names=("pp", "dp", "tp"))
 
 
 def apply_pipeline(model: TinyGPT, mesh, *, pp_dim: str = "pp", dp_dim: str = "dp", tp_dim: str = "tp") -> Stage:

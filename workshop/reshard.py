@@ -52,8 +52,9 @@ def batch(env: DistEnv, text, step: int):
 
 def build(env: DistEnv, strategy: str):
     """The model (from seed 0) under `strategy` on this world, and its AdamW."""
-    torch.manual_seed(0)
-    model = models.tinygpt(**MODEL).to(env.device)
+    with torch.random.fork_rng(devices=[]):  # seed 0 for the weights, the caller's random stream untouched
+        torch.manual_seed(0)
+        model = models.tinygpt(**MODEL).to(env.device)
     if strategy == "fsdp":
         model = sharding.apply_fsdp(model, sharding.shard_mesh(env))
     else:

@@ -22,16 +22,13 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from workshop.base.hardware import device_type
 from workshop.dist import DistEnv
-
-
-def _device_type(env: DistEnv) -> str:
-    return "cuda" if env.device.startswith("cuda") else "cpu"
 
 
 def shard_mesh(env: DistEnv) -> DeviceMesh:
     """A 1-D mesh over all ranks, named "shard": every rank holds 1 / world_size."""
-    return init_device_mesh(_device_type(env), (env.world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(env.device_type, (env.world_size,), mesh_dim_names=("shard",))
 
 
 def hybrid_layout_problem(env: DistEnv) -> str | None:
@@ -52,7 +49,7 @@ def hybrid_mesh(env: DistEnv) -> DeviceMesh:
     problem = hybrid_layout_problem(env)
     if problem:
         raise ValueError(problem)
-    return init_device_mesh(_device_type(env), (env.num_nodes, env.local_world_size),
+    return init_device_mesh(env.device_type, (env.num_nodes, env.local_world_size),
                             mesh_dim_names=("replicate", "shard"))
 
 
@@ -179,27 +176,24 @@ def _model_mismatch(saved: dict, model_state: dict) -> str | None:
 
 def import_deepspeed(device: str = "cpu"):
     """`import deepspeed`, set up for `device`: its accelerator ("cpu" on CPU, where DeepSpeed would otherwise look for
-    CUDA; DS_ACCELERATOR decides at its import, so a value already set is kept), its INFO lines off, and on CPU no
-    JIT-compiled C++ at run time. A missing package is an error that says how to install it."""
-    import importlib
+    CUDA; DS_ACCELERATOR decides at its import, so a value already set is kept) and its INFO lines off. A missing
+    package is an error that says how to install it.
+
+    Three settings here outlive the call, each because DeepSpeed reads it later, in the caller's own calls: the
+    accelerator is chosen once per process at the first import and kept; its logger writes INFO lines at every
+    `engine.step()`; DeepSpeed 0.19 calls all_gather_into_tensor and reduce_scatter_tensor, which torch 2.14
+    deprecates with a FutureWarning at every call (its lines, not the lesson's), and the filter names only those."""
     import logging
     import os
     import warnings
 
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if str(device).startswith("cuda") else "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", device_type(device))
     try:
         import deepspeed
     except ImportError as err:
         raise ImportError(f"DeepSpeed is not installed ({err}): `pip install deepspeed`, or `make setup` / the conda "
                           "environment, which install it with the workshop") from err
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    # DeepSpeed's communication backend (TorchBackend) JIT-compiles a shared-memory all-reduce on the CPU accelerator
-    # (C++, through ninja and a compiler) when its process group starts; only inference_all_reduce uses it, which
-    # training never calls. Without it every collective goes through the gloo group. DeepSpeed has no
-    # setting for this (the op's compatibility check would itself compile test programs), so its builder is replaced.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # the attribute deepspeed.comm.torch is torch
-    # DeepSpeed 0.19 calls all_gather_into_tensor and reduce_scatter_tensor, which torch 2.14 deprecates with a
-    # FutureWarning at every call: its lines, not the lesson's.
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
                             FutureWarning)
     return deepspeed
@@ -210,12 +204,25 @@ def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: 
     engine to call for the forward, `engine.backward(loss)` and `engine.step()`; the optimizer is DeepSpeed's ZeRO
     wrapper around `optimizer`, which it rebuilds over flat fp32 partitions (so a torch optimizer needs
     "zero_allow_untested_optimizer" in `config`). `config` is DeepSpeed's JSON config as a dict."""
+    import contextlib
+    import importlib
     import os
+    from unittest import mock
 
     deepspeed = import_deepspeed(env.device)
     # DeepSpeed reads this rank's device index from LOCAL_RANK, which torchrun sets and srun (SLURM_LOCALID), a
-    # papermill kernel or a one-process notebook do not: it asserts without it. The DistEnv knows it in every case.
+    # papermill kernel or a one-process notebook do not: it asserts without it. dist.init writes it for a world of
+    # several ranks; for one process it is set here, to the value that holds for the process's whole life.
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
-    engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    no_shm = contextlib.nullcontext()
+    if env.device_type == "cpu":
+        # DeepSpeed's communication backend (TorchBackend) JIT-compiles a shared-memory all-reduce on the CPU
+        # accelerator (C++, through ninja and a compiler) when its process group starts, inside initialize; only
+        # inference_all_reduce uses it, which training never calls, and every collective goes through the gloo group
+        # without it. DeepSpeed has no setting for this (the op's compatibility check would itself compile test
+        # programs), so its builder is replaced for this call only.
+        no_shm = mock.patch.object(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
+    with no_shm:
+        engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, zero_optimizer
 

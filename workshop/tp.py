@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 import warnings
 
 import torch
@@ -35,12 +34,9 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
+from workshop.base.progress import quiet
 from workshop.dist import DistEnv
 from workshop.models import CausalSelfAttention, FeedForward, GPTBlock, KVCache, TinyGPT, causal_attention, lm_loss
-
-# Once, when the module is imported (not on every apply_2d): FSDP2 warns at every forward that the 2D model returns
-# a view. The logits leave it as one (DTensor.to_local()), and nothing here changes them in place.
-warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTinyGPT\) returned a view tensor")
 
 # ---------------------------------------------------------------------------------------------
 # From scratch: the paper's f and g as autograd functions
@@ -255,8 +251,7 @@ def make_mesh(env: DistEnv, dp_size: int | None = None, tp_size: int = 1):
             raise ValueError(f"tp_size {tp_size} does not divide the world of {env.world_size} ranks; choose one of {divisors}")
         dp_size = env.world_size // tp_size
     check_mesh(dp_size, tp_size, env.world_size)
-    device_type = "cuda" if env.device.startswith("cuda") else "cpu"
-    return init_device_mesh(device_type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
+    return init_device_mesh(env.device_type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +329,10 @@ def apply_2d(model: TinyGPT, mesh, *, dp_dim: str = "dp", tp_dim: str = "tp", se
     from workshop.sharding import apply_fsdp
 
     apply_tp(model, mesh[tp_dim], sequence_parallel=sequence_parallel)
+    # FSDP2 warns at every forward of the 2D model that it returns a view: the logits leave as one
+    # (DTensor.to_local()), and nothing changes them in place. The forwards are the caller's, after this returns, so
+    # the filter cannot be scoped to this call; it names this one message, and setting it again replaces it.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTinyGPT\) returned a view tensor")
     return apply_fsdp(model, mesh[dp_dim], reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
 
 
@@ -343,14 +342,9 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     # A weight split by tp and by dp gathers in two steps; torch says so once per rank, not our lesson.
-    log = logging.getLogger("torch.distributed.tensor._redistribute")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
+    with quiet("torch.distributed.tensor._redistribute"):
         return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
                 for name, p in model.named_parameters()}
-    finally:
-        log.setLevel(level)
 
 
 def dp_loader(dataset, batch_size: int, dp_size: int, dp_rank: int, shuffle: bool = False, seed: int = 0):
@@ -381,7 +375,7 @@ def axonn_problem(env: DistEnv) -> str | None:
     groups with NCCL and its layers on CUDA, and is the `gpu` extra of this package."""
     import importlib.util
 
-    if not env.device.startswith("cuda"):
+    if env.device_type != "cuda":
         return "AxoNN requires NCCL and CUDA (its process groups are NCCL's, its layers CUDA's); this rank runs on CPU"
     if importlib.util.find_spec("axonn") is None:
         return "AxoNN is not installed: pip install -e '.[gpu]' (or pip install axonn)"

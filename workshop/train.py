@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from workshop import check
-from workshop.progress import progress
+from workshop.base.hardware import device_type
+from workshop.base.progress import progress
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4):
@@ -46,7 +47,7 @@ def train_epoch(model: nn.Module, loader, optimizer, device, epoch: int = 0) -> 
         seen += len(y)
         steps.set_postfix(loss=total_loss / seen, refresh=False)  # shown at the next redraw
     steps.close()
-    if str(device).startswith("cuda"):
+    if device_type(device) == "cuda":
         torch.cuda.synchronize(device)
     return {"loss": total_loss / seen, "acc": correct / seen, "samples": seen, "time_s": time.perf_counter() - t0}
 

@@ -1,5 +1,5 @@
 """ZeRO-1, FSDP2 (both reshard settings) and hybrid-sharded training of TinyGPT against one process,
-the measured bytes per rank beside workshop.memory's prediction, and a sharded checkpoint's round
+the measured bytes per rank beside workshop.measure.memory's prediction, and a sharded checkpoint's round
 trip; rank 0 saves it all for tests/test_multirank.py to compare.
 
     torchrun --standalone --nproc-per-node 2 tests/multirank/sharding_equivalence.py OUT.pt
@@ -15,7 +15,8 @@ import tempfile
 import torch
 import torch.distributed as tdist
 
-from workshop import data, dist, memory, models, sharding, tp
+from workshop import data, dist, models, sharding, tp
+from workshop.measure import memory
 
 MICRO, STEPS, SEQ, LR = 4, 3, 32, 3e-3
 

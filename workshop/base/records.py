@@ -18,7 +18,7 @@ import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from workshop.runs import atomic_write_text
+from workshop.base.runs import atomic_write_text
 
 STATUSES = ("running", "ok", "failed", "interrupted", "incomplete")
 """running: the launcher's first record, until the run ends (a run killed with SIGKILL keeps it, and the report
@@ -48,7 +48,7 @@ class Measurement:
     wall_time_s: float | None = None  # seconds the measured part took
     peak_memory_bytes: float | list | None = None  # per rank: a number, or a list in rank order (the largest shown)
     # what peak_memory_bytes counts, one of MEMORY_KINDS: "cuda" (tensors allocated on the GPU), "tensors" (the
-    # tensor bytes a rank holds, workshop.memory's count on CPU) or "resident set" (the process's, Python and
+    # tensor bytes a rank holds, workshop.measure.memory's count on CPU) or "resident set" (the process's, Python and
     # libraries included; the default on CPU). The report plots the first two only: a resident set grows with
     # what ran before, and looks like a saving when it is not.
     memory_kind: str | None = None

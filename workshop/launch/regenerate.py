@@ -10,8 +10,8 @@ Only the outputs and execution counts come back into the committed notebook; its
 stay. Outputs lose what would churn from one run to the next or leak this machine: the repository's absolute path,
 the home folder, the user name, SLURM job ids and the time stamps in run-folder names.
 
-    python -m workshop.regenerate                       # all of notebooks/NN_*.ipynb
-    python -m workshop.regenerate notebooks/05_ddp.ipynb --local    # 4 local ranks even where SLURM answers
+    python -m workshop.launch.regenerate                       # all of notebooks/NN_*.ipynb
+    python -m workshop.launch.regenerate notebooks/05_ddp.ipynb --local    # 4 local ranks even where SLURM answers
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from workshop.runner import REPORT_NOTEBOOK
+from workshop.launch.runner import REPORT_NOTEBOOK
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "run_notebook.sh"
 RANKS = 4  # a multi-rank notebook's committed world: 2 nodes x 2 ranks
 NODES = 2
@@ -166,7 +166,7 @@ def regenerate(notebooks: list[Path], local: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workshop.regenerate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workshop.launch.regenerate", description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: every notebooks/NN_*.ipynb")
     parser.add_argument("--local", action="store_true", help=f"multi-rank notebooks on {RANKS} local ranks, even with SLURM")
     args = parser.parse_args(argv)

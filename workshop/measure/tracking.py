@@ -116,7 +116,7 @@ def describe(logged: list, run: Path) -> dict:
     "dir", "sync"}]}, paths relative to the run's folder; a W&B entry only on rank 0, which writes the record."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-    from workshop.runs import display_path
+    from workshop.base.runs import display_path
 
     out: dict = {}
     for lg in logged:

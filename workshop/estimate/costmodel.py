@@ -50,16 +50,16 @@ batch with no communication, backward = 2/3 of it (2N FLOPs per token forward, 4
            once per step. `placements` ranks every dp x tp x pp = world, with memory.plan's memory per GPU.
 
 `project` carries a one-GPU step to 1 ... 4096 GPUs (weak scaling: the micro batch per GPU stays), checks each
-configuration's memory per GPU with `workshop.memory` and marks the ones that do not fit. `PUBLISHED` holds
+configuration's memory per GPU with `workshop.measure.memory` and marks the ones that do not fit. `PUBLISHED` holds
 published scaling results with their hardware, and `validate` compares the model with them.
 
     ab = costmodel.calibrate(costmodel.allreduce_rows(records))   # AlphaBeta(alpha=..., beta=...)
     costmodel.ddp_step(compute_s=0.05, grad_bytes=4 * 25_600_000, world_size=8, link=ab)
     costmodel.project(costmodel.Workload.from_size("7B", tokens_per_sample=2048), gpu="h100", strategy="fsdp")
-    python -m workshop.costmodel project 70B --gpu h100 --strategy fsdp
+    python -m workshop.estimate.costmodel project 70B --gpu h100 --strategy fsdp
     costmodel.placements("llama2-70b", gpus=512, gpu="h100")[0]     # the fastest placement that fits
-    python -m workshop.costmodel placements 70B --gpus 512 --gpu h100
-    python -m workshop.costmodel validate --out docs/results
+    python -m workshop.estimate.costmodel placements 70B --gpus 512 --gpu h100
+    python -m workshop.estimate.costmodel validate --out docs/results
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from workshop import hardware
+from workshop.base import hardware
 
 # --- links and clusters --------------------------------------------------------------------------
 
@@ -93,7 +93,7 @@ def _link(name: str, alpha_us: float, GBps: float) -> AlphaBeta:
     return AlphaBeta(alpha_us * 1e-6, 1 / (GBps * 1e9), name)
 
 
-# The links and GPUs of workshop.hardware (data sheets), as the model uses them: alpha-beta links, and per GPU its
+# The links and GPUs of workshop.base.hardware (data sheets), as the model uses them: alpha-beta links, and per GPU its
 # dense bf16 peak, memory and usual node.
 LINKS = {name: _link(name, link.latency_us, link.GBps) for name, link in hardware.LINKS.items()}
 GPUS = {key: {"flops": hardware.GPU_PEAK_TFLOPS[node.gpu]["bf16"] * 1e12, "memory": node.memory_GB * 1e9,
@@ -223,7 +223,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 
 def collective_rows(records: list[dict], collective: str = "all_reduce") -> list[dict]:
     """Every measurement of `collective` in `records`: rows {bytes, time_s, world_size} from
-    `python -m workshop.bench collectives` (results.rows, each with its collective), and for the all-reduce also
+    `python -m workshop.measure.bench collectives` (results.rows, each with its collective), and for the all-reduce also
     `bench allreduce` (results.rows) and notebook 05 (results.allreduce). Failed and single-rank runs are skipped."""
     if collective not in COLLECTIVES:
         raise ValueError(f"unknown collective {collective!r}; choose from {', '.join(COLLECTIVES)}")
@@ -271,7 +271,7 @@ def calibrate(rows: list[dict], name: str = "calibrated", collective: str = "all
            for r in rows if r["world_size"] >= 2 and r["time_s"] > 0]
     if len(pts) < 2 or len({x2 for _, x2, _ in pts}) < 2:
         raise ValueError(f"calibration needs {collective} times of at least two message sizes on 2 or more ranks: run "
-                         "python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.bench collectives")
+                         "python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.measure.bench collectives")
     # weighted rows: (x1/t, x2/t) . (alpha, beta) ~ 1
     a11 = sum((x1 / t) ** 2 for x1, _, t in pts)
     a12 = sum(x1 * x2 / t**2 for x1, x2, t in pts)
@@ -406,9 +406,9 @@ class Workload:
 
 
 def parse_count(size: str | float) -> float:
-    """1.3e9, "1.3B", "350M" -> a number of parameters (workshop.memory.parse_count, imported when called: this
+    """1.3e9, "1.3B", "350M" -> a number of parameters (workshop.measure.memory.parse_count, imported when called: this
     module imports no torch)."""
-    from workshop import memory
+    from workshop.measure import memory
 
     return memory.parse_count(size)
 
@@ -419,11 +419,11 @@ STRATEGIES = ("ddp", "fsdp", "tp_fsdp")
 def memory_per_gpu(workload: Workload, strategy: str, devices: int, micro_batch_size: int, tp: int = 1,
                    units: int | None = None) -> dict:
     """Bytes one GPU holds, by part, for `strategy` on `devices` GPUs (tensor parallelism over `tp` of them):
-    workshop.memory's planner (`memory.plan`, which says what each part holds) with full activation
+    workshop.measure.memory's planner (`memory.plan`, which says what each part holds) with full activation
     checkpointing. DDP keeps everything whole on every GPU, FSDP shards it over the data-parallel ranks
     (ZeRO-3), TP x FSDP first splits it over the TP ranks. A CNN's activations are not counted: the workload
     does not describe them."""
-    from workshop import memory
+    from workshop.measure import memory
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -647,9 +647,9 @@ class PipelineStep:
 
 
 def _stage_model(model):
-    """A ModelShape: a name of workshop.memory.MODELS, a size that names one of them ("70B": Llama 2 70B), or a
-    size shaped as workshop.memory.model_shape does."""
-    from workshop import memory
+    """A ModelShape: a name of workshop.measure.memory.MODELS, a size that names one of them ("70B": Llama 2 70B), or a
+    size shaped as workshop.measure.memory.model_shape does."""
+    from workshop.measure import memory
 
     if isinstance(model, str) and model.lower() not in memory.MODELS:
         named = [key for key in memory.MODELS if key.endswith("-" + model.strip().lower())]
@@ -684,7 +684,7 @@ def pp_step(model, dp: int, tp: int, pp: int, microbatches: int, micro_batch_siz
     step: the earlier micro-batches accumulate). The data-parallel group holds per_node / tp GPUs of each node.
     Not modelled: the embedding's and the output head's compute, the last stage's logits, the all-reduce of a
     tied embedding's gradients between first and last stage."""
-    from workshop import memory
+    from workshop.measure import memory
 
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"the data-parallel strategy of a pipeline is 'ddp' or 'fsdp', not {strategy!r}")
@@ -788,7 +788,7 @@ def placements(model="llama2-70b", gpus: int = 512, gpu: str = "h100", global_ba
     everywhere in this module) against the GPU's memory x hardware.MEMORY_MARGIN; the step from pp_step with
     compute at `mfu` of the peak. Rows fastest first among those that fit, then those that do not fit (least
     memory first), then those excluded, each with a one-line reason."""
-    from workshop import memory
+    from workshop.measure import memory
 
     for s in strategies:
         if s not in ("ddp", "fsdp"):
@@ -976,11 +976,11 @@ def validate(cases=None) -> list[dict]:
 
 def validation_markdown(rows: list[dict]) -> str:
     lines = ["# The cost model against published scaling results", "",
-             "Produced by `python -m workshop.costmodel validate --out docs/results` and checked by "
-             "`tests/test_costmodel.py`: each row feeds `workshop.costmodel` the published configuration (model, batch "
+             "Produced by `python -m workshop.estimate.costmodel validate --out docs/results` and checked by "
+             "`tests/test_costmodel.py`: each row feeds `workshop.estimate.costmodel` the published configuration (model, batch "
              "per GPU, GPUs per node, links, precision of the communication) and compares its predicted scaling "
              "efficiency with the published one. No constant is set per row; the hardware is data, with its source "
-             "in `workshop/hardware.py` (`LINKS`) and `workshop/costmodel.py` (`PUBLISHED`).", "",
+             "in `workshop/base/hardware.py` (`LINKS`) and `workshop/estimate/costmodel.py` (`PUBLISHED`).", "",
              "| result | GPUs (base) | published | predicted | difference | configuration | source |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -1064,10 +1064,11 @@ def plot_check(rows: list[dict]):
 
 CHECK_COMMANDS = """\
 export WORKSHOP_RUNS=docs/results/costmodel_check_runs OMP_NUM_THREADS=1   # one thread per rank, as torchrun sets for 2+ ranks
-for n in 2 4; do python -m torch.distributed.run --standalone --nproc-per-node $n -m workshop.bench collectives \\
+for n in 2 4; do python -m torch.distributed.run --standalone --nproc-per-node $n -m workshop.measure.bench collectives \\
     --sizes 4KiB,64KiB,256KiB,1MiB,4MiB,16MiB; done
-for n in 1 2 4; do python -m torch.distributed.run --standalone --nproc-per-node $n -m workshop.bench strategies --steps 20; done
-python -m workshop.costmodel check docs/results/costmodel_check_runs --out docs/results"""
+for n in 1 2 4; do python -m torch.distributed.run --standalone --nproc-per-node $n -m workshop.measure.bench strategies \\
+    --steps 20; done
+python -m workshop.estimate.costmodel check docs/results/costmodel_check_runs --out docs/results"""
 
 
 def calibrate_by_world_size(records: list[dict], collective: str) -> dict:
@@ -1087,8 +1088,8 @@ def check(runs, out=None) -> str:
     write costmodel_check.md and its PNG there."""
     from pathlib import Path
 
-    from workshop import report
-    from workshop.metrics import display_path
+    from workshop.measure import report
+    from workshop.measure.metrics import display_path
 
     records = [r.record for r in report.find_runs(runs)]
     links = {}
@@ -1098,7 +1099,7 @@ def check(runs, out=None) -> str:
     compared = check_strategies(records, links["all_reduce"], links.get("all_gather"), links.get("reduce_scatter"))
     if not compared:
         raise ValueError(f"no `bench strategies` record on 2 or more ranks under {display_path(runs)}: run "
-                         "python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.bench strategies")
+                         "python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.measure.bench strategies")
     lines = []
     for c, fits in links.items():
         rows = collective_rows(records, c)
@@ -1143,9 +1144,9 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     from pathlib import Path
 
-    from workshop.params import positive
+    from workshop.base.params import positive
 
-    parser = argparse.ArgumentParser(prog="python -m workshop.costmodel", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workshop.estimate.costmodel", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="predicted against measured DDP and FSDP step times of `bench strategies` records")
     c.add_argument("runs", type=Path, help="a runs folder with `bench collectives` and `bench strategies` records")

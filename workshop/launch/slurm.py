@@ -9,7 +9,7 @@ across nodes through `sbatch scripts/run_notebook.sh` (see that script's header)
     slurm.wait(job)            # until the job has ended: its final state
     slurm.open_result(job)     # the executed notebook's path and the run's record
 
-From a shell, `python -m workshop.slurm status JOB` (or `wait`, `result`) follows a job.
+From a shell, `python -m workshop.launch.slurm status JOB` (or `wait`, `result`) follows a job.
 
 A JupyterLab server that a portal started is a SLURM job itself, and its kernel carries that
 job's SLURM_* variables: a job submitted with them would inherit the portal job's task and CPU
@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from workshop import records
-from workshop.runs import REPO, display_path, runs_root
+from workshop.base import records
+from workshop.base.runs import REPO, display_path, runs_root
 
 SCRIPT = REPO / "scripts" / "run_notebook.sh"
 # states of a job that has not ended yet (squeue's long names)
@@ -149,7 +149,7 @@ def submit(notebook: str | os.PathLike, nodes: int = 1, ntasks_per_node: int = 1
     A notebook with a `submit` parameter gets `submit=False` (`job_params`)."""
     _need("sbatch")
     nb = find_notebook(notebook)
-    from workshop.runner import RunError, check_notebook
+    from workshop.launch.runner import RunError, check_notebook
 
     try:
         check_notebook(nb, papermill_args(params))  # a parameter the notebook lacks is refused here, not after the queue
@@ -285,7 +285,7 @@ def _short(value, width: int = 300) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """A job submitted from a notebook, followed from a shell."""
-    parser = argparse.ArgumentParser(prog="python -m workshop.slurm", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m workshop.launch.slurm", description=main.__doc__)
     parser.add_argument("command", choices=["status", "wait", "result"])
     parser.add_argument("job", help="the job id")
     args = parser.parse_args(argv)

@@ -9,8 +9,8 @@ The parameters cell of a notebook ends a parameter's comment with its rule in br
 Words, not `>=`: papermill skips a parameter line with a second `=` in it (its parser splits on `=`).
 
 `scripts/run_notebook.sh` checks the values it is given against these rules before a run folder exists
-(`workshop.runner`), and the notebook checks its own values in its setup cell, where there is
-no launcher (JupyterLab): `validate("01_baseline", globals())` (`from workshop.params import validate`; the
+(`workshop.launch.runner`), and the notebook checks its own values in its setup cell, where there is
+no launcher (JupyterLab): `validate("01_baseline", globals())` (`from workshop.base.params import validate`; the
 notebooks keep the name `params` for the dict their record holds). A value outside its rule is an error that
 names the parameter, the value and what is valid. NaN is outside every range. This module imports neither torch nor
 papermill (a launcher refuses a bad value in a fraction of a second); `inspect` reads a parameters cell as papermill's
@@ -29,7 +29,7 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 _OPS = {"at least": operator.ge, "above": operator.gt, "at most": operator.le, "below": operator.lt}
 _RULE = re.compile(r"\[([^\[\]]+)\]\s*$")  # the last bracket of a comment
 

@@ -1,12 +1,12 @@
 """Faults provoked on purpose, and how to find them: a rank that skips a collective (the others hang until the
 process group's timeout), a rank that calls another collective than the others, a rank slower than the rest.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.faults hang --traces DIR
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.faults mismatch --traces DIR
-    TORCH_DISTRIBUTED_DEBUG=DETAIL python -m torch.distributed.run ... -m workshop.faults mismatch --traces DIR
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.faults straggle --delay 0.05
-    srun --nodes 2 --ntasks-per-node 2 python -m workshop.faults hang --traces DIR      # in an sbatch script
-    python -m workshop.faults read DIR                                                  # who is behind, and where
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.launch.faults hang --traces DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.launch.faults mismatch --traces DIR
+    TORCH_DISTRIBUTED_DEBUG=DETAIL python -m torch.distributed.run ... -m workshop.launch.faults mismatch --traces DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.launch.faults straggle --delay 0.05
+    srun --nodes 2 --ntasks-per-node 2 python -m workshop.launch.faults hang --traces DIR      # in an sbatch script
+    python -m workshop.launch.faults read DIR                                                  # who is behind, and where
 
 Every rank keeps PyTorch's Flight Recorder (TORCH_FR_BUFFER_SIZE: the last collectives each rank entered, with
 the Python stack that called them; on NCCL and, since torch 2.7, on gloo) and writes it to DIR/rank<R>.pkl when a
@@ -52,10 +52,11 @@ import psutil
 import torch
 import torch.distributed as tdist
 
-from workshop import dist, runs
+from workshop import dist
+from workshop.base import runs
+from workshop.base.params import positive
 from workshop.dist import DistEnv
-from workshop.doctor import host_name
-from workshop.params import positive
+from workshop.launch.doctor import host_name
 
 TRACE_BUFFER = "2000"  # collectives each rank's Flight Recorder keeps (TORCH_FR_BUFFER_SIZE)
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -87,7 +88,7 @@ def read_traces(folder: Path) -> dict[int, dict]:
             traces[int(path.stem[4:])] = pickle.load(f)
     if not traces:
         raise FileNotFoundError(f"no rank<R>.pkl in {folder}: run the job with TORCH_FR_BUFFER_SIZE set and "
-                                "dump each rank's trace (workshop.faults.dump_trace) when a collective fails")
+                                "dump each rank's trace (workshop.launch.faults.dump_trace) when a collective fails")
     return traces
 
 
@@ -271,7 +272,7 @@ class Job:
     ranks: int = 2
     bound_s: float = 30.0
     env: dict = field(default_factory=dict)
-    module: str = "workshop.faults"
+    module: str = "workshop.launch.faults"
 
 
 @dataclass(frozen=True)
@@ -374,7 +375,7 @@ def launch(*jobs: Job, env: DistEnv | None = None) -> list[Launched]:
 # --- the command line -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m workshop.faults", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m workshop.launch.faults", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, what in (("hang", "a rank skips an all-reduce: the others wait until the timeout"),
                        ("mismatch", "a rank calls a broadcast where the others all-reduce")):

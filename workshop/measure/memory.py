@@ -20,7 +20,7 @@ what autograd keeps, `gpt_layer_activation_bytes` derives it for this package's 
 checkpointing (`checkpoint_blocks` applies it). The planner puts it all together, per GPU:
 
     memory.plan("llama2-70b", gpu="h100", strategy="fsdp", world_size=64, checkpointing="full").fits
-    python -m workshop.memory plan 70B --gpu h100 --strategy fsdp --world-size 64 --checkpointing full
+    python -m workshop.measure.memory plan 70B --gpu h100 --strategy fsdp --world-size 64 --checkpointing full
 
 With pipeline parallelism over pp stages (Huang et al. 2019, GPipe; Narayanan et al. 2021, "Efficient
 Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", section 2.2), world_size = dp x tp x pp
@@ -35,7 +35,7 @@ and a GPU of the first stage, the most loaded one, holds
 
     memory.plan("llama2-70b", strategy="ddp", world_size=512, tp=8, pp=4, microbatches=64, seq_len=4096,
                 checkpointing="full").fits
-    python -m workshop.memory plan llama2-70b --strategy ddp --world-size 512 --tp 8 --pp 4 --microbatches 64
+    python -m workshop.measure.memory plan llama2-70b --strategy ddp --world-size 512 --tp 8 --pp 4 --microbatches 64
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+
+from workshop.base.hardware import device_type
 
 STAGES = ("ddp", "zero1", "zero2", "zero3")
 
@@ -224,12 +226,12 @@ def train_and_measure(train, model: nn.Module | None = None, optimizer: torch.op
     then measure what every rank holds. Without a model, `train()` measures itself and returns what
     `gather` gave (DeepSpeed: the bytes after a backward, before its step frees them). Every rank must
     call it."""
-    from workshop import metrics
+    from workshop.measure import metrics
 
     metrics.reset_peak_memory(device)
     with metrics.Timer(device) as timer:
         held = train()
-    peak = metrics.peak_memory(device) if str(device).startswith("cuda") else None
+    peak = metrics.peak_memory(device) if device_type(device) == "cuda" else None
     return Measured(timer.elapsed, peak, held if model is None else measure_all(model, optimizer))
 
 
@@ -563,7 +565,7 @@ class Plan:
 
     @property
     def capacity(self) -> float:
-        from workshop.hardware import MEMORY_MARGIN
+        from workshop.base.hardware import MEMORY_MARGIN
 
         return self.gpu_bytes * MEMORY_MARGIN
 
@@ -593,7 +595,7 @@ def plan(model: str | float | ModelShape, *, gpu: str = "h100", strategy: str = 
       the logits and the CUDA workspace are not counted;
     - offload "optimizer" (ZeRO-Offload) keeps the optimizer states on the host, "params" (FSDP2's
       CPUOffloadPolicy, fsdp only) the sharded parameters, gradients and optimizer states."""
-    from workshop import hardware
+    from workshop.base import hardware
 
     shape = model_shape(model)
     if gpu not in hardware.NODES:
@@ -666,17 +668,17 @@ def format_plan(p: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m workshop.memory plan 70B --gpu h100 --strategy fsdp --world-size 64 --checkpointing full"""
+    """python -m workshop.measure.memory plan 70B --gpu h100 --strategy fsdp --world-size 64 --checkpointing full"""
     import argparse
 
-    from workshop import hardware
+    from workshop.base import hardware
 
     def whole(text):
         if not text.isdigit() or int(text) < 1:
             raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
         return int(text)
 
-    parser = argparse.ArgumentParser(prog="python -m workshop.memory", description="Memory per GPU of training a "
+    parser = argparse.ArgumentParser(prog="python -m workshop.measure.memory", description="Memory per GPU of training a "
                                      "GPT-shaped model: parameters, gradients, optimizer states, activations.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="the memory per GPU of one configuration, by part, and whether it fits")

@@ -1,6 +1,6 @@
 """Where runs are kept: the runs folder, a new run's own folder, paths as shown to people, and the one
 way files are written there (whole or not at all). Plain files only: this module imports no torch,
-so the launcher (`workshop.runner`) and `workshop.slurm` answer in a fraction of a second.
+so the launcher (`workshop.launch.runner`) and `workshop.launch.slurm` answer in a fraction of a second.
 
     runs_root()                 # $WORKSHOP_RUNS, else runs/ in the repository
     new_run_dir("05_ddp")       # runs/<job id or time>-05_ddp, made now, never shared with another run
@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class RunError(Exception):

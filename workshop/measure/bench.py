@@ -6,26 +6,27 @@ compute and its communication. They print measurements and write records; none p
     step-split   per model: compute time of a step, all-reduce time of its gradients, and the
                  scaling efficiency with no overlap and with perfect overlap of the two
     strategies   one TinyGPT step as compute alone, under DDP and under FSDP2 (fully_shard per block,
-                 then the root): step times and tokens/s, for checking workshop.costmodel
+                 then the root): step times and tokens/s, for checking workshop.estimate.costmodel
     collectives  all-reduce, all-gather and reduce-scatter of float32 tensors, timed in turns: the three
-                 collectives that DDP and FSDP use, for calibrating workshop.costmodel
+                 collectives that DDP and FSDP use, for calibrating workshop.estimate.costmodel
     single       one device, before any parallelism: samples/s, speedup, step time, peak memory and
                  MFU of the same training steps under cumulative variants (workers and pinned memory,
                  bf16 autocast, channels_last, torch.compile, data resident on the device); see
-                 workshop.perf and notebook 02
+                 workshop.measure.perf and notebook 02
 
 Run it as N ranks, like any SPMD program here (workshop.dist.init reads the launcher):
 
     # locally, one process (the one-device baseline; all-reduce has no partner)
-    python -m workshop.bench ddp --model small_cnn --batch-size 64 --steps 20
+    python -m workshop.measure.bench ddp --model small_cnn --batch-size 64 --steps 20
     # on one node, 2 ranks (gloo on CPU, NCCL on GPUs)
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.bench allreduce
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.bench step-split --batch-size 32
-    python -m torch.distributed.run --standalone --nproc-per-node 4 -m workshop.bench strategies --size small
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.measure.bench allreduce
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.measure.bench step-split --batch-size 32
+    python -m torch.distributed.run --standalone --nproc-per-node 4 -m workshop.measure.bench strategies --size small
     # under SLURM, 2 nodes x 4 GPUs, inside an sbatch script or an salloc
-    srun --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 python -m workshop.bench allreduce --link ib-ndr-400
+    srun --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 python -m workshop.measure.bench allreduce --link ib-ndr-400
     # one GPU (one process: `single` refuses more ranks)
-    srun --ntasks 1 --gpus 1 --cpus-per-task 8 python -m workshop.bench single --model resnet18 --batch-size 512 --steps 50
+    srun --ntasks 1 --gpus 1 --cpus-per-task 8 python -m workshop.measure.bench single --model resnet18 \\
+        --batch-size 512 --steps 50
 
 Bandwidths follow NCCL-tests (github.com/NVIDIA/nccl-tests, doc/PERFORMANCE.md): algbw = bytes /
 time; busbw = algbw * 2(n-1)/n, the rate each rank's link must carry in a ring all-reduce, which
@@ -51,9 +52,11 @@ import torch
 import torch.distributed as tdist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from workshop import dist, hardware, metrics, perf
+from workshop import dist
+from workshop.base import hardware
 from workshop.ddp import apply_ddp
 from workshop.dist import DistEnv
+from workshop.measure import metrics, perf
 from workshop.models import MODELS, count_parameters, get_model
 
 # Peak bandwidth of common links, GB/s per direction (1 GB = 1e9 bytes). A ring all-reduce
@@ -203,7 +206,7 @@ def format_allreduce(rows: list[dict], link: str | None = None, env: DistEnv | N
     env = env or dist.get_env()
     if not rows:
         return ("one rank: nothing to all-reduce with. Start N ranks: "
-                "python -m torch.distributed.run --standalone --nproc-per-node N -m workshop.bench allreduce, or srun")
+                "python -m torch.distributed.run --standalone --nproc-per-node N -m workshop.measure.bench allreduce, or srun")
     peak = NOMINAL_LINKS[link] if link else None
     head = f"{'size':>10} {'bytes':>11} {'time (us)':>11} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}"
     if peak:
@@ -301,7 +304,7 @@ def format_collectives(rows: list[dict], env: DistEnv | None = None) -> str:
     env = env or dist.get_env()
     if not rows:
         return ("one rank: no collective to time. Start N ranks: "
-                "python -m torch.distributed.run --standalone --nproc-per-node N -m workshop.bench collectives")
+                "python -m torch.distributed.run --standalone --nproc-per-node N -m workshop.measure.bench collectives")
     lines = [f"float32 collectives on {env.world_size} ranks ({env.backend}, {env.device}), taking turns: median over "
              "iterations of the slowest rank's time; bytes of the whole tensor",
              f"{'collective':>15} {'size':>10} {'time (us)':>11} {'algbw (GB/s)':>13}"]
@@ -356,7 +359,7 @@ def ddp_throughput(model_name: str, micro_batch_size: int, steps: int, warmup: i
         "step_time_s": time_s / steps,
         "samples_per_s": metrics.throughput(env.world_size * micro_batch_size * steps, time_s),
         "peak_memory_bytes": peak,  # one entry per rank, in rank order
-        # the keys of workshop.report
+        # the keys of workshop.measure.report
         "throughput": metrics.throughput(env.world_size * micro_batch_size * steps, time_s),
         "samples_or_tokens": "samples",
         "strategy": "ddp" if env.is_distributed else "single",
@@ -389,7 +392,7 @@ def run_ddp(nproc: int, model_name: str, micro_batch_size: int, steps: int, warm
     Path(run).mkdir(parents=True, exist_ok=True)
     out = Path(run) / "ddp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "workshop.bench", "ddp", "--model", model_name, "--batch-size", str(micro_batch_size),
+           "-m", "workshop.measure.bench", "ddp", "--model", model_name, "--batch-size", str(micro_batch_size),
            "--steps", str(steps), "--warmup", str(warmup), "--json", str(out)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # torchrun decides this world
     env.update(OMP_NUM_THREADS="1", WORKSHOP_RUN_DIR=str(Path(run) / "ddp"))
@@ -455,7 +458,7 @@ def step_split(model_names: list[str], micro_batch_size: int, steps: int, env: D
 
 
 def step_split_measurements(rows: list[dict]) -> list[dict]:
-    """The split in the keys of workshop.report: per model, the compute alone on one device
+    """The split in the keys of workshop.measure.report: per model, the compute alone on one device
     (strategy "single"), and on N ranks the compute followed by the gradients' all-reduce, both
     measured, run one after the other: a DDP step with no overlap (strategy "ddp-no-overlap")."""
     out = []
@@ -487,7 +490,7 @@ def format_step_split(rows: list[dict], env: DistEnv | None = None) -> str:
             f"{r['efficiency_overlap']:>13.1%}")
     if world_size == 1:
         lines.append("one rank: no all-reduce, so communication is 0. Run with N ranks to measure it: "
-                     "python -m torch.distributed.run --standalone --nproc-per-node N -m workshop.bench step-split")
+                     "python -m torch.distributed.run --standalone --nproc-per-node N -m workshop.measure.bench step-split")
     return "\n".join(lines)
 
 
@@ -532,7 +535,7 @@ def strategy_steps(size: str = "cpu", micro_batch_size: int = 8, seq_len: int = 
     each step starts after a barrier and the slowest rank's time counts; the median over `steps`
     (after `warmup` rounds) is reported. State bytes per rank: parameters, gradients and
     AdamW's moments that the rank holds. Returns the record's results, in the keys of
-    workshop.report (one measurement per strategy), with what workshop.costmodel needs."""
+    workshop.measure.report (one measurement per strategy), with what workshop.estimate.costmodel needs."""
     from torch.distributed.device_mesh import DeviceMesh
 
     from workshop.models import tinygpt
@@ -644,7 +647,7 @@ _arg_positive, _arg_count = _arg_int(1), _arg_int(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m workshop.bench", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m workshop.measure.bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -669,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_arg_positive, default=5, help="timed steps per model (default 5)")
     p.add_argument("--warmup", type=_arg_count, default=1, help="untimed steps first (default 1)")
 
-    p = sub.add_parser("strategies", help="TinyGPT step time as compute alone, DDP and FSDP2 (checks workshop.costmodel)")
+    p = sub.add_parser("strategies", help="TinyGPT step time as compute alone, DDP and FSDP2 (checks the cost model)")
     p.add_argument("--size", choices=["cpu", "small", "gpu"], default="cpu", help="TinyGPT size (default cpu)")
     p.add_argument("--batch-size", type=_arg_positive, default=8, help="micro_batch_size in sequences, per rank (default 8)")
     p.add_argument("--seq-len", type=_arg_positive, default=64, help="tokens per sequence (default 64)")
@@ -751,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
                        {"rows": rows}, env)
         elif args.command == "single":
             if env.is_distributed:
-                raise SystemExit("workshop.bench single measures one device: run it as one process, not under torchrun/srun -n N")
+                raise SystemExit("workshop.measure.bench single measures one device: run it as one process, "
+                                 "not under torchrun/srun -n N")
             num_workers = perf.default_num_workers(2) if args.num_workers is None else args.num_workers
             rows = perf.run_variants(args.model, args.batch_size, args.steps, args.warmup, args.variants, env,
                                      num_workers=num_workers, dataset=args.dataset, compile_on_cpu=args.compile_on_cpu)

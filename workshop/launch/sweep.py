@@ -29,7 +29,9 @@ from typing import Callable, Mapping
 
 import torch
 
-from workshop import dist, metrics, records
+from workshop import dist
+from workshop.base import records
+from workshop.measure import metrics
 
 
 class SweepError(ValueError):

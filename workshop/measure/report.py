@@ -1,7 +1,7 @@
 """The scaling report: every run's `record.json` under a runs folder, as tables, plots and Markdown.
 
-    python -m workshop.report runs/ --out report/                  # report/report.md and its PNGs
-    python -m workshop.report runs/ --notebook bench-strategies     # only some runs (also --sweep, --job)
+    python -m workshop.measure.report runs/ --out report/                  # report/report.md and its PNGs
+    python -m workshop.measure.report runs/ --notebook bench-strategies     # only some runs (also --sweep, --job)
 
 Nothing here is typed by hand: each number comes from a record. A run that failed is listed as
 failed, never dropped nor averaged in. Records are grouped into series that share the notebook,
@@ -9,7 +9,7 @@ the model, the unit of throughput and the batch per device; speedup and efficien
 inside a series only, against its one-device baseline, never across series. Where SLURM's
 `sacct` answers, each job's elapsed time and allocated GPUs are joined in.
 
-What a record must hold to be measured is `workshop.records.Measurement`: a throughput, and what the
+What a record must hold to be measured is `workshop.base.records.Measurement`: a throughput, and what the
 report can fill in from the record where a measurement leaves it out.
 """
 
@@ -23,8 +23,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workshop import records
-from workshop.metrics import display_path, fmt_bytes
+from workshop.base import records
+from workshop.base.hardware import device_type
+from workshop.measure.metrics import display_path, fmt_bytes
 
 
 @dataclass
@@ -187,7 +188,7 @@ def measurements(run: Run) -> list[Row]:
         mbs = m.micro_batch_size or (m.global_batch_size / devices if m.global_batch_size else None)
         peak = m.peak_memory_bytes
         peak = max((p for p in peak if p is not None), default=None) if isinstance(peak, list) else peak
-        on_gpu = str(world.get("device", "")).startswith("cuda")
+        on_gpu = device_type(world.get("device", "")) == "cuda"
         rows.append(Row(run=run, model=str(m.model or params.get("model_name") or params.get("model") or "unknown model"),
                         strategy=m.strategy or ("single" if devices == 1 else "distributed"),
                         unit=m.samples_or_tokens or "samples", devices=devices, nodes=nodes, micro_batch_size=mbs,
@@ -452,7 +453,7 @@ PLOTS = {"speedup.png": plot_speedup, "efficiency.png": lambda r: plot_speedup(r
 
 _MULTI_RANK = ("run a series on 2 or more ranks beside its one-device run, e.g. "
                "`scripts/run_notebook.sh --nproc 2 notebooks/05_ddp.ipynb`, or "
-               "`python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.bench strategies`")
+               "`python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.measure.bench strategies`")
 
 
 def missing(report: Report, name: str) -> str | None:
@@ -461,7 +462,7 @@ def missing(report: Report, name: str) -> str | None:
     if name in ("speedup.png", "efficiency.png") and not any(True for _ in _lines(report)):
         return f"No series was measured on more than one device, so there is no {name[:-4]} to plot: {_MULTI_RANK}."
     if name == "memory.png" and not any(_charted(r) for s in report.series for r in s.rows):
-        return ("No run recorded the tensor bytes per rank (a GPU's allocated memory, or workshop.memory's count on "
+        return ("No run recorded the tensor bytes per rank (a GPU's allocated memory, or workshop.measure.memory's count on "
                 "CPU; a process's resident set says nothing about a strategy), so there is no memory to plot: "
                 "`scripts/run_notebook.sh --nproc 2 notebooks/06_sharding.ipynb` records them.")
     if name == "cost.png" and not report.series:
@@ -478,7 +479,7 @@ def figure(report: Report, name: str):
 
 def markdown(report: Report, plots: list[str] = ()) -> str:
     parts = ["# Scaling report", "",
-             f"Made by `python -m workshop.report` from the records under `{display_path(report.root)}`: "
+             f"Made by `python -m workshop.measure.report` from the records under `{display_path(report.root)}`: "
              f"{len(report.runs)} run(s), {len(report.failed)} failed (run folders below are relative to it). "
              "Speedup and efficiency are taken inside a series "
              "(same notebook, model and batch per device) against its one-device baseline; device-hours are devices x "
@@ -523,7 +524,7 @@ def write(report: Report, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workshop.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workshop.measure.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, nargs="?", default=None, help="the runs folder (default: $WORKSHOP_RUNS or runs/)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md and the PNGs (default report/)")
     parser.add_argument("--notebook", help="only runs of this notebook (or of names starting so: bench)")
@@ -531,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", help="only runs of this SLURM job id")
     parser.add_argument("--no-sacct", action="store_true", help="do not ask SLURM's sacct for elapsed time and GPUs")
     args = parser.parse_args(argv)
-    from workshop.metrics import runs_root
+    from workshop.measure.metrics import runs_root
 
     try:
         report = build(args.runs or runs_root(), args.notebook, args.sweep, args.job, sacct=None if args.no_sacct else sacct_info)

@@ -1,9 +1,9 @@
 """One notebook as N ranks: the launcher behind `scripts/run_notebook.sh` and `make run`.
 
-    python -m workshop.runner [--nproc N] [--resume RUN_DIR] NOTEBOOK [-p NAME VALUE ...]   # scripts/run_notebook.sh
-    python -m workshop.runner series [NOTEBOOK ...]       # `make run`: every notebook, then the report
-    python -m workshop.runner rank RUN_DIR                # one rank; srun or torchrun starts it once per rank
-    python -m workshop.runner execute RUN_DIR RANK_DIR    # the rank's papermill, its kernel on Unix sockets
+    python -m workshop.launch.runner [--nproc N] [--resume RUN_DIR] NOTEBOOK [-p NAME VALUE ...]   # scripts/run_notebook.sh
+    python -m workshop.launch.runner series [NOTEBOOK ...]       # `make run`: every notebook, then the report
+    python -m workshop.launch.runner rank RUN_DIR                # one rank; srun or torchrun starts it once per rank
+    python -m workshop.launch.runner execute RUN_DIR RANK_DIR    # the rank's papermill, its kernel on Unix sockets
 
 A run, step by step (`launch`):
 
@@ -41,9 +41,9 @@ from pathlib import Path
 import psutil
 import yaml
 
-from workshop import params, progress, records
-from workshop.progress import DEFAULT_LOG_EVERY
-from workshop.runs import REPO, RunError, atomic_write_text, display_path, new_run_dir, runs_root
+from workshop.base import params, progress, records, world
+from workshop.base.progress import DEFAULT_LOG_EVERY
+from workshop.base.runs import REPO, RunError, atomic_write_text, display_path, new_run_dir, runs_root
 
 KERNEL = "workshop-current"  # a kernel spec written per rank: always this interpreter
 INTERRUPTED = 3  # the exit status of a run stopped at a checkpoint (or by a signal): resume it
@@ -218,15 +218,8 @@ def check_environment(given: dict, papermill_args: list[str]) -> None:
     if backend == "nccl" and not gpu_present():
         raise RunError("WORKSHOP_BACKEND=nccl but this machine has no GPU: NCCL needs CUDA; unset WORKSHOP_BACKEND "
                        "(gloo is used on CPU) or run on a GPU node")
-    timeout = os.environ.get("WORKSHOP_DIST_TIMEOUT", "600")
-    try:
-        ok = float(timeout) > 0
-    except ValueError:
-        ok = False
-    if not ok:
-        raise RunError(f"WORKSHOP_DIST_TIMEOUT={timeout}: give the seconds a rank waits for the others, a number above 0 "
-                       "(e.g. 600), or unset it")
     try:  # what the kernels would refuse only once they run
+        world.timeout_s()
         progress.log_every()
         progress.is_interactive()
     except ValueError as err:
@@ -396,7 +389,7 @@ def _rank_environment(run: Path, rank: int) -> tuple[dict, Path]:
     env.update(WORKSHOP_RUN_DIR=str(run), JUPYTER_RUNTIME_DIR=str(tmp / "runtime"), IPYTHONDIR=str(tmp / "ipython"),
                JUPYTER_PATH=os.pathsep.join(filter(None, [str(tmp / "jupyter"), os.environ.get("JUPYTER_PATH")])),
                MPLBACKEND="module://matplotlib_inline.backend_inline")
-    # A batch run: a line every N training steps in the log, no progress bars (workshop.progress),
+    # A batch run: a line every N training steps in the log, no progress bars (workshop.base.progress),
     # even when submitted from a JupyterLab kernel whose session variable sbatch passed on.
     env.pop("JPY_SESSION_NAME", None)
     env.setdefault("WORKSHOP_PROGRESS", "log")
@@ -480,7 +473,7 @@ def run_rank(run: Path) -> int:
     nb = Path(meta["notebook"])
     out = output_notebook(run, nb, rank)
     env, tmp = _rank_environment(run, rank)
-    cmd = [sys.executable, "-m", "workshop.runner", "execute", str(run), str(tmp)]
+    cmd = [sys.executable, "-m", "workshop.launch.runner", "execute", str(run), str(tmp)]
     log = run / "logs" / f"rank{rank}.log"
     node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
     started = datetime.now().astimezone().isoformat(timespec="seconds")
@@ -666,7 +659,7 @@ def series(notebooks: list[Path]) -> int:
         start = time.monotonic()
         log = root / f".{nb.stem}.log"  # papermill's cell-by-cell output goes here, not to the terminal
         with open(log, "w") as f:
-            rc = subprocess.run([sys.executable, "-m", "workshop.runner", "--nproc", str(nranks), str(nb), *extra],
+            rc = subprocess.run([sys.executable, "-m", "workshop.launch.runner", "--nproc", str(nranks), str(nb), *extra],
                                 env=env, stdout=f, stderr=subprocess.STDOUT).returncode
         made = sorted(set(root.glob(f"*-{nb.stem}*")) - before)
         lines = log.read_text(errors="replace").splitlines()
@@ -779,7 +772,7 @@ def launch(argv: list[str]) -> int:
     restart = os.environ.get("SLURM_RESTART_COUNT")
     print(f"run folder: {run} ({nranks} rank(s) via {'srun' if srun else 'torchrun'}"
           f"{', restart ' + restart if restart else ''})", flush=True)
-    rank = [sys.executable, "-m", "workshop.runner", "rank", str(run)]
+    rank = [sys.executable, "-m", "workshop.launch.runner", "rank", str(run)]
     if srun:  # --kill-on-bad-exit: when one rank fails the others are stopped instead of waiting forever;
         # each task ignores USR1 from its first instruction (scancel signals every process of a step)
         cmd = ["srun", "--kill-on-bad-exit=1", f"--ntasks={nranks}", "bash", "-c", 'trap "" USR1; exec "$@"', "rank", *rank]

@@ -18,7 +18,7 @@ with 4 pixels of reflect padding, random horizontal flip): in the DataLoader one
     print(perf.format_variants(rows))
     perf.plot_speedups(rows)
 
-From the command line (prints the table, writes a record): `python -m workshop.bench single --model resnet18`.
+From the command line (prints the table, writes a record): `python -m workshop.measure.bench single --model resnet18`.
 
 MFU (model FLOPs utilisation, PaLM, Chowdhery et al. 2022, appendix B): the FLOPs of the model's training step,
 counted by torch.utils.flop_counter, times steps per second, over the device's peak FLOP/s for the dtype the
@@ -38,9 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from workshop import hardware, metrics
+from workshop.base import hardware
+from workshop.base.hardware import device_type
 from workshop.data import CIFAR_MEAN, CIFAR_STD, ImageTensors, get_dataset
 from workshop.dist import DistEnv, get_env
+from workshop.measure import metrics
 from workshop.models import count_parameters, get_model
 
 VARIANTS = ("naive", "workers", "bf16", "channels_last", "compile", "resident")
@@ -82,7 +84,7 @@ def default_num_workers(fallback: int) -> int:
 def amp_dtype_for(device: str) -> str:
     """float16 on GPUs without bf16 (V100, T4), else bfloat16: Ampere and newer GPUs compute in it natively; CPU
     autocast supports only bfloat16 (fast where `cpu_has_native_bf16()`, slower than float32 elsewhere)."""
-    if str(device).startswith("cuda") and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if device_type(device) == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return "float16"  # V100, T4: no bf16 tensor cores
     return "bfloat16"
 
@@ -97,7 +99,7 @@ def cpu_has_native_bf16() -> bool:
 def device_summary(device: str) -> str:
     """The device in a few words, for the sentences that read a measurement: the GPU's name, or the CPU's vector
     instructions and whether it has bf16 ones."""
-    if str(device).startswith("cuda"):
+    if device_type(device) == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
     bf16 = "native bf16 (AVX512-BF16 or AMX)" if cpu_has_native_bf16() else "no bf16 instructions"
     return f"a CPU with {torch.backends.cpu.get_cpu_capability()} vector instructions and {bf16}"
@@ -113,7 +115,7 @@ def check_variants(variants) -> list[str]:
 
 def variant_setups(variants, device: str, num_workers: int) -> list[Setup]:
     """One Setup per variant, each with the changes of the variants listed before it."""
-    on_cuda = str(device).startswith("cuda")
+    on_cuda = device_type(device) == "cuda"
     setup, setups = Setup("naive"), []
     for name in check_variants(variants):
         if name == "workers":
@@ -281,7 +283,7 @@ def measured_matmul_flops(device, dtype=torch.bfloat16, n: int = 8192, iters: in
 
 def gpu_peak(device, dtype) -> tuple[float | None, str]:
     """(peak FLOP/s for `dtype` on `device`, where the number comes from). CPU: (None, why)."""
-    if not str(device).startswith("cuda"):
+    if device_type(device) != "cuda":
         return None, "CPU: no peak FLOP/s known here, MFU not meaningful"
     name = torch.cuda.get_device_name(torch.device(device))
     key = _dtype_key(dtype)
@@ -313,7 +315,7 @@ def run_variant(setup: Setup, model_name: str, images, labels, batch_size: int, 
     if warmup < 1:
         raise ValueError("warmup must be at least 1: the first step compiles, picks kernels and starts the workers")
     gc.collect()
-    if device.startswith("cuda"):
+    if device_type(device) == "cuda":
         torch.cuda.empty_cache()
     metrics.reset_peak_memory(device)
     run = VariantRun(setup, model_name, images, labels, batch_size, device, seed=seed)
@@ -377,7 +379,7 @@ def run_variants(model_name: str, batch_size: int, steps: int, warmup: int, vari
         row = {"variant": setup.name, "changes": CHANGES[setup.name], **asdict(setup), "model": model_name,
                "parameters": parameters, "data": data_name, "device": device, "batch_size": batch_size, "steps": steps,
                "warmup": warmup, "flops_per_step": flops, "status": "ok", "reason": None, "without": list(skipped)}
-        if setup.compile and not device.startswith("cuda") and not compile_on_cpu:
+        if setup.compile and device_type(device) != "cuda" and not compile_on_cpu:
             row.update(status="skipped", reason="torch.compile on CPU builds C++ kernels with the system compiler, which "
                        "takes longer than this run's budget; measure it with compile_on_cpu=True (--compile-on-cpu)")
             rows.append(row)
@@ -407,7 +409,7 @@ def run_variants(model_name: str, batch_size: int, steps: int, warmup: int, vari
 
 
 def report_measurements(rows: list[dict]) -> list[dict]:
-    """The measured variants in the keys of workshop.report: one device each, strategy "single",
+    """The measured variants in the keys of workshop.measure.report: one device each, strategy "single",
     speedups taken against the baseline variant (naive, where it ran)."""
     return [{"model": r["model"], "strategy": "single", "variant": r["variant"], "samples_or_tokens": "samples",
              "world_size": 1, "micro_batch_size": r["batch_size"], "global_batch_size": r["batch_size"],
@@ -432,7 +434,7 @@ def format_variants(rows: list[dict]) -> str:
     if not rows:
         return "no variants"
     r0 = rows[0]
-    on_cuda = r0["device"].startswith("cuda")
+    on_cuda = device_type(r0["device"]) == "cuda"
     lines = [
         f"{r0['model']} ({r0['parameters']:,} parameters), batch {r0['batch_size']}, {r0['steps']} timed steps after "
         f"{r0['warmup']} warm-up, {r0['data']} data, on {r0['device']}; {r0['flops_per_step'] / 1e9:.2f} GFLOP per "
@@ -528,7 +530,7 @@ def profiler(device: str, **kwargs):
     too, pytorch/torchtitan#136). On a GPU Kineto's own level stays: its errors there (CUPTI) matter."""
     from torch.profiler import ProfilerActivity, profile
 
-    on_cuda = str(device).startswith("cuda")
+    on_cuda = device_type(device) == "cuda"
     if not on_cuda:
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above USDT (5) and ERROR (4): nothing
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
@@ -558,7 +560,7 @@ def profile_table(prof, row_limit: int = 8, name_width: int = 44) -> str:
 
 def _why(row: dict, faster: bool, device: str) -> str:
     """Why a variant's change made the step faster or slower on this device: the mechanism, in a clause."""
-    on_cuda = device.startswith("cuda")
+    on_cuda = device_type(device) == "cuda"
     name = row["variant"]
     if name == "workers":
         if on_cuda:
@@ -637,7 +639,7 @@ def _before(measured: list[dict], row: dict) -> dict:
 
 def write_record(run, params: dict, rows: list[dict], flops_per_step: int, traces=(), env: DistEnv | None = None):
     """Write the run's record.json (rank 0; others get None): the parameters, every row, the fastest variant, the
-    FLOPs of a step, the trace files, and the measured rows in the keys workshop.report reads (notebook 12)."""
+    FLOPs of a step, the trace files, and the measured rows in the keys workshop.measure.report reads (notebook 12)."""
     best = best_variant(rows)
     results = {"rows": rows, "best": best["variant"] if best else None, "flops_per_step": flops_per_step,
                "traces": sorted(traces), "measurements": report_measurements(rows)}

@@ -2,9 +2,9 @@
 sit where it should (its own GPU, enough CPUs, the same torch)? What is wrong is said in plain words,
 with what to do.
 
-    python -m workshop.doctor                                                        # one process
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.doctor
-    srun --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 python -m workshop.doctor   # in an sbatch script or salloc
+    python -m workshop.launch.doctor                                                        # one process
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m workshop.launch.doctor
+    srun --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 python -m workshop.launch.doctor   # in an sbatch script or salloc
 
 Each rank first works out what it can alone (`local_report`): its host, rank and local rank (from
 `workshop.dist`), the device dist gives it, the GPUs it sees, the rendezvous address and whether it
@@ -13,7 +13,7 @@ the group with a short timeout (--timeout, 30 s): a rank that cannot join says w
 checklist that fixes it, and exits within that time; a missing group never hangs. Joined, the ranks
 gather their reports; rank 0 prints one line per rank and what `diagnose` finds, then an all-reduce of
 a known tensor, its sum checked exactly, timed as the fastest of a few repetitions (algbw and busbw as
-in workshop.bench).
+in workshop.measure.bench).
 
 Exit status: 0 nothing wrong; 1 something is (diagnose, or an inexact sum); 2 bad command-line input;
 3 this rank could not join the group.
@@ -37,9 +37,11 @@ import psutil
 import torch
 import torch.distributed as tdist
 
-from workshop import bench, dist, metrics
+from workshop import dist
+from workshop.base.hardware import device_type
+from workshop.base.params import positive
 from workshop.dist import DistEnv
-from workshop.params import positive
+from workshop.measure import bench, metrics
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NO_GROUP = 0, 1, 2, 3
 _PATTERN = 1024  # element i of every rank's tensor holds (rank + 1) + i % _PATTERN: a misplaced chunk shows
@@ -73,7 +75,7 @@ class Report:
     @property
     def gpu(self) -> str | None:
         """The UUID of the GPU this rank would use, where it has one."""
-        if not self.device.startswith("cuda") or not self.gpu_uuids:
+        if device_type(self.device) != "cuda" or not self.gpu_uuids:
             return None
         index = int(self.device.split(":")[1]) if ":" in self.device else 0
         return self.gpu_uuids[index] if index < len(self.gpu_uuids) else None
@@ -311,7 +313,7 @@ def format_allreduce(result: dict, env: DistEnv, repeats: int) -> str:
 # --- the command ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m workshop.doctor", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m workshop.launch.doctor", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timeout", type=positive(float), default=30.0,
                         help="seconds a rank waits for the others to join the group (default 30)")

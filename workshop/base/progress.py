@@ -15,13 +15,27 @@ $WORKSHOP_LOG_EVERY sets N (`scripts/run_notebook.sh` sets 50; unset, batch runs
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 
 DEFAULT_LOG_EVERY = 50  # what the runner sets for batch jobs
+
+
+@contextlib.contextmanager
+def quiet(logger: str, level: int = logging.ERROR):
+    """Within the block, `logger` says only what is at `level` or above; its own level comes back after it."""
+    log = logging.getLogger(logger)
+    before = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
 
 
 def is_interactive() -> bool:

@@ -1,7 +1,7 @@
 """What the hardware can do, from vendors' data sheets, in one place: the links between GPUs and the GPUs.
 
-Read by `workshop.bench` (a link's peak beside a measured bandwidth), `workshop.perf` (a GPU's peak for MFU)
-and `workshop.costmodel` (projections). Peaks are nominal: a measured collective or matmul reaches a share
+Read by `workshop.measure.bench` (a link's peak beside a measured bandwidth), `workshop.measure.perf` (a GPU's peak for MFU)
+and `workshop.estimate.costmodel` (projections). Peaks are nominal: a measured collective or matmul reaches a share
 of them. This module imports no torch.
 """
 
@@ -19,7 +19,7 @@ class Link:
 
 
 # Latencies: a few microseconds inside a node, about ten across InfiniBand, tens over Ethernet/TCP. Calibrate on
-# your own cluster for real numbers (python -m workshop.bench collectives).
+# your own cluster for real numbers (python -m workshop.measure.bench collectives).
 LINKS = {link.name: link for link in (
     Link("nvlink5-b200", 900, 3, "NVLink 5 (B200): 18 links x 50 GB/s"),
     Link("nvlink4-h100", 450, 3, "NVLink 4 (H100 SXM): 18 links x 25 GB/s"),
@@ -71,5 +71,11 @@ NODES = {
 }
 
 # A configuration fits when its estimate stays under this share of the GPU's memory: the CUDA context, NCCL's
-# buffers and the caching allocator's fragmentation take the rest (workshop.memory's planner, the cost model).
+# buffers and the caching allocator's fragmentation take the rest (workshop.measure.memory's planner, the cost model).
 MEMORY_MARGIN = 0.9
+
+
+def device_type(device) -> str:
+    """'cuda' for "cuda", "cuda:1" or torch.device("cuda", 1); "cpu" for the CPU: the one place that reads a device's
+    kind from its name (a string, a torch.device, or a record's "device" field)."""
+    return str(device).split(":")[0] or "cpu"

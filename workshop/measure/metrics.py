@@ -2,7 +2,7 @@
 
 Every run writes into a folder of its own (`run_dir`): `scripts/run_notebook.sh` makes it and
 passes it as $WORKSHOP_RUN_DIR; run by hand (JupyterLab, nbval) a notebook gets one named the
-same way, runs/<time>-<notebook>. What a record holds is `workshop.records`; `write_record` fills in
+same way, runs/<time>-<notebook>. What a record holds is `workshop.base.records`; `write_record` fills in
 the world, the hardware, the versions and the revision. Reports are computed from the records only.
 
     run = metrics.run_dir("01_baseline")
@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from workshop import records
+from workshop.base import records
+from workshop.base.hardware import device_type
+from workshop.base.runs import REPO, atomic_write_text, display_path, make_folder, new_run_dir, runs_root  # noqa: F401
 from workshop.dist import DistEnv, get_env
-from workshop.runs import REPO, atomic_write_text, display_path, make_folder, new_run_dir, runs_root  # noqa: F401
 
 
 def _sync(device) -> None:
-    if str(device).startswith("cuda"):
+    if device_type(device) == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -91,14 +92,14 @@ def throughput(samples: int, seconds: float) -> float:
 
 
 def reset_peak_memory(device) -> None:
-    if str(device).startswith("cuda"):
+    if device_type(device) == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory(device) -> int:
     """Peak bytes: CUDA memory allocated by tensors on a GPU (since the last reset); on CPU the
     process's peak resident set size, which includes Python and the libraries (never reset)."""
-    if str(device).startswith("cuda"):
+    if device_type(device) == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
@@ -169,7 +170,7 @@ def _workshop_version() -> str:
 def write_record(run: Path, *, notebook: str, params: dict, results: dict, status: str = "ok",
                  env: DistEnv | None = None, **extra) -> Path | None:
     """Write `run/record.json` (rank 0 only; other ranks return None): what ran, where, with
-    which versions, and what it measured (`workshop.records.Record`; a key that breaks its schema
+    which versions, and what it measured (`workshop.base.records.Record`; a key that breaks its schema
     raises here, naming it). Numbers only from measurements."""
     env = env or get_env()
     if not env.is_main:
@@ -193,7 +194,7 @@ def write_record(run: Path, *, notebook: str, params: dict, results: dict, statu
 def write_baseline_record(run, params: dict, *, plain: dict, lightning: dict, data_source: str, env=None, **extra):
     """Notebook 01's record.json (rank 0 writes it; other ranks get None). `plain` and `lightning` are what each
     loop measured: wall_time_s, and where known peak_memory_bytes, val_acc, val_loss. Their samples/s are computed
-    from params' epochs and num_train; both also go into "measurements" in the keys workshop.report reads
+    from params' epochs and num_train; both also go into "measurements" in the keys workshop.measure.report reads
     (notebook 12), the plain loop as the baseline. `extra` keys go into the record beside them (`tracking`)."""
     samples = params["epochs"] * params["num_train"]
     loops = {name: {**measured, "samples_per_s": throughput(samples, measured["wall_time_s"])}
