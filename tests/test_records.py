@@ -72,3 +72,12 @@ def test_the_report_lists_a_record_that_breaks_the_schema_as_failed(tmp_path):
                                                               "results": {"throughput": "fast"}}))
     (run,) = report.build(tmp_path, sacct=None).failed
     assert run.status == "failed" and run.reason == "results.throughput must be a number, got 'fast'"
+
+
+def test_tables_pad_columns_and_align_numbers_right():
+    from workshop.base.tables import fmt_bytes, gib, table
+
+    text = table(["name", "ms", "memory"], [["ddp", "41.2", gib(3 * 2**30)], ["fsdp", "147.9", "-"]])
+    assert text.splitlines() == ["name     ms   memory", "ddp    41.2  3.0 GiB", "fsdp  147.9        -"]
+    assert table(["a", "b"], [["x", "y"]], align="rl") == "a  b\nx  y"
+    assert (fmt_bytes(512), fmt_bytes(1536), gib(2**31, 2)) == ("512 B", "1.5 KiB", "2.00 GiB")

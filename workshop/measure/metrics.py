@@ -28,6 +28,7 @@ import torch
 from workshop.base import records
 from workshop.base.hardware import device_type
 from workshop.base.runs import REPO, atomic_write_text, display_path, make_folder, new_run_dir, runs_root  # noqa: F401
+from workshop.base.tables import fmt_bytes  # noqa: F401  (the notebooks' metrics.fmt_bytes)
 from workshop.dist import DistEnv, get_env
 
 
@@ -102,14 +103,6 @@ def peak_memory(device) -> int:
     if device_type(device) == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
 
 
 def run_dir(notebook: str, env: DistEnv | None = None) -> Path:
