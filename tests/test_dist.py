@@ -178,3 +178,13 @@ def test_cleanup_ends_the_gloo_threads_after_ddp(tmp_path):
     gloo = [name for name in threads["during"] if "gloo" in name]
     assert gloo, threads  # the group's worker and transport threads ran
     assert not [name for name in threads["after"] if "gloo" in name], threads
+
+
+def test_local_ranks_start_under_torchrun_without_the_surrounding_launcher():
+    cmd, env = world.local_ranks(2, "workshop.launch.doctor", "--timeout", "5", run="module",
+                                 environ={"SLURM_JOB_ID": "7", "RANK": "3", "MASTER_PORT": "1", "PATH": "/bin"})
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                       "workshop.launch.doctor", "--timeout", "5"]
+    assert env == {"PATH": "/bin"}
+    with pytest.raises(ValueError, match="at least 1"):
+        world.local_ranks(0, "x.py")

@@ -130,3 +130,21 @@ def srun_tasks(environ: Mapping[str, str] | None = None) -> int:
     sbatch sets no SLURM_NTASKS for `--nodes=N` alone, and srun then starts one task per node."""
     e = os.environ if environ is None else environ
     return int(e.get("SLURM_NTASKS") or e.get("SLURM_JOB_NUM_NODES") or 1)
+
+
+def local_ranks(nproc: int, *command: str, run: str = "script", environ: Mapping[str, str] | None = None
+                ) -> tuple[list[str], dict]:
+    """The command line and environment that start `nproc` ranks of `command` on this machine with torchrun
+    (`python -m torch.distributed.run --standalone`): the one way the package and its tests start local ranks.
+    `command` is a Python script and its arguments (run="script"), a module and its arguments (run="module", as
+    `-m`), or a program run as it is (run="program", torchrun's --no-python). The environment is `environ` (default:
+    this process's) without any launcher's variables, so torchrun alone decides this world, even inside a SLURM job
+    or another world."""
+    import sys
+
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"the number of local ranks must be an integer of at least 1, got {nproc!r}")
+    how = {"script": [], "module": ["-m"], "program": ["--no-python"]}[run]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *how,
+           *map(str, command)]
+    return cmd, without_launcher(environ)
