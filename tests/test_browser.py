@@ -135,7 +135,8 @@ def planner_lab(tmp_path):
     planner = [c for c in cells if c.cell_type == "code" and c.source.startswith(("# The planner for the parameters",
                                                                                   "# The planner as a bar"))]
     assert len(planner) == 2, "notebook 07's planner cells are not where this test looks for them"
-    imports = "import matplotlib.pyplot as plt\n\nfrom workshop import dist\nfrom workshop.base import hardware\nfrom workshop.measure import memory"
+    imports = ("import matplotlib.pyplot as plt\n\nfrom workshop import dist\nfrom workshop.base import hardware\n"
+               "from workshop.measure import memory")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c.source) for c in (params, *planner)])
     nb.cells.insert(1, nbformat.v4.new_code_cell(imports))
     nb.metadata.update(kernelspec={"name": "workshop", "display_name": "workshop", "language": "python"},

@@ -53,7 +53,8 @@ def test_the_planner_cell_builds_its_widget_and_follows_the_controls():
     params = next("".join(c["source"]) for c in cells if "parameters" in c["metadata"].get("tags", []))
     ns = {}
     exec(params, ns)
-    exec("import matplotlib.pyplot as plt\nfrom workshop import dist\nfrom workshop.base import hardware\nfrom workshop.measure import memory", ns)
+    exec("import matplotlib.pyplot as plt\nfrom workshop import dist\nfrom workshop.base import hardware\n"
+         "from workshop.measure import memory", ns)
     cell = next(s for first, s in source.items() if first.startswith("# The planner as a bar"))
     with mock.patch("workshop.base.progress.is_interactive", return_value=True):
         exec(cell, ns)
