@@ -8,6 +8,7 @@ import torch
 from conftest import on_ranks
 from workshop import data, dist, inference, models, tp
 from workshop.measure import metrics
+from workshop.parallel_dims import ParallelDims
 
 
 def test_tp_size_that_does_not_split_the_model_is_refused():
@@ -34,7 +35,12 @@ def test_the_largest_tp_size_that_fits_a_layout():
 
 
 def test_mesh_whose_product_is_not_the_world_is_refused():
-    tp.check_mesh(2, 2, 4)
+    dims = ParallelDims(8, pp=2, dp=2, tp=2)
+    assert (dims.names, dims.shape) == (("pp", "dp", "tp"), (2, 2, 2))
+    with pytest.raises(ValueError, match=r"pp_size 2 x dp_size 2 x tp_size 2 = 8 ranks, but the world has 4; choose sizes"):
+        ParallelDims(4, pp=2, dp=2, tp=2)  # pipeline.make_mesh's check
+    with pytest.raises(ValueError, match="tp_size must be a whole number >= 1, got 0"):
+        ParallelDims(4, pp=2, dp=2, tp=0)
     with pytest.raises(ValueError, match=r"dp_size 3 x tp_size 2 = 6 ranks, but the world has 4; choose \(dp_size, tp_size\) "
                                          r"from \[\(1, 4\), \(2, 2\), \(4, 1\)\]"):
         tp.make_mesh(dist.DistEnv(world_size=4, local_world_size=4), dp_size=3, tp_size=2)

@@ -34,6 +34,7 @@ from torch import nn
 
 from workshop.dist import DistEnv
 from workshop.models import TinyGPT, lm_loss
+from workshop.parallel_dims import build_mesh
 
 # ---------------------------------------------------------------------------------------------
 # Stages: the model cut along its depth
@@ -371,25 +372,11 @@ def library_step(schedule, *, first: bool, last: bool, tokens=None, targets=None
 # ---------------------------------------------------------------------------------------------
 
 
-def check_mesh(pp_size: int, dp_size: int, tp_size: int, world_size: int) -> None:
-    """Refuse a (pp, dp, tp) mesh whose product is not the world size."""
-    for name, value in (("pp_size", pp_size), ("dp_size", dp_size), ("tp_size", tp_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    if pp_size * dp_size * tp_size != world_size:
-        raise ValueError(f"mesh pp_size {pp_size} x dp_size {dp_size} x tp_size {tp_size} = "
-                         f"{pp_size * dp_size * tp_size} ranks, but the world has {world_size}; choose sizes whose "
-                         "product is the number of ranks")
-
-
 def make_mesh(env: DistEnv, pp_size: int, dp_size: int, tp_size: int):
     """A 3D device mesh named ("pp", "dp", "tp"): tp innermost (consecutive ranks, one node: it talks in every
     layer), dp in the middle, pp outermost (one stage's neighbours are whole nodes away: it sends one activation
     per micro-batch and boundary, the least traffic of the three)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    check_mesh(pp_size, dp_size, tp_size, env.world_size)
-    return init_device_mesh(env.device_type, (pp_size, dp_size, tp_size), mesh_dim_names=("pp", "dp", "tp"))
+    return build_mesh(env, pp=pp_size, dp=dp_size, tp=tp_size)
 
 
 def apply_pipeline(model: TinyGPT, mesh, *, pp_dim: str = "pp", dp_dim: str = "dp", tp_dim: str = "tp") -> Stage:

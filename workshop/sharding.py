@@ -20,15 +20,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 from workshop.base.hardware import device_type
 from workshop.dist import DistEnv
+from workshop.parallel_dims import build_mesh
 
 
 def shard_mesh(env: DistEnv) -> DeviceMesh:
     """A 1-D mesh over all ranks, named "shard": every rank holds 1 / world_size."""
-    return init_device_mesh(env.device_type, (env.world_size,), mesh_dim_names=("shard",))
+    return build_mesh(env, shard=env.world_size)
 
 
 def hybrid_layout_problem(env: DistEnv) -> str | None:
@@ -49,8 +50,7 @@ def hybrid_mesh(env: DistEnv) -> DeviceMesh:
     problem = hybrid_layout_problem(env)
     if problem:
         raise ValueError(problem)
-    return init_device_mesh(env.device_type, (env.num_nodes, env.local_world_size),
-                            mesh_dim_names=("replicate", "shard"))
+    return build_mesh(env, replicate=env.num_nodes, shard=env.local_world_size)
 
 
 def apply_zero1(model: nn.Module, mesh: DeviceMesh, optimizer_class=torch.optim.AdamW, **optimizer_kwargs):

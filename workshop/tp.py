@@ -17,7 +17,7 @@ With DTensor (a plan is data: a dict from module name to a ParallelStyle):
     mesh = make_mesh(env, dp_size=2, tp_size=2)    # ("dp", "tp"); tp inside a node
     apply_2d(model, mesh)                          # TP over mesh["tp"], then fully_shard over mesh["dp"]
 
-Sizes are checked before anything is split: `check_tp_size(model, tp_size)` and `check_mesh(...)` raise
+Sizes are checked before anything is split: `check_tp_size(model, tp_size)` and `ParallelDims(...)` raise
 a ValueError naming the numbers. The tests run everything on 2 and 4 CPU ranks (gloo):
 
     torchrun --standalone --nproc-per-node 4 tests/multirank/tp_equivalence.py OUT.pt
@@ -37,6 +37,7 @@ from torch import nn
 from workshop.base.progress import quiet
 from workshop.dist import DistEnv
 from workshop.models import CausalSelfAttention, FeedForward, GPTBlock, KVCache, TinyGPT, causal_attention, lm_loss
+from workshop.parallel_dims import build_mesh
 
 # ---------------------------------------------------------------------------------------------
 # From scratch: the paper's f and g as autograd functions
@@ -227,31 +228,17 @@ def largest_tp_size(model_or_dims: TinyGPT | dict, world_size: int, at_most: int
                if world_size % d == 0 and tp_problem(model_or_dims, d) is None)
 
 
-def check_mesh(dp_size: int, tp_size: int, world_size: int) -> None:
-    """Refuse a (dp, tp) mesh whose product is not the world size."""
-    for name, value in (("dp_size", dp_size), ("tp_size", tp_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    if dp_size * tp_size != world_size:
-        pairs = [(d, world_size // d) for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ValueError(f"mesh dp_size {dp_size} x tp_size {tp_size} = {dp_size * tp_size} ranks, but the world has "
-                         f"{world_size}; choose (dp_size, tp_size) from {pairs}")
-
-
 def make_mesh(env: DistEnv, dp_size: int | None = None, tp_size: int = 1):
     """A 2D device mesh named ("dp", "tp"): tp is the inner dimension, so the ranks of one
     tensor-parallel group are consecutive and, with ranks numbered node by node, on one node
     (TP talks twice per layer forward and backward; it needs NVLink, not the network).
     dp_size defaults to world_size / tp_size."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     if dp_size is None:
         if not isinstance(tp_size, int) or tp_size < 1 or env.world_size % tp_size:
             divisors = [d for d in range(1, env.world_size + 1) if env.world_size % d == 0]
             raise ValueError(f"tp_size {tp_size} does not divide the world of {env.world_size} ranks; choose one of {divisors}")
         dp_size = env.world_size // tp_size
-    check_mesh(dp_size, tp_size, env.world_size)
-    return init_device_mesh(env.device_type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
+    return build_mesh(env, dp=dp_size, tp=tp_size)
 
 
 # ---------------------------------------------------------------------------------------------
