@@ -246,6 +246,15 @@ def barrier() -> None:
         tdist.barrier()
 
 
+def global_mean(value: torch.Tensor) -> float:
+    """The mean over the ranks of a scalar each rank computed on an equal share of the global batch (a loss): the
+    global batch's value, the same on every rank. Every rank must call it."""
+    total = value.detach().clone()
+    if tdist.is_initialized():
+        tdist.all_reduce(total)  # the sum of the ranks' means
+    return total.item() / (tdist.get_world_size() if tdist.is_initialized() else 1)
+
+
 def lightning_environment(env: DistEnv):
     """A Lightning ClusterEnvironment that reports exactly `env` (see `make_trainer`)."""
     from lightning.fabric.plugins.environments import ClusterEnvironment

@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 
 from workshop import checkpoint, data, dist, models, sharding
 from workshop.dist import DistEnv
@@ -94,9 +93,7 @@ def run(env: DistEnv, mode: str, folder: Path, strategies=STRATEGIES) -> dict[st
             loss = models.lm_loss(model(x), y)
             loss.backward()
             optimizer.step()
-            total = loss.detach().clone()
-            tdist.all_reduce(total)  # the sum of the ranks' means; / world_size: the global batch's mean
-            losses[strategy][step] = total.item() / env.world_size
+            losses[strategy][step] = dist.global_mean(loss)
             if mode == "train" and step == SAVED:
                 save(folder, strategy, model, optimizer, step)
     if env.is_main:

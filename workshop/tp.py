@@ -34,6 +34,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
+from workshop import dist
 from workshop.base.progress import quiet
 from workshop.dist import DistEnv
 from workshop.models import CausalSelfAttention, FeedForward, GPTBlock, KVCache, TinyGPT, causal_attention, lm_loss
@@ -420,7 +421,5 @@ def axonn_train(model: nn.Module, optimizer: torch.optim.Optimizer, loader, env:
             loss.backward()
         sync_gradients(model, mean=True)
         optimizer.step()
-        summed = loss.detach().clone()
-        tdist.all_reduce(summed)
-        losses.append(summed.item() / env.world_size)
+        losses.append(dist.global_mean(loss))
     return losses
