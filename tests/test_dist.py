@@ -188,3 +188,11 @@ def test_local_ranks_start_under_torchrun_without_the_surrounding_launcher():
     assert env == {"PATH": "/bin"}
     with pytest.raises(ValueError, match="at least 1"):
         world.local_ranks(0, "x.py")
+
+
+def test_the_rank_read_cheaply_follows_the_world_rule():
+    batch_step = {"SLURM_JOB_ID": "5", "SLURM_PROCID": "0", "SLURM_STEP_ID": "batch"}
+    srun_step = {"SLURM_JOB_ID": "5", "SLURM_PROCID": "3", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"}
+    assert [world.rank(e) for e in ({}, batch_step, srun_step, {"RANK": "2", "WORLD_SIZE": "4", **srun_step})] \
+        == [0, 0, 3, 2]
+    assert [world.launcher(e) for e in ({}, batch_step, srun_step)] == ["single", "single", "slurm"]

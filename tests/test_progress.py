@@ -70,6 +70,7 @@ def test_batch_mode_is_silent_by_default_and_on_other_ranks(batch, capsys, monke
     assert list(progress.progress(range(3))) == [0, 1, 2]  # nbval, nbconvert: committed outputs stay as they are
     monkeypatch.setenv("WORKSHOP_LOG_EVERY", "1")
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # rank 1 of a torchrun world
     assert list(progress.progress(range(3))) == [0, 1, 2]
     assert capsys.readouterr().out == ""
 

@@ -23,6 +23,8 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 
+from workshop.base import world
+
 DEFAULT_LOG_EVERY = 50  # what the runner sets for batch jobs
 
 
@@ -68,12 +70,8 @@ def log_every() -> int:
 
 
 def _is_main() -> bool:
-    """Rank 0 speaks. Read cheaply: this runs once per loop, maybe before dist.init()."""
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank() == 0
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    """Rank 0 speaks. Read cheaply, from the launcher's variables: this runs once per loop, maybe before dist.init()."""
+    return world.rank() == 0
 
 
 def _tqdm():
