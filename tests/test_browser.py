@@ -136,7 +136,7 @@ def planner_lab(tmp_path):
                                                                                   "# The planner as a bar"))]
     assert len(planner) == 2, "notebook 07's planner cells are not where this test looks for them"
     imports = ("import matplotlib.pyplot as plt\n\nfrom workshop import dist\nfrom workshop.base import hardware\n"
-               "from workshop.measure import memory")
+               "from workshop.estimate import planner")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c.source) for c in (params, *planner)])
     nb.cells.insert(1, nbformat.v4.new_code_cell(imports))
     nb.metadata.update(kernelspec={"name": "workshop", "display_name": "workshop", "language": "python"},
@@ -277,7 +277,7 @@ def test_the_memory_planner_widget_redraws_when_a_control_changes(planner_lab, b
           and browser.find_elements(By.CSS_SELECTOR, ".widget-dropdown select"), 300, browser, shot)
     page = browser.find_element(By.CSS_SELECTOR, ".jp-Notebook").text
     assert "Traceback (most recent call last)" not in page
-    assert "fits on H100 80 GB" in page  # the table of the parameters' configuration (full checkpointing)
+    assert "fits on H100 (74.5 GiB)" in page  # the table of the parameters' configuration (full checkpointing)
     before = _bar_image(browser)
     assert before, "the planner drew no bar"
 

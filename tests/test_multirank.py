@@ -27,7 +27,7 @@ def test_naive_bucketed_ddp_and_lightning_equal_one_process(tmp_path, clean_env)
 
 @pytest.mark.multirank
 def test_zero1_fsdp_hybrid_and_lightning_equal_one_process_and_the_memory_model(tmp_path, clean_env):
-    from workshop.measure import memory
+    from workshop.estimate import zero
 
     saved = on_ranks("sharding_equivalence.py", tmp_path / "sharding.pt")
     world, num_params = saved["world_size"], saved["num_params"]
@@ -52,7 +52,7 @@ def test_zero1_fsdp_hybrid_and_lightning_equal_one_process_and_the_memory_model(
     # measured local shard bytes per rank against the ZeRO model (fp32 AdamW), within 10%
     stages = {"ddp": "ddp", "zero1": "zero1", "fsdp_reshard_True": "zero3", "fsdp_reshard_False": "zero3"}
     for version, stage in stages.items():
-        predicted = memory.predict(num_params, world, stage, preset="fp32_adam")
+        predicted = zero.predict(num_params, world, stage, preset="fp32_adam")
         for rank, got in enumerate(saved["measured"][version]):
             for part in ("params", "grads", "optimizer"):
                 want = getattr(predicted, part)

@@ -54,16 +54,16 @@ def test_the_planner_cell_builds_its_widget_and_follows_the_controls():
     ns = {}
     exec(params, ns)
     exec("import matplotlib.pyplot as plt\nfrom workshop import dist\nfrom workshop.base import hardware\n"
-         "from workshop.measure import memory", ns)
+         "from workshop.estimate import planner", ns)
     cell = next(s for first, s in source.items() if first.startswith("# The planner as a bar"))
     with mock.patch("workshop.base.progress.is_interactive", return_value=True):
         exec(cell, ns)
-    planner = ns["planner"]
-    controls = {c.description: c for c in planner.children if getattr(c, "description", "")}
+    sliders = ns["sliders"]
+    controls = {c.description: c for c in sliders.children if getattr(c, "description", "")}
     assert {"model", "gpu", "strategy", "world_size", "tp", "micro_batch", "seq_len", "checkpointing",
             "offload"} <= set(controls)
-    assert planner.result.fits and planner.result.settings["checkpointing"] == "full"
+    assert sliders.result.fits and sliders.result.settings["checkpointing"] == "full"
     controls["checkpointing"].value = "none"  # as a person choosing it: the function runs again
-    assert not planner.result.fits and planner.result.settings["checkpointing"] == "none"
+    assert not sliders.result.fits and sliders.result.settings["checkpointing"] == "none"
     controls["world_size"].value = 8
-    assert planner.result.settings["world_size"] == 8
+    assert sliders.result.settings["world_size"] == 8

@@ -8,8 +8,7 @@ import torch
 
 from conftest import on_ranks
 from workshop import models, pipeline
-from workshop.estimate import costmodel
-from workshop.measure import memory
+from workshop.estimate import placements, planner
 
 
 def test_blocks_are_split_as_evenly_as_possible():
@@ -54,11 +53,11 @@ def test_schedules_hold_what_the_papers_say():
 
 
 def test_the_planner_counts_the_micro_batches_the_schedules_hold():
-    """workshop.measure.memory's count for the first stage is what the schedule run here holds there."""
+    """workshop.estimate.planner's count for the first stage is what the schedule run here holds there."""
     for p in (1, 2, 4, 8):
         for m in (1, 3, 8, 32):
             for name, schedule in pipeline.SCHEDULES.items():
-                assert memory.in_flight_microbatches(p, m, name) == pipeline.in_flight(schedule(p, m, 0)), (name, p, m)
+                assert planner.in_flight_microbatches(p, m, name) == pipeline.in_flight(schedule(p, m, 0)), (name, p, m)
 
 
 def test_an_unknown_schedule_is_refused():
@@ -81,7 +80,7 @@ def test_pipelines_and_3d_on_8_ranks_equal_one_process(tmp_path, clean_env):
         assert [c for *_, c in saved[f"p={p} scratch 1f1b held"]] == list(range(p, 0, -1))
         assert [c for *_, c in saved[f"p={p} scratch gpipe held"]] == [4] * p
         for m in (1, 4, 8):  # stages of known duration: the measured bubble is the theory's, within 0.05
-            assert saved[f"p={p} bubble m={m}"] == pytest.approx(costmodel.bubble_fraction(p, m), abs=0.05)
+            assert saved[f"p={p} bubble m={m}"] == pytest.approx(placements.bubble_fraction(p, m), abs=0.05)
     assert saved["p=2 library interleaved_1f1b equals one process"] is True
     assert saved["3D pp2 dp2 tp2 equals one process"] is True
     assert saved["3D pp4 dp1 tp2 equals one process"] is True

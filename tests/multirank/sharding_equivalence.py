@@ -1,6 +1,6 @@
 """ZeRO-1, FSDP2 (both reshard settings) and hybrid-sharded training of TinyGPT against one process,
-the measured bytes per rank beside workshop.measure.memory's prediction, and a sharded checkpoint's round
-trip; rank 0 saves it all for tests/test_multirank.py to compare.
+the measured bytes per rank (workshop.measure.memory) for workshop.estimate.zero's prediction, and a sharded
+checkpoint's round trip; rank 0 saves it all for tests/test_multirank.py to compare.
 
     torchrun --standalone --nproc-per-node 2 tests/multirank/sharding_equivalence.py OUT.pt
 

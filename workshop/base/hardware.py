@@ -1,7 +1,7 @@
 """What the hardware can do, from vendors' data sheets, in one place: the links between GPUs and the GPUs.
 
 Read by `workshop.measure.bench` (a link's peak beside a measured bandwidth), `workshop.measure.perf` (a GPU's peak for MFU)
-and `workshop.estimate.costmodel` (projections). Peaks are nominal: a measured collective or matmul reaches a share
+and `workshop.estimate` (the cost model's projections). Peaks are nominal: a measured collective or matmul reaches a share
 of them. This module imports no torch.
 """
 
@@ -71,7 +71,7 @@ NODES = {
 }
 
 # A configuration fits when its estimate stays under this share of the GPU's memory: the CUDA context, NCCL's
-# buffers and the caching allocator's fragmentation take the rest (workshop.measure.memory's planner, the cost model).
+# buffers and the caching allocator's fragmentation take the rest (workshop.estimate.planner, the cost model).
 MEMORY_MARGIN = 0.9
 
 

@@ -1,0 +1,355 @@
+"""The memory per GPU of training a GPT-shaped model, before any run: parameters, gradients and optimizer states
+(`workshop.estimate.zero`), FSDP's gathered units, and the activations that backward needs, counted as Korthikanti et
+al. 2022 do, with and without activation checkpointing (`workshop.activation_checkpointing` applies it; notebook 07
+measures what these formulas count):
+
+    planner.plan("llama2-70b", gpu="h100", strategy="fsdp", world_size=64, checkpointing="full").fits
+    python -m workshop.estimate.planner 70B --gpu h100 --strategy fsdp --world-size 64 --checkpointing full
+
+With pipeline parallelism over pp stages (Huang et al. 2019, GPipe; Narayanan et al. 2021, "Efficient
+Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", section 2.2), world_size = dp x tp x pp
+and a GPU of the first stage, the most loaded one, holds
+
+    states       of ceil(L / pp) of the L layers, and the embedding (V x h)        `stage_parameters`
+    activations  of the micro-batches in flight on those layers                     `in_flight_microbatches`
+                 GPipe: all m; 1F1B: at most pp (a micro-batch's activations stay until its backward, and
+                 the first stage runs its first backward after pp forwards); interleaved 1F1B with v chunks
+                 per GPU: pp + (pp - 1) / v, so L (1 + (pp - 1) / (pp v)) layers' worth (Korthikanti et al.
+                 2022, section 4.2.3)
+
+    planner.plan("llama2-70b", strategy="ddp", world_size=512, tp=8, pp=4, microbatches=64, seq_len=4096,
+                 checkpointing="full").fits
+    python -m workshop.estimate.planner llama2-70b --strategy ddp --world-size 512 --tp 8 --pp 4 --microbatches 64
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from workshop.base import hardware
+from workshop.base.tables import gib, table
+from workshop.estimate import zero
+
+# --- model shapes ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a GPT-shaped model's memory depends on: its parameters, layers, width and heads; and its vocabulary
+    (0: not known), which sizes the embedding and the output head, vocab x dim parameters each, that a pipeline
+    puts on its first and last stage."""
+
+    name: str
+    parameters: float
+    layers: int
+    dim: int
+    heads: int
+    vocab: int = 0
+
+
+# Published shapes: GPT-3 (Brown et al. 2020, table 2.1), MT-NLG (Smith et al. 2022), Llama 2 (Touvron et al. 2023).
+# All are counted as GPT blocks (multi-head attention, a 4h MLP of two matrices): Llama's SwiGLU MLP (three
+# matrices) and the 70B's grouped-query attention are not modelled, so Llama's activations are an estimate.
+# Vocabularies: GPT-2's BPE of 50,257 tokens for GPT-3 and MT-NLG, Llama's 32,000.
+MODELS = {
+    "gpt3-175b": ModelShape("GPT-3 175B", 175e9, 96, 12288, 96, 50257),
+    "mt-nlg-530b": ModelShape("MT-NLG 530B", 530e9, 105, 20480, 128, 50257),
+    "llama2-7b": ModelShape("Llama 2 7B", 6.74e9, 32, 4096, 32, 32000),
+    "llama2-13b": ModelShape("Llama 2 13B", 13.0e9, 40, 5120, 40, 32000),
+    "llama2-70b": ModelShape("Llama 2 70B", 69.0e9, 80, 8192, 64, 32000),
+}
+PLAN_STRATEGIES = ("ddp", "zero1", "zero2", "fsdp")
+SCHEDULES = ("gpipe", "1f1b")
+CHECKPOINTING = ("none", "selective", "full")
+OFFLOAD = ("none", "optimizer", "params")
+
+
+def parse_count(size: str | float) -> float:
+    """1.3e9, "1.3B", "350M", "7b", "125k" -> a number of parameters."""
+    if isinstance(size, (int, float)):
+        n = float(size)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMbBtT]?)\s*", str(size))
+        if not m:
+            raise ValueError(f"bad model size {size!r}: write a number of parameters such as 7B, 350M or 1.3e9, "
+                             f"or name one of {', '.join(MODELS)}")
+        n = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+    if n <= 0:
+        raise ValueError(f"a model has a positive number of parameters, not {size!r}")
+    return n
+
+
+def model_shape(model: str | float | ModelShape) -> ModelShape:
+    """A model by name (MODELS), or by its number of parameters ("70B"), shaped as usual: width 128 x layers,
+    so parameters ~ 12 x layers x width^2, and heads of 128 dimensions each."""
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, str) and model.lower() in MODELS:
+        return MODELS[model.lower()]
+    n = parse_count(model)
+    layers = max(1, round((n / (12 * 128**2)) ** (1 / 3)))
+    return ModelShape(model if isinstance(model, str) else f"{n:.3g}", n, layers, 128 * layers, layers)
+
+
+def find_model(model: str | float | ModelShape) -> ModelShape:
+    """A model by name (MODELS), by a size that names exactly one of them ("70B": Llama 2 70B), or else by its
+    size, shaped as `model_shape` does."""
+    if isinstance(model, str) and model.lower() not in MODELS:
+        named = [key for key in MODELS if key.endswith("-" + model.strip().lower())]
+        if len(named) == 1:
+            return MODELS[named[0]]
+    return model_shape(model)
+
+
+# --- activations ----------------------------------------------------------------------------------
+
+def gpt_layer_activation_bytes(seq_len: int, batch: int, dim: int, heads: int, mlp_ratio: int = 4,
+                               value_bytes: int = 4) -> int:
+    """Bytes one `models.GPTBlock` saves for backward, derived from its code (fp32, no dropout, attention by
+    `scaled_dot_product_attention`'s fused kernel), with s = seq_len, b = batch, h = dim, a = heads:
+
+        values of s*b*h each          first LayerNorm: its input 1, its output 1 (the input of wq, wk, wv)
+                                      attention: q, k, v 3, its output 1 (the input of wo, the same storage)
+                                      second LayerNorm: its input 1, its output 1 (the input of w1)
+                                      MLP: w1's output mlp_ratio (GELU's input), GELU's output mlp_ratio
+                                      (w2's input): 8 + 2 * mlp_ratio = 16 values in all
+        fp32 statistics               each LayerNorm's mean and 1/std, 2 * 2 * s * b; the attention's
+                                      log-sum-exp per head, a * s * b
+
+    Korthikanti et al. 2022 (`korthikanti_layer_bytes`) count s*b*h*(34 + 5*a*s/h) bytes in 16-bit: the same
+    16 values at 2 bytes (32), 2 dropout masks of 1 byte (2), and the a*s*s attention scores, softmax and
+    dropout (5*a*s*s*b) that a fused attention kernel never stores: it recomputes them in backward."""
+    values = (8 + 2 * mlp_ratio) * seq_len * batch * dim * value_bytes
+    statistics = (2 * 2 + heads) * seq_len * batch * 4
+    return values + statistics
+
+
+def korthikanti_layer_bytes(seq_len: int, batch: int, dim: int, heads: int) -> float:
+    """Activation bytes of one transformer layer in 16-bit with dropout and unfused attention, without
+    recomputation: s*b*h*(34 + 5*a*s/h) (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+    Transformer Models", section 4.1, equation 1)."""
+    return seq_len * batch * dim * (34 + 5 * heads * seq_len / dim)
+
+
+def transformer_activation_bytes(seq_len: int, batch: int, dim: int, heads: int, layers: int,
+                                 checkpointing: str = "none", tp: int = 1, attention: str = "unfused") -> float:
+    """Bytes of activations a transformer keeps for backward, in 16-bit (Korthikanti et al. 2022, table 2), with
+    tensor and sequence parallelism over `tp` ranks, per layer s b h (34 + 5 a s / h) / t:
+
+        "none"       every layer keeps all of it
+        "selective"  every layer keeps s b h 34 / t: the attention's a s^2 scores, softmax and dropout are
+                     recomputed (so does a fused attention kernel, `attention="fused"`, without asking)
+        "full"       every layer keeps its input, 2 s b h / t, and one layer at a time holds all of it again
+                     while backward recomputes it"""
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"unknown checkpointing {checkpointing!r}; use one of {', '.join(CHECKPOINTING)}")
+    if attention not in ("unfused", "fused"):
+        raise ValueError(f"attention is 'unfused' or 'fused', not {attention!r}")
+    sbh = seq_len * batch * dim
+    scores = 0 if attention == "fused" else 5 * heads * seq_len / dim
+    full = sbh * (34 + scores) / tp
+    if checkpointing == "none":
+        return layers * full
+    if checkpointing == "selective":
+        return layers * sbh * 34 / tp
+    return layers * 2 * sbh / tp + full
+
+
+
+# --- pipeline stages ------------------------------------------------------------------------------
+
+def stage_layers(layers: int, pp: int, virtual_stages: int = 1) -> int:
+    """Layers on the most loaded of `pp` pipeline stages: layers / pp when they divide; otherwise the first stages
+    take one more, ceil(layers / pp). With `virtual_stages` v chunks per GPU (interleaved 1F1B) each of the
+    pp x v chunks holds ceil(layers / (pp v)) and a GPU v of them."""
+    chunks = pp * virtual_stages
+    if chunks > layers:
+        raise ValueError(f"{layers} layers do not fill {pp} pipeline stages x {virtual_stages} virtual stages = "
+                         f"{chunks} chunks; choose pp x virtual_stages at most {layers}")
+    return virtual_stages * -(-layers // chunks)
+
+
+def stage_parameters(model: str | float | ModelShape, pp: int = 1, virtual_stages: int = 1) -> float:
+    """Parameters a GPU of the first pipeline stage holds (before tensor parallelism): its `stage_layers` share of
+    the layers' parameters, and the embedding, vocab x dim (the last stage holds the output head, as many). The
+    layers' parameters are the model's less the embedding and the head, 2 x vocab x dim (a model that ties them,
+    as GPT-3 does, counts V h once: then this over-counts what is not in the layers by V h, 0.4% of GPT-3).
+    pp = 1: all of the model."""
+    shape = model_shape(model)
+    if pp == 1:
+        return shape.parameters
+    embedding = shape.vocab * shape.dim
+    per_layer = (shape.parameters - 2 * embedding) / shape.layers
+    return stage_layers(shape.layers, pp, virtual_stages) * per_layer + embedding
+
+
+def in_flight_microbatches(pp: int, microbatches: int, schedule: str = "1f1b", virtual_stages: int = 1) -> float:
+    """Micro-batches whose activations the first pipeline stage holds at its peak, each over all of its layers:
+    GPipe runs the m forwards before any backward and holds all m (Huang et al. 2019); 1F1B starts a backward as
+    soon as the last stage has a micro-batch's forward and holds at most pp (Narayanan et al. 2021, section 2.2.1);
+    interleaved 1F1B with v chunks per GPU holds pp + (pp - 1) / v stage-micro-batches (Megatron-LM's warm-up of
+    2 (pp - 1) + (v - 1) pp chunks and one more, each 1 / v of the stage; section 2.2.2). One stage (pp = 1) is
+    gradient accumulation: one micro-batch at a time, except GPipe's all-forwards-first order."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if schedule == "gpipe":
+        return microbatches
+    if virtual_stages > 1:
+        return min(microbatches, pp + (pp - 1) / virtual_stages)
+    return min(microbatches, pp)
+
+
+
+# --- the plan -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """Bytes one GPU holds in training, by part, and whether they fit in `capacity`: the GPU's memory times
+    hardware.MEMORY_MARGIN. `host` is what offload keeps in the host's memory instead."""
+
+    model: ModelShape
+    settings: dict
+    parts: dict
+    host: float
+    gpu_bytes: float
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def capacity(self) -> float:
+        return self.gpu_bytes * hardware.MEMORY_MARGIN
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+def plan(model: str | float | ModelShape, *, gpu: str = "h100", strategy: str = "fsdp", world_size: int = 8,
+         tp: int = 1, micro_batch: int = 1, seq_len: int = 2048, checkpointing: str = "none", offload: str = "none",
+         attention: str = "unfused", states: str = "fp32_adam", units: int | None = None, pp: int = 1,
+         microbatches: int | None = None, schedule: str = "1f1b", virtual_stages: int = 1) -> Plan:
+    """The memory per GPU of training `model` on `world_size` GPUs: tensor parallelism over `tp` of them and
+    pipeline parallelism over `pp` stages (the model split first), `strategy` over the world_size / (tp x pp)
+    data-parallel ranks (ddp, zero1, zero2, fsdp = ZeRO-3). With pp > 1, a GPU of the first stage: its
+    `stage_parameters` (its layers and the embedding) and the activations of the `in_flight_microbatches` of
+    `schedule` ("gpipe" or "1f1b"; `virtual_stages` > 1: interleaved 1F1B) out of `microbatches` per step
+    (default pp: as many as stages).
+
+    - params, grads, optimizer: `zero.predict` with the bytes per parameter of `states` (zero.PRESETS): "fp32_adam",
+      fp32 parameters and gradients and AdamW's two fp32 moments, as under autocast; "mixed_adam", the ZeRO
+      paper's bf16 parameters and gradients with fp32 master weights and moments (16 bytes per parameter both);
+    - unsharded (fsdp): the bf16 parameters of the unit that computes and of the one prefetched, and the fp32
+      gradients of one unit before its reduce-scatter (`units` = the stage's layers + 1 unless given);
+    - activations: `transformer_activation_bytes` (16-bit, sequence parallel with tp) of the stage's layers
+      times the micro-batches in flight (with full checkpointing one layer at a time is recomputed, once);
+      the logits and the CUDA workspace are not counted;
+    - offload "optimizer" (ZeRO-Offload) keeps the optimizer states on the host, "params" (FSDP2's
+      CPUOffloadPolicy, fsdp only) the sharded parameters, gradients and optimizer states."""
+    shape = model_shape(model)
+    if gpu not in hardware.NODES:
+        raise ValueError(f"unknown GPU {gpu!r}; choose one of {', '.join(hardware.NODES)}")
+    if strategy not in PLAN_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(PLAN_STRATEGIES)}")
+    if offload not in OFFLOAD:
+        raise ValueError(f"unknown offload {offload!r}; choose one of {', '.join(OFFLOAD)}")
+    if offload == "params" and strategy != "fsdp":
+        raise ValueError("offload 'params' is FSDP2's CPUOffloadPolicy: it needs strategy fsdp")
+    microbatches = pp if microbatches is None else microbatches
+    for name, value in (("world_size", world_size), ("tp", tp), ("micro_batch", micro_batch), ("seq_len", seq_len),
+                        ("pp", pp), ("microbatches", microbatches), ("virtual_stages", virtual_stages)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if virtual_stages > 1 and (schedule != "1f1b" or pp == 1):
+        raise ValueError(f"virtual_stages {virtual_stages} is the interleaved 1F1B schedule: it needs schedule "
+                         f"'1f1b' and pp > 1, got {schedule!r} and pp {pp}")
+    if world_size % tp:
+        raise ValueError(f"world_size {world_size} does not split into tensor-parallel groups of {tp}")
+    if world_size % (tp * pp):
+        raise ValueError(f"world_size {world_size} does not split into groups of tp x pp = {tp} x {pp} = {tp * pp} "
+                         f"GPUs; choose tp x pp dividing {world_size}")
+    dp = world_size // (tp * pp)
+    layers = stage_layers(shape.layers, pp, virtual_stages) if pp > 1 else shape.layers
+    n = stage_parameters(shape, pp, virtual_stages) / tp
+    stage = {"fsdp": "zero3"}.get(strategy, strategy)
+    held = zero.predict(n, dp, stage, preset=states)
+    units = units or layers + 1
+    in_flight = in_flight_microbatches(pp, microbatches, schedule, virtual_stages)
+    parts = {"params": held.params, "grads": held.grads, "optimizer": held.optimizer,
+             "unsharded": (2 * 2 + 4) * n / units if strategy == "fsdp" and dp > 1 else 0.0,
+             "activations": transformer_activation_bytes(seq_len, micro_batch, shape.dim, shape.heads,
+                                                         layers * in_flight,
+                                                         checkpointing, tp, attention) if shape.dim else 0.0}
+    moved = {"none": (), "optimizer": ("optimizer",), "params": ("params", "grads", "optimizer")}[offload]
+    host = sum(parts[k] for k in moved)
+    parts.update({k: 0.0 for k in moved})
+    settings = dict(gpu=gpu, strategy=strategy, world_size=world_size, tp=tp, micro_batch=micro_batch, seq_len=seq_len,
+                    checkpointing=checkpointing, offload=offload, attention=attention, states=states, pp=pp,
+                    microbatches=microbatches, schedule=schedule, virtual_stages=virtual_stages, dp=dp,
+                    stage_layers=layers, in_flight=in_flight)
+    return Plan(shape, settings, parts, host, hardware.NODES[gpu].memory_GB * 1e9)
+
+
+def format_plan(p: Plan) -> str:
+    """The breakdown as a table in GiB, with the verdict."""
+    s, gpu = p.settings, p.settings["gpu"].upper()
+    lines = [f"{p.model.name}: {p.model.parameters / 1e9:.3g}B parameters, {p.model.layers} layers, width {p.model.dim}, "
+             f"{p.model.heads} heads",
+             f"{s['world_size']} x {gpu}, {s['strategy']}" + (f" x tensor parallel {s['tp']}" if s["tp"] > 1 else "")
+             + (f" x pipeline parallel {s['pp']}" if s["pp"] > 1 else "")
+             + f"; micro-batch {s['micro_batch']} x {s['seq_len']} tokens; checkpointing {s['checkpointing']}; "
+             f"offload {s['offload']}; {s['attention']} attention"]
+    if s["pp"] > 1:
+        schedule = s["schedule"] + (f" interleaved, {s['virtual_stages']} virtual stages" if s["virtual_stages"] > 1 else "")
+        lines.append(f"first of {s['pp']} stages: {s['stage_layers']} of {p.model.layers} layers and the embedding; "
+                     f"{schedule}, {s['microbatches']} micro-batches per step, {s['in_flight']:g} in flight; "
+                     f"{s['dp']} data-parallel ranks")
+    rows = [[part, gib(nbytes, 2), ""] for part, nbytes in p.parts.items()]
+    rows.append(["per GPU", gib(p.total, 2), f" usable: {gib(p.capacity)} of the {gib(p.gpu_bytes)}"])
+    if p.host:
+        rows.append(["host", gib(p.host, 2), " offloaded to the node's memory, copied every step"])
+    lines.append(table(None, rows, indent="  "))
+    verdict = "fits" if p.fits else f"does not fit ({gib(p.total - p.capacity)} too much)"
+    lines.append(f"{verdict} on {gpu} ({gib(p.gpu_bytes)})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from workshop.base.params import positive
+
+    parser = argparse.ArgumentParser(prog="python -m workshop.estimate.planner", description="The memory per GPU of "
+                                     "training a GPT-shaped model, by part (parameters, gradients, optimizer states, "
+                                     "FSDP's gathered units, activations), and whether it fits.")
+    parser.add_argument("model", help=f"parameters (7B, 350M, 1.3e9) or a published model: {', '.join(MODELS)}")
+    parser.add_argument("--gpu", choices=list(hardware.NODES), default="h100")
+    parser.add_argument("--strategy", choices=PLAN_STRATEGIES, default="fsdp")
+    parser.add_argument("--world-size", type=positive(int), default=8, help="GPUs in all (default 8)")
+    parser.add_argument("--tp", type=positive(int), default=1, help="tensor-parallel size, inside the world (default 1)")
+    parser.add_argument("--pp", type=positive(int), default=1, help="pipeline stages, inside the world (default 1)")
+    parser.add_argument("--microbatches", type=positive(int), help="micro-batches per step through the pipeline "
+                                                                    "(default: pp)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default 1f1b)")
+    parser.add_argument("--micro-batch", type=positive(int), default=1, help="sequences per GPU per step (default 1)")
+    parser.add_argument("--seq-len", type=positive(int), default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--checkpointing", choices=CHECKPOINTING, default="none")
+    parser.add_argument("--offload", choices=OFFLOAD, default="none")
+    parser.add_argument("--attention", choices=("unfused", "fused"), default="unfused",
+                        help="fused: a FlashAttention-style kernel that stores no attention scores")
+    args = parser.parse_args(argv)
+    try:
+        print(format_plan(plan(args.model, gpu=args.gpu, strategy=args.strategy, world_size=args.world_size, tp=args.tp,
+                               micro_batch=args.micro_batch, seq_len=args.seq_len, checkpointing=args.checkpointing,
+                               offload=args.offload, attention=args.attention, pp=args.pp,
+                               microbatches=args.microbatches, schedule=args.schedule)))
+    except ValueError as err:
+        parser.error(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
