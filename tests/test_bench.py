@@ -1,4 +1,5 @@
-"""workshop.measure.bench: its arithmetic in one process, and each benchmark started on 2 gloo ranks.
+"""The benchmarks (workshop.measure.collectives, throughput, flops and perf, and their command line
+workshop.measure.bench): their arithmetic in one process, and each benchmark started on 2 gloo ranks.
 
 The benchmarks print figures; these tests check that they run, print and record, never a timing.
 """
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from workshop.measure import bench, perf
+from workshop import models
+from workshop.measure import bench, collectives, flops, perf, throughput
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "workshop.measure.bench"]
@@ -34,44 +36,59 @@ def _records(runs, notebook):
 
 
 def test_parse_size():
-    assert bench.parse_size("4096") == 4096
-    assert bench.parse_size("4KiB") == 4 * 1024
-    assert bench.parse_size("64 kib") == 64 * 1024
-    assert bench.parse_size("16MiB") == 16 * 2**20
-    assert bench.parse_size("1GB") == 10**9
-    assert bench.parse_size("1.5KiB") == 1536
+    assert collectives.parse_size("4096") == 4096
+    assert collectives.parse_size("4KiB") == 4 * 1024
+    assert collectives.parse_size("64 kib") == 64 * 1024
+    assert collectives.parse_size("16MiB") == 16 * 2**20
+    assert collectives.parse_size("1GB") == 10**9
+    assert collectives.parse_size("1.5KiB") == 1536
     for bad in ("", "KiB", "4 parsecs", "-4KiB", "0", "1.5B"):
         with pytest.raises(ValueError, match="bad size"):
-            bench.parse_size(bad)
+            collectives.parse_size(bad)
 
 
 def test_busbw_is_algbw_times_2_n_minus_1_over_n():
-    assert bench.algbw(2 * 10**9, 1.0) == 2.0
-    assert bench.busbw(10.0, 1) == 0.0  # nothing crosses a link
-    assert bench.busbw(10.0, 2) == 10.0
-    assert bench.busbw(10.0, 8) == pytest.approx(17.5)
-    assert bench.busbw(10.0, 1024) == pytest.approx(20.0, rel=1e-2)  # tends to 2 x algbw
+    assert collectives.algbw(2 * 10**9, 1.0) == 2.0
+    assert collectives.busbw(10.0, 1) == 0.0  # nothing crosses a link
+    assert collectives.busbw(10.0, 2) == 10.0
+    assert collectives.busbw(10.0, 8) == pytest.approx(17.5)
+    assert collectives.busbw(10.0, 1024) == pytest.approx(20.0, rel=1e-2)  # tends to 2 x algbw
 
 
 def test_formats_and_plot_of_a_sweep(clean_env):
     rows = [{"bytes": b, "time_s": b / 1e9, "algbw_GBps": 1.0, "busbw_GBps": 1.5} for b in (4096, 2**20)]
-    table = bench.format_allreduce(rows, link="pcie4-x16")
+    table = collectives.format_allreduce(rows, link="pcie4-x16")
     assert "busbw (GB/s)" in table and "of pcie4-x16" in table and "4.7%" in table  # 1.5 of 32 GB/s
-    assert "nothing to all-reduce" in bench.format_allreduce([])
-    fig = bench.plot_allreduce(rows, link="pcie4-x16")
+    assert "nothing to all-reduce" in collectives.format_allreduce([])
+    fig = collectives.plot_allreduce(rows, link="pcie4-x16")
     assert fig.axes[0].get_xscale() == "log"
-    assert bench.plot_allreduce([]) is not None
+    assert collectives.plot_allreduce([]) is not None
 
 
 def test_one_rank_runs_without_communication(clean_env):
-    assert bench.allreduce_sweep([4096]) == []
-    result = bench.ddp_throughput("small_cnn", 4, steps=1, warmup=0)
+    assert collectives.allreduce_sweep([4096]) == []
+    result = throughput.ddp_throughput("small_cnn", 4, steps=1, warmup=0)
     assert result["ddp"] is False and result["world_size"] == 1 and result["samples_per_s"] > 0
     assert len(result["peak_memory_bytes"]) == 1 and result["peak_memory_bytes"][0] > 0
-    (row,) = bench.step_split(["small_cnn"], 4, steps=1)
+    (row,) = throughput.step_split(["small_cnn"], 4, steps=1)
     assert row["comm_s"] == 0.0 and row["efficiency_no_overlap"] == row["efficiency_overlap"] == 1.0
     assert row["grad_bytes"] == 4 * 94_762
-    assert "Run with N ranks" in bench.format_step_split([row])
+    assert "Run with N ranks" in throughput.format_step_split([row])
+
+
+@pytest.mark.parametrize("call", [
+    lambda: throughput.ddp_throughput("small_cnn", 2, steps=1, warmup=0),
+    lambda: throughput.step_split(["small_cnn"], 2, steps=1, warmup=0),
+    lambda: perf.run_variants("small_cnn", 2, steps=1, warmup=1, variants="naive,resident", num_workers=0),
+    lambda: flops.measured_matmul_flops("cpu", torch.float32, n=16, iters=1),
+], ids=["ddp_throughput", "step_split", "run_variants", "measured_matmul_flops"])
+def test_a_benchmark_leaves_the_callers_random_stream_untouched(call, clean_env):
+    torch.manual_seed(7)
+    plain = torch.rand(2)  # the caller's stream, with nothing in between
+    torch.manual_seed(7)
+    before = torch.rand(1)
+    call()  # seeds its weights and draws its data in a stream of its own
+    assert torch.equal(torch.cat([before, torch.rand(1)]), plain)
 
 
 def test_one_rank_allreduce_says_there_is_nothing_to_all_reduce(runs, clean_env, capsys):
@@ -150,7 +167,9 @@ def test_strategies_on_2_ranks_records_ddp_and_fsdp(tmp_path):
     assert ddp["throughput"] == pytest.approx(2 * 2 * 16 / ddp["step_time_s"])
     # FSDP on 2 ranks holds half of the parameters, gradients and AdamW moments that DDP holds
     assert fsdp["state_bytes_per_rank"][0] == pytest.approx(ddp["state_bytes_per_rank"][0] / 2, rel=0.01)
-    assert ddp["state_bytes_per_rank"][0] == 4 * res["param_bytes"]  # weights, gradients, two moments
+    tensors = len(list(models.tinygpt("cpu", max_seq_len=16).parameters()))
+    # weights, gradients, two moments, and AdamW's step count (a 4-byte scalar per tensor)
+    assert ddp["state_bytes_per_rank"][0] == 4 * res["param_bytes"] + 4 * tensors
 
 
 # --- single: one device, cumulative performance variants (workshop.measure.perf) ----------------------------
@@ -185,23 +204,23 @@ def test_flops_of_a_linear_model_are_the_analytic_count():
     B, n_in, hidden, n_out = 8, 16, 32, 4
     x, y = torch.randn(B, n_in), torch.randint(0, n_out, (B,))
     linear = torch.nn.Linear(n_in, n_out)
-    assert perf.count_step_flops(linear, x, y, backward=False) == 2 * B * n_in * n_out  # one multiply-add = 2 FLOPs
+    assert flops.count_step_flops(linear, x, y, backward=False) == 2 * B * n_in * n_out  # one multiply-add = 2 FLOPs
     # backward: the weight's gradient (another 2*B*in*out); the input is data and needs no gradient
-    assert perf.count_step_flops(linear, x, y) == 2 * (2 * B * n_in * n_out)
+    assert flops.count_step_flops(linear, x, y) == 2 * (2 * B * n_in * n_out)
     mlp = torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, n_out))
     forward = 2 * B * (n_in * hidden + hidden * n_out)
-    assert perf.count_step_flops(mlp, x, y, backward=False) == forward
+    assert flops.count_step_flops(mlp, x, y, backward=False) == forward
     # the second layer computes both gradients (of its input and of its weight), the first only its weight's
-    assert perf.count_step_flops(mlp, x, y) == forward + 2 * B * n_in * hidden + 2 * (2 * B * hidden * n_out)
+    assert flops.count_step_flops(mlp, x, y) == forward + 2 * B * n_in * hidden + 2 * (2 * B * hidden * n_out)
     before = [p.clone() for p in mlp.parameters()]
     assert all(p.grad is None for p in mlp.parameters())  # counted on a copy: the model is untouched
     assert all(torch.equal(a, b) for a, b in zip(before, mlp.parameters()))
 
 
 def test_flops_of_a_cnn_step_are_about_three_forwards():
-    model = bench.get_model("small_cnn")
+    model = models.get_model("small_cnn")
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    ratio = perf.count_step_flops(model, x, y) / perf.count_step_flops(model, x, y, backward=False)
+    ratio = flops.count_step_flops(model, x, y) / flops.count_step_flops(model, x, y, backward=False)
     assert 2.5 < ratio <= 3.0  # the first convolution needs no input gradient
 
 
@@ -217,13 +236,13 @@ def test_flops_of_a_cnn_step_are_about_three_forwards():
 ])
 def test_peak_flops_from_the_data_sheet_table(name, dtype, tflops):
     with mock.patch("torch.cuda.get_device_name", return_value=name):
-        assert perf.peak_flops("cuda:0", dtype) == pytest.approx(tflops * 1e12)
-        assert name in perf.gpu_peak("cuda:0", dtype)[1]
+        assert flops.peak_flops("cuda:0", dtype) == pytest.approx(tflops * 1e12)
+        assert name in flops.gpu_peak("cuda:0", dtype)[1]
 
 
 def test_peak_flops_on_cpu_is_none():
-    assert perf.peak_flops("cpu", torch.bfloat16) is None
-    assert "not meaningful" in perf.gpu_peak("cpu", torch.float32)[1]
+    assert flops.peak_flops("cpu", torch.bfloat16) is None
+    assert "not meaningful" in flops.gpu_peak("cpu", torch.float32)[1]
 
 
 def test_variants_are_cumulative():
@@ -246,23 +265,6 @@ def test_default_num_workers_from_slurm(monkeypatch):
     assert perf.default_num_workers(5) == 7  # one core stays with the training process
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
     assert perf.default_num_workers(5) == 1
-
-
-def test_augmentation_crops_the_padded_image_and_flips():
-    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
-    out = perf.augment_batch(images, pad=2, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (16, 3, 8, 8) and out.dtype == torch.float32
-    mean, std = torch.tensor(perf.CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(perf.CIFAR_STD).view(1, 3, 1, 1)
-    padded = torch.nn.functional.pad((images.float() / 255 - mean) / std, (2, 2, 2, 2), mode="reflect")
-    for b in range(16):
-        crops = [padded[b, :, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
-        assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(-1)) for c in crops)
-    same = perf.augment_batch(images, pad=2, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out, same)  # a pure function of the generator
-    ds = perf.AugmentedImages(images, torch.zeros(16, dtype=torch.long), pad=2)
-    x, _ = ds[3]
-    crops = [padded[3, :, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
-    assert any(torch.allclose(x, c) or torch.allclose(x, c.flip(-1)) for c in crops)  # the same, one image at a time
 
 
 def test_run_variants_format_and_plot(clean_env):
@@ -299,7 +301,7 @@ def test_the_collective_counter_counts_each_collective_and_its_whole_tensor(clea
     dist.init(dist.DistEnv())  # a process group of one: the collectives run, alone
     try:
         whole, part = torch.zeros(8), torch.ones(8)
-        with bench.CollectiveCounter() as counted:
+        with collectives.CollectiveCounter() as counted:
             tdist.all_reduce(torch.ones(10))
             tdist.all_reduce(torch.ones(6, dtype=torch.float64))
             tdist.all_gather_into_tensor(whole, part)

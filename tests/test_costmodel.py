@@ -9,73 +9,73 @@ from pathlib import Path
 
 import pytest
 
-from workshop.estimate import collectives, costmodel, placements, planner, projection, published, steps
+from workshop.estimate import costmodel, network, placements, planner, projection, published, steps
 from workshop.measure import costcheck
 
-LINK = collectives.AlphaBeta(alpha=1e-5, beta=1e-9)  # 10 us per message, 1 GB/s
+LINK = network.AlphaBeta(alpha=1e-5, beta=1e-9)  # 10 us per message, 1 GB/s
 # 4 GPUs per node: 1 us and 100 GB/s inside, 10 us and 10 GB/s per GPU across
-TWO = collectives.Cluster(collectives.AlphaBeta(1e-6, 1e-11), collectives.AlphaBeta(1e-5, 1e-10), per_node=4)
+TWO = network.Cluster(network.AlphaBeta(1e-6, 1e-11), network.AlphaBeta(1e-5, 1e-10), per_node=4)
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_collectives_on_one_link_by_hand():
     # 4 ranks, 1e6 bytes: all-reduce 2*3*10us + 2*3/4*1e6*1ns = 60us + 1.5ms
-    assert collectives.all_reduce(1e6, 4, LINK) == pytest.approx(60e-6 + 1.5e-3)
+    assert network.all_reduce(1e6, 4, LINK) == pytest.approx(60e-6 + 1.5e-3)
     # all-gather and reduce-scatter: 3*10us + 3/4*1e6*1ns = 30us + 0.75ms, half the all-reduce
-    assert collectives.all_gather(1e6, 4, LINK) == pytest.approx(30e-6 + 0.75e-3)
-    assert collectives.reduce_scatter(1e6, 4, LINK) == pytest.approx(collectives.all_reduce(1e6, 4, LINK) / 2)
-    assert collectives.all_reduce(1e6, 2, LINK) == pytest.approx(20e-6 + 1e-3)
+    assert network.all_gather(1e6, 4, LINK) == pytest.approx(30e-6 + 0.75e-3)
+    assert network.reduce_scatter(1e6, 4, LINK) == pytest.approx(network.all_reduce(1e6, 4, LINK) / 2)
+    assert network.all_reduce(1e6, 2, LINK) == pytest.approx(20e-6 + 1e-3)
     # one link is one level: the ring only, never the tree
-    assert set(collectives.all_reduce_times(1e6, 64, LINK)) == {"ring"}
+    assert set(network.all_reduce_times(1e6, 64, LINK)) == {"ring"}
     # one rank communicates with nobody
-    assert collectives.all_reduce(1e6, 1, LINK) == 0 and collectives.all_gather(1e6, 1, LINK) == 0
+    assert network.all_reduce(1e6, 1, LINK) == 0 and network.all_gather(1e6, 1, LINK) == 0
 
 
 def test_two_levels_by_hand():
     # 8 ranks = 2 nodes x 4. Bytes go at max(3/4 * 1e-11, 1e-10 / 4) = 2.5e-11 s/B: the 4 NICs of a node together
     # ring all-reduce: 14 steps, 4 of them across nodes: 10 x 1us + 4 x 10us = 50us; 2*7/8*1e6*2.5e-11 = 43.75us
     # tree: 2 x (3 x 1us + log2(2) x 10us) = 26us; 2*1e6*2.5e-11 = 50us
-    times = collectives.all_reduce_times(1e6, 8, TWO)
+    times = network.all_reduce_times(1e6, 8, TWO)
     assert times["ring"] == pytest.approx(50e-6 + 43.75e-6)
     assert times["tree"] == pytest.approx(26e-6 + 50e-6)
-    assert collectives.all_reduce(1e6, 8, TWO) == pytest.approx(76e-6)  # small message: the tree
-    big = collectives.all_reduce_times(1e9, 8, TWO)
-    assert big["ring"] < big["tree"] and collectives.all_reduce(1e9, 8, TWO) == big["ring"]  # large message on 2 nodes: the ring
+    assert network.all_reduce(1e6, 8, TWO) == pytest.approx(76e-6)  # small message: the tree
+    big = network.all_reduce_times(1e9, 8, TWO)
+    assert big["ring"] < big["tree"] and network.all_reduce(1e9, 8, TWO) == big["ring"]  # large message on 2 nodes: the ring
     # all-gather: 7 steps, 2 across: 5us + 20us; 7/8*1e6*2.5e-11
-    assert collectives.all_gather(1e6, 8, TWO) == pytest.approx(25e-6 + 21.875e-6)
+    assert network.all_gather(1e6, 8, TWO) == pytest.approx(25e-6 + 21.875e-6)
     # inside one node: the intra link alone
-    assert collectives.all_reduce(1e6, 4, TWO) == pytest.approx(6e-6 + 1.5e6 * 1e-11)
+    assert network.all_reduce(1e6, 4, TWO) == pytest.approx(6e-6 + 1.5e6 * 1e-11)
     # a group with one rank per node (data parallel over TP ranks): every byte through one NIC
-    assert collectives.all_gather(1e6, 8, TWO, per_node=1) == pytest.approx(7 * 10e-6 + 7 / 8 * 1e6 * 1e-10)
+    assert network.all_gather(1e6, 8, TWO, per_node=1) == pytest.approx(7 * 10e-6 + 7 / 8 * 1e6 * 1e-10)
 
 
 def test_at_scale_the_tree_takes_over_from_the_ring():
-    h100 = collectives.gpu_cluster("h100")
-    times = collectives.all_reduce_times(25 * 2**20, 4096, h100)
+    h100 = network.gpu_cluster("h100")
+    times = network.all_reduce_times(25 * 2**20, 4096, h100)
     # the ring pays about 2p hops: tens of milliseconds per operation; the tree log2(512) network hops
     assert times["ring"] > 0.02 > 0.002 > times["tree"]
-    assert collectives.all_reduce(25 * 2**20, 4096, h100) == times["tree"]
+    assert network.all_reduce(25 * 2**20, 4096, h100) == times["tree"]
     # on 2 nodes the ring's 2(N-1)/N halves the network bytes: the ring for a large message
-    two_nodes = collectives.all_reduce_times(2**30, 16, h100)
+    two_nodes = network.all_reduce_times(2**30, 16, h100)
     assert two_nodes["ring"] < two_nodes["tree"]
 
 
 def test_known_links_and_bad_input():
-    assert collectives.get_link("nvlink4-h100").bandwidth_GBps == pytest.approx(450)
-    assert collectives.shared("eth-50g", 8).bandwidth_GBps == pytest.approx(6.25 / 8)
+    assert network.get_link("nvlink4-h100").bandwidth_GBps == pytest.approx(450)
+    assert network.shared("eth-50g", 8).bandwidth_GBps == pytest.approx(6.25 / 8)
     with pytest.raises(ValueError, match="unknown link"):
-        collectives.get_link("carrier-pigeon")
+        network.get_link("carrier-pigeon")
     with pytest.raises(ValueError, match="unknown GPU"):
-        collectives.gpu_cluster("abacus")
+        network.gpu_cluster("abacus")
     with pytest.raises(ValueError, match="whole number"):
-        collectives.all_reduce(10, 0, LINK)
+        network.all_reduce(10, 0, LINK)
     with pytest.raises(ValueError, match="bytes"):
-        collectives.all_gather(-1, 2, LINK)
+        network.all_gather(-1, 2, LINK)
     # a cluster priced on its latencies alone, or its bandwidths alone: which of the two a step waits for
-    latency, bandwidth = collectives.only(TWO, "latency"), collectives.only(TWO, "bandwidth")
+    latency, bandwidth = network.only(TWO, "latency"), network.only(TWO, "bandwidth")
     assert (latency.inter.alpha, latency.inter.beta, bandwidth.intra.alpha, bandwidth.intra.beta) == (1e-5, 0, 0, 1e-11)
     with pytest.raises(ValueError, match="'latency' or 'bandwidth'"):
-        collectives.only(TWO, "both")
+        network.only(TWO, "both")
 
 
 def test_ddp_buckets_pipeline_with_the_backward():
@@ -94,7 +94,7 @@ def test_ddp_buckets_pipeline_with_the_backward():
 
 def test_fsdp_prefetch_and_volume():
     # 2 units of 1e6 bf16 and 2e6 fp32 bytes
-    ag, rs = collectives.all_gather(5e5, 4, LINK), collectives.reduce_scatter(1e6, 4, LINK)
+    ag, rs = network.all_gather(5e5, 4, LINK), network.reduce_scatter(1e6, 4, LINK)
     # no overlap: compute + per unit 2 all-gathers and a reduce-scatter
     assert steps.fsdp_step(0.3, 1e6, 4, LINK, units=2, overlap=False, grad_bytes=2e6) == pytest.approx(0.3 + 2 * (2 * ag + rs))
     # compute per unit (50 ms forward, 100 ms backward) longer than its communication: only each pass's first
@@ -108,8 +108,8 @@ def test_fsdp_prefetch_and_volume():
     want = (ag + ag + f) + (ag + (ag + rs) + b + rs)
     assert steps.fsdp_step(3e-6, 1e6, 4, LINK, units=2, grad_bytes=2e6) == pytest.approx(want)
     # bytes: bf16 all-gathers twice and an fp32 reduce-scatter = (2 + 2 + 4)/4 = 2x DDP's fp32 all-reduce volume
-    bw_only = collectives.AlphaBeta(0.0, 1e-9)
-    assert steps.fsdp_comm(2e8, 8, bw_only, grad_bytes=4e8) == pytest.approx(collectives.all_reduce(4e8, 8, bw_only))
+    bw_only = network.AlphaBeta(0.0, 1e-9)
+    assert steps.fsdp_comm(2e8, 8, bw_only, grad_bytes=4e8) == pytest.approx(network.all_reduce(4e8, 8, bw_only))
 
 
 def test_tp_step_by_hand():
@@ -145,13 +145,13 @@ def test_calibration_recovers_alpha_and_beta():
                     "results": {"rows": [{"bytes": 4096, "time_s": 99.0}]}})
     rows = costcheck.allreduce_rows(records)
     assert len(rows) == 8
-    ab = collectives.calibrate(rows)
+    ab = network.calibrate(rows)
     assert ab.alpha == pytest.approx(35e-6, rel=1e-6)
     assert ab.beta == pytest.approx(2.5e-10, rel=1e-6)
-    assert collectives.fit_error(rows, ab) < 1e-6
+    assert network.fit_error(rows, ab) < 1e-6
     nb05 = [{"notebook": "05_ddp", "status": "ok", "dist": {"world_size": 2},
              "results": {"allreduce": r["results"]["rows"]}} for r in synthetic_records(5e-6, 1e-9, world_sizes=(2,))]
-    ab05 = collectives.calibrate(costcheck.allreduce_rows(nb05))
+    ab05 = network.calibrate(costcheck.allreduce_rows(nb05))
     assert (ab05.alpha, ab05.beta) == (pytest.approx(5e-6, rel=1e-6), pytest.approx(1e-9, rel=1e-6))
 
 
@@ -160,9 +160,9 @@ def test_all_gather_and_reduce_scatter_are_fitted_apart():
         + synthetic_records(50e-6, 3e-10, collective="all_gather")
     rs = costcheck.collective_rows(records, "reduce_scatter")
     assert len(rs) == 8 and len(costcheck.allreduce_rows(records)) == 8  # the all-reduce fit reads only its own rows
-    ab = collectives.calibrate(rs, collective="reduce_scatter")
+    ab = network.calibrate(rs, collective="reduce_scatter")
     assert (ab.alpha, ab.beta) == (pytest.approx(80e-6, rel=1e-6), pytest.approx(6e-10, rel=1e-6))
-    assert collectives.fit_error(rs, ab, "reduce_scatter") < 1e-6
+    assert network.fit_error(rs, ab, "reduce_scatter") < 1e-6
     fits = costcheck.calibrate_by_world_size(records, "all_gather")
     assert set(fits) == {0, 2, 4} and fits[4].beta == pytest.approx(3e-10, rel=1e-6)
     with pytest.raises(ValueError, match="unknown collective"):
@@ -170,18 +170,18 @@ def test_all_gather_and_reduce_scatter_are_fitted_apart():
 
 
 def test_calibration_with_noise_stays_close():
-    ab = collectives.calibrate(costcheck.allreduce_rows(synthetic_records(20e-6, 1e-9, noise=0.05)))
+    ab = network.calibrate(costcheck.allreduce_rows(synthetic_records(20e-6, 1e-9, noise=0.05)))
     assert ab.alpha == pytest.approx(20e-6, rel=0.2)
     assert ab.beta == pytest.approx(1e-9, rel=0.1)
 
 
 def test_calibration_never_negative_and_bad_input():
-    ab = collectives.calibrate(costcheck.allreduce_rows(synthetic_records(0.0, 1e-9)))
+    ab = network.calibrate(costcheck.allreduce_rows(synthetic_records(0.0, 1e-9)))
     assert ab.alpha >= 0 and ab.beta == pytest.approx(1e-9, rel=1e-6)
     with pytest.raises(ValueError, match="at least two message sizes"):
-        collectives.calibrate(costcheck.allreduce_rows(synthetic_records(1e-5, 1e-9, sizes=(4096,), world_sizes=(2,))))
+        network.calibrate(costcheck.allreduce_rows(synthetic_records(1e-5, 1e-9, sizes=(4096,), world_sizes=(2,))))
     with pytest.raises(ValueError, match="at least two message sizes"):
-        collectives.calibrate([])
+        network.calibrate([])
 
 
 def test_workload_from_size_and_parse():
@@ -245,7 +245,7 @@ def test_projection_by_hand_and_where_it_stops():
     one, eight, sixteen = proj.rows
     assert one["efficiency"] == 1 and one["throughput"] == pytest.approx(4 / compute)
     # fp32 gradients: 4e8 bytes, in 16 buckets of 25 MiB, on the two-level cluster
-    h100 = collectives.gpu_cluster("h100")
+    h100 = network.gpu_cluster("h100")
     assert eight["step_s"] == pytest.approx(steps.ddp_step(compute, 4e8, 8, h100))
     assert sixteen["nodes"] == 2 and sixteen["efficiency"] < eight["efficiency"] < 1
     assert projection.scaling_summary(proj) == f"toy DDP keeps {sixteen['efficiency']:.0%} efficiency at 16 GPUs."
@@ -290,7 +290,7 @@ def test_check_strategies_against_hand_values():
                        "measurements": [{"strategy": "ddp", "step_time_s": 0.012},
                                         {"strategy": "fsdp", "step_time_s": 0.02}]}}
     one_rank = {"notebook": "bench-strategies", "status": "ok", "results": {"world_size": 1, "measurements": []}}
-    rs = collectives.AlphaBeta(20e-6, 2e-9)
+    rs = network.AlphaBeta(20e-6, 2e-9)
     ddp, fsdp = costcheck.check_strategies([rec, one_rank], LINK, rs_link={2: rs})
     # DDP: no step of its own on a group of one here, so the plain model's compute; one bucket, 2 ranks
     assert ddp["wrapper"] == 1 and ddp["predicted_s"] == pytest.approx(0.01 + 20e-6 + 1e-3)
@@ -358,7 +358,7 @@ def test_p2p_bytes_and_the_link_between_stages():
     w = steps.Workload.gpt("Llama 2 70B", 80, 8192, 4096, 69e9, heads=64)
     # (micro_batch, seq, dim) in bf16 per direction per micro-batch; with TP each rank sends its 1/tp
     assert placements.p2p_bytes(w, 1) == 4096 * 8192 * 2 and placements.p2p_bytes(w, 2, tp=8) == 2 * 4096 * 8192 * 2 / 8
-    h100 = collectives.gpu_cluster("h100")
+    h100 = network.gpu_cluster("h100")
     assert placements.stage_link(h100, dp=1, tp=2, pp=4) is h100.intra  # 8 GPUs: one node
     assert placements.stage_link(h100, dp=1, tp=8, pp=2) is h100.inter and placements.stage_link(h100, 2, 2, 4) is h100.inter
 
@@ -383,7 +383,7 @@ def test_pp_step_by_hand():
 def test_pp_step_without_stages_is_the_existing_step():
     # one stage, one micro-batch: the step of `project` (DDP, FSDP, TP x FSDP) on the same cluster
     w = steps.Workload.gpt("Llama 2 70B", 80, 8192, 4096, 69e9, heads=64)
-    h100, compute = collectives.gpu_cluster("h100"), 2.0
+    h100, compute = network.gpu_cluster("h100"), 2.0
     for strategy, dp, tp in (("ddp", 64, 1), ("fsdp", 64, 1), ("tp_fsdp", 8, 8)):
         want = projection._step(strategy, w, compute, dp * tp, tp, h100, 81, 1)
         got = placements.pp_step("llama2-70b", dp, tp, 1, 1, compute_s=compute, strategy="ddp" if strategy == "ddp" else "fsdp")

@@ -1,4 +1,4 @@
-"""workshop.data, workshop.models, workshop.measure.metrics and workshop.train, in one process."""
+"""workshop.data (its augmentation too), workshop.models, workshop.measure.metrics and workshop.train, in one process."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from workshop import data, dist, models, train
+from workshop import check, data, dist, models, train
 from workshop.measure import metrics
 
 
@@ -84,6 +84,23 @@ def test_imagefolder_reads_one_folder_per_class(tmp_path):
     assert x.shape == (3, 32, 32) and y == 0
 
 
+def test_augmentation_crops_the_padded_image_and_flips():
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    out = data.augment_batch(images, pad=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (16, 3, 8, 8) and out.dtype == torch.float32
+    mean, std = torch.tensor(data.CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(data.CIFAR_STD).view(1, 3, 1, 1)
+    padded = torch.nn.functional.pad((images.float() / 255 - mean) / std, (2, 2, 2, 2), mode="reflect")
+    for b in range(16):
+        crops = [padded[b, :, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(-1)) for c in crops)
+    same = data.augment_batch(images, pad=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, same)  # a pure function of the generator
+    ds = data.AugmentedImages(images, torch.zeros(16, dtype=torch.long), pad=2)
+    x, _ = ds[3]
+    crops = [padded[3, :, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
+    assert any(torch.allclose(x, c) or torch.allclose(x, c.flip(-1)) for c in crops)  # the same, one image at a time
+
+
 def test_loaders_shard_disjointly_across_ranks():
     train_set, _, _ = data.get_dataset("synthetic", num_train=100, num_test=10)
     seen = []
@@ -136,6 +153,37 @@ def test_each_interactive_run_gets_a_folder_of_its_own(runs, clean_env):
     a = metrics.run_dir("01_baseline")
     b = metrics.run_dir("01_baseline")
     assert a != b and a.parent == b.parent == runs
+
+
+def test_train_step_is_one_sgd_step_and_stops_before_a_nan_update():
+    with train.seeded(0):
+        model = models.get_model("small_cnn", norm="group")
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    twin = models.get_model("small_cnn", norm="group")
+    twin.load_state_dict(model.state_dict())
+    opt, opt_twin = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin))
+    loss, logits = train.train_step(model, opt, x, y)
+    expected = torch.nn.functional.cross_entropy(twin(x), y)  # the same step, written out
+    expected.backward()
+    opt_twin.step()
+    assert logits.shape == (4, 10) and torch.equal(loss, expected.detach())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(check.Diverged, match="step 3"):
+        train.train_step(model, opt, torch.full_like(x, float("nan")), y, check_at=3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # stopped before the update
+
+
+def test_seeded_gives_the_same_draws_and_keeps_the_callers_stream():
+    torch.manual_seed(7)
+    plain = torch.rand(2)
+    torch.manual_seed(7)
+    before = torch.rand(1)
+    with train.seeded(0):
+        first = torch.rand(3)
+    with train.seeded(0):
+        assert torch.equal(torch.rand(3), first)
+    assert torch.equal(torch.cat([before, torch.rand(1)]), plain)
 
 
 def test_timer_and_throughput():

@@ -1,7 +1,8 @@
 """Notebook 02 (single-device performance) through scripts/run_notebook.sh, with tiny sizes: every variant has
 a row in the record, the traces are in the run's folder, and the GPU parameters file fits the notebook.
-(nbval runs it with its defaults.) No timing is checked. And the pieces of workshop.measure.perf it shows: the
-augmentation's draws, the sentences that read the table, the quiet profiler and its narrow table."""
+(nbval runs it with its defaults.) No timing is checked. And the pieces it shows: the augmentation's draws
+(workshop.data), the sentences that read the table (workshop.measure.perf), the quiet profiler and its narrow table
+(workshop.measure.profiler)."""
 
 import json
 import os
@@ -60,8 +61,8 @@ def test_02_on_a_gpu_measures_compile_and_mfu(runs):
 
 def test_augment_draws_say_what_augment_batch_did():
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
-    out = perf.augment_batch(images, pad=2, generator=torch.Generator().manual_seed(5))
-    dy, dx, flip = perf.augment_draws(6, pad=2, generator=torch.Generator().manual_seed(5))
+    out = data.augment_batch(images, pad=2, generator=torch.Generator().manual_seed(5))
+    dy, dx, flip = data.augment_draws(6, pad=2, generator=torch.Generator().manual_seed(5))
     mean, std = torch.tensor(data.CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(data.CIFAR_STD).view(1, 3, 1, 1)
     plain = (images.float() / 255 - mean) / std  # normalised, not moved
     padded = torch.nn.functional.pad(plain, (2, 2, 2, 2), mode="reflect")
@@ -95,11 +96,11 @@ def test_read_variants_reads_what_was_measured():
 
 
 def test_profiler_on_cpu_prints_nothing_and_its_table_fits_a_notebook():
-    code = ("import torch; from workshop.measure import perf\n"
+    code = ("import torch; from workshop.measure import profiler\n"
             "m = torch.nn.Linear(64, 64)\n"
-            "with perf.profiler('cpu') as prof:\n"
+            "with profiler.profile('cpu') as prof:\n"
             "    m(torch.randn(8, 64)).sum().backward()\n"
-            "print(perf.profile_table(prof, row_limit=5))\n")
+            "print(profiler.profile_table(prof, row_limit=5))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
                          env={k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"})
     assert out.returncode == 0, out.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from workshop.measure import bench, perf, report
+from workshop.measure import perf, report, report_plots, throughput
 
 
 def record(runs, name, notebook, results, status="ok", world_size=1, local_world_size=None, job=None, time="2026-01-01T00:00:00",
@@ -128,7 +128,7 @@ def test_write_report_and_cli(runs, tmp_path, capsys):
     out = tmp_path / "report"
     assert report.main([str(runs), "--out", str(out), "--no-sacct"]) == 0
     md = (out / "report.md").read_text()
-    for name in report.PLOTS:
+    for name in report_plots.PLOTS:
         assert (out / name).stat().st_size > 0 and f"]({name})" in md
     assert "| 2 x ddp |" in md and "| 2 x 2 ddp |" in md and "| 1 x single (baseline) |" in md
     assert "report:" in capsys.readouterr().out
@@ -151,7 +151,8 @@ def test_record_writers_speak_the_report_keys(tmp_path):
     split = [{"model": "resnet18", "micro_batch_size": 16, "world_size": 2, "compute_s": 0.2, "comm_s": 0.05}]
     record(tmp_path, "r02", "02_single_device_performance", {"rows": perf_rows,
                                                              "measurements": perf.report_measurements(perf_rows)})
-    record(tmp_path, "r05", "05_ddp", {"step_split": split, "measurements": bench.step_split_measurements(split)}, world_size=2)
+    record(tmp_path, "r05", "05_ddp", {"step_split": split, "measurements": throughput.step_split_measurements(split)},
+           world_size=2)
     rep = report.build(tmp_path, sacct=None)
     s02 = by_title(rep)[("02_single_device_performance", "small_cnn", 32)]
     assert [(r.variant, r.baseline, r.speedup) for r in s02.rows] == [("naive", True, 1.0), ("bf16", False, 1.5)]
@@ -193,16 +194,17 @@ def test_an_empty_plot_is_one_sentence_saying_what_run_fills_it(tmp_path):
     # one run on one device, no peak memory: nothing to scale, nothing in memory; a throughput for the cost
     record(runs, "one", "bench-ddp", {"model": "small_cnn", "micro_batch_size": 64, "throughput": 100.0})
     rep = report.build(runs, sacct=None)
-    assert "on 2 or more ranks" in report.missing(rep, "speedup.png") and "05_ddp" in report.missing(rep, "efficiency.png")
-    assert "tensor bytes per rank" in report.missing(rep, "memory.png") and report.missing(rep, "cost.png") is None
-    assert isinstance(report.figure(rep, "speedup.png"), str) and not isinstance(report.figure(rep, "cost.png"), str)
+    assert "on 2 or more ranks" in report_plots.missing(rep, "speedup.png")
+    assert "05_ddp" in report_plots.missing(rep, "efficiency.png")
+    assert "tensor bytes per rank" in report_plots.missing(rep, "memory.png") and report_plots.missing(rep, "cost.png") is None
+    assert isinstance(report_plots.figure(rep, "speedup.png"), str) and not isinstance(report_plots.figure(rep, "cost.png"), str)
     path = report.write(rep, tmp_path / "out")
     assert sorted(p.name for p in path.parent.glob("*.png")) == ["cost.png"]
     text = path.read_text()
     assert "![cost](cost.png)" in text and "![speedup]" not in text and "so there is no speedup to plot" in text
     # the full folder fills every plot
     full = report.build(_full_runs(tmp_path), sacct=None)
-    assert all(report.missing(full, name) is None for name in report.PLOTS)
+    assert all(report_plots.missing(full, name) is None for name in report_plots.PLOTS)
 
 
 def _full_runs(tmp_path):
@@ -223,12 +225,12 @@ def test_a_resident_set_on_cpu_is_not_charted_as_memory(tmp_path):
                                              "strategy": "ddp" if n > 1 else "single", "peak_memory_bytes": 2**30}, world_size=n)
     rep = report.build(runs, sacct=None)
     assert {r.memory_kind for s in rep.series for r in s.rows} == {"resident set"}
-    assert "resident set says nothing" in report.missing(rep, "memory.png")
+    assert "resident set says nothing" in report_plots.missing(rep, "memory.png")
     record(runs, "counted", "bench-ddp", {"model": "small_cnn", "micro_batch_size": 64, "throughput": 180.0, "strategy": "fsdp",
                                          "peak_memory_bytes": 2**20, "memory_kind": "tensors"}, world_size=2)
     rep = report.build(runs, sacct=None)
-    assert report.missing(rep, "memory.png") is None
-    fig = report.plot_memory(rep)
+    assert report_plots.missing(rep, "memory.png") is None
+    fig = report_plots.plot_memory(rep)
     assert [b.get_width() for b in fig.axes[0].patches] == [1.0]  # MiB: only the counted one
 
 

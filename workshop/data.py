@@ -3,6 +3,7 @@
     train, test, info = data.get_dataset("auto")          # staged CIFAR-10, else synthetic
     data.plot_examples(train, info.classes)               # a few images of each class, named
     loader = data.make_loader(train, batch_size=64, env=env, shuffle=True)
+    x = data.augment_batch(images)                        # uint8 (B, 3, H, W) cropped and flipped on their device
 
 Names:
 - `synthetic`: CIFAR-shaped (3x32x32 uint8), deterministic from a seed, 10 classes a person tells
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -42,6 +44,7 @@ from workshop.dist import DistEnv, print0
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+PAD = 4  # pixels of padding for the random crop, as in the usual CIFAR-10 recipe (He et al. 2016, section 4.2)
 STAGE_HINT = (
     "stage it on a machine with internet (a login node): `scripts/stage_data.sh cifar10 DIR`, "
     "then `export WORKSHOP_DATA=DIR` (or pass dataset='synthetic' to run without it)"
@@ -185,6 +188,48 @@ class ImageTensors(Dataset):
         return x, self.labels[i]
 
 
+def augment_draws(batch_size: int, pad: int = PAD, device="cpu", generator: torch.Generator | None = None):
+    """The random choices of `augment_batch`, in its order: crop offsets dy, dx (B,) in [0, 2 pad] into the padded
+    image, and a flip (B,) bool per image. Drawn again from a generator seeded alike, they say what it did."""
+    dy = torch.randint(0, 2 * pad + 1, (batch_size,), device=device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (batch_size,), device=device, generator=generator)
+    flip = torch.rand(batch_size, device=device, generator=generator) < 0.5
+    return dy, dx, flip
+
+
+def augment_batch(images: torch.Tensor, pad: int = PAD, generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W), randomly cropped from the image padded by
+    `pad` pixels (reflect) and flipped left-right with probability 1/2: a batch at once, on the images' device."""
+    B, C, H, W = images.shape
+    dev = images.device
+    mean = torch.tensor(CIFAR_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=dev).view(1, 3, 1, 1)
+    x = (images.float() / 255 - mean) / std
+    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (B, 3, H + 2 pad, W + 2 pad)
+    dy, dx, flip = augment_draws(B, pad, dev, generator)  # crop offsets and a flip, one per image
+    rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, None, :]  # (B, 1, 1, W)
+    x = x[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None], rows, cols]
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, 3, H, W)
+
+
+class AugmentedImages(ImageTensors):
+    """A DataLoader's data set: the augmentation of `augment_batch`, one image at a time (a slice of the padded
+    image, as torchvision's RandomCrop does), in the process that loads it."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, pad: int = PAD):
+        super().__init__(images, labels)
+        self.pad = pad
+
+    def __getitem__(self, i):
+        x, label = super().__getitem__(i)  # normalised (3, H, W)
+        _, H, W = x.shape
+        x = F.pad(x[None], (self.pad,) * 4, mode="reflect")[0]  # (3, H + 2 pad, W + 2 pad)
+        dy, dx = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+        x = x[:, dy:dy + H, dx:dx + W]
+        return (x.flip(-1) if torch.rand(()) < 0.5 else x), label
+
+
 def plot_examples(dataset: Dataset, classes, per_class: int = 4, seed: int = 0):
     """A figure of `per_class` images of each class, one column per class under its name: what the model is asked
     to tell apart. Images as the data set returns them (normalised float, un-normalised here for display)."""
@@ -311,6 +356,15 @@ def get_dataset(
         f"unknown data set {name!r}: use 'auto', 'synthetic', 'cifar10', 'imagefolder', or the name "
         f"of a folder under {base} laid out as <name>/train/<class>/"
     )
+
+
+def load_images(dataset: str, num_samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """uint8 images (N, 3, 32, 32), labels (N,) and the data set's name: `num_samples` synthetic ones, or a
+    staged CIFAR-10 (all of it) for "cifar10", or "auto" (CIFAR-10 where staged)."""
+    train, _, info = get_dataset(dataset, num_train=num_samples, num_test=1, seed=seed)
+    if not isinstance(train, ImageTensors):
+        raise ValueError(f"data set {dataset!r}: the images must be held in memory (synthetic or cifar10)")
+    return train.images, train.labels, info.name
 
 
 # A small grammar: sentences with agreement between subject and verb, so the next byte depends

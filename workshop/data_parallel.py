@@ -110,7 +110,7 @@ class Laps:
 
 def cpu_comparison(one_process_s: float, laps: Laps, steps: int, ddp: dict) -> dict:
     """Notebook 04's CPU measurement as one dict (the record's): seconds per step of one process,
-    of DataParallel by hand (and of each of its phases), and of DDP (`workshop.measure.bench.run_ddp`'s result)."""
+    of DataParallel by hand (and of each of its phases), and of DDP (`workshop.measure.throughput.run_ddp`'s result)."""
     return {"one_process_step_s": one_process_s, "dp_by_hand_step_s": laps.total() / steps,
             "dp_by_hand_phases_s": {name: s / steps for name, s in laps.seconds.items()},
             "ddp_step_s": ddp["step_time_s"], "ddp_world_size": ddp["world_size"],

@@ -1,6 +1,9 @@
 """The plain PyTorch training loop and evaluation, as notebook 01 writes them out.
 
     history = train.fit(model, train_loader, test_loader, epochs=2, lr=0.05, device=env.device)
+    loss, logits = train.train_step(model, optimizer, x, y)   # one step on one batch, as the benchmarks time it
+    with train.seeded(0, env.device):                         # the same weights every run, the caller's stream kept
+        model = models.get_model("small_cnn")
 
 With a DistributedSampler in the loader (`data.make_loader(..., env=env)`) and a DDP-wrapped
 model the same loop is data-parallel training; `evaluate` then averages over all ranks. In
@@ -10,6 +13,7 @@ JupyterLab each epoch shows a progress bar; in a batch job, a line every $WORKSH
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as tdist
@@ -25,6 +29,30 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_de
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+@contextmanager
+def seeded(seed: int, device="cpu"):
+    """torch's random streams seeded with `seed` inside the block and as they were after it: the same initial weights
+    (and data) in every run, while the caller's stream (the CPU's, and `device`'s on a GPU) goes on untouched."""
+    with torch.random.fork_rng(devices=[torch.device(device)] if device_type(device) == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def train_step(model: nn.Module, optimizer, x, y, check_at: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on a batch: forward, loss, backward, optimizer step. Returns the loss and the logits (B, classes),
+    detached. With `check_at` (the step's index) a loss that is not finite on any rank stops training before it
+    updates the weights (`check.stop_if_diverged`: one scalar all-reduce and a wait for the GPU, so a timed
+    benchmark leaves it out)."""
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(x)  # (B, num_classes)
+    loss = F.cross_entropy(logits, y)
+    if check_at is not None:
+        check.stop_if_diverged(loss, check_at, optimizer.param_groups[0]["lr"])  # before a NaN step
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 def train_epoch(model: nn.Module, loader, optimizer, device, epoch: int = 0) -> dict:
     """One pass over `loader`: forward, loss, backward, step. Returns this rank's mean loss,
     accuracy, sample count and seconds."""
@@ -36,12 +64,7 @@ def train_epoch(model: nn.Module, loader, optimizer, device, epoch: int = 0) -> 
     steps = progress(loader, desc=f"epoch {epoch}")  # a bar in JupyterLab, a line every N steps in a batch job
     for i, (x, y) in enumerate(steps):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(x)  # (B, num_classes)
-        loss = F.cross_entropy(logits, y)
-        check.stop_if_diverged(loss, epoch * len(loader) + i, optimizer.param_groups[0]["lr"])  # before a NaN step
-        loss.backward()
-        optimizer.step()
+        loss, logits = train_step(model, optimizer, x, y, check_at=epoch * len(loader) + i)
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)

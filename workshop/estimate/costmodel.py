@@ -4,7 +4,7 @@
     python -m workshop.estimate.costmodel placements 70B --gpus 512 --gpu h100       # every dp x tp x pp
     python -m workshop.estimate.costmodel validate --out docs/results                # against published scaling
 
-The model itself, one module per part of `workshop.estimate`: `collectives` (alpha-beta links, a two-level cluster,
+The model itself, one module per part of `workshop.estimate`: `network` (alpha-beta links, a two-level cluster,
 the collectives' formulas and their calibration), `steps` (DDP, FSDP and tensor-parallel step times; memory per
 GPU from `planner`), `projection` (weak scaling to 4096 GPUs), `placements` (pipeline stages and dp x tp x pp),
 `published` (the results it is held to). `python -m workshop.measure.costcheck` holds it against measured steps.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from workshop.base.params import positive
 from workshop.estimate import planner
-from workshop.estimate.collectives import GPUS
+from workshop.estimate.network import GPUS
 from workshop.estimate.placements import GLOBAL_BATCH, SEQ_LEN, format_placements, placements
 from workshop.estimate.projection import format_projection, project
 from workshop.estimate.published import validate, validation_markdown

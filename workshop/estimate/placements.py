@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from workshop.base import hardware
 from workshop.base.tables import gib
 from workshop.estimate import planner
-from workshop.estimate.collectives import GPUS, AlphaBeta, Cluster, gpu_cluster
+from workshop.estimate.network import GPUS, AlphaBeta, Cluster, gpu_cluster
 from workshop.estimate.steps import Workload, ddp_step, fsdp_step, tp_comm
 
 

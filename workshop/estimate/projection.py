@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from workshop.base import hardware
 from workshop.base.tables import gib, table
-from workshop.estimate.collectives import GPUS, Cluster, gpu_cluster, only
+from workshop.estimate.network import GPUS, Cluster, gpu_cluster, only
 from workshop.estimate.steps import STRATEGIES, Workload, ddp_step, fsdp_step, memory_per_gpu, tp_comm
 
 DEVICES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)

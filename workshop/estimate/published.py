@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workshop.estimate.collectives import LINKS, Cluster, gpu_cluster, shared
+from workshop.estimate.network import LINKS, Cluster, gpu_cluster, shared
 from workshop.estimate.steps import BACKWARD_SHARE, DDP_BUCKET_BYTES, Workload, ddp_step, fsdp_step, tp_comm
 
 

@@ -1,4 +1,4 @@
-"""The step time of DDP, FSDP and tensor parallelism on a two-level cluster (`workshop.estimate.collectives` prices
+"""The step time of DDP, FSDP and tensor parallelism on a two-level cluster (`workshop.estimate.network` prices
 the collectives), what a step computes (`Workload`), and the memory per GPU of each strategy.
 
 Step time of one optimizer step per GPU, `compute_s` the forward, backward and optimizer step of its micro
@@ -18,7 +18,7 @@ batch with no communication, backward = 2/3 of it (2N FLOPs per token forward, 4
            per layer in forward, 2 in backward, 2 more when activations are recomputed; on the critical path
            (the next matmul needs them), inside a node. TP x FSDP: TP inside the node, FSDP across.
 
-    steps.ddp_step(compute_s=0.05, grad_bytes=4 * 25_600_000, world_size=8, link=collectives.get_link("ib-ndr-400"))
+    steps.ddp_step(compute_s=0.05, grad_bytes=4 * 25_600_000, world_size=8, link=network.get_link("ib-ndr-400"))
     steps.memory_per_gpu(steps.Workload.from_size("7B"), "fsdp", devices=64, micro_batch_size=4)["total"]
 """
 
@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 
 from workshop.estimate import planner
-from workshop.estimate.collectives import AlphaBeta, Cluster, all_gather, all_reduce, reduce_scatter
+from workshop.estimate.network import AlphaBeta, Cluster, all_gather, all_reduce, reduce_scatter
 
 BACKWARD_SHARE = 2 / 3  # backward: 4N of the 6N FLOPs per token (Kaplan et al. 2020)
 DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's bucket_cap_mb=25

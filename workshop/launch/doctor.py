@@ -41,7 +41,7 @@ from workshop import dist
 from workshop.base.hardware import device_type
 from workshop.base.params import positive
 from workshop.dist import DistEnv
-from workshop.measure import bench, metrics
+from workshop.measure import collectives, metrics
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NO_GROUP = 0, 1, 2, 3
 _PATTERN = 1024  # element i of every rank's tensor holds (rank + 1) + i % _PATTERN: a misplaced chunk shows
@@ -280,10 +280,10 @@ def check_allreduce(env: DistEnv, nbytes: int, repeats: int = 5) -> dict:
     tdist.all_gather_object(every, (exact, times[1:]))
     slowest = [max(rank_times[i] for _, rank_times in every) for i in range(repeats)]
     time_s = min(slowest)
-    alg = bench.algbw(n * 4, time_s)
+    alg = collectives.algbw(n * 4, time_s)
     inexact = [r for r, (ok, _) in enumerate(every) if not ok]
     return {"bytes": n * 4, "exact": not inexact, "inexact_ranks": inexact, "time_s": time_s, "algbw_GBps": alg,
-            "busbw_GBps": bench.busbw(alg, w)}
+            "busbw_GBps": collectives.busbw(alg, w)}
 
 
 def format_table(reports: list[Report]) -> str:

@@ -1,3 +1,5 @@
 """Measurement: timing, peak memory and a run's record (metrics), loggers (tracking), bytes per rank measured
-(memory), single-device variants (perf), benchmarks without a notebook (bench), the cost model against measured
-steps (costcheck), records to tables and plots (report)."""
+(memory), FLOPs and MFU (flops), the profiler (profiler), single-device variants (perf), collectives timed
+(collectives), training steps timed across ranks (throughput), the benchmarks' command line (bench), the cost model
+against measured steps (costcheck), records to
+tables (report) and plots (report_plots)."""

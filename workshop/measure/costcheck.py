@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from workshop.base.runs import display_path
-from workshop.estimate.collectives import COLLECTIVES, AlphaBeta, calibrate, fit_error
+from workshop.estimate.network import COLLECTIVES, AlphaBeta, calibrate, fit_error
 from workshop.estimate.steps import ddp_step, fsdp_step
 from workshop.measure import report
 

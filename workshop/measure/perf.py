@@ -11,23 +11,22 @@ Each variant adds one change to the ones before it in the list (notebook 02 show
                      (as the fastest CIFAR-10 trainers do: github.com/KellerJordan/cifar10-airbench)
 
 Every variant trains a fresh model (same seed) on the same images with the same augmentation (random crop
-with 4 pixels of reflect padding, random horizontal flip): in the DataLoader one image at a time, in
-`resident` a batch at a time on the device.
+with 4 pixels of reflect padding, random horizontal flip; `workshop.data.augment_batch`): in the DataLoader one
+image at a time, in `resident` a batch at a time on the device.
 
     rows = perf.run_variants("resnet18", batch_size=512, steps=50, warmup=5, variants=perf.VARIANTS, env=env)
     print(perf.format_variants(rows))
     perf.plot_speedups(rows)
+    metrics.write_record(run, notebook="02_single_device_performance", params=params, results=perf.results(rows))
 
 From the command line (prints the table, writes a record): `python -m workshop.measure.bench single --model resnet18`.
 
-MFU (model FLOPs utilisation, PaLM, Chowdhery et al. 2022, appendix B): the FLOPs of the model's training step,
-counted by torch.utils.flop_counter, times steps per second, over the device's peak FLOP/s for the dtype the
-step computes in. On CPU there is no peak to divide by here: MFU is left empty.
+Each row's MFU (model FLOPs utilisation) divides the step's counted FLOPs by the device's peak: see
+workshop.measure.flops. On CPU there is no peak to divide by: MFU is left empty.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 import math
 import os
@@ -35,15 +34,16 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader
 
-from workshop.base import hardware
 from workshop.base.hardware import device_type
-from workshop.data import CIFAR_MEAN, CIFAR_STD, ImageTensors, get_dataset
+from workshop.base.tables import gib, table
+from workshop.data import CIFAR_MEAN, CIFAR_STD, PAD, AugmentedImages, augment_batch, load_images
 from workshop.dist import DistEnv, get_env
 from workshop.measure import metrics
+from workshop.measure.flops import count_step_flops, gpu_peak
 from workshop.models import count_parameters, get_model
+from workshop.train import seeded
 
 VARIANTS = ("naive", "workers", "bf16", "channels_last", "compile", "resident")
 CHANGES = {
@@ -54,9 +54,6 @@ CHANGES = {
     "compile": "+ torch.compile(model)",
     "resident": "+ data set on the device, augmented there in batches, no DataLoader",
 }
-PAD = 4  # pixels of padding for the random crop, as in the usual CIFAR-10 recipe
-
-_MEASURED: dict = {}  # (device name, dtype) -> FLOP/s of a measured matmul, for GPUs not in the table
 
 
 @dataclass(frozen=True)
@@ -132,63 +129,11 @@ def variant_setups(variants, device: str, num_workers: int) -> list[Setup]:
     return setups
 
 
-# --- data -------------------------------------------------------------------------------------------
-
-def augment_draws(batch_size: int, pad: int = PAD, device="cpu", generator: torch.Generator | None = None):
-    """The random choices of `augment_batch`, in its order: crop offsets dy, dx (B,) in [0, 2 pad] into the padded
-    image, and a flip (B,) bool per image. Drawn again from a generator seeded alike, they say what it did."""
-    dy = torch.randint(0, 2 * pad + 1, (batch_size,), device=device, generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (batch_size,), device=device, generator=generator)
-    flip = torch.rand(batch_size, device=device, generator=generator) < 0.5
-    return dy, dx, flip
-
-
-def augment_batch(images: torch.Tensor, pad: int = PAD, generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W), randomly cropped from the image padded by
-    `pad` pixels (reflect) and flipped left-right with probability 1/2: a batch at once, on the images' device."""
-    B, C, H, W = images.shape
-    dev = images.device
-    mean = torch.tensor(CIFAR_MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=dev).view(1, 3, 1, 1)
-    x = (images.float() / 255 - mean) / std
-    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (B, 3, H + 2 pad, W + 2 pad)
-    dy, dx, flip = augment_draws(B, pad, dev, generator)  # crop offsets and a flip, one per image
-    rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, None, :]  # (B, 1, 1, W)
-    x = x[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None], rows, cols]
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, 3, H, W)
-
-
-class AugmentedImages(ImageTensors):
-    """The DataLoader's data set: the augmentation of `augment_batch`, one image at a time (a slice of the padded
-    image, as torchvision's RandomCrop does), in the process that loads it."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, pad: int = PAD):
-        super().__init__(images, labels)
-        self.pad = pad
-
-    def __getitem__(self, i):
-        x, label = super().__getitem__(i)  # normalised (3, H, W)
-        _, H, W = x.shape
-        x = F.pad(x[None], (self.pad,) * 4, mode="reflect")[0]  # (3, H + 2 pad, W + 2 pad)
-        dy, dx = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
-        x = x[:, dy:dy + H, dx:dx + W]
-        return (x.flip(-1) if torch.rand(()) < 0.5 else x), label
-
-
-def load_images(dataset: str, num_samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """uint8 images (N, 3, 32, 32), labels (N,) and the data set's name: `num_samples` synthetic ones, or a
-    staged CIFAR-10 (all of it) for "cifar10", or "auto" (CIFAR-10 where staged)."""
-    train, _, info = get_dataset(dataset, num_train=num_samples, num_test=1, seed=seed)
-    if not isinstance(train, ImageTensors):
-        raise ValueError(f"data set {dataset!r}: the variants need images held in memory (synthetic or cifar10)")
-    return train.images, train.labels, info.name
-
-
 # --- one variant --------------------------------------------------------------------------------------
 
 def train_step(model, optimizer, x, y, amp_dtype: torch.dtype | None = None, scaler=None) -> torch.Tensor:
-    """One SGD step; under autocast the convolutions and matmuls run in `amp_dtype`, the loss in float32."""
+    """One SGD step; under autocast the convolutions and matmuls run in `amp_dtype`, the loss in float32.
+    workshop.train's step with autocast and a GradScaler (the precision variants), returning the loss alone."""
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = F.cross_entropy(model(x), y)
@@ -210,8 +155,8 @@ class VariantRun:
         if len(labels) < batch_size:
             raise ValueError(f"{len(labels)} images are fewer than one batch of {batch_size}")
         self.setup, self.batch_size, self.device = setup, batch_size, torch.device(device)
-        torch.manual_seed(seed)
-        model = get_model(model_name).to(self.device)
+        with seeded(seed, device):  # the same weights in every variant; the caller's random stream untouched
+            model = get_model(model_name).to(self.device)
         if setup.channels_last:
             model = model.to(memory_format=torch.channels_last)  # the weights in NHWC too
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -247,87 +192,28 @@ class VariantRun:
         return train_step(self.model, self.optimizer, x, y, self.amp_dtype, self.scaler)
 
 
-def count_step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, backward: bool = True) -> int:
-    """FLOPs of one training step (forward, loss, backward) of `model` on (x, y), counted by
-    torch.utils.flop_counter.FlopCounterMode on a copy of the model (its weights and BatchNorm statistics stay
-    as they are). Matmuls and convolutions count 2 FLOPs per multiply-add; elementwise work counts 0. The
-    backward computes two products per layer (gradients of the input and of the weight), so a step is about 3x
-    the forward; the first layer needs no input gradient. backward=False: the forward alone."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = copy.deepcopy(model)
-    with FlopCounterMode(display=False) as counter:
-        loss = F.cross_entropy(model(x), y)
-        if backward:
-            loss.backward()
-    return int(counter.get_total_flops())
-
-
-def _dtype_key(dtype) -> str:
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-
-
-def measured_matmul_flops(device, dtype=torch.bfloat16, n: int = 8192, iters: int = 10) -> float:
-    """FLOP/s of an n x n matmul in `dtype` on `device`: a practical peak for a GPU not in hardware.GPU_PEAK_TFLOPS."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    with metrics.Timer(device) as t:
-        for _ in range(iters):
-            a @ b
-    return 2 * n**3 * iters / t.elapsed
-
-
-def gpu_peak(device, dtype) -> tuple[float | None, str]:
-    """(peak FLOP/s for `dtype` on `device`, where the number comes from). CPU: (None, why)."""
-    if device_type(device) != "cuda":
-        return None, "CPU: no peak FLOP/s known here, MFU not meaningful"
-    name = torch.cuda.get_device_name(torch.device(device))
-    key = _dtype_key(dtype)
-    for part, peaks in hardware.GPU_PEAK_TFLOPS.items():
-        if part in name:
-            if key == "fp32" and torch.backends.cudnn.allow_tf32 and "tf32" in peaks:
-                key = "tf32"  # float32 convolutions run on the tensor cores in TF32
-            if key == "bf16" and key not in peaks:
-                key = "fp16"
-            if key not in peaks:  # a rate the data sheet does not give: measured below
-                break
-            return peaks[key] * 1e12, f"{name}: {key} dense {peaks[key]:g} TFLOP/s (data sheet)"
-    if (name, key) not in _MEASURED:
-        _MEASURED[name, key] = measured_matmul_flops(device, {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                                               "fp16": torch.float16}[key])
-    flops = _MEASURED[name, key]
-    return flops, f"{name}: {key} {flops / 1e12:.0f} TFLOP/s (measured 8192^3 matmul; not in the data-sheet table)"
-
-
-def peak_flops(device, dtype=torch.bfloat16) -> float | None:
-    """Peak FLOP/s of `device` for `dtype` (see hardware.GPU_PEAK_TFLOPS; a measured matmul for other GPUs); None on CPU."""
-    return gpu_peak(device, dtype)[0]
-
-
 def run_variant(setup: Setup, model_name: str, images, labels, batch_size: int, steps: int, warmup: int, device: str,
                 seed: int = 0) -> dict:
     """Time `steps` training steps (data loading included) after `warmup` untimed ones; the first step is timed
-    on its own: with torch.compile it holds the compilation. Peak memory over the whole variant."""
+    on its own: with torch.compile it holds the compilation. Peak memory over the whole variant. Its random draws
+    (the weights, augmentation in this process) come from `seed`, the same in every variant, in a stream of its own."""
     if warmup < 1:
         raise ValueError("warmup must be at least 1: the first step compiles, picks kernels and starts the workers")
     gc.collect()
     if device_type(device) == "cuda":
         torch.cuda.empty_cache()
     metrics.reset_peak_memory(device)
-    run = VariantRun(setup, model_name, images, labels, batch_size, device, seed=seed)
-    batches = run.batches()
-    with metrics.Timer(device) as first:
-        run.step(*next(batches))
-    with metrics.Timer(device) as rest:
-        for _ in range(warmup - 1):
+    with seeded(seed, device):
+        run = VariantRun(setup, model_name, images, labels, batch_size, device, seed=seed)
+        batches = run.batches()
+        with metrics.Timer(device) as first:
             run.step(*next(batches))
-    with metrics.Timer(device) as t:
-        for _ in range(steps):
-            loss = run.step(*next(batches))
+        with metrics.Timer(device) as rest:
+            for _ in range(warmup - 1):
+                run.step(*next(batches))
+        with metrics.Timer(device) as t:
+            for _ in range(steps):
+                loss = run.step(*next(batches))
     result = {
         "time_s": t.elapsed,
         "step_time_s": t.elapsed / steps,
@@ -366,10 +252,10 @@ def run_variants(model_name: str, batch_size: int, steps: int, warmup: int, vari
     setups = variant_setups(variants, device, num_workers)
     images, labels, data_name = data or load_images(dataset, num_samples or batch_size * (warmup + steps), seed)
 
-    torch.manual_seed(seed)
-    model = get_model(model_name).to(device)
+    with seeded(seed, device):
+        model = get_model(model_name).to(device)
+        xb = augment_batch(images[:batch_size]).to(device)
     parameters = count_parameters(model)
-    xb = augment_batch(images[:batch_size]).to(device)
     flops = count_step_flops(model, xb, labels[:batch_size].to(device))  # the same in every variant
     del model, xb
 
@@ -408,6 +294,13 @@ def run_variants(model_name: str, batch_size: int, steps: int, warmup: int, vari
     return rows
 
 
+def results(rows: list[dict], **extra) -> dict:
+    """A record's results for the rows of `run_variants`: every row, the fastest variant, `extra` (notebook 02: the
+    FLOPs of a step, the trace files), and the measured rows in the keys workshop.measure.report reads (notebook 12)."""
+    best = best_variant(rows)
+    return {"rows": rows, "best": best["variant"] if best else None, **extra, "measurements": report_measurements(rows)}
+
+
 def report_measurements(rows: list[dict]) -> list[dict]:
     """The measured variants in the keys of workshop.measure.report: one device each, strategy "single",
     speedups taken against the baseline variant (naive, where it ran)."""
@@ -439,16 +332,12 @@ def format_variants(rows: list[dict]) -> str:
         f"{r0['model']} ({r0['parameters']:,} parameters), batch {r0['batch_size']}, {r0['steps']} timed steps after "
         f"{r0['warmup']} warm-up, {r0['data']} data, on {r0['device']}; {r0['flops_per_step'] / 1e9:.2f} GFLOP per "
         "training step",
-        f"{'variant':14s} {'samples/s':>10} {'speedup':>8} {'step (ms)':>10} {'1st step (s)':>13} {'peak memory':>12} "
-        f"{'MFU':>6}",
+        table(["variant", "samples/s", "speedup", "step (ms)", "1st step (s)", "peak memory", "MFU"],
+              [[r["variant"], "skipped"] if r["status"] != "ok" else
+               [r["variant"], f"{r['samples_per_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['step_time_s'] * 1e3:.2f}",
+                f"{r['first_step_s']:.2f}", gib(r["peak_memory_bytes"], 2), f"{r['mfu']:.1%}" if r["mfu"] is not None else ""]
+               for r in rows], align="lrrrrrr"),
     ]
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"{r['variant']:14s} {'skipped':>10}")
-            continue
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else ""
-        lines.append(f"{r['variant']:14s} {r['samples_per_s']:10.0f} {r['speedup']:7.2f}x {r['step_time_s'] * 1e3:10.2f} "
-                     f"{r['first_step_s']:13.2f} {metrics.fmt_bytes(r['peak_memory_bytes']):>12} {mfu:>6}")
     baseline = r0.get("baseline")
     lines.append(f"speedup: samples/s over {baseline}'s." + (
         " peak memory: torch.cuda.max_memory_allocated over each variant." if on_cuda else
@@ -461,14 +350,15 @@ def format_variants(rows: list[dict]) -> str:
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"{r['variant']} skipped: {r['reason']}")
-    lines.append("each variant adds its change to those above it:")
+    changes = []
     for r in rows:
         extra = (f" ({r['num_workers']} workers" + ("" if r["pin_memory"] else "; no pinning: no GPU to copy to") + ")"
                  if r["variant"] == "workers" else "")
         extra = f" ({r['amp_dtype']})" if r["variant"] == "bf16" else extra
         if r.get("without") and r["status"] == "ok":
             extra += f"; without {', '.join(r['without'])} (skipped)"
-        lines.append(f"  {r['variant']:14s} {r['changes']}{extra}")
+        changes.append([r["variant"], r["changes"] + extra])
+    lines += ["each variant adds its change to those above it:", table(None, changes, align="ll", indent="  ")]
     return "\n".join(lines)
 
 
@@ -517,43 +407,6 @@ def plot_augmentation(images: torch.Tensor, augmented: torch.Tensor, dy, dx, fli
     axes[0, 0].text(-0.15, 0.5, f"stored,\npadded {pad}", transform=axes[0, 0].transAxes, ha="right", va="center", fontsize=8)
     axes[1, 0].text(-0.15, 0.5, "augmented", transform=axes[1, 0].transAxes, ha="right", va="center", fontsize=8)
     return fig
-
-
-# --- the profiler ----------------------------------------------------------------------------------------
-
-def profiler(device: str, **kwargs):
-    """torch.profiler.profile recording the CPU, and CUDA kernels on a GPU. On a machine without GPUs, Kineto (the
-    profiler's C++ library) prints "USDT ... profiler_start/stop" lines and "ERROR ... gpuGetDeviceCount failed
-    with code 35" (it probes for GPUs that are not there) to the process's stderr, at every recording: below its
-    log level 6 they reach the notebook. KINETO_LOG_LEVEL is read when Kineto starts, at the first recording, so it
-    is set here, once, unless already set (pytorch/pytorch#83383, "PyTorch profiler is spammy"; torchtitan sets it
-    too, pytorch/torchtitan#136). On a GPU Kineto's own level stays: its errors there (CUPTI) matter."""
-    from torch.profiler import ProfilerActivity, profile
-
-    on_cuda = device_type(device) == "cuda"
-    if not on_cuda:
-        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above USDT (5) and ERROR (4): nothing
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    return profile(activities=activities, **kwargs)
-
-
-def profile_table(prof, row_limit: int = 8, name_width: int = 44) -> str:
-    """The operators that took the most time of their own (on the GPU where it ran, else on the CPU), in a table
-    about 80 characters wide: name, self time and its share, total time (with the operators it called), calls.
-    torch's own `key_averages().table()` has more columns than a notebook's width and wraps there."""
-    events = prof.key_averages()
-    on_gpu = any(getattr(e, "self_device_time_total", 0) > 0 for e in events)
-    self_time = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
-    total_time = (lambda e: e.device_time_total) if on_gpu else (lambda e: e.cpu_time_total)
-    where = "GPU" if on_gpu else "CPU"
-    total = sum(self_time(e) for e in events) or 1.0
-    lines = [f"{'operator':{name_width}s} {'self ' + where + ' ms':>12} {'share':>6} {'total ms':>9} {'calls':>6}"]
-    for e in sorted(events, key=self_time, reverse=True)[:row_limit]:
-        name = e.key if len(e.key) <= name_width else e.key[:name_width - 3] + "..."
-        lines.append(f"{name:{name_width}s} {self_time(e) / 1e3:12.2f} {self_time(e) / total:6.1%} "
-                     f"{total_time(e) / 1e3:9.2f} {e.count:6d}")
-    lines.append(f"{'all operators, over the recorded steps':{name_width}s} {total / 1e3:12.2f} {1:6.1%}")
-    return "\n".join(lines)
 
 
 # --- what the rows say ------------------------------------------------------------------------------------
@@ -633,16 +486,3 @@ def read_variants(rows: list[dict], noise: float = 0.1) -> str:
 
 def _before(measured: list[dict], row: dict) -> dict:
     return measured[measured.index(row) - 1]
-
-
-# --- the record -------------------------------------------------------------------------------------------
-
-def write_record(run, params: dict, rows: list[dict], flops_per_step: int, traces=(), env: DistEnv | None = None):
-    """Write the run's record.json (rank 0; others get None): the parameters, every row, the fastest variant, the
-    FLOPs of a step, the trace files, and the measured rows in the keys workshop.measure.report reads (notebook 12)."""
-    best = best_variant(rows)
-    results = {"rows": rows, "best": best["variant"] if best else None, "flops_per_step": flops_per_step,
-               "traces": sorted(traces), "measurements": report_measurements(rows)}
-    return metrics.write_record(run, notebook="02_single_device_performance", params=params, results=results, env=env,
-                                samples_per_s=best["samples_per_s"] if best else None,
-                                peak_memory_bytes=best["peak_memory_bytes"] if best else None)

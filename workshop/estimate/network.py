@@ -1,4 +1,5 @@
-"""Collectives on a two-level cluster, priced with alpha and beta, and the fit of alpha and beta to measured times.
+"""The network: links and a two-level cluster, collectives on them priced with alpha and beta, and the fit of alpha
+and beta to measured times.
 
 A message of n bytes over one link takes alpha + n * beta seconds: alpha the latency of a step (seconds), beta
 the inverse of the link's bandwidth (seconds per byte). A cluster has two levels: `per_node` GPUs joined by a
@@ -22,8 +23,8 @@ scale, as NCCL's tuner does: the ring for large messages on few nodes, the tree 
 linear in p, takes over (2(p-1) hops: on 4096 H100 of LINKS, 30 ms per operation against 0.2 ms for the tree).
 Inside one node (N = 1) it is the ring. On one link (an AlphaBeta) these are the plain ring formulas.
 
-    collectives.all_reduce(100e6, 16, collectives.gpu_cluster("h100"))   # seconds, on 2 nodes of 8 H100
-    collectives.calibrate(rows)          # AlphaBeta(alpha=..., beta=...) from rows {bytes, time_s, world_size}
+    network.all_reduce(100e6, 16, network.gpu_cluster("h100"))   # seconds, on 2 nodes of 8 H100
+    network.calibrate(rows)          # AlphaBeta(alpha=..., beta=...) from rows {bytes, time_s, world_size}
 """
 
 from __future__ import annotations
