@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, run_notebook
 from workshop import data
-from workshop.launch import runner
+from workshop.launch import options
 from workshop.measure import perf
 
 NB = REPO / "notebooks" / "02_single_device_performance.ipynb"
@@ -46,7 +46,7 @@ def test_02_records_every_variant_and_writes_traces(runs):
 
 def test_gpu_parameters_file_names_only_parameters_of_the_notebook(monkeypatch):
     monkeypatch.setenv("WORKSHOP_ALLOW_CPU", "1")  # the names are checked here, not whether a GPU is
-    runner.check_notebook(NB, ["-f", str(PARAMS)])  # raises RunError on a name the notebook does not have
+    options.check_notebook(NB, ["-f", str(PARAMS)])  # raises RunError on a name the notebook does not have
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_notebook
-from workshop.launch import runner, slurm
+from workshop.launch import options, ranks, slurm
 
 PROBE = "tests/notebooks/probe.ipynb"
 
@@ -24,11 +24,11 @@ def test_rank_environment_is_node_local_and_batch(monkeypatch, tmp_path):
     monkeypatch.setenv("JPY_SESSION_NAME", "/home/student/workshop/notebooks/05_ddp.ipynb")
     monkeypatch.delenv("WORKSHOP_PROGRESS", raising=False)
     monkeypatch.delenv("WORKSHOP_LOG_EVERY", raising=False)
-    env, tmp = runner._rank_environment(tmp_path / "run", 3)
+    env, tmp = ranks._rank_environment(tmp_path / "run", 3)
     assert tmp.parent == tmp_path / "local" and "rank3" in tmp.name
     for key in ("JUPYTER_RUNTIME_DIR", "IPYTHONDIR"):
         assert Path(env[key]).parent == tmp
-    spec = json.loads((tmp / "jupyter" / "kernels" / runner.KERNEL / "kernel.json").read_text())
+    spec = json.loads((tmp / "jupyter" / "kernels" / ranks.KERNEL / "kernel.json").read_text())
     assert spec["argv"][0] == sys.executable  # this environment, whatever kernels are registered
     assert env["JUPYTER_PATH"].split(os.pathsep)[0] == str(tmp / "jupyter")
     assert "JPY_SESSION_NAME" not in env and env["WORKSHOP_PROGRESS"] == "log" and env["WORKSHOP_LOG_EVERY"] == "50"
@@ -68,7 +68,7 @@ def test_parameters_keep_their_python_types():
                                  "sizes": [1, 2]}) == [
         "-r", "link", "ib-ndr-400", "-p", "steps", "8", "-p", "lr", "0.05", "-p", "submit", "False",
         "-p", "seed", "None", "-y", '{"sizes": [1, 2]}']
-    assert runner.parameter_values(slurm.papermill_args({"a": "x", "b": 1, "c": {"d": 1}})) == {"a": "x", "b": 1, "c": {"d": 1}}
+    assert options.parameter_values(slurm.papermill_args({"a": "x", "b": 1, "c": {"d": 1}})) == {"a": "x", "b": 1, "c": {"d": 1}}
 
 
 def test_sbatch_command_is_relative_to_the_repository():

@@ -50,10 +50,10 @@ def test_notebook_01_on_two_local_ranks(runs):
 
 
 def test_a_kernel_gets_unix_sockets_that_fit_in_a_socket_path(tmp_path):
-    from workshop.launch import runner
+    from workshop.launch import ranks
 
-    assert runner.kernel_sockets(tmp_path) == str(tmp_path / "kernel")
-    assert runner.kernel_sockets(tmp_path / ("x" * runner.MAX_SOCKET_PATH)) is None  # too long: TCP on localhost
+    assert ranks.kernel_sockets(tmp_path) == str(tmp_path / "kernel")
+    assert ranks.kernel_sockets(tmp_path / ("x" * ranks.MAX_SOCKET_PATH)) is None  # too long: TCP on localhost
 
 
 def test_two_runs_of_one_notebook_never_share_a_folder(runs):
@@ -93,8 +93,8 @@ def test_help_shows_the_header():
 def test_the_launcher_imports_no_torch(runs):
     """The launcher answers in a fraction of a second: it checks a notebook and its parameters, and makes
     a run folder, without torch or papermill (each takes seconds to import)."""
-    code = ("import sys; from workshop.launch import runner, slurm; "
-            f"print(runner.prepare({NB01!r}, '2', ['-p', 'epochs', '1'])); "
+    code = ("import sys; from workshop.launch import rundir, runner, slurm; "
+            f"print(rundir.prepare({NB01!r}, 2, ['-p', 'epochs', '1'])); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'papermill', 'nbformat', 'lightning'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                          env={**os.environ, "WORKSHOP_RUNS": str(runs)})

@@ -1,14 +1,17 @@
-"""workshop.launch.runner without processes: which folder a requeued job continues in, what a resumed run
+"""The launcher's run folders and ranks without processes: which folder a requeued job continues in, what a resumed run
 keeps, what a run folder may hold of the environment, and the process tree a rank stops."""
 
 import json
+import re
 import subprocess
 import time
 
 import pytest
 
 from conftest import REPO
-from workshop.launch import runner
+from workshop.base import runs
+from workshop.base.runs import RunError
+from workshop.launch import ranks, rundir, runner
 
 NB = REPO / "tests" / "notebooks" / "fail_on_rank.ipynb"
 
@@ -20,7 +23,7 @@ def make_run(root, name, status=None, args=()):
     (run / "logs" / "rank0.log").write_text("first attempt\n")
     (run / "fail_on_rank.ipynb").write_text("{}")
     if status:
-        (run / "record.json").write_text(json.dumps({"status": status}))
+        (run / "record.json").write_text(json.dumps({"notebook": "fail_on_rank", "status": status}))
     return run
 
 
@@ -30,30 +33,30 @@ def test_a_requeued_job_continues_in_its_unfinished_folder(tmp_path, monkeypatch
     unfinished = make_run(tmp_path, "job42-fail_on_rank-2", "interrupted")
     make_run(tmp_path, "job43-fail_on_rank", "interrupted")
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    assert runner.requeued_run(NB, tmp_path) is None  # the first start of job 42
+    assert rundir.requeued_run(NB, tmp_path) is None  # the first start of job 42
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert runner.requeued_run(NB, tmp_path) == unfinished
+    assert rundir.requeued_run(NB, tmp_path) == unfinished
     (unfinished / "record.json").unlink()  # killed before it wrote a record (a node failed)
-    assert runner.requeued_run(NB, tmp_path) == unfinished
+    assert rundir.requeued_run(NB, tmp_path) == unfinished
 
 
 def test_resuming_moves_the_earlier_attempt_aside_and_keeps_checkpoints(tmp_path):
     run = make_run(tmp_path, "r", "interrupted", ["-p", "steps", "2"])
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "step1.pt").write_text("x")
-    assert runner.reuse_run_dir(run, NB, ["-p", "steps", "2"]) == run.resolve()
+    assert rundir.reuse_run_dir(run, NB, ["-p", "steps", "2"]) == run.resolve()
     assert (run / "attempt1" / "logs" / "rank0.log").read_text() == "first attempt\n"
     assert json.loads((run / "attempt1" / "record.json").read_text())["status"] == "interrupted"
     assert not (run / "record.json").exists() and (run / "checkpoints" / "step1.pt").exists()
     assert json.loads((run / "run.json").read_text())["attempts"] == 2
-    with pytest.raises(runner.RunError, match="was started with the parameters -p steps 2, not -p steps 3"):
-        runner.reuse_run_dir(run, NB, ["-p", "steps", "3"])
+    with pytest.raises(RunError, match="was started with the parameters -p steps 2, not -p steps 3"):
+        rundir.reuse_run_dir(run, NB, ["-p", "steps", "3"])
 
 
 def test_only_launcher_and_workshop_variables_and_no_secrets():
     env = {"SLURM_JOB_ID": "7", "WORKSHOP_RUNS": "r", "RANK": "0", "MASTER_ADDR": "n1", "HOME": "/home/x",
            "GITHUB_TOKEN": "t", "WORKSHOP_API_KEY": "k", "SLURM_AUTH": "a", "AWS_SECRET_ACCESS_KEY": "s", "PASSWORD": "p"}
-    assert runner.safe_environment(env) == {"MASTER_ADDR": "n1", "RANK": "0", "SLURM_JOB_ID": "7", "WORKSHOP_RUNS": "r"}
+    assert rundir.safe_environment(env) == {"MASTER_ADDR": "n1", "RANK": "0", "SLURM_JOB_ID": "7", "WORKSHOP_RUNS": "r"}
 
 
 @pytest.mark.parametrize("env, threads", [
@@ -67,16 +70,47 @@ def test_only_launcher_and_workshop_variables_and_no_secrets():
       "SLURM_NODEID": "2"}, "32"),  # the third node runs 2 of the step's tasks
 ])
 def test_a_slurm_task_runs_its_share_of_the_cpus_as_threads(env, threads):
-    assert runner.slurm_threads(env) == threads
+    assert ranks.slurm_threads(env) == threads
 
 
 def test_terminate_tree_reaches_a_grandchild_in_its_own_session():
     # like papermill's kernel: started in a session of its own, out of reach of a process-group signal
     parent = subprocess.Popen(["bash", "-c", "setsid sleep 300 & wait"])
     time.sleep(0.5)
-    kids = runner.descendants(parent.pid)
+    kids = ranks.descendants(parent.pid)
     assert kids
-    runner.terminate_tree(parent.pid, grace_s=5)
+    ranks.terminate_tree(parent.pid, grace_s=5)
     parent.wait(timeout=10)
     for kid in kids:
         assert not kid.is_running() or kid.status() == "zombie"
+
+
+def test_run_folders_are_named_once_and_found_by_notebook_and_job(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKSHOP_RUNS", str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    assert runs.new_run_dir("05_ddp").name == "job42-05_ddp" and runs.new_run_dir("05_ddp").name == "job42-05_ddp-2"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    timed = runs.new_run_dir("05_ddp")
+    assert re.fullmatch(runs.TIME_PATTERN + "-05_ddp", timed.name)
+    assert runs.run_name("05_ddp", started="abc") == "abc-05_ddp"
+    (tmp_path / f"sweep-{timed.name}").mkdir()  # a sweep's folder, named after a run's: not a run
+    (tmp_path / "job42-05_ddp_other").mkdir()  # another notebook
+    assert [p.name for p in runs.find_runs("05_ddp")] == sorted([timed.name, "job42-05_ddp", "job42-05_ddp-2"])
+    assert [p.name for p in runs.find_runs("05_ddp", "42")] == ["job42-05_ddp", "job42-05_ddp-2"]
+    assert [p.name for p in runs.find_runs(job_id="42")] == ["job42-05_ddp", "job42-05_ddp-2", "job42-05_ddp_other"]
+    assert runs.find_runs(job_id="4") == []
+
+
+@pytest.mark.parametrize("argv, parsed", [
+    (["--nproc", "2", "nb.ipynb", "-p", "a", "1"], (2, None, "nb.ipynb", ["-p", "a", "1"])),
+    (["--nproc=3", "--resume", "r", "nb.ipynb"], (3, "r", "nb.ipynb", [])),
+    (["nb.ipynb"], (None, None, "nb.ipynb", [])),
+])
+def test_the_launchers_options_are_read_once_with_the_rank_count_a_number(argv, parsed):
+    assert runner.parse_launch(argv) == parsed
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
+def test_a_rank_count_that_is_not_a_positive_integer_is_refused_where_it_is_read(value):
+    with pytest.raises(RunError, match=f"the number of ranks must be a positive integer, got '{value}'"):
+        runner.parse_launch(["--nproc", value, "nb.ipynb"])

@@ -2,20 +2,25 @@
 way files are written there (whole or not at all). Plain files only: this module imports no torch,
 so the launcher (`workshop.launch.runner`) and `workshop.launch.slurm` answer in a fraction of a second.
 
-    runs_root()                 # $WORKSHOP_RUNS, else runs/ in the repository
-    new_run_dir("05_ddp")       # runs/<job id or time>-05_ddp, made now, never shared with another run
-    atomic_write_text(path, s)  # a temporary file beside `path`, then a rename
+    runs_root()                  # $WORKSHOP_RUNS, else runs/ in the repository
+    run_name("05_ddp", job_id)   # job<id>-05_ddp in a SLURM job, else <time>-05_ddp: every run folder's name
+    new_run_dir("05_ddp")        # runs/<job id or time>-05_ddp, made now, never shared with another run
+    find_runs("05_ddp", job_id)  # the run folders named so
+    atomic_write_text(path, s)   # a temporary file beside `path`, then a rename
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
+TIME_FORMAT = "%Y%m%d-%H%M%S"  # a run folder's start time, where no SLURM job names it
+TIME_PATTERN = r"\d{8}-\d{6}"  # the same, as a regular expression that finds it in text
 
 
 class RunError(Exception):
@@ -24,6 +29,27 @@ class RunError(Exception):
 
 def runs_root() -> Path:
     return Path(os.environ.get("WORKSHOP_RUNS", REPO / "runs"))
+
+
+def timestamp(when: datetime | None = None) -> str:
+    """`when` (default: now) as run folders spell it: 20250131-142501."""
+    return (when or datetime.now()).strftime(TIME_FORMAT)
+
+
+def run_name(notebook: str, job_id: str | None = None, started: str | None = None) -> str:
+    """A run folder's name: job<id>-<notebook> in a SLURM job, else <started>-<notebook>, `started` being the id a
+    launcher gave the run (torchrun's) or, by default, the time it starts (`timestamp`)."""
+    return f"{'job' + str(job_id) if job_id else started or timestamp()}-{notebook}"
+
+
+def find_runs(notebook: str = "", job_id: str | None = None, root: Path | None = None) -> list[Path]:
+    """The run folders under `root` (default: the runs folder) that the launcher named (`run_name`): those of
+    `notebook` (else of any), of SLURM job `job_id` (else of any job or start time), a second run of one name
+    (-2, -3, ...) included; in name order. A sweep's folder (sweep-<run folder's name>) is not a run folder."""
+    root = root or runs_root()
+    tag = f"job{re.escape(str(job_id))}" if job_id else rf"(job\d+|{TIME_PATTERN})"
+    name = re.compile(rf"{tag}-{re.escape(notebook) if notebook else '.+'}(-\d+)?")
+    return sorted(p for p in root.glob("*") if name.fullmatch(p.name) and p.is_dir()) if root.is_dir() else []
 
 
 def display_path(path) -> str:
@@ -69,8 +95,7 @@ def new_run_dir(name: str, root: Path | None = None) -> Path:
     if not writable:
         raise RunError(f"the runs folder {root} is not writable: set WORKSHOP_RUNS to a folder you can write "
                        "(e.g. export WORKSHOP_RUNS=$HOME/runs, or one on the project's scratch file system)")
-    job = os.environ.get("SLURM_JOB_ID")
-    stem = f"{'job' + job if job else datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
+    stem = run_name(name, os.environ.get("SLURM_JOB_ID"))
     for i in range(1, 1000):
         path = root / (stem if i == 1 else f"{stem}-{i}")
         try:

@@ -1,3 +1,3 @@
-"""Launching: one notebook as N ranks (runner), SLURM submission from a kernel (slurm), task parallelism (sweep),
-the committed notebooks re-executed (regenerate), a job's pre-flight check (doctor), faults provoked and read from
-the ranks' traces (faults)."""
+"""Launching: one notebook as N ranks (runner, and its parts: options, preflight, rundir, ranks, series), SLURM
+submission from a kernel (slurm), task parallelism (sweep), the committed notebooks re-executed (regenerate), a job's
+pre-flight check (doctor), faults provoked and read from the ranks' traces (faults)."""

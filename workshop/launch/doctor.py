@@ -40,6 +40,7 @@ import torch.distributed as tdist
 from workshop import dist
 from workshop.base.hardware import device_type
 from workshop.base.params import positive
+from workshop.base.tables import table
 from workshop.dist import DistEnv
 from workshop.measure import collectives, metrics
 
@@ -290,15 +291,14 @@ def format_table(reports: list[Report]) -> str:
     """One line per rank: where it runs, what it would use, how it reaches the rendezvous host."""
     head = ("rank", "host", "local", "device", "GPU", "GPUs", "CUDA_VISIBLE_DEVICES", "rendezvous", "interface",
             "OMP_NUM_THREADS", "CPUs", "torch")
-    rows = [head]
+    rows = []
     for r in sorted(reports, key=lambda r: r.rank):
         rendezvous = f"{r.master_addr}:{r.master_port}" if r.master_addr else "-"
         interface = f"{r.interface or '?'} {r.local_addr}" if r.local_addr else "-"
         rows.append((str(r.rank), r.host, str(r.local_rank), r.device, (r.gpu or "-")[:13], str(len(r.gpu_uuids)),
                      r.cuda_visible_devices or "-", rendezvous, interface, r.omp_num_threads or "-", str(r.cpus),
                      r.torch_version))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    return table(head, rows, align="l" * len(head))
 
 
 def format_allreduce(result: dict, env: DistEnv, repeats: int) -> str:

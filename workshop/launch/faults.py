@@ -53,8 +53,9 @@ import torch
 import torch.distributed as tdist
 
 from workshop import dist
-from workshop.base import runs
+from workshop.base import runs, world
 from workshop.base.params import positive
+from workshop.base.tables import table
 from workshop.dist import DistEnv
 from workshop.launch.doctor import host_name
 
@@ -147,18 +148,19 @@ def diagnose(traces: dict[int, dict]) -> list[str]:
 
 # --- the faults -------------------------------------------------------------------------------------------
 
-def _all_reduces(env: DistEnv, steps: int, fault_rank: int, fault_step: int, fault: str, traces: Path) -> int:
+def _all_reduces(env: DistEnv, steps: int, fault_rank: int, fault_step: int, fault: str, traces: Path,
+                 timeout_s: float = world.DEFAULT_TIMEOUT_S) -> int:
     """`steps` all-reduces of a known tensor; rank `fault_rank` does `fault` at step `fault_step` (1-based):
-    "skip" leaves it out and is then busy elsewhere until the others have given up (its trace is the same
-    whenever it is taken, so it dumps it first: a launcher ends it once the others have failed), "broadcast"
-    calls a broadcast instead. Every rank dumps its trace when a collective fails or when it is done.
-    Returns 1 where a collective failed, else 0."""
+    "skip" leaves it out and is then busy elsewhere until the others have given up after the process group's
+    `timeout_s` (its trace is the same whenever it is taken, so it dumps it first: a launcher ends it once the
+    others have failed), "broadcast" calls a broadcast instead. Every rank dumps its trace when a collective fails
+    or when it is done. Returns 1 where a collective failed, else 0."""
     for step in range(1, steps + 1):
         t = torch.ones(4)
         if env.rank == fault_rank and step == fault_step and fault == "skip":
             print(f"rank {env.rank}: skips all-reduce {step} (the planted fault)", flush=True)
             dump_trace(traces, env.rank)
-            time.sleep(_timeout_s() + 3)  # busy elsewhere, past the others' timeout
+            time.sleep(timeout_s + 3)  # busy elsewhere, past the others' timeout
             return 0
         started = time.monotonic()
         try:
@@ -180,10 +182,6 @@ def short_error(text: str) -> str:
     """A collective's error on one line, without the tensor options that DETAIL's fingerprints spell out."""
     text = re.sub(r", TensorDeviceTypes=TensorOptions\((?:[^()]|\([^()]*\))*\)", "", text)
     return " ".join(text.split())
-
-
-def _timeout_s() -> float:
-    return float(os.environ.get("WORKSHOP_DIST_TIMEOUT", 600))
 
 
 def straggle(env: DistEnv, steps: int, slow_rank: int, delay_s: float, work: int = 256) -> list[dict]:
@@ -213,11 +211,9 @@ def straggle(env: DistEnv, steps: int, slow_rank: int, delay_s: float, work: int
 
 def format_straggle(times: list[dict]) -> str:
     """One line per rank: the median seconds of its own work and of its wait inside the all-reduce, in ms."""
-    lines = ["rank  work ms  wait in all-reduce ms"]
-    for t in times:
-        lines.append(f"{t['rank']:>4}  {1e3 * statistics.median(t['work_s']):7.1f}  "
-                     f"{1e3 * statistics.median(t['wait_s']):21.1f}")
-    return "\n".join(lines)
+    return table(["rank", "work ms", "wait in all-reduce ms"],
+                 [[t["rank"], f"{1e3 * statistics.median(t['work_s']):.1f}", f"{1e3 * statistics.median(t['wait_s']):.1f}"]
+                  for t in times])
 
 
 def slowest(times: list[dict]) -> tuple[int, float, float]:
@@ -252,14 +248,6 @@ def plot_straggle(times: list[dict]):
 
 
 # --- a small world of its own, from a notebook -----------------------------------------------------------
-
-# what a launcher gives a process: none of it may leak from the notebook's own world into a child's (torchrun's
-# TORCHELASTIC_USE_AGENT_STORE, for one, tells rank 0 not to open the store that its ranks would then wait for)
-_WORLD_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-                    "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_NAME", "WORKSHOP_MASTER_ADDR",
-                    "WORKSHOP_MASTER_PORT", "WORKSHOP_RUN_DIR")
-_WORLD_PREFIXES = ("SLURM_", "TORCHELASTIC_")
-
 
 @dataclass(frozen=True)
 class Job:
@@ -302,7 +290,9 @@ def free_port() -> int:
 
 
 def _start(job: Job, marker: str, logs: Path) -> list[tuple[subprocess.Popen, Path]]:
-    base = {k: v for k, v in os.environ.items() if k not in _WORLD_VARIABLES and not k.startswith(_WORLD_PREFIXES)}
+    # One process per rank, not torchrun: each in a session and a log of its own, so the bound kills a rank and all it started.
+    base = world.without_launcher()  # nothing of the notebook's own world leaks into this one
+    base.pop("WORKSHOP_RUN_DIR", None)  # nor its run folder
     base.update(WORLD_SIZE=str(job.ranks), LOCAL_WORLD_SIZE=str(job.ranks), MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(free_port()), WORKSHOP_LAUNCH=marker, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     started = []
@@ -417,14 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --step {args.step} is after the last of --steps {args.steps}", file=sys.stderr)
         return EXIT_USAGE
     keep_traces()
-    os.environ["WORKSHOP_DIST_TIMEOUT"] = str(args.timeout)
     env = dist.init(timeout_s=args.timeout)
     if not 0 <= args.rank < env.world_size:
         print(f"error: --rank {args.rank} is not a rank of this world of {env.world_size}", file=sys.stderr)
         return EXIT_USAGE
     args.traces.mkdir(parents=True, exist_ok=True)
     fault = "skip" if args.command == "hang" else "broadcast"
-    failed = _all_reduces(env, args.steps, args.rank, args.step, fault, args.traces)
+    failed = _all_reduces(env, args.steps, args.rank, args.step, fault, args.traces, args.timeout)
     # a group whose collective timed out cannot be destroyed cleanly on gloo: leave without it
     sys.stdout.flush()
     os._exit(failed)

@@ -27,16 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-from workshop.launch.runner import REPORT_NOTEBOOK
+from workshop.base.runs import REPO, TIME_PATTERN, find_runs
+from workshop.launch.series import REPORT_NOTEBOOK, declared_ranks
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "run_notebook.sh"
 RANKS = 4  # a multi-rank notebook's committed world: 2 nodes x 2 ranks
 NODES = 2
-
-
-def declared_ranks(notebook: Path) -> int:
-    return int(json.loads(notebook.read_text()).get("metadata", {}).get("workshop", {}).get("ranks", 1))
 
 
 def slurm_answers() -> bool:
@@ -69,7 +65,7 @@ def execute(notebook: Path, runs: Path, ranks: int, use_slurm: bool, timeout_s: 
     else:
         cmd = ["bash", str(SCRIPT), "--nproc", str(ranks), str(notebook)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
-    made = sorted(p for p in runs.iterdir() if p.is_dir() and p.name.endswith(notebook.stem))
+    made = find_runs(notebook.stem, root=runs)
     log = done.stdout + done.stderr
     for out in runs.glob("slurm-*.out"):
         log += out.read_text(errors="replace")
@@ -91,7 +87,7 @@ def scrub(text: str) -> str:
     if user and user not in ("root",):
         text = re.sub(rf"\b{re.escape(user)}\b", "USER", text)
     text = re.sub(r"\bjob\d+-", "jobID-", text)  # run folders of SLURM jobs
-    text = re.sub(r"\b(\d{8}-\d{6})(-\d+)?-", "TIME-", text)  # run folders named by their start time
+    text = re.sub(rf"\b({TIME_PATTERN})(-\d+)?-", "TIME-", text)  # run folders named by their start time
     text = re.sub(r"(\bjob id:? |slurm-|\bsweep[- ])\d+\b", r"\1ID", text)  # a sweep of srun tasks is named by its job
     return text
 
@@ -143,7 +139,7 @@ def regenerate(notebooks: list[Path], local: bool = False) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     for nb in notebooks:
         # its earlier run folder, and a sweep's folder of records (notebook 03 names it after the SLURM job)
-        for old in [*runs.glob(f"*-{nb.stem}"), *(runs.glob("sweep-*") if nb.stem.startswith("03_") else [])]:
+        for old in [*find_runs(nb.stem, root=runs), *(runs.glob("sweep-*") if nb.stem.startswith("03_") else [])]:
             shutil.rmtree(old)
     failed = []
     notebooks = sorted(notebooks, key=lambda nb: nb.stem == REPORT_NOTEBOOK)  # the report after the runs it reads

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from workshop.base import records
-from workshop.base.runs import REPO, display_path, runs_root
+from workshop.base.runs import REPO, RunError, display_path, find_runs, run_name, runs_root
+from workshop.launch.options import check_notebook
+from workshop.launch.rundir import read_meta
 
 SCRIPT = REPO / "scripts" / "run_notebook.sh"
 # states of a job that has not ended yet (squeue's long names)
@@ -149,8 +151,6 @@ def submit(notebook: str | os.PathLike, nodes: int = 1, ntasks_per_node: int = 1
     A notebook with a `submit` parameter gets `submit=False` (`job_params`)."""
     _need("sbatch")
     nb = find_notebook(notebook)
-    from workshop.launch.runner import RunError, check_notebook
-
     try:
         check_notebook(nb, papermill_args(params))  # a parameter the notebook lacks is refused here, not after the queue
     except RunError as err:
@@ -165,7 +165,7 @@ def submit(notebook: str | os.PathLike, nodes: int = 1, ntasks_per_node: int = 1
     job = out.stdout.strip().split(";")[0]  # --parsable: "<id>" or "<id>;<cluster>"
     if not job.isdigit():
         raise SlurmError(f"sbatch answered {out.stdout.strip()!r}, not a job id")
-    result = Submitted(job, runs_root() / f"job{job}-{nb.stem}")
+    result = Submitted(job, runs_root() / run_name(nb.stem, job))
     if not quiet:
         print(f"submitted job {job}: {shlex.join(c for c in cmd if c != '--parsable')}")
         print(f"its output: runs/slurm-{job}.out; its run folder: {display_path(result.run)}")
@@ -183,7 +183,7 @@ def run_folder(job) -> Path | None:
     """The run folder of a job: runs/job<id>-<notebook>/ (None before the job made it)."""
     if isinstance(job, Submitted):
         return job.run if job.run.exists() else None
-    found = sorted(runs_root().glob(f"job{_job_id(job)}-*"))
+    found = find_runs(job_id=_job_id(job))
     return found[0] if found else None
 
 
@@ -240,8 +240,8 @@ def open_result(job, quiet: bool = False) -> Result:
         state = status(job)
         hint = "it has not started yet" if state in ACTIVE else f"see runs/slurm-{_job_id(job)}.out"
         raise SlurmError(f"job {_job_id(job)} ({state}) has no run folder under {display_path(runs_root())}: {hint}")
-    meta_path = run / "run.json"
-    stem = Path(json.loads(meta_path.read_text())["notebook"]).stem if meta_path.is_file() else run.name.split("-", 1)[1]
+    stem = (Path(read_meta(run)["notebook"]).stem if (run / "run.json").is_file()
+            else run.name.removeprefix(run_name("", _job_id(job))))
     record_path = run / "record.json"
     record = records.read(record_path).as_dict() if record_path.is_file() else {}
     result = Result(run, run / f"{stem}.ipynb", record)

@@ -31,6 +31,7 @@ import torch
 
 from workshop import dist
 from workshop.base import records
+from workshop.base.runs import atomic_write_text, display_path, runs_root, timestamp
 from workshop.measure import metrics
 
 
@@ -119,7 +120,7 @@ def task(run: Path | None = None, environ: Mapping[str, str] | None = None, swee
         return Task(int(e["SLURM_ARRAY_TASK_ID"]), int(e.get("SLURM_ARRAY_TASK_COUNT", 1)), "array",
                     explicit or e.get("SLURM_ARRAY_JOB_ID", e.get("SLURM_JOB_ID", "array")),
                     int(e["SLURM_ARRAY_TASK_MAX"]) if e.get("SLURM_ARRAY_TASK_MAX", "").isdigit() else None)
-    name = Path(run).name if run is not None else (e.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y%m%d-%H%M%S"))
+    name = Path(run).name if run is not None else (e.get("TORCHELASTIC_RUN_ID") or timestamp())
     if env.is_distributed:
         derived = env.job_id if env.launcher == "slurm" and env.job_id else name
         return Task(env.rank, env.world_size, env.launcher, explicit or derived)
@@ -136,7 +137,7 @@ def task_env(env: dist.DistEnv | None = None) -> dist.DistEnv:
 
 def sweep_dir(sweep_id: str) -> Path:
     """runs/sweep-<id>/: shared by the sweep's tasks, each writing only its own config<i>/."""
-    return metrics.runs_root() / f"sweep-{sweep_id}"
+    return runs_root() / f"sweep-{sweep_id}"
 
 
 def start(folder: Path, grid: list[dict], sweep_id: str) -> Path:
@@ -146,9 +147,9 @@ def start(folder: Path, grid: list[dict], sweep_id: str) -> Path:
     text = json.dumps({"sweep": sweep_id, "grid": grid}, indent=2) + "\n"
     path = folder / "sweep.json"
     if path.exists() and json.loads(path.read_text())["grid"] != json.loads(text)["grid"]:
-        raise SweepError(f"sweep {sweep_id} was started with another grid ({metrics.display_path(path)}): "
+        raise SweepError(f"sweep {sweep_id} was started with another grid ({display_path(path)}): "
                          "pass the same grid parameters, or another sweep id")
-    metrics.atomic_write_text(path, text)
+    atomic_write_text(path, text)
     return path
 
 
@@ -164,7 +165,7 @@ def write_record(folder: Path, index: int, config: dict, t: Task, *, notebook: s
     path = record_path(folder, index)
     if records.status(path.parent) == "ok":
         raise SweepError(f"configuration {index} of sweep {t.sweep_id} has a record already "
-                         f"({metrics.display_path(path)}): two tasks were given the same configuration")
+                         f"({display_path(path)}): two tasks were given the same configuration")
     path.parent.mkdir(parents=True, exist_ok=True)
     task_info = {"index": index, "count": t.count, "launcher": t.launcher,
                  "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
@@ -181,9 +182,9 @@ def write_record(folder: Path, index: int, config: dict, t: Task, *, notebook: s
 def read_grid(folder: Path) -> list[dict]:
     path = Path(folder) / "sweep.json"
     if not path.exists():
-        raise SweepError(f"no sweep at {metrics.display_path(folder)} (no sweep.json): is the sweep id right? "
-                         f"Sweeps under {metrics.display_path(metrics.runs_root())}: "
-                         + (", ".join(sorted(p.name for p in metrics.runs_root().glob("sweep-*"))) or "none"))
+        raise SweepError(f"no sweep at {display_path(folder)} (no sweep.json): is the sweep id right? "
+                         f"Sweeps under {display_path(runs_root())}: "
+                         + (", ".join(sorted(p.name for p in runs_root().glob("sweep-*"))) or "none"))
     return json.loads(path.read_text())["grid"]
 
 

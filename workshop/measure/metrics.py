@@ -27,7 +27,7 @@ import torch
 
 from workshop.base import records
 from workshop.base.hardware import device_type
-from workshop.base.runs import REPO, atomic_write_text, display_path, make_folder, new_run_dir, runs_root  # noqa: F401
+from workshop.base.runs import REPO, atomic_write_text, display_path, make_folder, new_run_dir, run_name, runs_root  # noqa: F401
 from workshop.base.tables import fmt_bytes  # noqa: F401  (the notebooks' metrics.fmt_bytes)
 from workshop.dist import DistEnv, get_env
 
@@ -115,9 +115,7 @@ def run_dir(notebook: str, env: DistEnv | None = None) -> Path:
         env = env or get_env()
         if not env.is_distributed:
             return new_run_dir(notebook)
-        started = os.environ.get("TORCHELASTIC_RUN_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
-        tag = f"job{env.job_id}" if env.job_id else started
-        path = runs_root() / f"{tag}-{notebook}"
+        path = runs_root() / run_name(notebook, env.job_id, os.environ.get("TORCHELASTIC_RUN_ID"))
     if not path.exists():  # readable by its owner only, unless $WORKSHOP_RUNS_MODE says otherwise
         make_folder(path)
     return path
