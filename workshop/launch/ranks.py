@@ -29,11 +29,6 @@ KERNEL = "workshop-current"  # a kernel spec written per rank: always this inter
 MAX_SOCKET_PATH = 100
 
 
-def this_rank() -> int:
-    """This process's rank by the world's rule (`workshop.base.world`), without looking up a rendezvous host."""
-    return world.world(hostnames=lambda nodelist: [nodelist]).get("rank", 0)
-
-
 def _ignore_usr1() -> None:  # in each rank, before it runs: only a kernel that trains with checkpoints reacts
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
@@ -136,7 +131,7 @@ def execute(run: Path, tmp: Path) -> int:
     if sockets:
         config.KernelManager.transport, config.KernelManager.ip = "ipc", sockets
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill's --log-output
-    papermill.execute_notebook(str(nb), str(output_notebook(run, nb, this_rank())), parameters=parameters,
+    papermill.execute_notebook(str(nb), str(output_notebook(run, nb, world.rank())), parameters=parameters,
                                kernel_name=meta.get("kernel") or KERNEL, cwd=meta.get("cwd") or str(nb.parent),
                                log_output=True, progress_bar=False, config=config)
     return 0
@@ -144,7 +139,7 @@ def execute(run: Path, tmp: Path) -> int:
 
 def run_rank(run: Path) -> int:
     """Execute the run's notebook for this rank with papermill; write logs/rank<R>.status.json."""
-    rank = this_rank()
+    rank = world.rank()
     nb = Path(read_meta(run)["notebook"])
     out = output_notebook(run, nb, rank)
     env, tmp = _rank_environment(run, rank)
