@@ -44,9 +44,10 @@ def start(run: Path, nranks: int, srun: bool) -> subprocess.Popen:
     elif nranks == 1:
         cmd = rank
     else:
-        cmd, env = world.local_ranks(nranks, *rank, run="program")
-        if os.environ.get("SLURM_JOB_ID"):  # the job the ranks' records name; no step variable: torchrun's world
-            env["SLURM_JOB_ID"] = os.environ["SLURM_JOB_ID"]
+        # this process's environment, not local_ranks' own: inside a SLURM allocation (salloc, then --nproc) the
+        # ranks keep the job's variables (SLURM_TMPDIR for their runtime files, SLURM_CPUS_PER_TASK for their
+        # threads, SLURM_JOB_ID for their records), and torchrun's RANK and WORLD_SIZE win over them (base.world)
+        cmd, _ = world.local_ranks(nranks, *rank, run="program")
     return subprocess.Popen(cmd, env=env, preexec_fn=_ignore_usr1)
 
 
