@@ -31,7 +31,7 @@ INTERRUPTED = 3  # the exit status of a run stopped at a checkpoint (or by a sig
 # What a run folder may keep of the environment: the launchers' variables, the workshop's own and the two that place
 # a rank's work (its GPUs, its threads); never a name that looks like a secret (a shared cluster's run folders are
 # read by others).
-RECORD_PREFIXES = (*world.LAUNCHER_PREFIXES, "WORKSHOP_")
+RECORD_PREFIXES = (*world.LAUNCHER_PREFIXES, "WORKSHOP_", "PMI_", "OMPI_COMM_WORLD_")  # MPI launchers too, for the record
 RECORD_NAMES = (*world.LAUNCHER_VARIABLES, "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
 
