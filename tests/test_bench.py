@@ -4,7 +4,6 @@ The benchmarks print figures; these tests check that they run, print and record,
 """
 
 import json
-import os
 import subprocess
 import sys
 from unittest import mock
@@ -12,19 +11,16 @@ from unittest import mock
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
+from workshop.base.world import local_ranks, without_launcher
 from workshop.measure import bench, perf
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "workshop.measure.bench"]
+TORCHRUN, _ = local_ranks(2, "workshop.measure.bench", run="module")  # each test's arguments follow
 
 
 def _run(cmd, runs):
     """Run `cmd` in the repository without SLURM's or torchrun's variables, records under `runs`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                         "TORCHELASTIC_RUN_ID")}
-    env["WORKSHOP_RUNS"] = str(runs)
+    env = dict(without_launcher(), WORKSHOP_RUNS=str(runs))
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
 
 

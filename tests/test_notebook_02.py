@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_notebook
+from helpers import REPO, run_notebook
 from workshop import data
 from workshop.launch import runner
 from workshop.measure import perf

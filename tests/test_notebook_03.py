@@ -6,9 +6,8 @@ import os
 
 import pytest
 import torch
-from test_slurm import sbatch
 
-from conftest import REPO, assert_checks_as_committed, run_notebook
+from helpers import REPO, assert_checks_as_committed, run_notebook, sbatch
 from workshop.launch import sweep
 
 NB03 = "notebooks/03_task_parallelism.ipynb"

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import REPO, run_notebook
+from helpers import REPO, run_notebook
 
 NB = REPO / "notebooks" / "04_data_parallel.ipynb"
 SMALL = {"batch_size": 8, "steps": 2, "warmup": 1, "profile_steps": 1}

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO, assert_checks_as_committed, run_notebook
+from helpers import REPO, assert_checks_as_committed, run_notebook
 
 NB05 = "notebooks/05_ddp.ipynb"
 SMALL = ["-p", "split_models", "small_cnn,vit_tiny", "-p", "split_steps", "1", "-p", "allreduce_sizes", "4KiB,1MiB"]

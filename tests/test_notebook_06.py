@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO, assert_checks_as_committed, run_notebook
+from helpers import REPO, assert_checks_as_committed, run_notebook
 
 NB06 = "notebooks/06_sharding.ipynb"
 CHECK = [f"{what} matches the single-process run:" for what in

@@ -12,7 +12,7 @@ from unittest import mock
 import matplotlib
 import yaml
 
-from conftest import REPO, assert_checks_as_committed, run_notebook
+from helpers import REPO, assert_checks_as_committed, run_notebook
 
 NB07 = "notebooks/07_memory.ipynb"
 

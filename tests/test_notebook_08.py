@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import assert_checks_as_committed, run_notebook
+from helpers import assert_checks_as_committed, run_notebook
 
 NB08 = "notebooks/08_tensor_parallelism.ipynb"
 SMALL = ["-p", "steps", "2", "-p", "seq_len", "16"]

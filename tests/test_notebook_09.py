@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import assert_checks_as_committed, run_notebook
+from helpers import assert_checks_as_committed, run_notebook
 
 NB09 = "notebooks/09_pipeline_parallelism.ipynb"
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import assert_checks_as_committed, run_notebook
+from helpers import assert_checks_as_committed, run_notebook
 
 NB10 = "notebooks/10_inference.ipynb"
 SMALL = ["-p", "train_steps", "10", "-p", "timing_repeats", "1", "-p", "compile_decoding", "False"]

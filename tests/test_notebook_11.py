@@ -8,7 +8,7 @@ import json
 import psutil
 import pytest
 
-from conftest import assert_checks_as_committed, run_notebook
+from helpers import assert_checks_as_committed, run_notebook
 
 NB11 = "notebooks/11_when_things_go_wrong.ipynb"
 CHILDREN = ("workshop.launch.faults", "workshop.launch.doctor", "workshop.reshard")

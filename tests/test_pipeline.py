@@ -6,7 +6,7 @@ and 3D meshes."""
 import pytest
 import torch
 
-from conftest import on_ranks
+from helpers import on_ranks
 from workshop import models, pipeline
 from workshop.estimate import costmodel
 from workshop.measure import memory

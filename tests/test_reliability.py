@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, RUN_NOTEBOOK, run_notebook
+from helpers import REPO, RUN_NOTEBOOK, run_notebook, slurm_env
 from workshop.base import runs as runs_module
 from workshop.measure import report
 
@@ -224,12 +224,6 @@ def test_run_folders_are_private_and_hold_no_secrets(runs, monkeypatch):
 
 
 # --- on the local SLURM cluster ---------------------------------------------------------------------
-
-def slurm_env(runs):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(WORKSHOP_PYTHON=sys.executable, WORKSHOP_RUNS=str(runs), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
-    return env
-
 
 def submit(runs, *args):
     out = subprocess.run(["sbatch", "--parsable", *args], cwd=REPO, env=slurm_env(runs), capture_output=True, text=True,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_notebook, wandb_history
+from helpers import REPO, run_notebook, wandb_history
 
 NB01 = "notebooks/01_baseline.ipynb"
 FAIL = "tests/notebooks/fail_on_rank.ipynb"

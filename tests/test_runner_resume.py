@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from workshop.launch import runner
 
 NB = REPO / "tests" / "notebooks" / "fail_on_rank.ipynb"
