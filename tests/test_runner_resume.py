@@ -8,6 +8,7 @@ import time
 import pytest
 
 from helpers import REPO
+from workshop.base import records
 from workshop.launch import runner
 
 NB = REPO / "tests" / "notebooks" / "fail_on_rank.ipynb"
@@ -20,7 +21,7 @@ def make_run(root, name, status=None, args=()):
     (run / "logs" / "rank0.log").write_text("first attempt\n")
     (run / "fail_on_rank.ipynb").write_text("{}")
     if status:
-        (run / "record.json").write_text(json.dumps({"status": status}))
+        records.write(run, records.Record(notebook=NB.stem, status=status))
     return run
 
 
@@ -43,7 +44,7 @@ def test_resuming_moves_the_earlier_attempt_aside_and_keeps_checkpoints(tmp_path
     (run / "checkpoints" / "step1.pt").write_text("x")
     assert runner.reuse_run_dir(run, NB, ["-p", "steps", "2"]) == run.resolve()
     assert (run / "attempt1" / "logs" / "rank0.log").read_text() == "first attempt\n"
-    assert json.loads((run / "attempt1" / "record.json").read_text())["status"] == "interrupted"
+    assert records.read(run / "attempt1" / "record.json").status == "interrupted"
     assert not (run / "record.json").exists() and (run / "checkpoints" / "step1.pt").exists()
     assert json.loads((run / "run.json").read_text())["attempts"] == 2
     with pytest.raises(runner.RunError, match="was started with the parameters -p steps 2, not -p steps 3"):

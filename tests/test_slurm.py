@@ -7,6 +7,7 @@ import json
 import pytest
 
 from helpers import REPO, sbatch
+from workshop.base import records
 from workshop.base.world import slurm_port
 
 pytestmark = pytest.mark.slurm
@@ -24,9 +25,9 @@ def test_two_nodes_with_two_ranks_each(slurm, runs):
     assert nodes == ["n1", "n1", "n2", "n2"]  # block placement: ranks 0, 1 on the first node
     facts = [json.loads((run / f"facts_rank{r}.json").read_text()) for r in range(4)]
     assert [(f["rank"], f["world_size"]) for f in facts] == [(r, 4) for r in range(4)]
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["slurm_job_id"] == job
-    world = record["dist"]
+    record = records.read(run / "record.json")
+    assert record.status == "ok" and record.slurm_job_id == job
+    world = record.dist
     assert (world["launcher"], world["world_size"], world["local_world_size"], world["node_rank"], world["master_addr"]) \
         == ("slurm", 4, 2, 0, "n1")
     assert world["master_port"] == slurm_port(job, "0")  # the job's own port: two jobs never share one
