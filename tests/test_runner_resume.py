@@ -2,6 +2,7 @@
 keeps, what a run folder may hold of the environment, and the process tree a rank stops."""
 
 import json
+import os
 import subprocess
 import time
 
@@ -26,10 +27,13 @@ def make_run(root, name, status=None, args=()):
 
 
 def test_a_requeued_job_continues_in_its_unfinished_folder(tmp_path, monkeypatch, clean_env):
-    make_run(tmp_path, "job42-fail_on_rank", "ok")
-    time.sleep(0.01)
+    done = make_run(tmp_path, "job42-fail_on_rank", "ok")
     unfinished = make_run(tmp_path, "job42-fail_on_rank-2", "interrupted")
+    older = make_run(tmp_path, "job42-fail_on_rank-1", "failed")
     make_run(tmp_path, "job43-fail_on_rank", "interrupted")
+    now = time.time()
+    for run, age_s in ((older, 120), (unfinished, 60), (done, 0)):  # job 42's newest folder is ok: never continued
+        os.utime(run, (now - age_s, now - age_s))
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     assert runner.requeued_run(NB, tmp_path) is None  # the first start of job 42
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
