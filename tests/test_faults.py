@@ -141,5 +141,7 @@ def test_a_slow_rank_makes_the_others_wait_inside_the_all_reduce(clean_env):
     rows = {int(m[1]): (float(m[2]), float(m[3])) for m in re.finditer(r"^\s*(\d)\s+([\d.]+)\s+([\d.]+)$", done.out, re.M)}
     assert sorted(rows) == [0, 1]
     (work0, wait0), (work1, wait1) = rows[0], rows[1]
-    # the slow rank's work holds its delay, and the other spends about that delay waiting for it
-    assert work1 >= 1e3 * delay_s > work0 and wait0 >= 0.5e3 * delay_s > wait1
+    # the slow rank's work holds its delay (a sleep lasts at least that), and the other spends most of the difference
+    # waiting for it inside the all-reduce, where the slow one hardly waits. Ratios: two busy cores stretch every figure
+    assert work1 >= 1e3 * delay_s and work1 > 2 * work0
+    assert wait0 >= 0.5 * (work1 - work0) and wait1 < 0.5 * wait0
