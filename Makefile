@@ -18,7 +18,7 @@ run: setup  ## execute every notebook (CPU, synthetic data, local ranks), then t
 # whole suite: 763 s with 2 workers, 692 s with 3, the CPUs then idle 1% of the time). `--dist loadfile` keeps a
 # file's tests on one worker, so a notebook's cells run in order in one kernel (nbval); --dist loadgroup would
 # not, with pytest 9.2 it silently stops grouping (pytest-dev/pytest-xdist#1386). The SLURM tests take the local
-# cluster one at a time (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+# cluster one at a time (conftest.py). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 3
 
 test: setup  ## the whole test suite (SLURM tests need `make slurm-up`)

@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 import torch
 
-from conftest import REPO, RUN_NOTEBOOK
+from helpers import REPO, RUN_NOTEBOOK
 
 FAIL = "tests/notebooks/fail_on_rank.ipynb"
 RESUME = "tests/notebooks/resume_training.ipynb"

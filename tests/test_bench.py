@@ -5,7 +5,6 @@ The benchmarks print figures; these tests check that they run, print and record,
 """
 
 import json
-import os
 import subprocess
 import sys
 from unittest import mock
@@ -13,26 +12,24 @@ from unittest import mock
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from workshop import models
+from workshop.base import records
+from workshop.base.world import local_ranks, without_launcher
 from workshop.measure import bench, collectives, flops, perf, throughput
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "workshop.measure.bench"]
+TORCHRUN, _ = local_ranks(2, "workshop.measure.bench", run="module")  # each test's arguments follow
 
 
 def _run(cmd, runs):
     """Run `cmd` in the repository without SLURM's or torchrun's variables, records under `runs`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                         "TORCHELASTIC_RUN_ID")}
-    env["WORKSHOP_RUNS"] = str(runs)
+    env = dict(without_launcher(), WORKSHOP_RUNS=str(runs))
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
 
 
 def _records(runs, notebook):
-    records = [json.loads(p.read_text()) for p in runs.glob("*/record.json")]
-    return [r for r in records if r["notebook"] == notebook]
+    found = [records.read(p) for p in runs.glob("*/record.json")]
+    return [r for r in found if r.notebook == notebook]
 
 
 def test_parse_size():
@@ -123,7 +120,7 @@ def test_allreduce_on_2_ranks_prints_busbw_and_writes_a_record(tmp_path):
     assert "busbw (GB/s)" in out.stdout and "on 2 ranks" in out.stdout
     assert out.stdout.count("all_reduce(SUM)") == 1  # rank 0 alone prints
     (record,) = _records(tmp_path, "bench-allreduce")
-    rows = record["results"]["rows"]
+    rows = record.results["rows"]
     assert [r["bytes"] for r in rows] == [4096, 65536]
     assert all(r["time_s"] > 0 and r["busbw_GBps"] == pytest.approx(r["algbw_GBps"]) for r in rows)  # n = 2: 2(n-1)/n = 1
 
@@ -138,7 +135,7 @@ def test_ddp_on_2_ranks_writes_json(tmp_path):
     assert result["world_size"] == 2 and result["ddp"] is True and result["samples_per_s"] > 0
     assert result["global_batch_size"] == 16 and len(result["peak_memory_bytes"]) == 2
     assert "samples/s" in out.stdout
-    assert _records(tmp_path / "runs", "bench-ddp")[0]["results"]["world_size"] == 2
+    assert _records(tmp_path / "runs", "bench-ddp")[0].results["world_size"] == 2
 
 
 @pytest.mark.multirank
@@ -148,7 +145,7 @@ def test_step_split_on_2_ranks_prints_a_row(tmp_path):
     (row,) = [line for line in out.stdout.splitlines() if line.strip().startswith("small_cnn")]
     assert "370.2 KiB" in row  # 94,762 float32 gradients
     (record,) = _records(tmp_path, "bench-step-split")
-    (result,) = record["results"]["rows"]
+    (result,) = record.results["rows"]
     assert result["world_size"] == 2 and result["comm_s"] > 0
     assert 0 < result["efficiency_no_overlap"] <= result["efficiency_overlap"] <= 1
 
@@ -159,7 +156,7 @@ def test_strategies_on_2_ranks_records_ddp_and_fsdp(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "fsdp" in out.stdout and "on a group of one rank" in out.stdout
     (record,) = _records(tmp_path, "bench-strategies")
-    res = record["results"]
+    res = record.results
     assert res["world_size"] == 2 and res["samples_or_tokens"] == "tokens" and res["fsdp_units"] == 5  # 4 blocks + root
     assert [m["strategy"] for m in res["measurements"]] == ["ddp", "fsdp"]
     assert set(res["alone_step_s"]) == {"ddp", "fsdp"} and res["compute_step_s"] > 0
@@ -181,9 +178,9 @@ def test_single_on_cpu_writes_a_record_with_a_row_per_variant(runs):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "samples/s" in out.stdout and "speedup" in out.stdout and "record: " in out.stdout
     (record,) = _records(runs, "bench-single")
-    rows = record["results"]["rows"]
+    rows = record.results["rows"]
     assert [r["variant"] for r in rows] == variants.split(",")
-    assert record["params"]["variants"] == variants.split(",")
+    assert record.params["variants"] == variants.split(",")
     for r in rows:
         assert r["status"] in ("ok", "skipped")
         if r["status"] == "ok":
@@ -287,7 +284,7 @@ def test_single_on_a_gpu_measures_every_variant_with_mfu(runs):
                 "--steps", "5", "--warmup", "2", "--num-workers", "2"], runs)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (record,) = _records(runs, "bench-single")
-    rows = record["results"]["rows"]
+    rows = record.results["rows"]
     assert [r["variant"] for r in rows] == list(perf.VARIANTS)
     assert all(r["status"] == "ok" and r["samples_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
     assert rows[4]["compile_time_s"] is not None and rows[1]["pin_memory"] is True

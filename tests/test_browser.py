@@ -22,7 +22,7 @@ import urllib.request
 import nbformat
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(1500)]
 NOTEBOOK = REPO / "notebooks" / "01_baseline.ipynb"

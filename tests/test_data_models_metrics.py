@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from workshop import check, data, dist, models, train
+from workshop.base import records
 from workshop.measure import metrics
 
 
@@ -199,9 +200,10 @@ def test_baseline_record_computes_throughput_and_report_measurements(tmp_path, c
     path = metrics.write_baseline_record(tmp_path, params, data_source="synthetic(seed=0)",
                                          plain={"wall_time_s": 4.0, "peak_memory_bytes": 123, "val_acc": 0.7},
                                          lightning={"wall_time_s": 5.0, "val_acc": 0.6})
-    record = json.loads(path.read_text())
-    results = record["results"]
+    record = records.read(path)
+    results = record.results
     assert results["plain"]["samples_per_s"] == 250.0 and results["lightning"]["samples_per_s"] == 200.0
     assert [(m["variant"], m["baseline"], m["throughput"]) for m in results["measurements"]] == [
         ("plain loop", True, 250.0), ("lightning", False, 200.0)]
-    assert record["wall_time_s"] == 9.0 and record["samples_per_s"] == 250.0 and record["peak_memory_bytes"] == 123
+    assert record.extra["wall_time_s"] == 9.0 and record.extra["samples_per_s"] == 250.0
+    assert record.extra["peak_memory_bytes"] == 123

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import on_ranks
+from helpers import on_ranks
 from workshop import data_parallel, dist, models
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import on_ranks
+from helpers import on_ranks
 from workshop import dist
 from workshop.base import world
 

@@ -5,23 +5,16 @@ launch no process that carried its marker may remain."""
 
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import REPO
+from helpers import STARTUP_S, launch
 from workshop import dist
+from workshop.base.world import local_ranks, without_launcher
 from workshop.launch.doctor import Report, diagnose, main
 
-STARTUP_S = 25  # a launch's own start (torch imported by the launcher and by each rank on 2 busy cores), at most
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 DOCTOR = [sys.executable, "-m", "workshop.launch.doctor"]
 
 
@@ -80,42 +73,6 @@ def test_bad_command_line_input_exits_2(capsys):
 
 # --- the command ------------------------------------------------------------------------------------
 
-@dataclass
-class Launch:
-    rc: int
-    out: str
-    left: list[str]  # processes of this launch still alive after it ended
-
-
-def launch(cmd: list[str], bound_s: float, **env_extra) -> Launch:
-    """Run `cmd` from the repository's root; fail the test if it does not end within `bound_s` seconds. Each
-    launch carries a marker in its environment (srun passes it on to its tasks): a process that still has it once
-    the launch has ended was left behind."""
-    marker = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
-    env.update(WORKSHOP_DOCTOR_TEST=marker, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", **env_extra)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=bound_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not end within {bound_s:g} s:\n{out[-4000:]}")
-    return Launch(proc.returncode, out, left_behind(marker))
-
-
-def left_behind(marker: str) -> list[str]:
-    left = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if p.environ().get("WORKSHOP_DOCTOR_TEST") == marker:
-                left.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])}")
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return left
-
-
 def table(out: str) -> dict[int, list[str]]:
     """Rank 0's table: rank -> the line's cells."""
     rows = [line.split() for line in out.splitlines() if re.match(r"^\d+\s+\S+\s+\d+\s+(cpu|cuda)", line)]
@@ -123,7 +80,7 @@ def table(out: str) -> dict[int, list[str]]:
 
 
 def test_two_healthy_ranks(clean_env):
-    done = launch([*TORCHRUN, "-m", "workshop.launch.doctor"], STARTUP_S + 30)
+    done = launch(*local_ranks(2, "workshop.launch.doctor", run="module"), STARTUP_S + 30)
     assert done.rc == 0, done.out[-4000:]
     rows = table(done.out)
     assert sorted(rows) == [0, 1]
@@ -135,7 +92,7 @@ def test_two_healthy_ranks(clean_env):
 
 def test_a_planted_local_rank_is_named(clean_env):
     """Both ranks told LOCAL_RANK=0: the doctor joins, then names them, and exits 1."""
-    done = launch([*TORCHRUN, "--no-python", "bash", "-c", f"LOCAL_RANK=0 exec {sys.executable} -m workshop.launch.doctor"],
+    done = launch(*local_ranks(2, "bash", "-c", f"LOCAL_RANK=0 exec {sys.executable} -m workshop.launch.doctor", run="program"),
                   STARTUP_S + 30)
     assert [cells[2] for _, cells in sorted(table(done.out).items())] == ["0", "0"], done.out[-4000:]
     host = table(done.out)[0][1]
@@ -145,8 +102,8 @@ def test_a_planted_local_rank_is_named(clean_env):
 
 def test_a_rendezvous_host_that_does_not_resolve_fails_at_once(clean_env):
     """With --timeout 60, ending within the launch's start alone shows that no rank waited for it."""
-    done = launch([*TORCHRUN, "--no-python", "bash", "-c",
-                   f"MASTER_ADDR=no-such-host.invalid exec {sys.executable} -m workshop.launch.doctor --timeout 60"], STARTUP_S)
+    done = launch(*local_ranks(2, "bash", "-c", f"MASTER_ADDR=no-such-host.invalid exec {sys.executable} -m "
+                                                "workshop.launch.doctor --timeout 60", run="program"), STARTUP_S)
     assert done.rc != 0
     assert "the rendezvous host 'no-such-host.invalid' does not resolve" in done.out, done.out[-4000:]
     assert "scontrol show hostnames $SLURM_JOB_NODELIST | head -1" in done.out and done.left == []
@@ -155,8 +112,8 @@ def test_a_rendezvous_host_that_does_not_resolve_fails_at_once(clean_env):
 def test_a_rendezvous_host_that_does_not_answer_fails_within_the_timeout(clean_env):
     """Both ranks give up at the same deadline; torchrun ends the other as soon as the first exits, so one rank's
     message is all the launch promises (under srun every rank's is, test_srun_with_a_wrong_workshop_master_addr)."""
-    done = launch([*TORCHRUN, "--no-python", "bash", "-c",
-                   f"MASTER_ADDR=10.255.255.1 exec {sys.executable} -m workshop.launch.doctor --timeout 5"], STARTUP_S + 5)
+    done = launch(*local_ranks(2, "bash", "-c", f"MASTER_ADDR=10.255.255.1 exec {sys.executable} -m "
+                                                "workshop.launch.doctor --timeout 5", run="program"), STARTUP_S + 5)
     assert done.rc != 0
     assert re.search(r"rank [01] on \S+: could not join the process group of 2 ranks at 10\.255\.255\.1:\d+ within 5 s",
                      done.out), done.out[-4000:]
@@ -166,7 +123,7 @@ def test_a_rendezvous_host_that_does_not_answer_fails_within_the_timeout(clean_e
 @pytest.mark.slurm
 def test_srun_two_nodes_two_tasks_each(slurm):
     done = launch(["srun", "--nodes=2", "--ntasks-per-node=2", "--time=00:02:00", *DOCTOR, "--timeout", "20"],
-                  STARTUP_S + 40)
+                  without_launcher(), STARTUP_S + 40)
     assert done.rc == 0, done.out[-4000:]
     rows = table(done.out)
     assert [(cells[1], cells[2]) for _, cells in sorted(rows.items())] == [("n1", "0"), ("n1", "1"), ("n2", "0"), ("n2", "1")]
@@ -178,7 +135,8 @@ def test_srun_two_nodes_two_tasks_each(slurm):
 @pytest.mark.slurm
 def test_srun_three_tasks_over_two_nodes(slurm):
     """sbatch --ntasks=3 on two nodes of 2 CPUs: 2 tasks on the first, 1 on the second; every rank knows it."""
-    done = launch(["srun", "--nodes=2", "--ntasks=3", "--time=00:02:00", *DOCTOR, "--timeout", "20"], STARTUP_S + 40)
+    done = launch(["srun", "--nodes=2", "--ntasks=3", "--time=00:02:00", *DOCTOR, "--timeout", "20"], without_launcher(),
+                  STARTUP_S + 40)
     assert done.rc == 0, done.out[-4000:]
     rows = table(done.out)
     assert [(cells[1], cells[2]) for _, cells in sorted(rows.items())] == [("n1", "0"), ("n1", "1"), ("n2", "0")]
@@ -189,7 +147,7 @@ def test_srun_three_tasks_over_two_nodes(slurm):
 @pytest.mark.slurm
 def test_srun_with_a_wrong_workshop_master_addr(slurm):
     done = launch(["srun", "--nodes=2", "--ntasks-per-node=2", "--time=00:02:00", *DOCTOR, "--timeout", "5"],
-                  STARTUP_S + 20, WORKSHOP_MASTER_ADDR="10.255.255.1")
+                  without_launcher(), STARTUP_S + 20, WORKSHOP_MASTER_ADDR="10.255.255.1")
     assert done.rc != 0
     named = re.findall(r"rank (\d) on (n\d): could not join the process group of 4 ranks at 10\.255\.255\.1:", done.out)
     assert sorted(named) == [("0", "n1"), ("1", "n1"), ("2", "n2"), ("3", "n2")], done.out[-4000:]
@@ -204,7 +162,7 @@ def test_srun_with_a_rendezvous_port_already_taken(slurm):
         taken.listen()
         port = taken.getsockname()[1]
         done = launch(["srun", "--nodes=2", "--ntasks-per-node=1", "--time=00:02:00", *DOCTOR, "--timeout", "5"],
-                      STARTUP_S + 10, WORKSHOP_MASTER_PORT=str(port))
+                      without_launcher(), STARTUP_S + 10, WORKSHOP_MASTER_PORT=str(port))
     assert done.rc != 0 and done.left == []
     assert re.search(rf"rank 0 on n1: the port {port} is already taken on n1: another process listens on it", done.out), \
         done.out[-3000:]

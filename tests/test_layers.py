@@ -5,7 +5,7 @@ import ast
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "workshop"
 ORDER = ("base", "estimate", "core", "measure", "launch")  # from the bottom up

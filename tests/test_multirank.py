@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from conftest import on_ranks
+from helpers import on_ranks
 from workshop import models
 
 

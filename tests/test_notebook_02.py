@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_notebook
+from helpers import REPO, run_notebook
 from workshop import data
+from workshop.base import records
 from workshop.launch import options
 from workshop.measure import perf
 
@@ -26,22 +27,22 @@ def test_02_records_every_variant_and_writes_traces(runs):
     out = run_notebook(NB, *[arg for name, value in SMALL.items() for arg in ("-p", name, str(value))])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["notebook"] == "02_single_device_performance"
-    assert record["params"]["batch_size"] == 8 and record["params"]["variants"] == list(perf.VARIANTS)
-    rows = record["results"]["rows"]
+    record = records.read(run / "record.json")
+    assert record.status == "ok" and record.notebook == "02_single_device_performance"
+    assert record.params["batch_size"] == 8 and record.params["variants"] == list(perf.VARIANTS)
+    rows = record.results["rows"]
     assert [r["variant"] for r in rows] == list(perf.VARIANTS)
     measured = [r for r in rows if r["status"] == "ok"]
     assert measured[0]["variant"] == "naive" and measured[0]["speedup"] == 1.0
-    assert all(r["samples_per_s"] > 0 and r["flops_per_step"] == record["results"]["flops_per_step"] for r in measured)
+    assert all(r["samples_per_s"] > 0 and r["flops_per_step"] == record.results["flops_per_step"] for r in measured)
     assert all(r["reason"] for r in rows if r["status"] != "ok")  # a skipped variant says why
     if not torch.cuda.is_available():
         assert next(r for r in rows if r["variant"] == "compile")["status"] == "skipped"
-    assert record["samples_per_s"] == max(r["samples_per_s"] for r in measured)
-    for name in record["results"]["traces"]:
+    assert record.extra["samples_per_s"] == max(r["samples_per_s"] for r in measured)
+    for name in record.results["traces"]:
         trace = json.loads((run / name).read_text())  # Chrome trace JSON, as Perfetto opens it
         assert trace["traceEvents"]
-    assert "trace_naive_rank0.json" in record["results"]["traces"]
+    assert "trace_naive_rank0.json" in record.results["traces"]
 
 
 def test_gpu_parameters_file_names_only_parameters_of_the_notebook(monkeypatch):
@@ -54,7 +55,7 @@ def test_02_on_a_gpu_measures_compile_and_mfu(runs):
     out = run_notebook(NB, "-p", "batch_size", "128", "-p", "steps", "5", "-p", "warmup", "2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
-    rows = json.loads((run / "record.json").read_text())["results"]["rows"]
+    rows = records.read(run / "record.json").results["rows"]
     assert all(r["status"] == "ok" and r["mfu"] > 0 for r in rows)
     assert next(r for r in rows if r["variant"] == "compile")["compile_time_s"] is not None
 

@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
-from test_slurm import sbatch
 
-from conftest import REPO, assert_checks_as_committed, run_notebook
+from helpers import REPO, assert_checks_as_committed, run_notebook, sbatch
+from workshop.base import records
 from workshop.launch import sweep
 
 NB03 = "notebooks/03_task_parallelism.ipynb"
@@ -113,7 +113,7 @@ def assert_collected(notebook, n):
 
 def sweep_records(folder, n):
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == [f"config{i}" for i in range(n)]
-    return [json.loads((folder / f"config{i}" / "record.json").read_text()) for i in range(n)]
+    return [records.read(folder / f"config{i}" / "record.json") for i in range(n)]
 
 
 @pytest.mark.multirank
@@ -124,10 +124,10 @@ def test_sweep_on_four_local_processes_prints_the_committed_checks(runs):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run,) = [p for p in runs.iterdir() if p.is_dir() and not p.name.startswith("sweep-")]
     folder = runs / f"sweep-{run.name}"  # locally the sweep is named after the run folder
-    records = sweep_records(folder, 4)
-    assert [(r["config"]["lr"], r["task"]["index"], r["task"]["launcher"]) for r in records] == [
+    configs = sweep_records(folder, 4)
+    assert [(r.extra["config"]["lr"], r.extra["task"]["index"], r.extra["task"]["launcher"]) for r in configs] == [
         (lr, i, "torchrun") for i, lr in enumerate((0.01, 0.03, 0.1, 0.3))]
-    assert all(r["status"] == "ok" and r["params"]["steps"] == 3 and r["dist"]["world_size"] == 1 for r in records)
+    assert all(r.status == "ok" and r.params["steps"] == 3 and r.dist["world_size"] == 1 for r in configs)
     assert_collected(run / "03_task_parallelism.ipynb", 4)  # task 0 waited for the other tasks, then collected
     assert_checks_as_committed(run / "03_task_parallelism.ipynb", NB03)
 
@@ -148,11 +148,11 @@ def remove_logs(jobs):
 def test_job_array_then_a_collection(slurm, runs):
     rc, array, log = sbatch(runs, "--array=0-1", "scripts/run_notebook.sh", NB03, *TINY)
     folder = runs / f"sweep-{array}"  # the array job id names the sweep
-    records = sweep_records(folder, 2) if folder.is_dir() else []
-    jobs = [r["slurm_job_id"] for r in records]
+    configs = sweep_records(folder, 2) if folder.is_dir() else []
+    jobs = [r.slurm_job_id for r in configs]
     try:
         assert rc == 0, log[-4000:]
-        assert [(r["config"], r["task"]["index"], r["task"]["launcher"]) for r in records] == [
+        assert [(r.extra["config"], r.extra["task"]["index"], r.extra["task"]["launcher"]) for r in configs] == [
             (GRID[0], 0, "array"), (GRID[1], 1, "array")]
         assert len(set(jobs)) == 2  # two jobs, one configuration each, each its own run folder
         for job in jobs:

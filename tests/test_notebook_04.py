@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from conftest import REPO, run_notebook
+from helpers import REPO, run_notebook
+from workshop.base import records
 
 NB = REPO / "notebooks" / "04_data_parallel.ipynb"
 SMALL = {"batch_size": 8, "steps": 2, "warmup": 1, "profile_steps": 1}
@@ -23,9 +24,9 @@ def test_one_process_measures_dataparallel_by_hand_against_ddp_on_cpu(runs):
     out = run_notebook(NB, *[arg for name, value in SMALL.items() for arg in ("-p", name, str(value))])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = only_run(runs)
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["dist"]["world_size"] == 1
-    results = record["results"]
+    record = records.read(run / "record.json")
+    assert record.status == "ok" and record.dist["world_size"] == 1
+    results = record.results
     assert results["dp_output_matches"] is True
     cpu = results["cpu"]
     assert cpu["ddp_world_size"] == 2 and cpu["global_batch_size"] == SMALL["batch_size"]
@@ -50,7 +51,7 @@ def test_comparison_on_two_gpus(runs):
         pytest.skip("needs 2 or more GPUs on this node")
     out = run_notebook(NB, "-p", "steps", "10", "-p", "warmup", "3", "-p", "batch_size", "256")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    results = json.loads((only_run(runs) / "record.json").read_text())["results"]["gpu"]
+    results = records.read(only_run(runs) / "record.json").results["gpu"]
     n = torch.cuda.device_count()
     assert results["ddp"]["world_size"] == n
     for way in ("one_gpu", "data_parallel", "ddp"):

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from conftest import REPO, assert_checks_as_committed, run_notebook
+from helpers import REPO, assert_checks_as_committed, run_notebook
+from workshop.base import records
 
 NB05 = "notebooks/05_ddp.ipynb"
 SMALL = ["-p", "split_models", "small_cnn,vit_tiny", "-p", "split_steps", "1", "-p", "allreduce_sizes", "4KiB,1MiB"]
@@ -46,9 +47,9 @@ def test_05_on_two_local_ranks(runs):
     assert table["all-reduce (sum)"] == ["3", "3"] and table["all-gather"] == ["1 2", "1 2"]
     assert table["reduce to 0 (sum)"] == ["3", "-"] and table["broadcast from 0"] == ["1", "1"]
     assert table["reduce-scatter (sum)"] == ["3", "6"] and table["received from r - 1"] == ["2", "1"]
-    record = json.loads((run / "record.json").read_text())
-    assert record["dist"]["world_size"] == 2 and all(record["results"]["matches_single_process"].values())
-    assert [r["bytes"] for r in record["results"]["allreduce"]] == [4096, 2**20]
+    record = records.read(run / "record.json")
+    assert record.dist["world_size"] == 2 and all(record.results["matches_single_process"].values())
+    assert [r["bytes"] for r in record.results["allreduce"]] == [4096, 2**20]
 
 
 @pytest.mark.multirank

@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO, assert_checks_as_committed, run_notebook
+from helpers import REPO, assert_checks_as_committed, run_notebook
+from workshop.base import records
 
 NB06 = "notebooks/06_sharding.ipynb"
 CHECK = [f"{what} matches the single-process run:" for what in
@@ -32,7 +33,7 @@ def assert_all_true(notebook):
 
 def assert_sharded_memory(record, world_size):
     """Every rank's parameters and gradients are 1/world_size of DDP's under FSDP2."""
-    per_rank = record["results"]["measured_per_rank"]
+    per_rank = record.results["measured_per_rank"]
     ddp = per_rank["ddp"][0]
     for version in ("fsdp2_reshard_True", "fsdp2_reshard_False"):
         assert len(per_rank[version]) == world_size
@@ -43,9 +44,9 @@ def assert_sharded_memory(record, world_size):
     assert all(rank["params"] == ddp["params"] and rank["optimizer"] < ddp["optimizer"] for rank in zero1)
     assert sum(rank["optimizer"] for rank in zero1) == pytest.approx(ddp["optimizer"], rel=0.01)
     # the report's memory per rank on CPU is these tensor bytes, not the process's resident set
-    peaks = {m["strategy"]: m["peak_memory_bytes"] for m in record["results"]["measurements"]}
+    peaks = {m["strategy"]: m["peak_memory_bytes"] for m in record.results["measurements"]}
     assert peaks["fsdp2_reshard_True"] < peaks["zero1"] < peaks["ddp"] == ddp["total"]
-    held = record["results"]["params_held_after_forward"]
+    held = record.results["params_held_after_forward"]
     assert held["reshard"] < held["no_reshard"] == ddp["params"]
     # DeepSpeed after a backward: stages 1 and 2 keep a gradient partition, stage 3 a parameter partition too
     for stage in (1, 2, 3):
@@ -53,7 +54,7 @@ def assert_sharded_memory(record, world_size):
             assert rank["grads"] * world_size == ddp["grads"]
             assert rank["params"] * (world_size if stage == 3 else 1) == ddp["params"]
     # ... and every step of stages 1 and 2 reduces the gradients and then gathers the parameters: twice DDP's tensors
-    steps = record["results"]["zero_against_ddp"]
+    steps = record.results["zero_against_ddp"]
     for version in ("zero1", "zero2"):
         assert steps[version]["collective_bytes"] == pytest.approx(2 * steps["ddp"]["collective_bytes"], rel=0.01)
         assert steps[version]["collectives"]["all_gather"]["bytes"] == pytest.approx(ddp["params"], rel=0.01)
@@ -74,7 +75,7 @@ def test_06_on_two_local_ranks(runs):
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
     assert_all_true(run / "06_sharding.ipynb")
     assert_checks_as_committed(run / "06_sharding.ipynb", NB06)  # the committed notebook ran on 2 nodes x 2 ranks
-    record = json.loads((run / "record.json").read_text())
-    assert record["dist"]["world_size"] == 2 and all(record["results"]["matches_single_process"].values())
+    record = records.read(run / "record.json")
+    assert record.dist["world_size"] == 2 and all(record.results["matches_single_process"].values())
     assert_sharded_memory(record, 2)
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]

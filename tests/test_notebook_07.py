@@ -12,7 +12,8 @@ from unittest import mock
 import matplotlib
 import yaml
 
-from conftest import REPO, assert_checks_as_committed, run_notebook
+from helpers import REPO, assert_checks_as_committed, run_notebook
+from workshop.base import records
 
 NB07 = "notebooks/07_memory.ipynb"
 
@@ -29,9 +30,9 @@ def test_07_on_two_local_ranks(runs):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
     assert_checks_as_committed(run / "07_memory.ipynb", NB07)  # the committed notebook ran on 2 nodes x 2 ranks
-    record = json.loads((run / "record.json").read_text())
-    results = record["results"]
-    assert record["dist"]["world_size"] == 2
+    record = records.read(run / "record.json")
+    results = record.results
+    assert record.dist["world_size"] == 2
     assert all(r["measured"] == r["derived"] for r in results["activation_per_layer"])
     saved = {policy: r["saved_bytes"] for policy, r in results["checkpointing"].items()}
     assert saved["full"] < saved["every_other"] < saved["none"] and saved["full"] < saved["selective"] < saved["none"]

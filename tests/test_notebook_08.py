@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from conftest import assert_checks_as_committed, run_notebook
+from helpers import assert_checks_as_committed, run_notebook
+from workshop.base import records
 
 NB08 = "notebooks/08_tensor_parallelism.ipynb"
 SMALL = ["-p", "steps", "2", "-p", "seq_len", "16"]
@@ -25,10 +26,10 @@ def assert_all_match(notebook):
 
 
 def assert_record(run, world_size, dp_size, tp_size):
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["dist"]["world_size"] == world_size
-    assert (record["params"]["dp_size"], record["params"]["tp_size"]) == (dp_size, tp_size)
-    results = record["results"]
+    record = records.read(run / "record.json")
+    assert record.status == "ok" and record.dist["world_size"] == world_size
+    assert (record.params["dp_size"], record.params["tp_size"]) == (dp_size, tp_size)
+    results = record.results
     assert all(results["matches_dense"].values()) and all(results["matches_single_process"].values())
     assert results["block_allreduces"] == {"forward": 2, "backward": 2}
     assert results["collectives_layer0"]["plan"] == {"forward": {"all_reduce": 2}, "backward": {"all_reduce": 2}}

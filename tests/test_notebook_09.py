@@ -2,11 +2,10 @@
 (a 2 x 2 SLURM run: pp 2 x tp 2). nbval runs it as one process, a pipeline of one stage; the equivalences on 2, 4 and
 8 ranks, 3D included, are asserted once in tests/test_pipeline.py."""
 
-import json
-
 import pytest
 
-from conftest import assert_checks_as_committed, run_notebook
+from helpers import assert_checks_as_committed, run_notebook
+from workshop.base import records
 
 NB09 = "notebooks/09_pipeline_parallelism.ipynb"
 
@@ -22,9 +21,9 @@ def test_09_on_two_local_ranks(runs):
     assert "rank 0 holds stages 0 and 2 of 4" in text
     assert "image/png" in text  # the pipeline diagram
     assert_checks_as_committed(run / "09_pipeline_parallelism.ipynb", NB09)
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["dist"]["world_size"] == 2
-    results = record["results"]
+    record = records.read(run / "record.json")
+    assert record.status == "ok" and record.dist["world_size"] == 2
+    results = record.results
     assert all(results["matches_single_process"].values()) and all(results["library_matches_scratch"].values())
     assert {(b["schedule"], b["m"]) for b in results["bubble"]} == {(s, m) for s in ("gpipe", "1f1b") for m in (1, 4)}
     assert all(b["theory"] == (2 - 1) / (b["m"] + 2 - 1) for b in results["bubble"])

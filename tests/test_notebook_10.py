@@ -2,11 +2,10 @@
 checkpoint that rank 0 trained is read back by both. Compiled decoding is left to nbval (one process): compiling
 on two ranks at once would double the test's time."""
 
-import json
-
 import pytest
 
-from conftest import assert_checks_as_committed, run_notebook
+from helpers import assert_checks_as_committed, run_notebook
+from workshop.base import records
 
 NB10 = "notebooks/10_inference.ipynb"
 SMALL = ["-p", "train_steps", "10", "-p", "timing_repeats", "1", "-p", "compile_decoding", "False"]
@@ -25,11 +24,11 @@ def test_10_on_two_local_ranks(runs):
     assert "bytes of the cache (2 L t d bytes batch) match what a step counts: True" in text
     # the committed notebook ran on 2 nodes x 2 ranks, with compiled decoding
     assert_checks_as_committed(run / "10_inference.ipynb", NB10, skip=(CHECKS_OF_COMPILED,))
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["dist"]["world_size"] == 2
-    same = record["results"]["same_tokens"]
+    record = records.read(run / "record.json")
+    assert record.status == "ok" and record.dist["world_size"] == 2
+    same = record.results["same_tokens"]
     assert same == {"no_cache": True, "static": True, "compiled": None, "tp": True}
-    assert record["results"]["tp"]["ranks"] == 2 and record["results"]["kv_cache"]["new_tokens"] == 40
+    assert record.results["tp"]["ranks"] == 2 and record.results["kv_cache"]["new_tokens"] == 40
 
 
 def test_10_refuses_a_missing_prompts_file(runs, tmp_path):

@@ -3,12 +3,11 @@ cells as in the committed notebook, a 2 x 2 SLURM run), the slowed rank found, t
 process that need two ranks, and no process of the notebook's small worlds left once it has ended. nbval runs it as
 one process."""
 
-import json
-
 import psutil
 import pytest
 
-from conftest import assert_checks_as_committed, run_notebook
+from helpers import assert_checks_as_committed, run_notebook
+from workshop.base import records
 
 NB11 = "notebooks/11_when_things_go_wrong.ipynb"
 CHILDREN = ("workshop.launch.faults", "workshop.launch.doctor", "workshop.reshard")
@@ -35,9 +34,9 @@ def test_11_on_two_local_ranks(runs):
                  "no DistributedSampler: each sample seen 2 times:      True",
                  "rank 1, the slowed one, is found from the times:      True"):
         assert line in text, line
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["dist"]["world_size"] == 2
-    results = record["results"]
+    record = records.read(run / "record.json")
+    assert record.status == "ok" and record.dist["world_size"] == 2
+    results = record.results
     assert results["straggle"]["found"] == 1 and [r["rank"] for r in results["straggle"]["per_rank"]] == [0, 1]
     assert results["resume"] == {"written_by": 2, "resumed_on": [4, 1], "same_losses": True}
     assert results["ddp_gaps"]["share"] < 1e-5 < results["ddp_gaps"]["whole_per_rank"]

@@ -13,7 +13,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10, the floor: the same parser, as a package (a dev dependency)
     import tomli as tomllib
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_environment_yml_installs_the_package_with_its_extras():

@@ -6,7 +6,7 @@ import json
 import nbformat
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from workshop.base import params, records
 from workshop.measure import metrics
 

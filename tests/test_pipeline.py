@@ -6,7 +6,7 @@ and 3D meshes."""
 import pytest
 import torch
 
-from conftest import on_ranks
+from helpers import on_ranks
 from workshop import models, pipeline
 from workshop.estimate import placements, planner
 
@@ -79,8 +79,14 @@ def test_pipelines_and_3d_on_8_ranks_equal_one_process(tmp_path, clean_env):
                 assert one > 0 and peak == count * one
         assert [c for *_, c in saved[f"p={p} scratch 1f1b held"]] == list(range(p, 0, -1))
         assert [c for *_, c in saved[f"p={p} scratch gpipe held"]] == [4] * p
-        for m in (1, 4, 8):  # stages of known duration: the measured bubble is the theory's, within 0.05
-            assert saved[f"p={p} bubble m={m}"] == pytest.approx(placements.bubble_fraction(p, m), abs=0.05)
+        # stages of known duration: the bubble shrinks as micro-batches grow, and each is the theory's within a
+        # factor that other processes' waits for the CPU stay inside (measured within 6% of it with two busy cores);
+        # a schedule that ran the micro-batches one after another would idle (p - 1) / p of the step at any m
+        bubbles = {m: saved[f"p={p} bubble m={m}"] for m in (1, 4, 8)}
+        assert bubbles[1] > bubbles[4] > bubbles[8], bubbles
+        for m, measured in bubbles.items():
+            assert 0.8 <= measured / placements.bubble_fraction(p, m) <= 2, (p, m, measured)
+    assert all(saved[f"p=4 bubble m={m}"] > saved[f"p=2 bubble m={m}"] for m in (1, 4, 8))  # more stages, more idle
     assert saved["p=2 library interleaved_1f1b equals one process"] is True
     assert saved["3D pp2 dp2 tp2 equals one process"] is True
     assert saved["3D pp4 dp1 tp2 equals one process"] is True

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_notebook
+from helpers import REPO, run_notebook
 from workshop.launch import options, ranks, slurm
 
 PROBE = "tests/notebooks/probe.ipynb"

@@ -15,7 +15,8 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, RUN_NOTEBOOK, run_notebook
+from helpers import REPO, RUN_NOTEBOOK, run_notebook, slurm_env
+from workshop.base import records
 from workshop.base import runs as runs_module
 from workshop.measure import report
 
@@ -93,8 +94,8 @@ def test_a_failing_rank_ends_every_process_in_bounded_time(runs, monkeypatch, ho
         cause = "fails on purpose" if how == "raise" else "the kernel died"
         assert any(line.strip().startswith("rank 1 on") and cause in line for line in out.stderr.splitlines()), out.stderr
     assert str(run / "ranks" / "fail_on_rank.rank1.ipynb") in out.stderr
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "failed" and any("rank 1" in r for r in record["reason"])
+    record = records.read(run / "record.json")
+    assert record.status == "failed" and any("rank 1" in r for r in record.reason)
 
 
 # --- interrupted and resumed ----------------------------------------------------------------------
@@ -139,8 +140,8 @@ def test_an_interrupted_run_resumes_in_its_folder_to_the_same_weights(tmp_path, 
     proc.send_signal(signal.SIGUSR1)  # what SLURM sends before the time limit
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err[-3000:]
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "interrupted" and record["checkpointed"], record
+    record = records.read(run / "record.json")
+    assert record.status == "interrupted" and record.extra["checkpointed"], record
     assert "RUN INTERRUPTED" in err and f"--resume {run}" in err
     stopped = stopped_at(run, lightning)
     assert 2 <= stopped < 12
@@ -149,9 +150,9 @@ def test_an_interrupted_run_resumes_in_its_folder_to_the_same_weights(tmp_path, 
     out = run_notebook("--nproc", 2, "--resume", run, RESUME, *args)
     assert out.returncode == 0, out.stderr[-3000:]
     assert only_run(runs) == run  # the same folder
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["results"]["start_step"] == stopped
-    assert json.loads((run / "attempt1" / "record.json").read_text())["status"] == "interrupted"  # kept
+    record = records.read(run / "record.json")
+    assert record.status == "ok" and record.results["start_step"] == stopped
+    assert records.read(run / "attempt1" / "record.json").status == "interrupted"  # kept
     assert (run / "attempt1" / "logs" / "rank0.log").is_file()
     assert_same_weights(final_weights(run), reference)
 
@@ -173,8 +174,8 @@ def test_ctrl_c_records_an_interrupted_run_and_ends_every_process(runs):
     _, err = proc.communicate(timeout=300)
     print(f"\nCtrl-C: every process ended {time.time() - sent:.1f} s after it")
     assert proc.returncode == 3, err[-3000:]
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "interrupted" and record["reason"][0].startswith("SIGINT (stopped by the user"), record
+    record = records.read(run / "record.json")
+    assert record.status == "interrupted" and record.reason[0].startswith("SIGINT (stopped by the user"), record
     assert "RUN INTERRUPTED" in err
     assert leftover(run) == []
 
@@ -184,7 +185,7 @@ def test_a_run_killed_with_sigkill_is_reported_incomplete(runs):
     job): nobody can write a final record, so the launcher's first one stays, and the report says incomplete."""
     proc = start_run_notebook(RESUME, *RESUME_ARGS, "-p", "step_sleep_s", "0.5")
     run = wait_for_step(runs, 2)
-    assert json.loads((run / "record.json").read_text())["status"] == "running"
+    assert records.read(run / "record.json").status == "running"
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     for p in tree:
         p.kill()
@@ -225,12 +226,6 @@ def test_run_folders_are_private_and_hold_no_secrets(runs, monkeypatch):
 
 # --- on the local SLURM cluster ---------------------------------------------------------------------
 
-def slurm_env(runs):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(WORKSHOP_PYTHON=sys.executable, WORKSHOP_RUNS=str(runs), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
-    return env
-
-
 def submit(runs, *args):
     out = subprocess.run(["sbatch", "--parsable", *args], cwd=REPO, env=slurm_env(runs), capture_output=True, text=True,
                          timeout=60)
@@ -262,7 +257,7 @@ def test_on_slurm_a_killed_rank_ends_the_job_in_bounded_time(slurm, runs):
     assert leftover(run) == []
     log = (REPO / "runs" / f"slurm-{job}.out").read_text()
     assert "RUN FAILED" in log and "rank 1 on n2" in log and "cell In [4]" in log and "the kernel died" in log
-    assert json.loads((run / "record.json").read_text())["status"] == "failed"
+    assert records.read(run / "record.json").status == "failed"
     (REPO / "runs" / f"slurm-{job}.out").unlink()
 
 
@@ -281,10 +276,10 @@ def test_on_slurm_a_job_warned_of_its_time_limit_requeues_and_resumes(slurm, tmp
     log = (REPO / "runs" / f"slurm-{job}.out").read_text()
     assert "RUN INTERRUPTED" in log and f"requeueing job {job}" in log and "restart 1" in log, log[-3000:]
     assert sorted(p.name for p in runs.iterdir()) == [run.name]  # the same folder
-    first = json.loads((run / "attempt1" / "record.json").read_text())
-    assert first["status"] == "interrupted" and first["checkpointed"]
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["slurm_job_id"] == job and 2 <= record["results"]["start_step"] < 12
+    first = records.read(run / "attempt1" / "record.json")
+    assert first.status == "interrupted" and first.extra["checkpointed"]
+    record = records.read(run / "record.json")
+    assert record.status == "ok" and record.slurm_job_id == job and 2 <= record.results["start_step"] < 12
     assert_same_weights(final_weights(run), reference)
     (REPO / "runs" / f"slurm-{job}.out").unlink()
 
@@ -295,14 +290,14 @@ def test_on_slurm_two_jobs_on_the_same_nodes_at_once(slurm, runs):
                    *RESUME_ARGS, "-p", "step_sleep_s", "0.3") for _ in range(2)]
     for job in jobs:
         wait_gone(job, 900)
-    records = [json.loads((runs / f"job{job}-resume_training" / "record.json").read_text()) for job in jobs]
-    assert [r["status"] for r in records] == ["ok", "ok"]
-    assert records[0]["dist"]["master_port"] != records[1]["dist"]["master_port"]
+    done = [records.read(runs / f"job{job}-resume_training" / "record.json") for job in jobs]
+    assert [r.status for r in done] == ["ok", "ok"]
+    assert done[0].dist["master_port"] != done[1].dist["master_port"]
     spans = []
     for job in jobs:
         status = json.loads((runs / f"job{job}-resume_training" / "logs" / "rank0.status.json").read_text())
         spans.append((status["started"], status["ended"]))
     overlap = max(s for s, _ in spans) < min(e for _, e in spans)
-    print(f"\ntwo jobs {jobs}: ports {[r['dist']['master_port'] for r in records]}, ran at once: {overlap}")
+    print(f"\ntwo jobs {jobs}: ports {[r.dist['master_port'] for r in done]}, ran at once: {overlap}")
     for job in jobs:
         (REPO / "runs" / f"slurm-{job}.out").unlink()

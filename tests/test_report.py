@@ -169,7 +169,7 @@ def test_make_run_series_ends_with_the_report(runs, tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(WORKSHOP_RUNS=str(tmp_path / "made"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")

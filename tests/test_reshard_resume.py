@@ -2,30 +2,27 @@
 never interrupted, for FSDP2 (torch.distributed.checkpoint, one file per rank, resharded on load) and DDP (one
 full-state file): `python -m workshop.reshard` trains, saves and resumes; this compares."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from workshop import checkpoint, dist, models, reshard, sharding
+from workshop.base.world import local_ranks, without_launcher
 from workshop.reshard import SAVED, STEPS
-
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                      "GROUP_RANK", "TORCHELASTIC_RUN_ID")
 
 
 def launch(mode: str, folder, world_size: int) -> dict:
     """workshop.reshard in `mode` on `world_size` gloo ranks (torchrun; one rank: a plain process); its losses,
     {strategy: {step: loss}}."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCHER_VARIABLES}
-    runner = [sys.executable]
+    args = ("workshop.reshard", mode, str(folder), "fsdp", "ddp")
     if world_size > 1:
-        runner += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size)]
-    done = subprocess.run([*runner, "-m", "workshop.reshard", mode, str(folder), "fsdp", "ddp"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+        cmd, env = local_ranks(world_size, *args, run="module")
+    else:
+        cmd, env = [sys.executable, "-m", *args], without_launcher()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return reshard.read_losses(folder, mode, world_size)
 

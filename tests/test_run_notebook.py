@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_notebook, wandb_history
+from helpers import REPO, run_notebook, wandb_history
+from workshop.base import records
 
 NB01 = "notebooks/01_baseline.ipynb"
 FAIL = "tests/notebooks/fail_on_rank.ipynb"
@@ -31,20 +32,20 @@ def test_notebook_01_on_two_local_ranks(runs):
     run = only_run(runs)
     assert (run / "01_baseline.ipynb").is_file()
     assert sorted(p.name for p in (run / "ranks").iterdir()) == [f"01_baseline.rank{r}.ipynb" for r in range(1, nproc)]
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["dist"]["world_size"] == nproc
-    assert record["params"]["epochs"] == 1 and record["params"]["num_train"] == 512  # -p reached the notebook
-    assert record["results"]["plain"]["samples_per_s"] > 0
+    record = records.read(run / "record.json")
+    assert record.status == "ok" and record.dist["world_size"] == nproc
+    assert record.params["epochs"] == 1 and record.params["num_train"] == 512  # -p reached the notebook
+    assert record.results["plain"]["samples_per_s"] > 0
     assert str(run) in out.stdout  # says where the results are
     # W&B, offline, in the run's folder: one run per loop, from rank 0 only, its metrics those of the record
-    wandb_runs = {r["name"]: r for r in record["tracking"]["wandb"]}
+    wandb_runs = {r["name"]: r for r in record.extra["tracking"]["wandb"]}
     assert sorted(wandb_runs) == ["lightning", "plain"]
     folders = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
     assert folders == sorted(Path(r["dir"]).name for r in wandb_runs.values())
     for name in ("plain", "lightning"):
         assert wandb_runs[name]["mode"] == "offline" and wandb_runs[name]["dir"].endswith(wandb_runs[name]["id"])
         val_acc = [step["val_acc"] for step in wandb_history(run / wandb_runs[name]["dir"]) if "val_acc" in step]
-        assert val_acc[-1] == pytest.approx(record["results"][name]["val_acc"]), name
+        assert val_acc[-1] == pytest.approx(record.results[name]["val_acc"]), name
     for log in (run / "logs").glob("rank*.log"):  # each kernel on Unix sockets in its rank's folder, not on ports
         assert "running over TCP" not in log.read_text()
 

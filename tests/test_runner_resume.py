@@ -2,14 +2,15 @@
 keeps, what a run folder may hold of the environment, and the process tree a rank stops."""
 
 import json
+import os
 import re
 import subprocess
 import time
 
 import pytest
 
-from conftest import REPO
-from workshop.base import runs
+from helpers import REPO
+from workshop.base import records, runs
 from workshop.base.runs import RunError
 from workshop.launch import ranks, rundir, runner
 
@@ -23,15 +24,18 @@ def make_run(root, name, status=None, args=()):
     (run / "logs" / "rank0.log").write_text("first attempt\n")
     (run / "fail_on_rank.ipynb").write_text("{}")
     if status:
-        (run / "record.json").write_text(json.dumps({"notebook": "fail_on_rank", "status": status}))
+        records.write(run, records.Record(notebook=NB.stem, status=status))
     return run
 
 
 def test_a_requeued_job_continues_in_its_unfinished_folder(tmp_path, monkeypatch, clean_env):
-    make_run(tmp_path, "job42-fail_on_rank", "ok")
-    time.sleep(0.01)
+    done = make_run(tmp_path, "job42-fail_on_rank", "ok")
     unfinished = make_run(tmp_path, "job42-fail_on_rank-2", "interrupted")
+    older = make_run(tmp_path, "job42-fail_on_rank-1", "failed")
     make_run(tmp_path, "job43-fail_on_rank", "interrupted")
+    now = time.time()
+    for run, age_s in ((older, 120), (unfinished, 60), (done, 0)):  # job 42's newest folder is ok: never continued
+        os.utime(run, (now - age_s, now - age_s))
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     assert rundir.requeued_run(NB, tmp_path) is None  # the first start of job 42
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
@@ -46,7 +50,7 @@ def test_resuming_moves_the_earlier_attempt_aside_and_keeps_checkpoints(tmp_path
     (run / "checkpoints" / "step1.pt").write_text("x")
     assert rundir.reuse_run_dir(run, NB, ["-p", "steps", "2"]) == run.resolve()
     assert (run / "attempt1" / "logs" / "rank0.log").read_text() == "first attempt\n"
-    assert json.loads((run / "attempt1" / "record.json").read_text())["status"] == "interrupted"
+    assert records.read(run / "attempt1" / "record.json").status == "interrupted"
     assert not (run / "record.json").exists() and (run / "checkpoints" / "step1.pt").exists()
     assert json.loads((run / "run.json").read_text())["attempts"] == 2
     with pytest.raises(RunError, match="was started with the parameters -p steps 2, not -p steps 3"):

@@ -3,45 +3,15 @@
 (test_notebook_03) and a submission from a portal's kernel (test_slurm_submit) are tested beside it."""
 
 import json
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO, sbatch
+from workshop.base import records
 from workshop.base.world import slurm_port
-from workshop.launch.slurm import wait as wait_for_job
 
 pytestmark = pytest.mark.slurm
 PROBE = "tests/notebooks/probe.ipynb"
-
-
-def sbatch(runs, *args, timeout=600):
-    """Submit from the repository's root with this interpreter and wait for the job, every task of an array, to
-    end: (the highest exit status of its tasks, the job id, its output). It polls twice a second: `sbatch --wait`
-    sleeps 2, then 8, then 32 s between its looks (Slurm 22.05, sbatch.c `_job_wait`), so a job of 15 s is seen
-    ended after 42 s."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(WORKSHOP_PYTHON=sys.executable, WORKSHOP_RUNS=str(runs), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
-    out = subprocess.run(["sbatch", "--parsable", "--time=00:10:00", *args], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    job = out.stdout.strip().split(";")[0]
-    wait_for_job(job, timeout=timeout, poll_s=0.5)
-    log = REPO / "runs" / f"slurm-{job}.out"
-    return exit_status(job), job, log.read_text() if log.exists() else ""
-
-
-def exit_status(job: str) -> int:
-    """The highest exit status of the job's tasks, as `sbatch --wait` gives it (SLURM keeps an ended job
-    MinJobAge = 60 s on the local cluster; a task killed by a signal counts as 128 + the signal)."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, check=True)
-    codes = [tuple(map(int, m.split(":"))) for m in re.findall(r"\bExitCode=(\d+:\d+)", out.stdout)]
-    assert codes, out.stdout
-    return max(code or (128 + signal if signal else 0) for code, signal in codes)
 
 
 def test_two_nodes_with_two_ranks_each(slurm, runs):
@@ -55,9 +25,9 @@ def test_two_nodes_with_two_ranks_each(slurm, runs):
     assert nodes == ["n1", "n1", "n2", "n2"]  # block placement: ranks 0, 1 on the first node
     facts = [json.loads((run / f"facts_rank{r}.json").read_text()) for r in range(4)]
     assert [(f["rank"], f["world_size"]) for f in facts] == [(r, 4) for r in range(4)]
-    record = json.loads((run / "record.json").read_text())
-    assert record["status"] == "ok" and record["slurm_job_id"] == job
-    world = record["dist"]
+    record = records.read(run / "record.json")
+    assert record.status == "ok" and record.slurm_job_id == job
+    world = record.dist
     assert (world["launcher"], world["world_size"], world["local_world_size"], world["node_rank"], world["master_addr"]) \
         == ("slurm", 4, 2, 0, "n1")
     assert world["master_port"] == slurm_port(job, "0")  # the job's own port: two jobs never share one

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from workshop.launch import slurm as ws
 
 pytestmark = pytest.mark.slurm

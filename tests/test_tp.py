@@ -5,7 +5,7 @@ and every parallel version against one process on 2 and 4 gloo ranks (tests/mult
 import pytest
 import torch
 
-from conftest import on_ranks
+from helpers import on_ranks
 from workshop import data, dist, inference, models, tp
 from workshop.measure import metrics
 from workshop.parallel_dims import ParallelDims
