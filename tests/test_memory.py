@@ -61,7 +61,7 @@ def test_compare_flags_a_rank_off_by_more_than_ten_percent():
     rows = memory.compare({"a": [near, near], "b": [near, far]}, {"a": want, "b": want})
     assert [r["agrees"] for r in rows] == [True, False]
     assert rows[1]["optimizer"] == 4500 and rows[1]["total"] == 8500 and rows[1]["predicted_total"] == 8000
-    assert "within 10%" in memory.format_table(rows)
+    assert "within 10%" in memory.format_compare(rows)
 
 
 def test_train_and_measure_times_the_steps_and_reports_every_rank():

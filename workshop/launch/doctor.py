@@ -287,7 +287,7 @@ def check_allreduce(env: DistEnv, nbytes: int, repeats: int = 5) -> dict:
             "busbw_GBps": collectives.busbw(alg, w)}
 
 
-def format_table(reports: list[Report]) -> str:
+def format_ranks(reports: list[Report]) -> str:
     """One line per rank: where it runs, what it would use, how it reaches the rendezvous host."""
     head = ("rank", "host", "local", "device", "GPU", "GPUs", "CUDA_VISIBLE_DEVICES", "rendezvous", "interface",
             "OMP_NUM_THREADS", "CPUs", "torch")
@@ -301,7 +301,7 @@ def format_table(reports: list[Report]) -> str:
     return table(head, rows, align="l" * len(head))
 
 
-def format_allreduce(result: dict, env: DistEnv, repeats: int) -> str:
+def format_exact_allreduce(result: dict, env: DistEnv, repeats: int) -> str:
     size = f"{result['bytes'] / 2**20:.1f} MiB float32"
     if not result["exact"]:
         return (f"all-reduce of {size}: the sum is WRONG on rank(s) {result['inexact_ranks']}: the network or the "
@@ -367,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         result = check_allreduce(env, int(args.mib * 2**20), args.repeats) if env.is_distributed else None
         if env.is_main:
             print(f"workshop.doctor: {dist.describe(env)}")
-            print(format_table(reports))
-            print(format_allreduce(result, env, args.repeats) if result else "all-reduce: one process, nothing to reduce with")
+            print(format_ranks(reports))
+            print(format_exact_allreduce(result, env, args.repeats) if result else "all-reduce: one process, nothing to reduce with")
             if problems:
                 print(f"{len(problems)} problem(s):")
                 print("\n".join(f"  - {p}" for p in problems))

@@ -145,7 +145,7 @@ def compare(measured: dict, predicted: dict, tolerance: float = 0.10) -> list[di
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_compare(rows: list[dict]) -> str:
     """The `compare` rows as text: measured / predicted MiB per part."""
     mib = 2**20
     lines = [f"{'version':<20}" + "".join(f"{part + ' MiB':>22}" for part in (*PARTS, "total")) + "  within 10%",
