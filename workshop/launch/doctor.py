@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:
             print(f"workshop.doctor: {dist.describe(env)}")
             print(format_ranks(reports))
-            print(format_exact_allreduce(result, env, args.repeats) if result else "all-reduce: one process, nothing to reduce with")
+            print(format_exact_allreduce(result, env, args.repeats) if result
+                  else "all-reduce: one process, nothing to reduce with")
             if problems:
                 print(f"{len(problems)} problem(s):")
                 print("\n".join(f"  - {p}" for p in problems))
