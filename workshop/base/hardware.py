@@ -1,9 +1,8 @@
 """What the hardware can do, from vendors' data sheets, in one place: the links between GPUs and the GPUs.
 
 Read by `workshop.measure.collectives` (a link's peak beside a measured bandwidth), `workshop.measure.flops` (a GPU's
-peak for MFU) and `workshop.estimate` (the cost model's
-projections). Peaks are nominal: a measured collective or matmul reaches a share
-of them. This module imports no torch.
+peak for MFU) and `workshop.estimate` (the cost model's projections). Peaks are nominal: a measured collective or
+matmul reaches a share of them. This module imports no torch.
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
 """Measurement: timing, peak memory and a run's record (metrics), loggers (tracking), bytes per rank measured
 (memory), FLOPs and MFU (flops), the profiler (profiler), single-device variants (perf), collectives timed
 (collectives), training steps timed across ranks (throughput), the benchmarks' command line (bench), the cost model
-against measured steps (costcheck), records to
-tables (report) and plots (report_plots)."""
+against measured steps (costcheck), records to tables (report) and plots (report_plots)."""
