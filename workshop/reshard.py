@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from workshop import checkpoint, data, dist, models, sharding
+from workshop import checkpoint, data, dist, models, sharding, train
 from workshop.dist import DistEnv
 
 SEQ, GLOBAL_BATCH, STEPS, SAVED, LR = 16, 24, 6, 3, 3e-3  # GLOBAL_BATCH divisible by 4, 3, 2 and 1 ranks
@@ -51,8 +51,7 @@ def batch(env: DistEnv, text, step: int):
 
 def build(env: DistEnv, strategy: str):
     """The model (from seed 0) under `strategy` on this world, and its AdamW."""
-    with torch.random.fork_rng(devices=[]):  # seed 0 for the weights, the caller's random stream untouched
-        torch.manual_seed(0)
+    with train.seeded(0):  # seed 0 for the weights, the caller's random stream untouched
         model = models.tinygpt(**MODEL).to(env.device)
     if strategy == "fsdp":
         model = sharding.apply_fsdp(model, sharding.shard_mesh(env))
