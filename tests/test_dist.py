@@ -196,3 +196,13 @@ def test_the_rank_read_cheaply_follows_the_world_rule():
     assert [world.rank(e) for e in ({}, batch_step, srun_step, {"RANK": "2", "WORLD_SIZE": "4", **srun_step})] \
         == [0, 0, 3, 2]
     assert [world.launcher(e) for e in ({}, batch_step, srun_step)] == ["single", "single", "slurm"]
+
+
+def test_the_launcher_counts_the_tasks_srun_will_start_and_reads_the_timeout():
+    assert world.srun_tasks({"SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2"}) == 4
+    assert world.srun_tasks({"SLURM_JOB_NUM_NODES": "2"}) == 2  # sbatch --nodes=2 alone: one task per node
+    assert world.srun_tasks({}) == 1
+    assert world.timeout_s({}) == world.DEFAULT_TIMEOUT_S and world.timeout_s({"WORKSHOP_DIST_TIMEOUT": "12"}) == 12
+    for bad in ("10m", "0", "-3", "inf", "nan"):
+        with pytest.raises(ValueError, match="a number above 0"):
+            world.timeout_s({"WORKSHOP_DIST_TIMEOUT": bad})
