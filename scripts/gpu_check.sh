@@ -3,8 +3,10 @@
 # minutes on one H100 or H200 (not yet timed on one). Run it the day a GPU is lent, from the repository's root:
 #   scripts/gpu_check.sh                                   # on a GPU node
 #   sbatch --partition=gpu --gpus-per-node=1 --cpus-per-task=8 --time=00:15:00 scripts/gpu_check.sh
-#   WORKSHOP_ALLOW_CPU=1 scripts/gpu_check.sh              # the same steps on CPU, with CPU sizes (CI runs
-#                                                          # this, so that the script does not rot)
+#   WORKSHOP_ALLOW_CPU=1 scripts/gpu_check.sh              # the same steps on CPU, with CPU sizes (3 minutes)
+#   WORKSHOP_ALLOW_CPU=1 scripts/gpu_check.sh --check-only # CI: steps 1 and 2 run, the notebooks' parameters (GPU
+#                                                          # and CPU sizes) are checked against their rules, not run
+#                                                          # (the tests run every notebook on CPU): the script cannot rot
 # Steps, each timed, each with its log:
 #   1. the gpu-marked tests (pytest -m gpu): the device a rank gets, a timed step, CUDA peak memory, and
 #      AxoNN's tensor parallelism against one process (with the gpu extra: pip install -e '.[gpu]');
@@ -16,8 +18,8 @@
 #      parallelism on a CUDA device (AxoNN's too, with the gpu extra), DeepSpeed ZeRO 1-3 and Lightning's
 #      DeepSpeed strategies, a pipeline stage's step and torch.distributed.pipelining on one.
 # Writes its records under runs/gpu-check-<time>/ and its report (device, versions, each step's
-# status and time) to docs/results/gpu_check.md; on CPU the report stays in the run folder, so a
-# CPU check never overwrites a GPU report. Exit status: the number of steps that failed.
+# status and time) to docs/results/gpu_check.md; on CPU or with --check-only the report stays in the run folder,
+# so such a check never overwrites a GPU report. Exit status: the number of steps that failed.
 #
 # Unreachable on one GPU (they need two or more): NCCL between ranks (dist picking cuda:<local
 # rank> with several GPUs on a node, checkpoint's broadcast over NCCL, the collectives of 05, 06
@@ -28,6 +30,12 @@
 #SBATCH --output=runs/slurm-%j.out
 set -u
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
+check_only=""
+case "${1:-}" in
+    "") ;;
+    --check-only) check_only=1 ;;
+    *) echo "usage: scripts/gpu_check.sh [--check-only]" >&2; exit 2 ;;
+esac
 PYTHON=${WORKSHOP_PYTHON:-python3}
 export WORKSHOP_PYTHON=$PYTHON WORKSHOP_LOG_EVERY=0
 if ! "$PYTHON" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
@@ -63,12 +71,19 @@ nb() {  # nb NOTEBOOK PARAMS_FILE [GPU options] -- [CPU options]: one process, t
         if [[ $a == -- ]]; then into=cpu_opts; continue; fi
         if [[ $into == gpu_opts ]]; then gpu_opts+=("$a"); else cpu_opts+=("$a"); fi
     done
+    if [[ -n $check_only ]]; then  # both sets of sizes: the GPU run's, and the CPU run's
+        notebook "notebooks/$notebook.ipynb" -f "notebooks/params/$file" "${gpu_opts[@]}" || return
+    fi
     local opts=("${gpu_opts[@]}")
     [[ -z $gpu ]] && opts+=("${cpu_opts[@]}")  # on CPU the sizes shrink to CPU ones as well
-    "$PYTHON" -m workshop.launch.runner "notebooks/$notebook.ipynb" -f "notebooks/params/$file" "${opts[@]}"
+    notebook "notebooks/$notebook.ipynb" -f "notebooks/params/$file" "${opts[@]}"
 }
 
-echo "GPU check: ${gpu:+CUDA}${gpu:-CPU (WORKSHOP_ALLOW_CPU=1)}; records and logs in $runs"
+notebook() {  # notebook NOTEBOOK [papermill options]: one process; with --check-only its parameters checked only
+    "$PYTHON" -m workshop.launch.runner ${check_only:+check} "$@"
+}
+
+echo "GPU check: ${gpu:+CUDA}${gpu:-CPU (WORKSHOP_ALLOW_CPU=1)}${check_only:+, notebooks checked only}; records and logs in $runs"
 step gpu-tests "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
 if [[ -n $gpu ]]; then
     step bench-single "$PYTHON" -m workshop.measure.bench single --model resnet18 --batch-size 512 --steps 20
@@ -81,7 +96,7 @@ step 01_baseline nb 01_baseline gpu.yaml -p epochs 1 -p num_train 16384 -p num_t
 step 02_performance nb 02_single_device_performance 02_single_device_performance.yaml -p steps 15 -p warmup 3 \
     -p profile_steps 3 -- -p model_name small_cnn -p dataset synthetic -p batch_size 16 -p steps 2 -p warmup 1 \
     -p num_workers 1 -p profile_steps 1
-step 05_ddp "$PYTHON" -m workshop.launch.runner notebooks/05_ddp.ipynb -p steps 2 -p split_steps 2 \
+step 05_ddp notebook notebooks/05_ddp.ipynb -p steps 2 -p split_steps 2 \
     ${gpu:+-p micro_batch_size 64 -p split_batch_size 128}
 step 06_sharding nb 06_sharding 06_sharding.yaml -p steps 3 -- -p size cpu -p seq_len 32 -p micro_batch_size 4
 step 07_memory nb 07_memory 07_memory.yaml -p timing_repeats 2 \
@@ -94,10 +109,10 @@ step 10_inference nb 10_inference 10_inference.yaml -p train_steps 60 -p max_new
     -- -p model_size cpu -p seq_len 64 -p batch_size 16 -p train_steps 20 -p max_new_tokens 16 -p compile_decoding False
 # the debugging notebook's CPU run is the tests' (nbval and 2 ranks); on a GPU its own ranks use NCCL and CUDA
 if [[ -n $gpu ]]; then
-    step 11_when_things_go_wrong "$PYTHON" -m workshop.launch.runner notebooks/11_when_things_go_wrong.ipynb
+    step 11_when_things_go_wrong notebook notebooks/11_when_things_go_wrong.ipynb
 fi
 
-"$PYTHON" - "$runs" "${gpu:-}" "${steps[@]}" <<'EOF'
+"$PYTHON" - "$runs" "${gpu:-}" "${check_only:-}" "${steps[@]}" <<'EOF'
 """The report: device, versions, each step's status and time."""
 import platform
 import sys
@@ -106,14 +121,15 @@ from pathlib import Path
 
 import torch
 
-runs, gpu, rows = Path(sys.argv[1]), sys.argv[2], [s.split("|") for s in sys.argv[3:]]
+runs, gpu, check_only, rows = Path(sys.argv[1]), sys.argv[2], sys.argv[3], [s.split("|") for s in sys.argv[4:]]
 device = torch.cuda.get_device_name(0) if gpu else f"CPU ({platform.processor() or platform.machine()}), WORKSHOP_ALLOW_CPU=1"
 lines = ["# GPU check", "", f"Made by `scripts/gpu_check.sh` on {datetime.now():%Y-%m-%d %H:%M}; records and logs in "
          f"`{runs}`.", "", f"- device: {device}", f"- python {platform.python_version()}, torch {torch.__version__}, "
-         f"CUDA {torch.version.cuda}", "", "| step | status | seconds | log |", "|---|---|---|---|"]
+         f"CUDA {torch.version.cuda}", *(["- notebooks: parameters checked against their rules, not run (--check-only)"]
+                                         if check_only else []), "", "| step | status | seconds | log |", "|---|---|---|---|"]
 lines += [f"| {name} | {'ok' if rc == '0' else f'FAILED (exit {rc})'} | {took} | `{runs}/logs/{name}.log` |"
           for name, rc, took in rows]
-out = Path("docs/results/gpu_check.md") if gpu else runs / "gpu_check.md"
+out = Path("docs/results/gpu_check.md") if gpu and not check_only else runs / "gpu_check.md"
 out.write_text("\n".join(lines) + "\n")
 print(f"report: {out}")
 EOF

@@ -67,3 +67,16 @@ def test_parameters_are_read_as_papermill_reads_them(notebook):
     import papermill
 
     assert params.inspect(notebook) == papermill.inspect_notebook(str(notebook))
+
+
+def test_the_launcher_checks_parameters_without_running(runs, capsys):
+    """`python -m workshop.launch.runner check` (what scripts/gpu_check.sh --check-only calls): the launcher's own
+    checks, no run folder."""
+    from workshop.launch import runner
+
+    nb = str(REPO / "notebooks" / "06_sharding.ipynb")
+    assert runner.main(["check", nb, "-p", "steps", "3"]) == 0
+    assert "1 parameter(s) checked against the notebook's rules; nothing ran" in capsys.readouterr().out
+    assert runner.main(["check", nb, "-p", "steps", "0"]) == 2
+    assert "steps = 0 must be at least 1" in capsys.readouterr().err
+    assert not runs.exists()

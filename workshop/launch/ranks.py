@@ -121,6 +121,12 @@ def execute(run: Path, tmp: Path) -> int:
     A failing cell raises papermill's error, whose traceback ends the rank's log."""
     import logging
 
+    # papermill reads notebooks with nbformat, which imports jsonschema, whose format checkers import
+    # rfc3987_syntax if it is installed (nbformat's jsonschema[format-nongpl] installs it): it builds some 35 Lark
+    # parsers at import, 2 of the 2.5 CPU-seconds that importing papermill takes, in every rank
+    # (python-jsonschema/jsonschema#1428). Only the "iri" formats use it, and no notebook schema has them; without
+    # it jsonschema leaves them unchecked. This process only executes the rank's notebook.
+    sys.modules.setdefault("rfc3987_syntax", None)
     import papermill
     from traitlets.config import Config
 

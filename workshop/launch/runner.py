@@ -2,6 +2,7 @@
 
     python -m workshop.launch.runner [--nproc N] [--resume RUN_DIR] NOTEBOOK [-p NAME VALUE ...]   # scripts/run_notebook.sh
     python -m workshop.launch.runner series [NOTEBOOK ...]       # `make run`: every notebook, then the report
+    python -m workshop.launch.runner check NOTEBOOK [-p NAME VALUE ...]   # step 1's checks only; nothing runs
     python -m workshop.launch.runner rank RUN_DIR                # one rank; srun or torchrun starts it once per rank
     python -m workshop.launch.runner execute RUN_DIR RANK_DIR    # the rank's papermill, its kernel on Unix sockets
 
@@ -34,6 +35,7 @@ from pathlib import Path
 from workshop.base import world
 from workshop.base.runs import REPO, RunError
 from workshop.launch import ranks
+from workshop.launch.options import check_notebook
 from workshop.launch.preflight import check_local_ranks
 from workshop.launch.rundir import INTERRUPTED, collect, prepare
 from workshop.launch.series import series
@@ -103,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             return ranks.run_rank(Path(argv[1]))
         if argv[:1] == ["execute"] and len(argv) == 3:
             return ranks.execute(Path(argv[1]), Path(argv[2]))
+        if argv[:1] == ["check"] and len(argv) > 1:
+            given = check_notebook(Path(argv[1]).resolve(), argv[2:])
+            print(f"{argv[1]}: {len(given)} parameter(s) checked against the notebook's rules; nothing ran")
+            return 0
         if argv[:1] == ["series"]:
             notebooks = [Path(a) for a in argv[1:]]
             return series(notebooks or sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")))
