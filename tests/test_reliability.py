@@ -1,7 +1,8 @@
 """Reliability, on local ranks and on the local SLURM cluster: a rank that fails ends every process
 in bounded time; a run interrupted by SIGUSR1 (the time-limit warning) resumes in its own folder to
-the weights of an uninterrupted run; two jobs on the same nodes at once; run folders on a shared
-cluster (mode, no secrets). Times are printed (pytest -s); the bound of 90 s is the requirement."""
+the weights of an uninterrupted run (on SLURM: a job beside it, so two jobs share the nodes at once);
+run folders on a shared cluster (mode, no secrets). Times are printed (pytest -s); the bound of 90 s is
+the requirement."""
 
 import json
 import os
@@ -47,23 +48,6 @@ def ended(process: psutil.Process) -> bool:
 
 def final_weights(run: Path) -> dict:
     return torch.load(run / "final.pt", weights_only=True)["model"]
-
-
-@pytest.fixture(scope="session")
-def reference_weights(tmp_path_factory):
-    """The final weights of an uninterrupted 2-rank run of the resume notebook, by `lightning`: run once per
-    test session, shared by the resume tests on local ranks and on SLURM."""
-    cache = {}
-
-    def get(lightning: bool) -> dict:
-        if lightning not in cache:
-            runs = tmp_path_factory.mktemp(f"reference-{lightning}")
-            out = run_notebook("--nproc", 2, RESUME, *RESUME_ARGS, "-p", "lightning", str(lightning),
-                               env={**os.environ, "WORKSHOP_RUNS": str(runs)})
-            assert out.returncode == 0, out.stderr[-3000:]
-            cache[lightning] = final_weights(only_run(runs))
-        return cache[lightning]
-    return get
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -126,12 +110,15 @@ def stopped_at(run: Path, lightning: bool) -> int:
 
 
 @pytest.mark.multirank
-def test_an_interrupted_run_resumes_in_its_folder_to_the_same_weights(tmp_path, monkeypatch, reference_weights):
-    """Resumed by hand (--resume), with Lightning's checkpoints; the plain loop's checkpoints resume in the SLURM
-    requeue test below, through the same launcher code."""
+def test_an_interrupted_run_resumes_in_its_folder_to_the_same_weights(tmp_path, monkeypatch):
+    """Resumed by hand (--resume), with Lightning's checkpoints, to the weights of an uninterrupted run; the plain
+    loop's checkpoints resume in the SLURM requeue test below, through the same launcher code."""
     lightning = True
     resume_args = [*RESUME_ARGS, "-p", "lightning", str(lightning)]
-    reference = reference_weights(lightning)
+    uninterrupted = tmp_path / "uninterrupted"
+    out = run_notebook("--nproc", 2, RESUME, *resume_args, env={**os.environ, "WORKSHOP_RUNS": str(uninterrupted)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    reference = final_weights(only_run(uninterrupted))
     runs = tmp_path / "runs"
     monkeypatch.setenv("WORKSHOP_RUNS", str(runs))
     args = [*resume_args, "-p", "step_sleep_s", "0.5"]
@@ -262,42 +249,33 @@ def test_on_slurm_a_killed_rank_ends_the_job_in_bounded_time(slurm, runs):
 
 
 @pytest.mark.slurm
-def test_on_slurm_a_job_warned_of_its_time_limit_requeues_and_resumes(slurm, tmp_path, reference_weights):
-    reference = reference_weights(False)  # the notebook's default: the plain loop
-
+def test_on_slurm_two_jobs_at_once_and_the_one_warned_of_its_time_limit_requeues_to_the_others_weights(slurm, tmp_path):
+    """Two jobs of the resume notebook (the plain loop) on the same two nodes at once: each its own rendezvous port;
+    the one that SLURM warns of its time limit requeues, resumes in its folder, and ends with the weights of the one
+    that was never interrupted."""
     runs = tmp_path / "runs"
-    args = [*RESUME_ARGS, "-p", "step_sleep_s", "0.5"]
-    job = submit(runs, "--requeue", "--time=00:10:00", "--nodes=2", "--ntasks-per-node=1", "scripts/run_notebook.sh",
-                 RESUME, *args)
-    run = wait_for_step(runs, 2, pattern=f"job{job}-*")
+    job_args = ["--time=00:10:00", "--nodes=2", "--ntasks-per-node=1", "scripts/run_notebook.sh", RESUME, *RESUME_ARGS,
+                "-p", "step_sleep_s", "0.5"]
+    warned = submit(runs, "--requeue", *job_args)
+    plain = submit(runs, *job_args)
+    run = wait_for_step(runs, 2, pattern=f"job{warned}-*")
     # what --signal=B:USR1@N makes SLURM send to the batch shell near the time limit
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    wait_gone(job, 900)
-    log = (REPO / "runs" / f"slurm-{job}.out").read_text()
-    assert "RUN INTERRUPTED" in log and f"requeueing job {job}" in log and "restart 1" in log, log[-3000:]
-    assert sorted(p.name for p in runs.iterdir()) == [run.name]  # the same folder
+    subprocess.run(["scancel", "--batch", "--signal=USR1", warned], check=True)
+    for job in (warned, plain):
+        wait_gone(job, 900)
+    log = (REPO / "runs" / f"slurm-{warned}.out").read_text()
+    assert "RUN INTERRUPTED" in log and f"requeueing job {warned}" in log and "restart 1" in log, log[-3000:]
+    other = runs / f"job{plain}-resume_training"
+    assert sorted(p.name for p in runs.iterdir()) == sorted([run.name, other.name])  # the warned job: the same folder
     first = records.read(run / "attempt1" / "record.json")
     assert first.status == "interrupted" and first.extra["checkpointed"]
-    record = records.read(run / "record.json")
-    assert record.status == "ok" and record.slurm_job_id == job and 2 <= record.results["start_step"] < 12
-    assert_same_weights(final_weights(run), reference)
-    (REPO / "runs" / f"slurm-{job}.out").unlink()
-
-
-@pytest.mark.slurm
-def test_on_slurm_two_jobs_on_the_same_nodes_at_once(slurm, runs):
-    jobs = [submit(runs, "--time=00:10:00", "--nodes=2", "--ntasks-per-node=1", "scripts/run_notebook.sh", RESUME,
-                   *RESUME_ARGS, "-p", "step_sleep_s", "0.3") for _ in range(2)]
-    for job in jobs:
-        wait_gone(job, 900)
-    done = [records.read(runs / f"job{job}-resume_training" / "record.json") for job in jobs]
-    assert [r.status for r in done] == ["ok", "ok"]
-    assert done[0].dist["master_port"] != done[1].dist["master_port"]
-    spans = []
-    for job in jobs:
-        status = json.loads((runs / f"job{job}-resume_training" / "logs" / "rank0.status.json").read_text())
-        spans.append((status["started"], status["ended"]))
-    overlap = max(s for s, _ in spans) < min(e for _, e in spans)
-    print(f"\ntwo jobs {jobs}: ports {[r.dist['master_port'] for r in done]}, ran at once: {overlap}")
-    for job in jobs:
+    record, reference = records.read(run / "record.json"), records.read(other / "record.json")
+    assert record.status == "ok" and record.slurm_job_id == warned and 2 <= record.results["start_step"] < 12
+    assert reference.status == "ok" and reference.results["start_step"] == 0, reference
+    assert record.dist["master_port"] != reference.dist["master_port"]  # a job's port is its id's (both attempts)
+    spans = [json.loads((folder / "logs" / "rank0.status.json").read_text()) for folder in (run / "attempt1", other)]
+    print(f"\ntwo jobs {[warned, plain]}: ports {[record.dist['master_port'], reference.dist['master_port']]}, ran at once: "
+          f"{max(s['started'] for s in spans) < min(s['ended'] for s in spans)}")
+    assert_same_weights(final_weights(run), final_weights(other))
+    for job in (warned, plain):
         (REPO / "runs" / f"slurm-{job}.out").unlink()
