@@ -58,9 +58,11 @@ def test_a_kernel_gets_unix_sockets_that_fit_in_a_socket_path(tmp_path):
 
 
 def test_two_runs_of_one_notebook_never_share_a_folder(runs):
-    for _ in range(2):
-        assert run_notebook(FAIL).returncode == 0
-    assert len([p for p in runs.iterdir() if p.is_dir()]) == 2
+    """Two runs started in the same second: the launcher's step 1 (rundir.prepare) makes each its own folder."""
+    from workshop.launch import rundir
+
+    first, second = (rundir.prepare(str(REPO / FAIL), 1, []) for _ in range(2))
+    assert first != second and sorted(p for p in runs.iterdir() if p.is_dir()) == sorted([first, second])
 
 
 @pytest.mark.parametrize("args, message", [
