@@ -1,10 +1,11 @@
 """The benchmarks (workshop.measure.collectives, throughput, flops and perf, and their command line
-workshop.measure.bench): their arithmetic in one process, and each benchmark started on 2 gloo ranks.
+workshop.measure.bench): their arithmetic in one process, and the benchmark no notebook runs (`strategies`) on 2
+gloo ranks. Notebook 05 runs the all-reduce sweep and the step split on 2 ranks (test_notebook_05 checks their rows);
+notebook 04 runs `bench ddp` on 2 ranks through torchrun (test_notebook_04 checks its result).
 
 The benchmarks print figures; these tests check that they run, print and record, never a timing.
 """
 
-import json
 import subprocess
 import sys
 from unittest import mock
@@ -111,43 +112,6 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
         bench.main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
-
-
-@pytest.mark.multirank
-def test_allreduce_on_2_ranks_prints_busbw_and_writes_a_record(tmp_path):
-    out = _run(TORCHRUN + ["allreduce", "--sizes", "4KiB,64KiB", "--iters", "3", "--warmup", "1"], tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "busbw (GB/s)" in out.stdout and "on 2 ranks" in out.stdout
-    assert out.stdout.count("all_reduce(SUM)") == 1  # rank 0 alone prints
-    (record,) = _records(tmp_path, "bench-allreduce")
-    rows = record.results["rows"]
-    assert [r["bytes"] for r in rows] == [4096, 65536]
-    assert all(r["time_s"] > 0 and r["busbw_GBps"] == pytest.approx(r["algbw_GBps"]) for r in rows)  # n = 2: 2(n-1)/n = 1
-
-
-@pytest.mark.multirank
-def test_ddp_on_2_ranks_writes_json(tmp_path):
-    path = tmp_path / "ddp.json"
-    out = _run(TORCHRUN + ["ddp", "--model", "small_cnn", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-                           "--json", str(path)], tmp_path / "runs")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    result = json.loads(path.read_text())
-    assert result["world_size"] == 2 and result["ddp"] is True and result["samples_per_s"] > 0
-    assert result["global_batch_size"] == 16 and len(result["peak_memory_bytes"]) == 2
-    assert "samples/s" in out.stdout
-    assert _records(tmp_path / "runs", "bench-ddp")[0].results["world_size"] == 2
-
-
-@pytest.mark.multirank
-def test_step_split_on_2_ranks_prints_a_row(tmp_path):
-    out = _run(TORCHRUN + ["step-split", "--models", "small_cnn", "--batch-size", "4", "--steps", "2"], tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    (row,) = [line for line in out.stdout.splitlines() if line.strip().startswith("small_cnn")]
-    assert "370.2 KiB" in row  # 94,762 float32 gradients
-    (record,) = _records(tmp_path, "bench-step-split")
-    (result,) = record.results["rows"]
-    assert result["world_size"] == 2 and result["comm_s"] > 0
-    assert 0 < result["efficiency_no_overlap"] <= result["efficiency_overlap"] <= 1
 
 
 @pytest.mark.multirank

@@ -49,7 +49,14 @@ def test_05_on_two_local_ranks(runs):
     assert table["reduce-scatter (sum)"] == ["3", "6"] and table["received from r - 1"] == ["2", "1"]
     record = records.read(run / "record.json")
     assert record.dist["world_size"] == 2 and all(record.results["matches_single_process"].values())
-    assert [r["bytes"] for r in record.results["allreduce"]] == [4096, 2**20]
+    rows = record.results["allreduce"]  # workshop.measure.collectives, as `bench allreduce` runs it
+    assert [r["bytes"] for r in rows] == [4096, 2**20]
+    assert all(r["time_s"] > 0 and r["busbw_GBps"] == pytest.approx(r["algbw_GBps"]) for r in rows)  # n = 2: 2(n-1)/n = 1
+    split = {r["model"]: r for r in record.results["step_split"]}  # workshop.measure.throughput, as `bench step-split`
+    assert sorted(split) == ["small_cnn", "vit_tiny"] and split["small_cnn"]["grad_bytes"] == 4 * 94_762
+    for row in split.values():
+        assert row["world_size"] == 2 and row["comm_s"] > 0
+        assert 0 < row["efficiency_no_overlap"] <= row["efficiency_overlap"] <= 1
 
 
 def test_a_broken_bucketed_all_reduce_fails_the_run_in_the_check_cell(runs, tmp_path, monkeypatch):
