@@ -34,8 +34,9 @@ def only_run(runs):
 
 
 def leftover(run: Path) -> list[str]:
-    """Processes that still mention the run: its ranks, their papermill and kernels."""
-    out = subprocess.run(["pgrep", "-af", run.name], capture_output=True, text=True)
+    """Processes that still mention the run: its launcher, its ranks and their papermill. By the whole path: two
+    tests' runs of one notebook started in the same second have the same folder name."""
+    out = subprocess.run(["pgrep", "-af", str(run)], capture_output=True, text=True)
     return [line for line in out.stdout.splitlines() if "pgrep" not in line]
 
 
