@@ -145,6 +145,9 @@ def test_trainer_sees_the_launchers_world():
     env = dist.DistEnv(rank=3, local_rank=1, world_size=4, local_world_size=2, node_rank=1, launcher="slurm")
     trainer = dist.make_trainer(env, max_epochs=1, logger=False)
     assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank, trainer.num_nodes) == (4, 3, 1, 1, 2)
+    # every step logged: runs of tens of steps would otherwise log none, and Lightning warns on stderr
+    assert trainer.log_every_n_steps == 1
+    assert dist.make_trainer(env, max_epochs=1, logger=False, log_every_n_steps=10).log_every_n_steps == 10
 
 
 def test_one_process_gets_a_group_of_one(clean_env):

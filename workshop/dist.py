@@ -340,7 +340,7 @@ def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
     """A Lightning Trainer for this world: accelerator, devices, nodes and the cluster plugin
     from `env`. Lightning's own SLURM detection would take a papermill kernel under sbatch, or a
     JupyterLab server started as a SLURM job, for a world of its own; the plugin overrules it.
-    `strategy` defaults to "ddp" with more than one rank, else "auto". The FSDP strategy on CPU
+    `strategy` defaults to "ddp" with more than one rank, else "auto"; every step is logged. The FSDP strategy on CPU
     is refused with what to use instead (ModelParallelStrategy, which runs on CPU too). Unless
     `enable_progress_bar` is given, Lightning's bar shows in JupyterLab only (`workshop.base.progress`).
     Lightning counts devices per node, the same on every node: an uneven layout (3 tasks on 2 nodes)
@@ -353,6 +353,9 @@ def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
         strategy = "ddp" if env.is_distributed else "auto"
     _check_strategy_fits_device(strategy, env)
     plugins = list(kwargs.pop("plugins", [])) + [lightning_environment(env)]
+    # Lightning's default of a logged step in 50 suits long runs; the workshop's are tens of steps, which it logs
+    # nothing of and warns about on stderr ("smaller than the logging interval") unless told to log every step
+    kwargs.setdefault("log_every_n_steps", 1)
     if "enable_progress_bar" not in kwargs:  # a bar in JupyterLab; in a batch job's log, a line every N steps
         from workshop.base import progress
 
