@@ -71,8 +71,10 @@ nb() {  # nb NOTEBOOK PARAMS_FILE [GPU options] -- [CPU options]: one process, t
         if [[ $a == -- ]]; then into=cpu_opts; continue; fi
         if [[ $into == gpu_opts ]]; then gpu_opts+=("$a"); else cpu_opts+=("$a"); fi
     done
-    if [[ -n $check_only ]]; then  # both sets of sizes: the GPU run's, and the CPU run's
-        notebook "notebooks/$notebook.ipynb" -f "notebooks/params/$file" "${gpu_opts[@]}" || return
+    if [[ -n $check_only ]]; then  # both sets of sizes, on any machine: the GPU run's, and the CPU run's
+        notebook "notebooks/$notebook.ipynb" -f "notebooks/params/$file" "${gpu_opts[@]}" &&
+            notebook "notebooks/$notebook.ipynb" -f "notebooks/params/$file" "${gpu_opts[@]}" "${cpu_opts[@]}"
+        return
     fi
     local opts=("${gpu_opts[@]}")
     [[ -z $gpu ]] && opts+=("${cpu_opts[@]}")  # on CPU the sizes shrink to CPU ones as well

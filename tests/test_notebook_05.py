@@ -1,5 +1,5 @@
-"""notebooks/05_ddp.ipynb as N ranks: 2 local ranks, and 2 nodes x 2 ranks on the local SLURM cluster;
-and a broken bucketed all-reduce that must fail the run (one process). (nbval runs it as one process.)"""
+"""notebooks/05_ddp.ipynb on 2 local ranks (nbval runs it as one process; the committed notebook is a 2 x 2 SLURM
+run), and, as one process, a broken bucketed all-reduce that must fail the run."""
 
 import json
 import re
