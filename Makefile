@@ -17,19 +17,24 @@ run: setup  ## execute every notebook (CPU, synthetic data, local ranks), then t
 # of their time waiting on ranks, SLURM jobs and JupyterLab, and a third worker fills those waits (on 2 cores, the
 # whole suite: 763 s with 2 workers, 692 s with 3, the CPUs then idle 1% of the time). `--dist loadfile` keeps a
 # file's tests on one worker, so a notebook's cells run in order in one kernel (nbval); --dist loadgroup would
-# not, with pytest 9.2 it silently stops grouping (pytest-dev/pytest-xdist#1386). The SLURM tests take the local
-# cluster one at a time (conftest.py). TEST_WORKERS=0 runs everything in one process.
+# not, with pytest 9.2 it silently stops grouping (pytest-dev/pytest-xdist#1386). --no-loadscope-reorder keeps the
+# order of conftest.LONGEST_FIRST (else xdist starts the files with the most tests first, and a long file of one
+# test last). The SLURM tests take the local cluster one at a time (conftest.py). TEST_WORKERS=0 runs everything in
+# one process.
 TEST_WORKERS ?= 3
 
 test: setup  ## the whole test suite (SLURM tests need `make slurm-up`)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "Python >= 3.10 is needed (PYTHON=$(PYTHON))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --editable '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-compile --editable '.[dev]'
+	@# byte-compile what pip installed on every core (pip compiles on one: 171 s in all became 121 s on 2 cores); like
+	@# pip, pass over a file this Python cannot compile (torch ships a test helper written in Python 3.12's syntax)
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $@
 
 kernel: setup  ## register this environment as the Jupyter kernel "workshop"

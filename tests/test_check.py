@@ -1,5 +1,5 @@
 """workshop.check: what a comparison reports and that a failed check raises with it (one process;
-the agreement of ranks is checked on 2 ranks in tests/multirank/ddp_equivalence.py)."""
+the agreement of ranks is checked on 3 ranks in tests/multirank/ring_allreduce.py)."""
 
 import pytest
 import torch

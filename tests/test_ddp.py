@@ -1,5 +1,6 @@
-"""workshop.ddp's ring all-reduce on 1 and 3 ranks (2: notebook 05), and workshop.data_parallel's steps of
-nn.DataParallel by hand against one process."""
+"""workshop.ddp's ring all-reduce on 1 and 3 ranks (2: notebook 05), workshop.check's verdict on 3 ranks when one
+rank differs, and workshop.data_parallel's steps of nn.DataParallel by hand against one process. Naive, bucketed,
+torch and Lightning DDP against one process: notebook 05's checked cell, on 2 ranks in test_notebook_05."""
 
 import copy
 
@@ -12,7 +13,7 @@ from workshop import data_parallel, dist, models
 
 
 @pytest.mark.multirank
-def test_ring_allreduce_equals_all_reduce_with_uneven_chunks(tmp_path, clean_env):
+def test_ring_allreduce_equals_all_reduce_with_uneven_chunks_and_every_rank_gets_the_checks_verdict(tmp_path, clean_env):
     """On 3 ranks, an odd ring; notebook 05 checks 2 ranks against torch.distributed.all_reduce (test_notebook_05)."""
     nproc = 3
     saved = on_ranks("ring_allreduce.py", tmp_path / "ring.pt", nproc=nproc)
@@ -31,6 +32,10 @@ def test_ring_allreduce_equals_all_reduce_with_uneven_chunks(tmp_path, clean_env
     assert lines[0].split() == [w for r in range(n) for w in ("rank", str(r))]
     assert lines[1].split() == ["rank", "+", "1", *map(str, range(1, n + 1))]
     assert lines[2].split() == ["only", "rank", "0", "1", "1", *["-"] * (n - 1)]
+    # a difference on the last rank alone fails the check on rank 0 too; a NaN there stops rank 0 as well
+    verdict = saved["check_on_rank0"]
+    assert not verdict["weights_ok"] and verdict["weights_detail"] == "equal on this rank, different on another"
+    assert verdict["diverged"].startswith("training diverged at step 5: another rank's loss is not finite")
 
 
 def test_ring_allreduce_on_one_rank_leaves_the_tensor(clean_env):

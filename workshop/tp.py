@@ -18,9 +18,10 @@ With DTensor (a plan is data: a dict from module name to a ParallelStyle):
     apply_2d(model, mesh)                          # TP over mesh["tp"], then fully_shard over mesh["dp"]
 
 Sizes are checked before anything is split: `check_tp_size(model, tp_size)` and `ParallelDims(...)` raise
-a ValueError naming the numbers. The tests run everything on 2 and 4 CPU ranks (gloo):
+a ValueError naming the numbers. Notebook 08 checks tensor parallelism on 2 CPU ranks (gloo) against one
+process; the tests check 2D on 4:
 
-    torchrun --standalone --nproc-per-node 4 tests/multirank/tp_equivalence.py OUT.pt
+    torchrun --standalone --nproc-per-node 4 tests/multirank/tp_equivalence.py OUT.pt   # 2D on 4 ranks
 """
 
 from __future__ import annotations
