@@ -69,16 +69,34 @@ def test_same_grads():
 
 def test_require_prints_every_line_and_raises_with_the_difference(capsys):
     a, b = twins()
-    check.require({"plain": check.same_weights(a, b), "bucketed": True})
+    check.require({"plain": check.same_weights(a, b), "bucketed": check.that(True, "1 bucket")})
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["plain matches the single-process run:    True", "bucketed matches the single-process run: True"]
     with torch.no_grad():
         b[0].bias[1] -= 1.0
     with pytest.raises(check.CheckFailed, match=r"1 of 2 checks failed[\s\S]*plain: 0\.bias differs by up to 1"):
-        check.require({"plain": check.same_weights(a, b), "bucketed": True})
+        check.require({"plain": check.same_weights(a, b), "bucketed": check.that(True, "1 bucket")})
     assert capsys.readouterr().out.splitlines()[0].endswith("False")
-    with pytest.raises(check.CheckFailed, match="bare: False"):
-        check.require({"bare": False}, claim="")
+    with pytest.raises(check.CheckFailed, match=r"accuracy: 9\.0%, bar 15\.0%: try a lower learning rate"):
+        check.require({"accuracy": check.that(0.09 > 0.15, "9.0%, bar 15.0%: try a lower learning rate")}, claim="")
+
+
+def test_a_bare_boolean_is_refused_before_anything_prints(capsys):
+    with pytest.raises(TypeError, match=r"'bare' is a bare bool: pass check.that\(ok, figures\)"):
+        check.require({"fine": check.that(True, ""), "bare": False}, claim="")
+    assert capsys.readouterr().out == ""
+
+
+def test_refuses_needs_the_error_and_its_words(capsys):
+    def bad():
+        raise ValueError("size 3 does not divide 4; choose from [1, 2, 4]")
+
+    assert check.refuses(bad, ValueError, "choose")
+    assert capsys.readouterr().out == "ValueError: size 3 does not divide 4; choose from [1, 2, 4]\n"
+    assert "without 'pick'" in check.refuses(bad, ValueError, "pick").detail
+    assert check.refuses(lambda: None, ValueError).detail == "nothing was raised: expected a ValueError"
+    with pytest.raises(ValueError):  # another error is not a refusal of this kind: it propagates
+        check.refuses(bad, KeyError)
 
 
 def test_a_non_finite_loss_stops_training_with_its_step():

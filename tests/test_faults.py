@@ -13,7 +13,8 @@ import pytest
 from helpers import STARTUP_S, launch
 from workshop.base.world import local_ranks, without_launcher
 from workshop.launch import faults as workshop_faults
-from workshop.launch.faults import diagnose, main, read_traces, short_error
+from workshop.launch.doctor import short_error
+from workshop.launch.faults import diagnose, main, read_traces
 
 TIMEOUT_S = 3  # the process group's timeout in these launches
 
@@ -50,12 +51,18 @@ def test_traces_that_agree_say_so():
         "every rank entered the same collectives (2 in a group)"]
 
 
-def test_details_fingerprints_are_shortened():
+def test_errors_are_shortened_to_what_a_user_needs():
     text = ("Rank 1 is running collective: CollectiveFingerPrint(SequenceNumber=2, OpType=BROADCAST, TensorShape=[4], "
             "TensorDtypes=Float, TensorDeviceTypes=TensorOptions(dtype=float (default), device=cpu, "
             "memory_format=(nullopt)))")
     assert short_error(text) == ("Rank 1 is running collective: CollectiveFingerPrint(SequenceNumber=2, "
                                  "OpType=BROADCAST, TensorShape=[4], TensorDtypes=Float)")
+    # gloo's messages start with a source path on the machine that built the wheel
+    assert short_error("[enforce fail at /__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/device.cc:84] "
+                       "ifa != nullptr. Unable to find address for: nosuch0") == (
+        "ifa != nullptr. Unable to find address for: nosuch0")
+    assert short_error("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                       "waiting 3000ms") == "Timed out waiting 3000ms"
 
 
 def test_bad_input_exits_2(tmp_path, capsys):

@@ -10,6 +10,14 @@ on rank 0 and raises `CheckFailed` on every rank when one of them failed, so a n
     # torch DDP matches the single-process run:     True
     # Lightning DDP matches the single-process run: True
 
+A check of figures rather than tensors carries them, so that a failure says what was measured, the
+bar it missed and what to try; a refusal is checked by calling the code that must refuse:
+
+    check.require({"plain loop": check.that(acc > bar, f"accuracy {acc:.1%}, bar {bar:.1%}: try a lower lr")},
+                  claim="above chance")
+    check.require({"tp 3 of 4 heads": check.refuses(lambda: tp.check_tp_size(model, 3), ValueError, "choose")},
+                  claim="is refused")
+
 Every rank must call the comparisons (they all-reduce the verdict); a process of one agrees with itself.
 """
 
@@ -17,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as tdist
@@ -117,15 +125,42 @@ def same_grads(model: torch.nn.Module, expected: Mapping[str, torch.Tensor] | It
     return compare(((f"{name}.grad", p.grad, g) for (name, p), g in zip(params, grads)), rtol, atol)
 
 
-def require(checks: Mapping[str, Match | bool], claim: str = "matches the single-process run") -> None:
-    """Print `<name> <claim>: True|False` for each check on rank 0, aligned; then raise CheckFailed,
-    on every rank, naming each failed check and what differs."""
+def that(ok: bool, figures: str) -> Match:
+    """A check of figures: `ok`, with `figures` saying what was measured against which bar (and, for a
+    check a student can fail, what to try). `require` shows the figures when the check fails. Agreed by
+    all ranks (every rank must call it)."""
+    return agree(Match(bool(ok), figures))
+
+
+def refuses(call: Callable[[], object], error: type[BaseException] = ValueError, says: str = "") -> Match:
+    """Does `call()` raise `error` with `says` in its message? Rank 0 prints the message, which is
+    what a user who made the mistake reads. Agreed by all ranks (every rank must call it)."""
     from workshop import dist
 
+    try:
+        call()
+    except error as err:
+        dist.print0(f"{type(err).__name__}: {err}")
+        if says in str(err):
+            return agree(Match(True))
+        return agree(Match(False, f"{type(err).__name__} without {says!r} in its message: {err}"))
+    return agree(Match(False, f"nothing was raised: expected a {error.__name__}"))
+
+
+def require(checks: Mapping[str, Match], claim: str = "matches the single-process run") -> None:
+    """Print `<name> <claim>: True|False` for each check on rank 0, aligned; then raise CheckFailed,
+    on every rank, naming each failed check and what differs. Each check is a Match (from a comparison,
+    `that` or `refuses`): a bare True or False would fail without saying why."""
+    from workshop import dist
+
+    bare = [name for name, match in checks.items() if not isinstance(match, Match)]
+    if bare:
+        raise TypeError(f"check {bare[0]!r} is a bare {type(checks[bare[0]]).__name__}: pass "
+                        "check.that(ok, figures) so that a failure says what was measured against which bar")
     labels = {name: f"{name} {claim}:" if claim else f"{name}:" for name in checks}
     width = max(map(len, labels.values()))
     for name, match in checks.items():
         dist.print0(f"{labels[name]:<{width}} {bool(match)}")
-    failed = [f"{name}: {getattr(match, 'detail', '') or 'False'}" for name, match in checks.items() if not match]
+    failed = [f"{name}: {match.detail or 'False'}" for name, match in checks.items() if not match]
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(checks)} checks failed ({claim}):\n  " + "\n  ".join(failed))

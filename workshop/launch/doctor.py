@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import sys
 import threading
@@ -89,6 +90,15 @@ class Report:
 
 
 # --- what a rank sees alone ------------------------------------------------------------------------
+
+def short_error(text: str) -> str:
+    """A collective's or a rendezvous' error on one line, as a user needs it: without the tensor options that
+    DETAIL's fingerprints spell out, and without the C++ source path that gloo puts first ("[enforce fail at
+    /__w/pytorch/.../device.cc:84]": a path on the machine that built the wheel, not on this one)."""
+    text = re.sub(r", TensorDeviceTypes=TensorOptions\((?:[^()]|\([^()]*\))*\)", "", text)
+    text = re.sub(r"\[(?:enforce fail at )?[^\]\s]+\.(?:cc|cpp|h):\d+\] ", "", text)
+    return " ".join(text.split())
+
 
 def host_name(environ=os.environ) -> str:
     """The node's name: SLURM's (SLURMD_NODENAME, as in the job's node list) where there is one, else the host name."""
@@ -352,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.init(env, timeout_s=args.timeout)
     except Exception as err:  # a refused connection, a bad interface, a timeout: say which, and what to check
         watchdog.cancel()
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        detail = short_error(str(err).strip().splitlines()[0]) if str(err).strip() else ""
         if "EADDRINUSE" in detail:  # rank 0 could not open the rendezvous port: something else listens on it
             _say_cannot_join(report, f"the port {env.master_port} is already taken on {report.host}: another process "
                                      f"listens on it, so rank 0 cannot open {where} ({type(err).__name__}: {detail})")

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import re
 import signal
 import socket
 import statistics
@@ -57,7 +56,7 @@ from workshop.base import runs, world
 from workshop.base.params import positive
 from workshop.base.tables import table
 from workshop.dist import DistEnv
-from workshop.launch.doctor import host_name
+from workshop.launch.doctor import host_name, short_error
 
 TRACE_BUFFER = "2000"  # collectives each rank's Flight Recorder keeps (TORCH_FR_BUFFER_SIZE)
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -176,12 +175,6 @@ def _all_reduces(env: DistEnv, steps: int, fault_rank: int, fault_step: int, fau
             return 1
     dump_trace(traces, env.rank)
     return 0
-
-
-def short_error(text: str) -> str:
-    """A collective's error on one line, without the tensor options that DETAIL's fingerprints spell out."""
-    text = re.sub(r", TensorDeviceTypes=TensorOptions\((?:[^()]|\([^()]*\))*\)", "", text)
-    return " ".join(text.split())
 
 
 def straggle(env: DistEnv, steps: int, slow_rank: int, delay_s: float, work: int = 256) -> list[dict]:

@@ -1,12 +1,13 @@
 """`make notebooks`: execute every committed notebook the way a reader should see it, and put its outputs back.
 
-A notebook whose lesson needs more than one rank (metadata `workshop.ranks` > 1) is committed as rank 0's notebook
-of a run on 4 ranks over the 2 nodes of the local SLURM cluster (`sbatch --nodes=2 --ntasks-per-node=2
+A notebook whose lesson needs more than one rank (metadata `workshop.make_run_ranks` > 1) is committed as rank 0's
+notebook of a run on 4 ranks over the 2 nodes of the local SLURM cluster (`sbatch --nodes=2 --ntasks-per-node=2
 scripts/run_notebook.sh ...`); where no SLURM answers, of 4 local ranks (`--nproc 4`), and its first output line
 says so (`dist.describe`). Every other notebook is executed as one process. Either way through
 `scripts/run_notebook.sh`, so the committed notebook is what a student's job produces.
 
-Only the outputs and execution counts come back into the committed notebook; its source, cell ids and metadata
+Only the outputs and execution counts come back into the committed notebook, with the world they came from
+(metadata `workshop.ranks` and `workshop.nodes`, from the run's run.json); its source, cell ids and other metadata
 stay. Outputs lose what would churn from one run to the next or leak this machine: the repository's absolute path,
 the home folder, the user name, SLURM job ids and the time stamps in run-folder names.
 
@@ -109,10 +110,18 @@ def _scrub_output(out: dict) -> dict:
     return out
 
 
+def run_world(run: Path) -> dict:
+    """The world of a run of scripts/run_notebook.sh, from the run.json its launcher wrote: ranks and nodes."""
+    launched = json.loads((run / "run.json").read_text())
+    return {"ranks": int(launched["nranks"]), "nodes": int(launched.get("environment", {}).get("SLURM_JOB_NUM_NODES", 1))}
+
+
 def merge_outputs(committed: Path, executed: Path) -> None:
     """Put the executed notebook's outputs (scrubbed) into the committed one, cell by cell (matched by cell id, else
-    by position among the cells papermill did not inject). Source and metadata of the committed notebook stay."""
+    by position among the cells papermill did not inject), and the run's world into its metadata (workshop.ranks,
+    workshop.nodes). Source and other metadata of the committed notebook stay."""
     nb = json.loads(committed.read_text())
+    nb["metadata"].setdefault("workshop", {}).update(run_world(executed.parent))
     ran = json.loads(executed.read_text())
     cells = [c for c in ran["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
     by_id = {c.get("id"): c for c in cells if c.get("id")}
@@ -124,7 +133,7 @@ def merge_outputs(committed: Path, executed: Path) -> None:
         src = by_id.get(cell.get("id"), cells[i])
         cell["outputs"] = [_scrub_output(o) for o in src.get("outputs", [])]
         cell["execution_count"] = src.get("execution_count")
-    committed.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    committed.write_text(json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n")  # as nbformat writes it
 
 
 def regenerate(notebooks: list[Path], local: bool = False) -> int:

@@ -17,9 +17,10 @@ REPORT_NOTEBOOK = "12_scaling_report"  # run last by `series`, over the runs the
 
 def declared_ranks(notebook: Path) -> int:
     """How many ranks a notebook's lesson needs (`make run` gives it that many local ranks): its metadata's
-    workshop.ranks, else 1."""
+    workshop.make_run_ranks, set by hand, else 1. (workshop.ranks and workshop.nodes say the world the committed
+    outputs came from; `make notebooks` writes them.)"""
     meta = json.loads(notebook.read_text()).get("metadata", {})
-    return int(meta.get("workshop", {}).get("ranks", 1))
+    return int(meta.get("workshop", {}).get("make_run_ranks", 1))
 
 
 def series(notebooks: list[Path]) -> int:

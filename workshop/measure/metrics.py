@@ -105,6 +105,11 @@ def peak_memory(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def peak_memory_kind(device) -> str:
+    """What `peak_memory` counts on `device`, in the words a printed figure needs beside it."""
+    return "tensors' bytes" if device_type(device) == "cuda" else "the process's resident set: Python and libraries too"
+
+
 def run_dir(notebook: str, env: DistEnv | None = None) -> Path:
     """This run's folder: $WORKSHOP_RUN_DIR (set by scripts/run_notebook.sh), else one named as the
     launcher names them, runs/<job id or time>-<notebook>: a new one for one process (JupyterLab,

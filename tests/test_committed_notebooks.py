@@ -1,0 +1,131 @@
+"""The committed notebooks as a reader opens them: every image decodes, nothing on stderr but what the allow-list
+admits (each entry with its reason), no path of any machine, every checked cell goes through workshop.check, and
+the metadata names the world the outputs came from."""
+
+import base64
+import json
+import re
+import struct
+import zlib
+
+import pytest
+
+from helpers import REPO
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+# stderr a committed notebook may show: (notebook, text in the output, why it stays). Empty: none is needed now.
+STDERR_ALLOWED: list[tuple[str, str, str]] = []
+
+# An absolute path on some machine (a home, a build machine's /__w/, a cluster's file system) or inside an
+# environment; "runs/..." relative to the repository is what a reader should see.
+MACHINE_PATH = re.compile(r"(?<![\w.])/(?:home|Users|root|tmp|work|__w|opt|usr|scratch|private|var|mnt|data|gpfs|lustre"
+                          r"|p|global|lus|cluster)/\S+|\S*\.venv/\S*|\S*site-packages\S*")
+
+
+def png_defect(data: bytes) -> str | None:
+    """What is wrong with a PNG file, else None: its signature, each chunk's CRC-32 (over type and data), an IEND."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return "no PNG signature"
+    pos = 8
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length] or b"\0\0\0\0")
+        if zlib.crc32(kind + body) != crc:
+            return f"the checksum of chunk {kind!r} at byte {pos} fails"
+        if kind == b"IEND":
+            return None
+        pos += 12 + length
+    return "it ends before its IEND chunk"
+
+
+def code_cells(path):
+    return [(i, c) for i, c in enumerate(json.loads(path.read_text())["cells"]) if c["cell_type"] == "code"]
+
+
+def texts(cell):
+    """Each text an output of the cell shows, with what it is: stdout, stderr, text/plain, ..."""
+    for out in cell.get("outputs", []):
+        if out["output_type"] == "stream":
+            yield out["name"], "".join(out["text"])
+        for kind, value in out.get("data", {}).items():
+            if kind.startswith("text/"):
+                yield kind, "".join(value) if isinstance(value, list) else value
+        if out["output_type"] == "error":
+            yield "error", "\n".join(out.get("traceback", []))
+
+
+def test_png_defect_finds_a_changed_byte():
+    chunk = b"IEND"
+    good = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 0) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    assert png_defect(good) is None
+    assert "checksum" in png_defect(good[:-1] + b"\x00")
+    assert png_defect(good[:8]) == "it ends before its IEND chunk"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_image_decodes(path):
+    bad = [(i, png_defect(base64.b64decode(out["data"]["image/png"]))) for i, cell in code_cells(path)
+           for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+    assert [(i, why) for i, why in bad if why] == [], f"{path.name}: corrupt images (cell index, defect)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_stderr_but_the_allowed(path):
+    allowed = [text for name, text, _ in STDERR_ALLOWED if name == path.name]
+    shown = [(i, text[:300]) for i, cell in code_cells(path) for kind, text in texts(cell)
+             if kind in ("stderr", "error") and not any(a in text for a in allowed)]
+    assert shown == [], f"{path.name} shows stderr or an error (cell index, text); mend its cause, or allow it with a reason"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_machine_path(path):
+    found = [(i, m) for i, cell in code_cells(path) for _, text in texts(cell) for m in MACHINE_PATH.findall(text)]
+    assert found == [], f"{path.name} shows paths of a machine (cell index, path): print them relative to the repository"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_checked_cell_goes_through_workshop_check(path):
+    """nbval compares a checked cell's output, but a batch run (papermill, SLURM) fails only where a check raises."""
+    unchecked = [i for i, cell in code_cells(path) if "".join(cell["source"]).startswith("# NBVAL_CHECK_OUTPUT")
+                 and not re.search(r"\bcheck\.(require|stop_if_diverged)\(", "".join(cell["source"]))]
+    assert unchecked == [], f"{path.name}: checked cells (index) that only print: call check.require"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_metadata_names_the_world_of_the_outputs(path):
+    meta = json.loads(path.read_text())["metadata"].get("workshop", {})
+    assert {"ranks", "nodes"} <= meta.keys(), f"{path.name}: run `make notebooks`, which writes workshop.ranks and .nodes"
+    said = [re.match(r"(\d+) rank\(s\) on (\d+) node\(s\)", text) for _, cell in code_cells(path)[:3]
+            for kind, text in texts(cell) if kind == "stdout"]
+    said = [m for m in said if m]
+    if said:  # the first line of a lesson that starts a world says it
+        assert (meta["ranks"], meta["nodes"]) == (int(said[0][1]), int(said[0][2])), path.name
+    if meta.get("make_run_ranks", 1) > 1:
+        assert meta["ranks"] > 1, f"{path.name}: a multi-rank lesson committed from {meta['ranks']} rank"
+
+
+def test_merge_outputs_brings_back_outputs_and_the_world_of_the_run(tmp_path):
+    from workshop.launch.regenerate import merge_outputs
+
+    def notebook(outputs, tags=()):
+        cell = {"cell_type": "code", "id": "c1", "metadata": {}, "execution_count": 1, "outputs": outputs,
+                "source": ["print(1)"]}
+        injected = {"cell_type": "code", "id": "p", "metadata": {"tags": list(tags)}, "execution_count": 1,
+                    "outputs": [], "source": ["seed = 1"]}
+        return {"cells": [injected, cell] if tags else [cell], "metadata": {"workshop": {"make_run_ranks": 2}},
+                "nbformat": 4, "nbformat_minor": 5}
+
+    committed = tmp_path / "05_x.ipynb"
+    committed.write_text(json.dumps(notebook([])))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"nranks": 4, "environment": {"SLURM_JOB_NUM_NODES": "2"}}))
+    said = {"output_type": "stream", "name": "stdout", "text": "4 rank(s) on 2 node(s)\n"}
+    (run / "05_x.ipynb").write_text(json.dumps(notebook([said], tags=["injected-parameters"])))
+    merge_outputs(committed, run / "05_x.ipynb")
+    merged = json.loads(committed.read_text())
+    assert merged["metadata"]["workshop"] == {"make_run_ranks": 2, "ranks": 4, "nodes": 2}
+    assert [c["source"] for c in merged["cells"]] == [["print(1)"]]
+    assert merged["cells"][0]["outputs"] == [said]
