@@ -40,7 +40,7 @@ class Case:
     name: str  # what is wrong, as the README's table says it
     args: list[str]  # run_notebook.sh's arguments; {tmp} is the case's temporary folder
     code: int  # the exit status
-    message: str  # a line of stderr (or the start of one), {tmp} and {repo} filled in
+    message: str  # a line of stderr (or the start of one; \n where the message goes on), {tmp} and {repo} filled in
     env: dict = field(default_factory=dict)  # added to the environment; {tmp} filled in
     setup: Callable[[Path], None] | None = None  # makes what the case needs under tmp
     unprivileged: bool = False  # needs permission checks that root skips (run without root's override)
@@ -207,11 +207,11 @@ CASES = [
          env={"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_MAX": "2",
               "SLURM_ARRAY_JOB_ID": "777"}),
     Case("a tensor-parallel size that does not divide the heads", [], 1,
-         "ValueError: tensor-parallel size 3 does not divide the 4 attention heads (heads 4, dim 128, hidden 512, "
+         "ValueError: tensor-parallel size 3 does not divide the 4 attention heads\n(heads 4, dim 128, hidden 512, "
          "vocab_size 256); choose tp_size from [1, 2, 4]",
          python='from workshop import models, tp; tp.check_tp_size(models.tinygpt("cpu"), 3)'),
     Case("a mesh whose product is not the world size", ["--nproc", "1", NB08, "-p", "tp_size", "1", "-p", "dp_size", "2"],
-         1, "(ValueError: mesh dp_size 2 x tp_size 1 = 2 ranks, but the world has 1; choose (dp_size, tp_size) from "
+         1, "(ValueError: mesh dp_size 2 x tp_size 1 = 2 ranks, but the world has 1;\nchoose (dp_size, tp_size) from "
          "[(1, 1)])"),
     Case("the FSDP strategy on CPU", [], 1,
          "ValueError: Lightning's FSDP strategy needs CUDA GPUs and this rank runs on CPU: use "
@@ -349,8 +349,9 @@ def test_bad_input(case: Case, tmp_path):
 
 
 def readme_row(case: Case) -> str:
-    """The case's message as the README shows it: placeholders as <tmp>, <repo>."""
-    return case.message.replace("{tmp}", "<tmp>").replace("{repo}", "<repo>")
+    """The case's message as the README shows it: placeholders as <tmp>, <repo>, and a message of two lines on one
+    (a table's cell holds one line)."""
+    return case.message.replace("{tmp}", "<tmp>").replace("{repo}", "<repo>").replace("\n", " ")
 
 
 def test_the_readme_lists_every_case():

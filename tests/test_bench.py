@@ -54,9 +54,14 @@ def test_busbw_is_algbw_times_2_n_minus_1_over_n():
 
 
 def test_formats_and_plot_of_a_sweep(clean_env):
-    rows = [{"bytes": b, "time_s": b / 1e9, "algbw_GBps": 1.0, "busbw_GBps": 1.5} for b in (4096, 2**20)]
+    rows = [{"bytes": b, "time_s": b / 1e9, "fastest_s": b / 2e9, "algbw_GBps": 1.0, "busbw_GBps": 1.5}
+            for b in (4096, 2**20)]
     table = collectives.format_allreduce(rows, link="pcie4-x16")
     assert "busbw (GB/s)" in table and "of pcie4-x16" in table and "4.7%" in table  # 1.5 of 32 GB/s
+    assert "took longer" not in table
+    latency_bound = [{**rows[0], "time_s": 2e-3}, {**rows[1], "time_s": 1e-3}]  # 4 KiB slower than 1 MiB: said why
+    assert "4.0 KiB took longer than 1.0 MiB: at these sizes an all-reduce costs its latency" in \
+        collectives.format_allreduce(latency_bound)
     assert "nothing to all-reduce" in collectives.format_allreduce([])
     fig = collectives.plot_allreduce(rows, link="pcie4-x16")
     assert fig.axes[0].get_xscale() == "log"

@@ -79,6 +79,19 @@ def test_no_stderr_but_the_allowed(path):
     assert shown == [], f"{path.name} shows stderr or an error (cell index, text); mend its cause, or allow it with a reason"
 
 
+WIDTH = 120  # columns of a text output line: what a notebook shows without scrolling sideways
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_text_line_wider_than_a_page(path):
+    """Printed text (stdout, stderr, a plain-text result): Markdown and HTML outputs wrap when they are rendered."""
+    wide = [(i, len(line), line[:60]) for i, cell in code_cells(path) for out in cell.get("outputs", [])
+            for kind, text in texts({"outputs": [out]})
+            if kind in ("stdout", "stderr", "error") or (kind == "text/plain" and len(out.get("data", {})) == 1)
+            for line in text.splitlines() if len(line) > WIDTH]
+    assert wide == [], f"{path.name}: lines over {WIDTH} columns (cell index, width, start): wrap them where they are made"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_no_machine_path(path):
     found = [(i, m) for i, cell in code_cells(path) for _, text in texts(cell) for m in MACHINE_PATH.findall(text)]
@@ -129,3 +142,17 @@ def test_merge_outputs_brings_back_outputs_and_the_world_of_the_run(tmp_path):
     assert merged["metadata"]["workshop"] == {"make_run_ranks": 2, "ranks": 4, "nodes": 2}
     assert [c["source"] for c in merged["cells"]] == [["print(1)"]]
     assert merged["cells"][0]["outputs"] == [said]
+
+
+def test_the_report_read_the_records_of_the_committed_notebooks():
+    """`make notebooks` writes into each notebook's metadata the digest of the record its run wrote (record) and into
+    the report's the digests of the records it read (reported): the report is stale when they differ."""
+    metas = {p.stem: json.loads(p.read_text())["metadata"].get("workshop", {}) for p in NOTEBOOKS}
+    report = metas.pop("12_scaling_report")
+    made = {stem: [meta["record"]] for stem, meta in metas.items() if "record" in meta}
+    assert made, "no committed notebook names its record: run `make notebooks`"
+    reported = report.get("reported", {})
+    differ = {stem: (reported.get(stem), made.get(stem)) for stem in sorted({*made, *reported})
+              if reported.get(stem) != made.get(stem)}
+    assert differ == {}, ("the committed report (12) read other records than the committed notebooks wrote (notebook: "
+                          f"(read, written)): {differ}; run `make notebooks`, which makes the report again, last")

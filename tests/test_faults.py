@@ -13,7 +13,7 @@ import pytest
 from helpers import STARTUP_S, launch
 from workshop.base.world import local_ranks, without_launcher
 from workshop.launch import faults as workshop_faults
-from workshop.launch.doctor import short_error
+from workshop.launch.doctor import HANGING, WIDTH, short_error, wrap
 from workshop.launch.faults import diagnose, main, read_traces
 
 TIMEOUT_S = 3  # the process group's timeout in these launches
@@ -63,6 +63,18 @@ def test_errors_are_shortened_to_what_a_user_needs():
         "ifa != nullptr. Unable to find address for: nosuch0")
     assert short_error("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
                        "waiting 3000ms") == "Timed out waiting 3000ms"
+
+
+def test_a_wrapped_message_fits_the_width_and_is_read_back_whole():
+    message = ("rank 0 on n1: collective 3 failed after 3.0 s: Detected mismatch between collectives on ranks. "
+               + "Rank 0 is running collective: CollectiveFingerPrint(SequenceNumber=2, OpType=ALLREDUCE) " * 3).strip()
+    lines = wrap(message).splitlines()
+    assert len(lines) > 1 and all(len(line) <= WIDTH for line in lines)
+    assert all(line.startswith(HANGING) for line in lines[1:])
+    output = f"rank 1: skips all-reduce 3 (the planted fault)\n{wrap(message)}\nCheck, in this order:\n  1. a step"
+    done = workshop_faults.Launched(workshop_faults.Job(()), (1,), (output,), 1.0, ())
+    assert done.said("rank 0 on ") == [message]
+    assert done.said() == ["rank 1: skips all-reduce 3 (the planted fault)", message, "Check, in this order:", "  1. a step"]
 
 
 def test_bad_input_exits_2(tmp_path, capsys):

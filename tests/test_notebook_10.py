@@ -28,7 +28,9 @@ def test_10_on_two_local_ranks(runs):
     assert record.status == "ok" and record.dist["world_size"] == 2
     same = record.results["same_tokens"]
     assert same == {"no_cache": True, "static": True, "compiled": None, "tp": True}
-    assert record.results["tp"]["ranks"] == 2 and record.results["kv_cache"]["new_tokens"] == 40
+    tp_run = record.results["tp"]  # one node of 2 ranks: TP 2, one replica; 2 all-reduces per layer (4) and the embedding's
+    assert (tp_run["tp_size"], tp_run["dp_size"], tp_run["all_reduces_per_token"]) == (2, 1, 2 * 4 + 1)
+    assert tp_run["all_reduce_s"] > 0 and record.results["kv_cache"]["new_tokens"] == 40
 
 
 def test_10_refuses_a_missing_prompts_file(runs, tmp_path):

@@ -6,6 +6,7 @@ read back where the cluster keeps no accounting, and a plain error where there i
 import json
 import os
 import stat
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -89,6 +90,25 @@ def test_offer_without_submit_shows_the_command(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == ["submit = False, nothing submitted. With submit = True this cell runs, from the repository's root:",
                    "  sbatch --nodes=2 --ntasks-per-node=2 scripts/run_notebook.sh notebooks/06_sharding.ipynb -p submit False"]
+
+
+def test_offer_wraps_a_long_command_into_lines_a_shell_reads_as_one(capsys):
+    params = {"lrs": "0.01,0.03,0.1,0.3", "batch_sizes": "64", "note": "a b", "sizes": [1, 2, 3]}
+    sizes = dict(nodes=2, ntasks_per_node=4, gpus_per_node=4, time="00:30:00", partition="gpu",
+                 extra=["--account=ACCOUNT", "--cpus-per-task=16"])
+    assert slurm.offer("03_task_parallelism.ipynb", False, params=params, **sizes) is None
+    shown = capsys.readouterr().out.splitlines()[1:]
+    assert len(shown) > 1 and max(map(len, shown)) <= slurm.WIDTH
+    assert all(line.endswith(" \\") for line in shown[:-1]) and not shown[-1].endswith("\\")
+    assert all(line.startswith("      ") for line in shown[1:])  # indented under the first
+    assert any("-y '{\"sizes\": [1, 2, 3]}'" in line for line in shown)  # an option stays with its value
+    # bash reads the lines as one command: the same words as the one-line form
+    words = subprocess.run(["bash", "-c", "\n".join(shown).replace("sbatch", "printf '%s\\0'", 1)],
+                           capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
+    nb = slurm.find_notebook("03_task_parallelism.ipynb")
+    assert ["sbatch", *words] == slurm.sbatch_command(nb, parsable=False, params=slurm.job_params(nb, params), **sizes)
+    # a word longer than a line: a line of its own, the command still whole
+    assert slurm.command_lines(["echo", "x" * 200, "y"]).splitlines() == ["echo \\", "    " + "x" * 200 + " \\", "    y"]
 
 
 def test_notebooks_are_found_from_a_notebooks_folder_too(tmp_path, monkeypatch):

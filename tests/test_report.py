@@ -144,23 +144,32 @@ def test_empty_folder(tmp_path):
 
 
 def test_record_writers_speak_the_report_keys(tmp_path):
-    """What notebook 02 / `bench single` and notebook 05 / `bench step-split` write is read as measurements."""
+    """What notebook 02 / `bench single` and notebook 05 (`throughput.end_to_end_scaling`) write is read as
+    measurements; 05's step split (compute and all-reduce timed apart) is a bound, not a measurement."""
     perf_rows = [{"variant": v, "model": "small_cnn", "batch_size": 32, "status": s, "samples_per_s": sps,
                   "step_time_s": 32 / sps if sps else None, "peak_memory_bytes": 1, "baseline": "naive"}
                  for v, s, sps in (("naive", "ok", 100.0), ("bf16", "ok", 150.0), ("compile", "skipped", None))]
-    split = [{"model": "resnet18", "micro_batch_size": 16, "world_size": 2, "compute_s": 0.2, "comm_s": 0.05}]
     record(tmp_path, "r02", "02_single_device_performance", {"rows": perf_rows,
                                                              "measurements": perf.report_measurements(perf_rows)})
-    record(tmp_path, "r05", "05_ddp", {"step_split": split, "measurements": throughput.step_split_measurements(split)},
-           world_size=2)
+    alone = throughput.end_to_end_scaling("small_cnn", micro_batch_size=4, steps=2, warmup=0)
+    assert [(r["strategy"], r["world_size"]) for r in alone] == [("single", 1)]  # one process: no DDP row
+    assert alone[0]["throughput"] == pytest.approx(4 * 2 / alone[0]["wall_time_s"])
+    # as 2 ranks write it: the same 3 steps of 16 samples per rank, 0.3 s alone and 0.4 s on 2 ranks
+    common = {"model": "resnet18", "samples_or_tokens": "samples", "micro_batch_size": 16, "steps": 3, "timed": "whole"}
+    scaled = [{**common, "strategy": "single", "world_size": 1, "global_batch_size": 16, "wall_time_s": 0.3,
+               "step_time_s": 0.1, "throughput": 160.0},
+              {**common, "strategy": "ddp", "world_size": 2, "global_batch_size": 32, "wall_time_s": 0.4,
+               "step_time_s": 0.4 / 3, "throughput": 240.0}]
+    split = [{"model": "resnet18", "micro_batch_size": 16, "world_size": 2, "compute_s": 0.2, "comm_s": 0.05}]
+    record(tmp_path, "r05", "05_ddp", {"step_split": split, "scaling": scaled, "measurements": scaled}, world_size=2)
     rep = report.build(tmp_path, sacct=None)
     s02 = by_title(rep)[("02_single_device_performance", "small_cnn", 32)]
     assert [(r.variant, r.baseline, r.speedup) for r in s02.rows] == [("naive", True, 1.0), ("bf16", False, 1.5)]
     assert s02.rows[1].efficiency is None  # one device: a faster variant is a speedup, not scaling
     s05 = by_title(rep)[("05_ddp", "resnet18", 16)]
-    # one device: 16 / 0.2 = 80/s; two ranks, no overlap: 32 / 0.25 = 128/s, speedup 1.6, efficiency 0.8
-    assert [(r.devices, r.strategy, r.throughput) for r in s05.rows] == [(1, "single", 80.0), (2, "ddp-no-overlap", 128.0)]
-    assert s05.rows[1].efficiency == pytest.approx(0.8)
+    assert [(r.devices, r.strategy, r.wall_time_s) for r in s05.rows] == [(1, "single", 0.3), (2, "ddp", 0.4)]
+    assert (s05.rows[1].speedup, s05.rows[1].efficiency) == (pytest.approx(1.5), pytest.approx(0.75))
+    assert "\n".join(report.series_table(s) for s in rep.series).count("ddp-no-overlap") == 0
 
 
 def test_make_run_series_ends_with_the_report(runs, tmp_path):

@@ -39,7 +39,7 @@ class ParallelDims:
                 choose = f"choose ({names}) from {pairs}"
             else:
                 choose = "choose sizes whose product is the number of ranks"
-            raise ValueError(f"mesh {terms} = {self.product} ranks, but the world has {world_size}; {choose}")
+            raise ValueError(f"mesh {terms} = {self.product} ranks, but the world has {world_size};\n{choose}")
 
     @property
     def names(self) -> tuple[str, ...]:

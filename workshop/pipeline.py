@@ -47,8 +47,9 @@ def stage_blocks(depth: int, num_stages: int) -> list[range]:
     if not isinstance(num_stages, int) or num_stages < 1:
         raise ValueError(f"the number of pipeline stages must be a whole number >= 1, got {num_stages!r}")
     if num_stages > depth:
-        raise ValueError(f"{num_stages} pipeline stages for a model of {depth} blocks: a stage needs at least one "
-                         f"block; choose at most {depth} stages (or a deeper model)")
+        # two lines: one would be too wide for a notebook's output
+        raise ValueError(f"{num_stages} pipeline stages for a model of {depth} blocks: a stage needs at least one block;\n"
+                         f"choose at most {depth} stages (or a deeper model)")
     size, extra = divmod(depth, num_stages)
     starts = [s * size + min(s, extra) for s in range(num_stages + 1)]
     return [range(starts[s], starts[s + 1]) for s in range(num_stages)]

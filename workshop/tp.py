@@ -210,7 +210,8 @@ def check_tp_size(model_or_dims: TinyGPT | dict, tp_size: int) -> None:
         if key in dims and dims[key] % tp_size:
             n = dims[key]
             fits = [d for d in range(1, n + 1) if all(v % d == 0 for k, v in dims.items() if k in names)]
-            raise ValueError(f"tensor-parallel size {tp_size} does not divide the {n} {what} "
+            # two lines: the model's sizes make one line too wide for a notebook's output
+            raise ValueError(f"tensor-parallel size {tp_size} does not divide the {n} {what}\n"
                              f"({', '.join(f'{k} {v}' for k, v in dims.items())}); choose tp_size from {fits}")
 
 

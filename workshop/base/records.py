@@ -12,6 +12,7 @@ than the report later; a record on disk that breaks it is read as an error that 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -186,6 +187,12 @@ def finite_only(value, where: str = "", found: dict | None = None):
     if isinstance(value, (list, tuple)):
         return [finite_only(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
     return value
+
+
+def digest(path: Path) -> str:
+    """A short fingerprint of a record.json's bytes: the same digest, the same record (the committed notebooks and
+    the report that read them name their records by it)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def write(run: Path, record: Record) -> Path:

@@ -10,6 +10,7 @@ and marked where it does not fit.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 
 from workshop.base import hardware
@@ -99,13 +100,16 @@ def project(workload: Workload, gpu: str = "h100", strategy: str = "ddp", micro_
     return out
 
 
-def format_projection(proj: Projection) -> str:
-    """The rows as a table, memory per GPU in GiB, and the scaling summary under it."""
+def format_projection(proj: Projection, at: tuple[int, ...] | None = None) -> str:
+    """The rows as a table, memory per GPU in GiB, and the scaling summary under it; `at`: only the rows of
+    these GPU counts (default: every row)."""
     w = proj.workload
     unit = "tokens/s" if w.samples_or_tokens == "tokens" else "samples/s"
     cap = hardware.MEMORY_MARGIN * GPUS[proj.gpu]["memory"]
     rows = []
     for r in proj.rows:
+        if at is not None and r["devices"] not in at:
+            continue
         head = [r["devices"], r["nodes"], gib(r["memory_bytes"])]
         if r["fits"]:
             rows.append(head + [f"{r['step_s'] * 1e3:.2f}", f"{r['comm_exposed_s'] * 1e3:.2f}", f"{r['throughput']:.4g}",
@@ -114,9 +118,9 @@ def format_projection(proj: Projection) -> str:
             alt = f"; fits with {', '.join(r['fits_with'])}" if r["fits_with"] else ""
             rows.append(head + ["-", "-", "-", "-", f"does not fit{alt}"])
     return "\n".join([f"{proj.label}: {w.parameters:,} parameters, {proj.gpu}, micro batch {proj.micro_batch_size} per "
-                      f"GPU, compute {proj.compute_s * 1e3:.2f} ms per step; memory per GPU against {gib(cap)} usable",
+                      f"GPU,\ncompute {proj.compute_s * 1e3:.2f} ms per step; memory per GPU against {gib(cap)} usable",
                       table(["devices", "nodes", "memory", "step (ms)", "exposed comm (ms)", unit, "efficiency"], rows),
-                      scaling_summary(proj)])
+                      textwrap.fill(scaling_summary(proj), 120)])
 
 
 def scaling_summary(proj: Projection, floor: float = 0.8) -> str:

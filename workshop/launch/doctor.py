@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import sys
+import textwrap
 import threading
 import time
 from collections import defaultdict
@@ -46,6 +47,8 @@ from workshop.dist import DistEnv
 from workshop.measure import collectives, metrics
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NO_GROUP = 0, 1, 2, 3
+WIDTH = 120  # columns of a message's lines: a notebook's output and a log read in a terminal
+HANGING = "    "  # what starts each line that continues a message (Launched.said in faults joins them back)
 _PATTERN = 1024  # element i of every rank's tensor holds (rank + 1) + i % _PATTERN: a misplaced chunk shows
 
 
@@ -90,6 +93,13 @@ class Report:
 
 
 # --- what a rank sees alone ------------------------------------------------------------------------
+
+def wrap(text: str, first: str = "", rest: str = HANGING) -> str:
+    """`text` in lines of at most WIDTH columns: the first starts with `first` (a bullet, "  1. "), the others with
+    `rest`, a hanging indent. Lines break at spaces only: a path, a flag or a host:port stays whole."""
+    return textwrap.fill(text, WIDTH, initial_indent=first, subsequent_indent=rest, break_long_words=False,
+                         break_on_hyphens=False)
+
 
 def short_error(text: str) -> str:
     """A collective's or a rendezvous' error on one line, as a user needs it: without the tensor options that
@@ -238,17 +248,17 @@ def checklist(report: Report) -> str:
     else:
         where = f"no route to {report.master_addr} from here ({report.route_error})"
     now = f"; now {report.socket_ifname}" if report.socket_ifname else ""
-    return "\n".join([
-        "Check, in this order:",
-        "  1. the rendezvous host is the job's first node: `scontrol show hostnames $SLURM_JOB_NODELIST | head -1`;"
+    items = [
+        "the rendezvous host is the job's first node: `scontrol show hostnames $SLURM_JOB_NODELIST | head -1`;"
         " workshop.dist takes it under SLURM, and WORKSHOP_MASTER_ADDR (or torchrun's MASTER_ADDR / --master-addr)"
         " overrides it: unset it, or name that node",
-        f"  2. the port {report.master_port} is free there (`ss -ltn | grep {report.master_port}` on that node); "
+        f"the port {report.master_port} is free there (`ss -ltn | grep {report.master_port}` on that node); "
         "WORKSHOP_MASTER_PORT (torchrun: --master-port) picks another",
-        f"  3. the interface is right: {where}. If the nodes talk over another network, name its interface in "
+        f"the interface is right: {where}. If the nodes talk over another network, name its interface in "
         f"GLOO_SOCKET_IFNAME (gloo) and NCCL_SOCKET_IFNAME (NCCL){now}. This host has: {_interfaces()}",
-        "  4. every rank started: one that crashed, or is still queued, leaves the others waiting (its log says which)",
-    ])
+        "every rank started: one that crashed, or is still queued, leaves the others waiting (its log says which)",
+    ]
+    return "\n".join(["Check, in this order:", *(wrap(item, f"  {i}. ", "     ") for i, item in enumerate(items, 1))])
 
 
 _began = time.monotonic()  # when the rank began to join: how long a failure took to show counts from it
@@ -256,7 +266,7 @@ _began = time.monotonic()  # when the rank began to join: how long a failure too
 
 def _say_cannot_join(report: Report, what: str) -> None:
     took = f" [{time.monotonic() - _began:.1f} s after it began to join]"
-    print(f"rank {report.rank} on {report.host}: {what}{took}\n{checklist(report)}", file=sys.stderr, flush=True)
+    print(f"{wrap(f'rank {report.rank} on {report.host}: {what}{took}')}\n{checklist(report)}", file=sys.stderr, flush=True)
 
 
 def _give_up(report: Report, what: str) -> None:
@@ -299,8 +309,9 @@ def check_allreduce(env: DistEnv, nbytes: int, repeats: int = 5) -> dict:
 
 def format_ranks(reports: list[Report]) -> str:
     """One line per rank: where it runs, what it would use, how it reaches the rendezvous host."""
-    head = ("rank", "host", "local", "device", "GPU", "GPUs", "CUDA_VISIBLE_DEVICES", "rendezvous", "interface",
-            "OMP_NUM_THREADS", "CPUs", "torch")
+    # CUDA_VISIBLE_DEVICES and OMP_NUM_THREADS shortened in the header: a rank's line fits WIDTH columns
+    head = ("rank", "host", "local", "device", "GPU", "GPUs", "CUDA_VISIBLE", "rendezvous", "interface",
+            "OMP threads", "CPUs", "torch")
     rows = []
     for r in sorted(reports, key=lambda r: r.rank):
         rendezvous = f"{r.master_addr}:{r.master_port}" if r.master_addr else "-"
@@ -309,6 +320,11 @@ def format_ranks(reports: list[Report]) -> str:
                      r.cuda_visible_devices or "-", rendezvous, interface, r.omp_num_threads or "-", str(r.cpus),
                      r.torch_version))
     return table(head, rows, align="l" * len(head))
+
+
+def format_problems(problems: list[str]) -> str:
+    """`diagnose`'s problems as a bulleted list, each wrapped to WIDTH columns under its bullet."""
+    return "\n".join(wrap(p, "  - ", HANGING) for p in problems)
 
 
 def format_exact_allreduce(result: dict, env: DistEnv, repeats: int) -> str:
@@ -339,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = dist.detect()
     except RuntimeError as err:  # more local ranks than GPUs: no device for this rank
-        print(f"rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '?'))} on {host_name()}: {err}",
+        print(wrap(f"rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '?'))} on {host_name()}: {err}"),
               file=sys.stderr, flush=True)
         return EXIT_NO_GROUP
     report = local_report(env)
@@ -382,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                   else "all-reduce: one process, nothing to reduce with")
             if problems:
                 print(f"{len(problems)} problem(s):")
-                print("\n".join(f"  - {p}" for p in problems))
+                print(format_problems(problems))
             elif result is None or result["exact"]:
                 print("nothing wrong found")
             sys.stdout.flush()

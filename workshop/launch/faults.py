@@ -56,7 +56,7 @@ from workshop.base import runs, world
 from workshop.base.params import positive
 from workshop.base.tables import table
 from workshop.dist import DistEnv
-from workshop.launch.doctor import host_name, short_error
+from workshop.launch.doctor import HANGING, host_name, short_error, wrap
 
 TRACE_BUFFER = "2000"  # collectives each rank's Flight Recorder keeps (TORCH_FR_BUFFER_SIZE)
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -145,6 +145,11 @@ def diagnose(traces: dict[int, dict]) -> list[str]:
     return findings
 
 
+def format_findings(findings: list[str], indent: str = "") -> str:
+    """`diagnose`'s findings, one paragraph each, wrapped to doctor.WIDTH columns with a hanging indent."""
+    return "\n".join(wrap(finding, indent, indent + HANGING) for finding in findings)
+
+
 # --- the faults -------------------------------------------------------------------------------------------
 
 def _all_reduces(env: DistEnv, steps: int, fault_rank: int, fault_step: int, fault: str, traces: Path,
@@ -169,8 +174,8 @@ def _all_reduces(env: DistEnv, steps: int, fault_rank: int, fault_step: int, fau
             else:
                 tdist.all_reduce(t)
         except RuntimeError as e:
-            print(f"rank {env.rank} on {host_name()}: collective {step} failed after {time.monotonic() - started:.1f} s: "
-                  f"{short_error(str(e))[:600]}", flush=True)
+            print(wrap(f"rank {env.rank} on {host_name()}: collective {step} failed after {time.monotonic() - started:.1f} "
+                       f"s: {short_error(str(e))[:600]}"), flush=True)
             dump_trace(traces, env.rank)
             return 1
     dump_trace(traces, env.rank)
@@ -229,14 +234,14 @@ def plot_straggle(times: list[dict]):
     ranks = [t["rank"] for t in times]
     work = [1e3 * statistics.median(t["work_s"]) for t in times]
     wait = [1e3 * statistics.median(t["wait_s"]) for t in times]
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(ranks)))
+    fig, ax = plt.subplots(figsize=(6, 0.8 + 0.45 * len(ranks)), layout="constrained")
     ax.barh(ranks, work, label="own work")
     ax.barh(ranks, wait, left=work, label="waiting inside the all-reduce")
     ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
     ax.invert_yaxis()
     ax.set_xlabel("ms per step (median)")
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
+    # above the axes, where no bar is: inside, the legend would cover the longest bar (the straggler's work)
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.02), ncols=2, borderaxespad=0, frameon=False, fontsize="small")
     return fig
 
 
@@ -274,6 +279,20 @@ class Launched:
     def lines(self, pattern: str = "") -> list[str]:
         """Every rank's output lines that contain `pattern`, in rank order."""
         return [line for out in self.outputs for line in out.splitlines() if pattern in line]
+
+    def said(self, pattern: str = "") -> list[str]:
+        """Every rank's messages that contain `pattern`, in rank order, each on one line: a line with the lines
+        after it that continue it (indented by doctor.HANGING, as doctor.wrap writes them) joined back."""
+        messages = []
+        for out in self.outputs:
+            rank_messages: list[str] = []
+            for line in out.splitlines():
+                if line.startswith(HANGING) and rank_messages:
+                    rank_messages[-1] += " " + line.strip()
+                else:
+                    rank_messages.append(line)
+            messages += [m for m in rank_messages if pattern in m]
+        return messages
 
 
 def free_port() -> int:
@@ -382,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "read":
         try:
-            print("\n".join(diagnose(read_traces(args.folder))))
+            print(format_findings(diagnose(read_traces(args.folder))))
         except FileNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USAGE

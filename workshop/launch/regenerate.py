@@ -7,9 +7,12 @@ says so (`dist.describe`). Every other notebook is executed as one process. Eith
 `scripts/run_notebook.sh`, so the committed notebook is what a student's job produces.
 
 Only the outputs and execution counts come back into the committed notebook, with the world they came from
-(metadata `workshop.ranks` and `workshop.nodes`, from the run's run.json); its source, cell ids and other metadata
-stay. Outputs lose what would churn from one run to the next or leak this machine: the repository's absolute path,
-the home folder, the user name, SLURM job ids and the time stamps in run-folder names.
+(metadata `workshop.ranks` and `workshop.nodes`, from the run's run.json) and the digest of the record it wrote
+(`workshop.record`); its source, cell ids and other metadata stay. The report (12) runs last, whichever notebooks
+are made again, over the latest run of every notebook, and its metadata names the records it read
+(`workshop.reported`): tests/test_committed_notebooks.py fails when they are not the committed notebooks' own.
+Outputs lose what would churn from one run to the next or leak this machine: the repository's absolute path, the
+home folder, the user name, SLURM job ids and the time stamps in run-folder names.
 
     python -m workshop.launch.regenerate                       # all of notebooks/NN_*.ipynb
     python -m workshop.launch.regenerate notebooks/05_ddp.ipynb --local    # 4 local ranks even where SLURM answers
@@ -28,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from workshop.base import records
 from workshop.base.runs import REPO, TIME_PATTERN, find_runs
 from workshop.launch.series import REPORT_NOTEBOOK, declared_ranks
 
@@ -111,9 +115,17 @@ def _scrub_output(out: dict) -> dict:
 
 
 def run_world(run: Path) -> dict:
-    """The world of a run of scripts/run_notebook.sh, from the run.json its launcher wrote: ranks and nodes."""
+    """What a run of scripts/run_notebook.sh says of itself: its world, from the run.json its launcher wrote (ranks,
+    nodes); the digest of its record.json, where it wrote one (record); and for the report (12), the digests of the
+    records it read (reported), so that a test can tell whether the committed report read the committed runs."""
     launched = json.loads((run / "run.json").read_text())
-    return {"ranks": int(launched["nranks"]), "nodes": int(launched.get("environment", {}).get("SLURM_JOB_NUM_NODES", 1))}
+    world = {"ranks": int(launched["nranks"]), "nodes": int(launched.get("environment", {}).get("SLURM_JOB_NUM_NODES", 1))}
+    if (run / "record.json").is_file():
+        world["record"] = records.digest(run / "record.json")
+        reported = json.loads((run / "record.json").read_text()).get("results", {}).get("reported")
+        if reported is not None:
+            world["reported"] = reported
+    return world
 
 
 def merge_outputs(committed: Path, executed: Path) -> None:
@@ -121,7 +133,10 @@ def merge_outputs(committed: Path, executed: Path) -> None:
     by position among the cells papermill did not inject), and the run's world into its metadata (workshop.ranks,
     workshop.nodes). Source and other metadata of the committed notebook stay."""
     nb = json.loads(committed.read_text())
-    nb["metadata"].setdefault("workshop", {}).update(run_world(executed.parent))
+    meta = nb["metadata"].setdefault("workshop", {})
+    for key in ("record", "reported"):  # a run that wrote no record leaves no digest of an earlier one
+        meta.pop(key, None)
+    meta.update(run_world(executed.parent))
     ran = json.loads(executed.read_text())
     cells = [c for c in ran["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
     by_id = {c.get("id"): c for c in cells if c.get("id")}
@@ -150,6 +165,10 @@ def regenerate(notebooks: list[Path], local: bool = False) -> int:
         # its earlier run folder, and a sweep's folder of records (notebook 03 names it after the SLURM job)
         for old in [*find_runs(nb.stem, root=runs), *(runs.glob("sweep-*") if nb.stem.startswith("03_") else [])]:
             shutil.rmtree(old)
+    report = REPO / "notebooks" / f"{REPORT_NOTEBOOK}.ipynb"
+    if report.is_file() and report not in notebooks:  # the report reads the runs just made: it is made again, last
+        print(f"{report.name} runs last, over the runs folder {runs.relative_to(REPO)}", flush=True)
+        notebooks = [*notebooks, report]
     failed = []
     notebooks = sorted(notebooks, key=lambda nb: nb.stem == REPORT_NOTEBOOK)  # the report after the runs it reads
     for nb in notebooks:

@@ -41,6 +41,7 @@ SCRIPT = REPO / "scripts" / "run_notebook.sh"
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
           "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 ENDED_WITHOUT_RECORD = "ENDED"  # SLURM forgot the job, no accounting, and the run wrote no record
+WIDTH = 120  # columns of a printed command: a notebook's output lines fit in them
 
 
 class SlurmError(RuntimeError):
@@ -135,10 +136,37 @@ def job_params(notebook: Path, params: dict | None) -> dict:
     return params
 
 
-def shell_command(notebook: str | os.PathLike, params: dict | None = None, **kwargs) -> str:
-    """What `submit(notebook, **kwargs)` runs, as a line for a shell in the repository's root."""
+# papermill's options and how many words each takes with its value: kept together on one line
+_OPTION_WORDS = {"-p": 3, "-r": 3, "-y": 3, "-f": 2}
+
+
+def command_lines(cmd: list[str], width: int = WIDTH, indent: str = "") -> str:
+    """`cmd` quoted for a shell, in lines of at most `width` columns where its words allow: `indent` before the
+    first line, four more spaces before the others, and each line but the last ends in ` \\` (a continuation),
+    so the lines paste into a shell as one command. A papermill option stays with its value (`-p name value`)."""
+    groups, i = [], 0
+    while i < len(cmd):
+        n = _OPTION_WORDS.get(cmd[i], 1)
+        groups.append(shlex.join(cmd[i:i + n]))
+        i += n
+    lines, line = [], indent + groups[0]
+    for k, group in enumerate(groups[1:], start=2):
+        room = width - (0 if k == len(groups) else 2)  # a line that continues ends in " \\"
+        if len(line) + 1 + len(group) > room:
+            lines.append(line + " \\")
+            line = indent + "    " + group
+        else:
+            line += " " + group
+    return "\n".join(lines + [line])
+
+
+def shell_command(notebook: str | os.PathLike, params: dict | None = None, *, width: int | None = None,
+                  indent: str = "", **kwargs) -> str:
+    """What `submit(notebook, **kwargs)` runs, for a shell in the repository's root: one line, or with `width`
+    lines of that many columns joined by continuations (`command_lines`)."""
     nb = find_notebook(notebook)
-    return shlex.join(sbatch_command(nb, parsable=False, params=job_params(nb, params), **kwargs))
+    cmd = sbatch_command(nb, parsable=False, params=job_params(nb, params), **kwargs)
+    return indent + shlex.join(cmd) if width is None else command_lines(cmd, width, indent)
 
 
 def submit(notebook: str | os.PathLike, nodes: int = 1, ntasks_per_node: int = 1, gpus_per_node: int = 0,
@@ -161,13 +189,14 @@ def submit(notebook: str | os.PathLike, nodes: int = 1, ntasks_per_node: int = 1
     (REPO / "runs").mkdir(exist_ok=True)  # where #SBATCH --output puts the job's output
     out = _run(cmd, cwd=REPO, env=job_environment())
     if out.returncode != 0:
-        raise SlurmError(f"sbatch refused the job: {out.stderr.strip() or out.stdout.strip()}\n  command: {' '.join(cmd)}")
+        raise SlurmError(f"sbatch refused the job: {out.stderr.strip() or out.stdout.strip()}\n  command:\n"
+                         f"{command_lines(cmd, indent='    ')}")
     job = out.stdout.strip().split(";")[0]  # --parsable: "<id>" or "<id>;<cluster>"
     if not job.isdigit():
         raise SlurmError(f"sbatch answered {out.stdout.strip()!r}, not a job id")
     result = Submitted(job, runs_root() / run_name(nb.stem, job))
     if not quiet:
-        print(f"submitted job {job}: {shlex.join(c for c in cmd if c != '--parsable')}")
+        print(f"submitted job {job}:\n{command_lines([c for c in cmd if c != '--parsable'], indent='  ')}")
         print(f"its output: runs/slurm-{job}.out; its run folder: {display_path(result.run)}")
     return result
 
@@ -274,7 +303,7 @@ def offer(notebook: str | os.PathLike, submit_now: bool, params: dict | None = N
         wait(job)
         return open_result(job)
     print0("submit = False, nothing submitted. With submit = True this cell runs, from the repository's root:")
-    print0(" ", shell_command(notebook, params=params, **sizes))
+    print0(shell_command(notebook, params=params, width=WIDTH, indent="  ", **sizes))
     return None
 
 

@@ -140,8 +140,8 @@ def allreduce_sweep(sizes: list[int], iters: int = 20, warmup: int = 5, env: Dis
 
     Each iteration starts after a barrier and is timed on every rank; the slowest rank's time
     counts, and the median over `iters` iterations is reported, after `warmup` untimed ones
-    (first calls set up connections and buffers). One row per size: bytes, time_s, algbw_GBps,
-    busbw_GBps. With one rank there is nothing to all-reduce with: no rows.
+    (first calls set up connections and buffers). One row per size: bytes, time_s, fastest_s (the fastest
+    iteration), algbw_GBps, busbw_GBps. With one rank there is nothing to all-reduce with: no rows.
     """
     env = env or dist.get_env()
     if not env.is_distributed:
@@ -156,7 +156,8 @@ def allreduce_sweep(sizes: list[int], iters: int = 20, warmup: int = 5, env: Dis
         times = max_over_ranks([timed_allreduce(buf, env) for _ in range(iters)], env)
         time_s = statistics.median(times)
         alg = algbw(nbytes, time_s)
-        rows.append({"bytes": nbytes, "time_s": time_s, "algbw_GBps": alg, "busbw_GBps": busbw(alg, env.world_size)})
+        rows.append({"bytes": nbytes, "time_s": time_s, "fastest_s": min(times), "algbw_GBps": alg,
+                     "busbw_GBps": busbw(alg, env.world_size)})
         del buf
     return rows
 
@@ -168,13 +169,21 @@ def format_allreduce(rows: list[dict], link: str | None = None, env: DistEnv | N
         return ("one rank: nothing to all-reduce with. Start N ranks: "
                 "python -m torch.distributed.run --standalone --nproc-per-node N -m workshop.measure.bench allreduce, or srun")
     peak = NOMINAL_LINKS[link] if link else None
-    header = ["size", "bytes", "time (us)", "algbw (GB/s)", "busbw (GB/s)"] + ([f"of {link}"] if peak else [])
-    body = [[fmt_bytes(r["bytes"]), r["bytes"], f"{r['time_s'] * 1e6:.1f}", f"{r['algbw_GBps']:.3f}",
-             f"{r['busbw_GBps']:.3f}"] + ([f"{r['busbw_GBps'] / peak:.1%}"] if peak else []) for r in rows]
-    lines = [f"all_reduce(SUM) of float32 on {env.world_size} ranks ({env.backend}, {env.device}): "
-             "median over iterations of the slowest rank's time; GB = 1e9 bytes", table(header, body)]
+    header = ["size", "bytes", "time (us)", "fastest (us)", "algbw (GB/s)", "busbw (GB/s)"] + ([f"of {link}"] if peak else [])
+    body = [[fmt_bytes(r["bytes"]), r["bytes"], f"{r['time_s'] * 1e6:.1f}", f"{r['fastest_s'] * 1e6:.1f}",
+             f"{r['algbw_GBps']:.3f}", f"{r['busbw_GBps']:.3f}"] + ([f"{r['busbw_GBps'] / peak:.1%}"] if peak else [])
+            for r in rows]
+    lines = [f"all_reduce(SUM) of float32 on {env.world_size} ranks ({env.backend}, {env.device}): median over iterations "
+             "of the slowest rank's time;", "fastest: the fastest iteration; GB = 1e9 bytes", table(header, body)]
     if peak:
         lines.append(f"{link}: nominal peak {peak} GB/s per direction")
+    slower = [(a, b) for a, b in zip(rows, rows[1:]) if a["time_s"] > b["time_s"]]
+    if slower:  # latency's noise, larger than the bytes' cost: say so rather than leave it to be puzzled over
+        a, b = slower[0]
+        lines.append(f"{fmt_bytes(a['bytes'])} took longer than {fmt_bytes(b['bytes'])}: at these sizes an all-reduce "
+                     f"costs its latency, {2 * (env.world_size - 1)} steps\nfrom rank to rank, not its bytes, and the "
+                     "latency moves with whatever else runs (on ranks that share cores,\nwith the scheduler): compare "
+                     "the fastest iterations")
     return "\n".join(lines)
 
 

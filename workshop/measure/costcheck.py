@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from workshop.base.runs import display_path
+from workshop.base.tables import table
 from workshop.estimate.network import COLLECTIVES, AlphaBeta, calibrate, fit_error
 from workshop.estimate.steps import ddp_step, fsdp_step
 from workshop.measure import report
@@ -100,15 +101,12 @@ def check_strategies(records: list[dict], link: AlphaBeta | dict, ag_link: Alpha
 
 
 def format_check(rows: list[dict]) -> str:
-    lines = ["predicted against measured step time",
-             f"{'model':>14} {'ranks':>6} {'strategy':>9} {'compute (ms)':>13} {'wrapper':>8} {'measured (ms)':>14} "
-             f"{'predicted (ms)':>15} {'error':>8}   {'comm measured':>14} {'comm predicted':>15}"]
-    for r in rows:
-        lines.append(f"{r['model']:>14} {r['world_size']:>6} {r['strategy']:>9} {r['compute_s'] * 1e3:>13.2f} "
-                     f"{r['wrapper']:>7.2f}x "
-                     f"{r['measured_s'] * 1e3:>14.2f} {r['predicted_s'] * 1e3:>15.2f} {r['error']:>+8.1%}   "
-                     f"{r['comm_measured_s'] * 1e3:>14.2f} {r['comm_predicted_s'] * 1e3:>15.2f}")
-    return "\n".join(lines)
+    head = ["model", "ranks", "strategy", "compute", "wrapper", "measured", "predicted", "error", "comm measured",
+            "comm predicted"]
+    body = [[r["model"], r["world_size"], r["strategy"], f"{r['compute_s'] * 1e3:.2f}", f"{r['wrapper']:.2f}x",
+             f"{r['measured_s'] * 1e3:.2f}", f"{r['predicted_s'] * 1e3:.2f}", f"{r['error']:+.1%}",
+             f"{r['comm_measured_s'] * 1e3:.2f}", f"{r['comm_predicted_s'] * 1e3:.2f}"] for r in rows]
+    return "predicted against measured step time (ms; wrapper: its step alone over the plain model's)\n" + table(head, body)
 
 
 def plot_check(rows: list[dict]):

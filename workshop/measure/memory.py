@@ -160,7 +160,7 @@ def plot(rows: list[dict], ax=None):
     """Stacked bars per version: measured (left) beside predicted (right, hatched), by part."""
     import matplotlib.pyplot as plt
 
-    ax = ax or plt.subplots(figsize=(8, 3.5))[1]
+    ax = ax or plt.subplots(figsize=(8, 3.5), layout="constrained")[1]
     colors = {"params": "tab:blue", "grads": "tab:orange", "optimizer": "tab:green"}
     for i, row in enumerate(rows):
         for offset, prefix, hatch in ((-0.2, "", None), (0.2, "predicted_", "//")):
@@ -170,7 +170,8 @@ def plot(rows: list[dict], ax=None):
                 ax.bar(i + offset, value, 0.38, bottom=bottom, color=colors[part], hatch=hatch, edgecolor="white",
                        label=part if i == 0 and not prefix else None)
                 bottom += value
-    ax.set_xticks(range(len(rows)), [r["version"] for r in rows])
+    # version names are long (fsdp2_reshard_False): slanted, each ending under its pair of bars, so none overlap
+    ax.set_xticks(range(len(rows)), [r["version"] for r in rows], rotation=30, ha="right", rotation_mode="anchor")
     ax.set_ylabel("MiB per rank")
     ax.set_title("memory per rank: measured (plain) and predicted (hatched)")
     ax.legend()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import textwrap
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -54,6 +55,13 @@ CHANGES = {
     "compile": "+ torch.compile(model)",
     "resident": "+ data set on the device, augmented there in batches, no DataLoader",
 }
+WIDTH = 120  # columns of the printed tables' prose: a notebook's output lines fit in them
+
+
+def _fill(text: str) -> str:
+    """`text` in lines of WIDTH columns, the lines after the first indented by two spaces; words are not broken
+    (a variants="..." list stays whole)."""
+    return textwrap.fill(text, WIDTH, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
 
 
 @dataclass(frozen=True)
@@ -329,9 +337,9 @@ def format_variants(rows: list[dict]) -> str:
     r0 = rows[0]
     on_cuda = device_type(r0["device"]) == "cuda"
     lines = [
-        f"{r0['model']} ({r0['parameters']:,} parameters), batch {r0['batch_size']}, {r0['steps']} timed steps after "
-        f"{r0['warmup']} warm-up, {r0['data']} data, on {r0['device']}; {r0['flops_per_step'] / 1e9:.2f} GFLOP per "
-        "training step",
+        _fill(f"{r0['model']} ({r0['parameters']:,} parameters), batch {r0['batch_size']}, {r0['steps']} timed steps "
+              f"after {r0['warmup']} warm-up, {r0['data']} data, on {r0['device']}; {r0['flops_per_step'] / 1e9:.2f} "
+              "GFLOP per training step"),
         table(["variant", "samples/s", "speedup", "step (ms)", "1st step (s)", "peak memory", "MFU"],
               [[r["variant"], "skipped"] if r["status"] != "ok" else
                [r["variant"], f"{r['samples_per_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['step_time_s'] * 1e3:.2f}",
@@ -339,9 +347,9 @@ def format_variants(rows: list[dict]) -> str:
                for r in rows], align="lrrrrrr"),
     ]
     baseline = r0.get("baseline")
-    lines.append(f"speedup: samples/s over {baseline}'s." + (
+    lines.append(_fill(f"speedup: samples/s over {baseline}'s." + (
         " peak memory: torch.cuda.max_memory_allocated over each variant." if on_cuda else
-        " peak memory on CPU: the process's peak resident set so far (never reset): not comparable between rows."))
+        " peak memory on CPU: the process's peak resident set so far (never reset): not comparable between rows.")))
     compiled = [r for r in rows if r["status"] == "ok" and r["compile_time_s"] is not None]
     for r in compiled:
         lines.append(f"{r['variant']}: compiling took about {r['compile_time_s']:.1f} s (first step less a steady one)")
@@ -349,7 +357,7 @@ def format_variants(rows: list[dict]) -> str:
     lines += [f"MFU against {p}" for p in peaks] or ["MFU: not meaningful on CPU (no known peak FLOP/s), left empty"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"{r['variant']} skipped: {r['reason']}")
+            lines.append(_fill(f"{r['variant']} skipped: {r['reason']}"))
     changes = []
     for r in rows:
         extra = (f" ({r['num_workers']} workers" + ("" if r["pin_memory"] else "; no pinning: no GPU to copy to") + ")"
@@ -481,7 +489,10 @@ def read_variants(rows: list[dict], noise: float = 0.1) -> str:
             lines.append(f"The variants after bf16 ({', '.join(later)}) keep its autocast and its cost; measure them "
                          "without it with variants=\"" + ",".join(v["variant"] for v in rows if v["variant"] != "bf16")
                          + "\".")
-    return "\n".join(lines)
+    if device_type(device) != "cuda":
+        lines.append("This ran on a CPU, which has no tensor cores and no copy to the device to hide: what these changes "
+                     "do on a GPU is measured there, by scripts/gpu_check.sh when a GPU is available.")
+    return "\n".join(_fill(line) for line in lines)
 
 
 def _before(measured: list[dict], row: dict) -> dict:

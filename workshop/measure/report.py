@@ -279,6 +279,20 @@ def _seconds(s: float | None) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.1f} s" if s < 600 else f"{s / 60:.1f} min"
 
 
+MEMORY_KINDS = {"cuda": "CUDA allocated", "tensors": "tensors", "resident set": "resident set"}  # what a peak counts
+
+
+def record_digests(report: Report) -> dict[str, list[str]]:
+    """Which records the report read: per notebook, the digest (`records.digest`) of each record.json of a run
+    folder directly under the runs folder (a sweep's or a benchmark's records inside a run are the run's)."""
+    out: dict[str, list[str]] = {}
+    for run in report.runs:
+        path = run.path / "record.json"
+        if run.path.parent == report.root and path.is_file():
+            out.setdefault(run.notebook, []).append(records.digest(path))
+    return out
+
+
 def series_table(series: Series) -> str:
     """A Markdown table of one series: configuration, times, throughput, speedup, efficiency, memory, cost."""
     unit = f"{series.unit}/s"
@@ -289,7 +303,8 @@ def series_table(series: Series) -> str:
     for r in series.rows:
         cells = [r.config + (" (baseline)" if r.baseline else ""), f"`{r.run.name}`", _seconds(r.step_time_s),
                  _seconds(r.wall_time_s), f"{r.throughput:,.1f}", _f(r.speedup, ".2f") + ("x" if r.speedup else ""),
-                 _f(r.efficiency, ".0%"), fmt_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else "-",
+                 _f(r.efficiency, ".0%"),
+                 f"{fmt_bytes(r.peak_memory_bytes)} ({MEMORY_KINDS[r.memory_kind]})" if r.peak_memory_bytes else "-",
                  _f(r.device_hours_per_epoch, ".3g"), f"{r.device_hours_per_million:.3g}"]
         if with_sacct:
             cells += [_seconds(r.sacct.get("elapsed_s")), str(r.sacct.get("gpus", "-"))]
@@ -353,9 +368,9 @@ def summary(report: Report) -> str:
              f"{sum(len(s.rows) for s in report.series)} measurement(s) in {len(report.series)} series"]
     for s in report.series:
         best = max(s.rows, key=lambda r: r.throughput)
-        lines.append(f"  {s.title}: {len(s.rows)} row(s), best {best.throughput:,.1f} {s.unit}/s ({best.config})")
+        lines.append(f"  {s.title}: {len(s.rows)} row(s)\n    best {best.throughput:,.1f} {s.unit}/s ({best.config})")
     for r in report.failed:
-        lines.append(f"  {r.status.upper()} {r.name} ({r.notebook}): {(r.reason or 'no reason recorded')[:160]}")
+        lines.append(f"  {r.status.upper()} {r.name} ({r.notebook}):\n    {(r.reason or 'no reason recorded')[:110]}")
     return "\n".join(lines)
 
 

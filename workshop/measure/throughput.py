@@ -6,6 +6,7 @@ every rank calls it, and the slowest rank's time counts.
     rows = throughput.step_split(["small_cnn", "resnet18"], micro_batch_size=32, steps=5)
     result = throughput.strategy_steps("cpu", micro_batch_size=8, seq_len=64)
     result = throughput.run_ddp(2, "small_cnn", 32, steps=20, warmup=3, run=run)   # from a one-process notebook (04)
+    rows = throughput.end_to_end_scaling("small_cnn", micro_batch_size=16, steps=10)  # 1 rank, then N, timed whole
 
 From the command line: `python -m workshop.measure.bench ddp|step-split|strategies` (see there).
 """
@@ -70,15 +71,7 @@ def ddp_throughput(model_name: str, micro_batch_size: int, steps: int, warmup: i
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = _synthetic_batch(micro_batch_size, env.device, seed=1 + env.rank)  # each rank its own data, as with a sampler
 
-    # workshop.train's step, timed as a block over one batch kept on the device: no loader, no divergence check
-    for _ in range(warmup):  # first steps allocate buffers, pick kernels and build DDP's buckets
-        train_step(model, optimizer, x, y)
-    metrics.reset_peak_memory(env.device)
-    dist.barrier()
-    with metrics.Timer(env.device) as t:
-        for _ in range(steps):
-            train_step(model, optimizer, x, y)
-    time_s = max_over_ranks([t.elapsed], env)[0]
+    time_s = max_over_ranks([_timed_steps(model, optimizer, x, y, steps, warmup, env.device)], env)[0]
     peak = [int(b) for b in per_rank(float(metrics.peak_memory(env.device)), env)]
     return {
         "model": model_name,
@@ -100,6 +93,60 @@ def ddp_throughput(model_name: str, micro_batch_size: int, steps: int, warmup: i
         "samples_or_tokens": "samples",
         "strategy": "ddp" if env.is_distributed else "single",
     }
+
+
+def _timed_steps(model, optimizer, x, y, steps: int, warmup: int, device, line_up=dist.barrier) -> float:
+    """Seconds of `steps` of workshop.train's step after `warmup` untimed ones, timed as a block over one batch
+    kept on the device: no loader, no divergence check. The first steps allocate buffers, pick kernels and build
+    DDP's buckets; `line_up` then starts the timed steps of every rank together."""
+    for _ in range(warmup):
+        train_step(model, optimizer, x, y)
+    metrics.reset_peak_memory(device)
+    line_up()
+    with metrics.Timer(device) as t:
+        for _ in range(steps):
+            train_step(model, optimizer, x, y)
+    return t.elapsed
+
+
+def end_to_end_scaling(model_name: str, micro_batch_size: int, steps: int, warmup: int = 1,
+                       env: DistEnv | None = None) -> list[dict]:
+    """Speedup as it is measured: the same work, `steps` SGD steps of `micro_batch_size` samples per rank, timed
+    whole on one rank (rank 0 alone, no DDP, while the others wait) and then on every rank with DDP (as in
+    `ddp_throughput`). Two measurements in the keys of workshop.measure.report, strategies "single" and "ddp":
+    their throughputs' ratio is the speedup this machine delivers, communication, waiting and shared cores
+    included (weak scaling: the batch per rank stays). One rank: the single measurement only. A collective."""
+    env = env or dist.get_env()
+    x, y = _synthetic_batch(micro_batch_size, env.device, seed=1)
+    alone = 0.0
+    if env.rank == 0:
+        with seeded(0, env.device):
+            model = get_model(model_name, num_classes=NUM_CLASSES).to(env.device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        alone = _timed_steps(model, optimizer, x, y, steps, warmup, env.device, line_up=lambda: None)
+        del model, optimizer
+    alone = per_rank(alone, env)[0]  # rank 0's time, on every rank (the others waited here)
+    common = {"model": model_name, "samples_or_tokens": "samples", "micro_batch_size": micro_batch_size,
+              "steps": steps, "timed": "whole"}
+    rows = [{**common, "strategy": "single", "world_size": 1, "global_batch_size": micro_batch_size,
+             "wall_time_s": alone, "step_time_s": alone / steps,
+             "throughput": metrics.throughput(micro_batch_size * steps, alone)}]
+    if env.is_distributed:
+        ddp = ddp_throughput(model_name, micro_batch_size, steps, warmup, env)
+        rows.append({**common, "strategy": "ddp", "world_size": env.world_size,
+                     "global_batch_size": ddp["global_batch_size"], "wall_time_s": ddp["time_s"],
+                     "step_time_s": ddp["step_time_s"], "throughput": ddp["throughput"]})
+    return rows
+
+
+def format_scaling(rows: list[dict]) -> str:
+    """The measured speedup and efficiency of `end_to_end_scaling`'s rows against the one-rank row."""
+    one = rows[0]["throughput"]
+    body = [[r["strategy"], r["world_size"], f"{r['wall_time_s']:.2f}", _ms(r["step_time_s"]),
+             f"{r['throughput']:,.1f}", f"{r['throughput'] / one:.2f}x", f"{r['throughput'] / one / r['world_size']:.0%}"]
+            for r in rows]
+    return (f"{rows[0]['model']}: {rows[0]['steps']} steps of {rows[0]['micro_batch_size']} samples per rank, timed whole\n"
+            + table(["strategy", "ranks", "time (s)", "step (ms)", "samples/s", "speedup", "efficiency"], body))
 
 
 def format_ddp(result: dict) -> str:
@@ -188,23 +235,6 @@ def step_split(model_names: list[str], micro_batch_size: int, steps: int, env: D
     return rows
 
 
-def step_split_measurements(rows: list[dict]) -> list[dict]:
-    """The split in the keys of workshop.measure.report: per model, the compute alone on one device
-    (strategy "single"), and on N ranks the compute followed by the gradients' all-reduce, both
-    measured, run one after the other: a DDP step with no overlap (strategy "ddp-no-overlap")."""
-    out = []
-    for r in rows:
-        mbs, n = r["micro_batch_size"], r["world_size"]
-        common = {"model": r["model"], "samples_or_tokens": "samples", "micro_batch_size": mbs}
-        out.append({**common, "strategy": "single", "world_size": 1, "global_batch_size": mbs, "step_time_s": r["compute_s"],
-                    "throughput": mbs / r["compute_s"]})
-        if n > 1:
-            step = r["compute_s"] + r["comm_s"]
-            out.append({**common, "strategy": "ddp-no-overlap", "world_size": n, "global_batch_size": mbs * n,
-                        "step_time_s": step, "throughput": n * mbs / step})
-    return out
-
-
 def format_step_split(rows: list[dict], env: DistEnv | None = None) -> str:
     env = env or dist.get_env()
     world_size = rows[0]["world_size"] if rows else env.world_size
@@ -214,7 +244,8 @@ def format_step_split(rows: list[dict], env: DistEnv | None = None) -> str:
              f"{r['comm_s'] / r['compute_s']:.2f}", f"{r['efficiency_no_overlap']:.1%}", f"{r['efficiency_overlap']:.1%}"]
             for r in rows]
     lines = [f"one training step split into compute and gradient all-reduce, {world_size} rank(s) ({env.backend}, "
-             f"{env.device}); median over steps of the slowest rank", table(header, body)]
+             f"{env.device});\nmedian over steps of the slowest rank; eff.: the bounds these parts give, not a step timed "
+             "whole", table(header, body)]
     if world_size == 1:
         lines.append("one rank: no all-reduce, so communication is 0. Run with N ranks to measure it: "
                      "python -m torch.distributed.run --standalone --nproc-per-node N -m workshop.measure.bench step-split")
