@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # the virtual environment's programs (papermill, torchrun, jupyter) come first
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test setup lab kernel notebooks lint slurm-up slurm-down slurm-status
+.PHONY: run test setup lab kernel notebooks student lint slurm-up slurm-down slurm-status
 
 run: setup  ## execute every notebook (CPU, synthetic data, local ranks), then the scaling report (12); prints where it is
 	$(BIN)/python -m workshop.launch.runner series
@@ -42,6 +42,9 @@ kernel: setup  ## register this environment as the Jupyter kernel "workshop"
 
 lab: kernel  ## start JupyterLab on the notebooks
 	$(BIN)/jupyter lab notebooks/
+
+student: setup  ## the students' copies in student/: each exercise's solution cleared (nbgrader), outputs gone
+	$(BIN)/python -m workshop.launch.student
 
 notebooks: setup  ## re-execute the committed notebooks: multi-rank ones on 2 SLURM nodes x 2 ranks (else 4 local ranks)
 	@scripts/local_slurm.sh status >/dev/null 2>&1 || scripts/local_slurm.sh start || \

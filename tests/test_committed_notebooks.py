@@ -102,7 +102,7 @@ def test_no_machine_path(path):
 def test_every_checked_cell_goes_through_workshop_check(path):
     """nbval compares a checked cell's output, but a batch run (papermill, SLURM) fails only where a check raises."""
     unchecked = [i for i, cell in code_cells(path) if "".join(cell["source"]).startswith("# NBVAL_CHECK_OUTPUT")
-                 and not re.search(r"\bcheck\.(require|stop_if_diverged)\(", "".join(cell["source"]))]
+                 and not re.search(r"\bcheck\.(require|stop_if_diverged|exercise)\(", "".join(cell["source"]))]
     assert unchecked == [], f"{path.name}: checked cells (index) that only print: call check.require"
 
 

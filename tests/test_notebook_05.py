@@ -11,7 +11,8 @@ from helpers import REPO, assert_checks_as_committed, run_notebook
 from workshop.base import records
 
 NB05 = "notebooks/05_ddp.ipynb"
-SMALL = ["-p", "split_models", "small_cnn,vit_tiny", "-p", "split_steps", "1", "-p", "allreduce_sizes", "4KiB,1MiB"]
+SMALL = ["-p", "split_models", "small_cnn,vit_tiny", "-p", "split_steps", "1", "-p", "allreduce_sizes", "4KiB,1MiB",
+         "-p", "scaling_steps", "3"]
 CHECK = [f"{what} matches the single-process run:" for what in
          ("naive all-reduce", "bucketed all-reduce", "torch DDP", "Lightning DDP")]
 
@@ -52,6 +53,9 @@ def test_05_on_two_local_ranks(runs):
     rows = record.results["allreduce"]  # workshop.measure.collectives, as `bench allreduce` runs it
     assert [r["bytes"] for r in rows] == [4096, 2**20]
     assert all(r["time_s"] > 0 and r["busbw_GBps"] == pytest.approx(r["algbw_GBps"]) for r in rows)  # n = 2: 2(n-1)/n = 1
+    scaling = record.results["scaling"]  # the same steps timed whole on rank 0 alone, then on both with DDP
+    assert [(r["strategy"], r["world_size"]) for r in scaling] == [("single", 1), ("ddp", 2)]
+    assert record.results["measurements"] == scaling and all(r["throughput"] > 0 for r in scaling)
     split = {r["model"]: r for r in record.results["step_split"]}  # workshop.measure.throughput, as `bench step-split`
     assert sorted(split) == ["small_cnn", "vit_tiny"] and split["small_cnn"]["grad_bytes"] == 4 * 94_762
     for row in split.values():

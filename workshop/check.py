@@ -24,8 +24,9 @@ Every rank must call the comparisons (they all-reduce the verdict); a process of
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as tdist
@@ -33,6 +34,11 @@ import torch.distributed as tdist
 
 class CheckFailed(AssertionError):
     """A parallel version does not compute what the one-process reference computes."""
+
+
+class ExerciseFailed(CheckFailed):
+    """A student's answer to an exercise is missing or does not match the reference: the message names the
+    exercise and gives one hint."""
 
 
 class Diverged(RuntimeError):
@@ -164,3 +170,42 @@ def require(checks: Mapping[str, Match], claim: str = "matches the single-proces
     failed = [f"{name}: {match.detail or 'False'}" for name, match in checks.items() if not match]
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(checks)} checks failed ({claim}):\n  " + "\n  ".join(failed))
+
+
+class Exercise:
+    """An exercise being checked (`exercise`): `verdict` takes the comparison of the student's answer with the
+    reference, a Match whose detail is the hint."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def verdict(self, match: Match) -> None:
+        """Print `exercise <name>: solved` on rank 0, or raise ExerciseFailed on every rank with the hint."""
+        from workshop import dist
+
+        match = agree(match)
+        if not match:
+            raise ExerciseFailed(f"exercise {self.name}: {match.detail or 'does not match the reference'}")
+        dist.print0(f"exercise {self.name}: solved")
+
+
+@contextmanager
+def exercise(name: str) -> Iterator[Exercise]:
+    """Check an exercise: run the student's code inside, then give `verdict` its comparison with the reference.
+
+        with check.exercise("05.1 allreduce_gradients") as ex:
+            ex.verdict(ddp.check_gradient_average(allreduce_gradients, fresh_model, batch, env))
+
+    A stub left as it is (`raise NotImplementedError()`, what `make student` leaves of a solution) and any other
+    error of the student's code become one ExerciseFailed that names the exercise: the failure line of a run says
+    which exercise is not done and why, not a traceback from inside the package. Every rank must enter it."""
+    try:
+        yield Exercise(name)
+    except CheckFailed:
+        raise
+    except NotImplementedError:
+        raise ExerciseFailed(f"exercise {name}: not written yet; write it in place of `raise NotImplementedError()` in "
+                             "its cell, then run the cells from there") from None
+    except Exception as err:  # the student's code: its error, in one line, under the exercise's name
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ExerciseFailed(f"exercise {name}: your code raised {type(err).__name__}: {first}") from err

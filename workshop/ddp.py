@@ -264,3 +264,63 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
         else:
             sync_batchnorm(child)
     return model
+
+
+# --- notebook 05's exercises: a student's piece against the reference, and a hint that names the usual mistake ---
+
+def check_gradient_average(average, make_model, x: torch.Tensor, y: torch.Tensor, env: DistEnv) -> check.Match:
+    """Exercise 05.1: one backward of a fresh model on this rank's shard of the global batch (x, y) (sample i on rank
+    i mod world size), then `average(model)`, must leave every gradient equal to one process's gradient of the whole
+    batch. A collective: every rank calls it."""
+    reference = make_model()
+    F.cross_entropy(reference(x), y).backward()
+    expected = [p.grad.detach().clone() for p in reference.parameters()]
+    model = make_model()
+    n, r = env.world_size, env.rank
+    F.cross_entropy(model(x[r::n]), y[r::n]).backward()
+    average(model)
+    match = check.same_grads(model, expected, rtol=1e-4, atol=1e-6)
+    if match:
+        return match
+    norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().double()
+    low, high = norm.clone(), norm.clone()
+    if env.is_distributed:
+        tdist.all_reduce(low, op=tdist.ReduceOp.MIN)
+        tdist.all_reduce(high, op=tdist.ReduceOp.MAX)
+    ratio = (norm / torch.cat([g.flatten() for g in expected]).norm().double()).item()
+    if high - low > 1e-6 * high:
+        return check.Match(False, "the ranks hold different gradients afterwards: all-reduce every parameter's .grad "
+                                  "(op=SUM), on every rank")
+    if n > 1 and abs(ratio - n) < 0.01 * n:
+        return check.Match(False, f"your gradients are {ratio:.1f}x the reference's: did you divide the sum by the world "
+                                  f"size ({n})?")
+    if n > 1 and abs(ratio * n - 1) < 0.01:
+        return check.Match(False, f"your gradients are 1/{n} of the reference's: divide by the world size once, after "
+                                  "the all-reduce has summed them")
+    return check.Match(False, f"your gradients are not one process's on the global batch ({match.detail})")
+
+
+def check_ddp_pieces(model, loader, dataset, batch_size: int, env: DistEnv) -> check.Match:
+    """Exercise 05.2: `model` must be wrapped in DistributedDataParallel and `loader` must read, in batches of
+    `batch_size`, this rank's shard of `dataset` in order (sample i on rank i mod world size, as the reference's
+    global batches are dealt). Every rank calls it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    n, r = env.world_size, env.rank
+    read = list(iter(loader.sampler)) if loader.sampler is not None else []
+    mine = list(range(r, len(dataset), n))
+    if not isinstance(model, DistributedDataParallel):
+        return check.Match(False, f"the model is a {type(model).__name__}: wrap it, DistributedDataParallel(model)")
+    if loader.batch_size != batch_size:
+        return check.Match(False, f"the loader's batches hold {loader.batch_size} samples: give DataLoader "
+                                  f"batch_size={batch_size}")
+    if read == mine:
+        return check.Match(True)
+    if n > 1 and len(read) == len(dataset):
+        return check.Match(False, f"rank {r} reads all {len(dataset)} samples: give the DataLoader a "
+                                  "DistributedSampler(dataset, num_replicas=world size, rank=rank)")
+    if sorted(read) == mine:
+        return check.Match(False, f"rank {r} reads its samples shuffled: shuffle=False in the DistributedSampler, so that "
+                                  "its batches are the reference's")
+    return check.Match(False, f"rank {r} reads samples {read[:4]}..., expected {mine[:4]}... (sample i on rank i mod "
+                              f"the world size {n})")

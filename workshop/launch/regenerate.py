@@ -161,14 +161,14 @@ def regenerate(notebooks: list[Path], local: bool = False) -> int:
     # notebooks replaces their runs only, and the report, run last, reads the latest run of every notebook.
     runs = REPO / "runs" / "make-notebooks"
     runs.mkdir(parents=True, exist_ok=True)
-    for nb in notebooks:
-        # its earlier run folder, and a sweep's folder of records (notebook 03 names it after the SLURM job)
-        for old in [*find_runs(nb.stem, root=runs), *(runs.glob("sweep-*") if nb.stem.startswith("03_") else [])]:
-            shutil.rmtree(old)
     report = REPO / "notebooks" / f"{REPORT_NOTEBOOK}.ipynb"
     if report.is_file() and report not in notebooks:  # the report reads the runs just made: it is made again, last
         print(f"{report.name} runs last, over the runs folder {runs.relative_to(REPO)}", flush=True)
         notebooks = [*notebooks, report]
+    for nb in notebooks:
+        # its earlier run folder, and a sweep's folder of records (notebook 03 names it after the SLURM job)
+        for old in [*find_runs(nb.stem, root=runs), *(runs.glob("sweep-*") if nb.stem.startswith("03_") else [])]:
+            shutil.rmtree(old)
     failed = []
     notebooks = sorted(notebooks, key=lambda nb: nb.stem == REPORT_NOTEBOOK)  # the report after the runs it reads
     for nb in notebooks:
