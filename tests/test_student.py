@@ -13,12 +13,14 @@ from workshop.launch import student
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def solutions(nb: dict) -> list[str]:
-    """The lines between the solution markers of a notebook's code cells."""
-    found = []
+def solutions(nb: dict) -> dict[str, list[str]]:
+    """Per cell id, the lines between the solution markers of that cell."""
+    found = {}
     for cell in nb["cells"]:
-        found += re.findall(rf"{student.BEGIN}\n(.*?){student.END}", "".join(cell["source"]), flags=re.S)
-    return [line.strip() for block in found for line in block.splitlines() if line.strip()]
+        blocks = re.findall(rf"{student.BEGIN}\n(.*?){student.END}", "".join(cell["source"]), flags=re.S)
+        if blocks:
+            found[cell["id"]] = [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+    return found
 
 
 def test_student_copies_hold_no_solution_and_no_output(tmp_path):
@@ -28,12 +30,15 @@ def test_student_copies_hold_no_solution_and_no_output(tmp_path):
         committed, copy = json.loads(nb.read_text()), json.loads((tmp_path / nb.name).read_text())
         source = "\n".join("".join(c["source"]) for c in copy["cells"])
         assert student.BEGIN not in source and student.END not in source
-        assert [line for line in solutions(committed) if line in source] == [], nb.name
+        cells = {c["id"]: "".join(c["source"]) for c in copy["cells"]}
+        kept = [line for cid, lines in solutions(committed).items() for line in lines if line in cells[cid]]
+        assert kept == [], f"{nb.name}: solution lines left in the student's copy"
         assert source.count("raise NotImplementedError()") >= len(student.exercises(copy))
         assert all(c.get("outputs", []) == [] for c in copy["cells"] if c["cell_type"] == "code")
         assert "record" not in copy["metadata"].get("workshop", {})
         names += student.exercises(copy)
-    assert {"05.1 allreduce_gradients", "05.2 wrap_for_ddp"} <= set(names)
+    assert {"01.1 train_step", "03.1 make_grid", "05.1 allreduce_gradients", "05.2 wrap_for_ddp",
+            "09.1 one_f_one_b_order"} <= set(names)
 
 
 def test_a_copy_a_student_edited_is_kept_unless_forced(tmp_path, capsys):
@@ -78,3 +83,52 @@ def test_a_wrong_answer_on_two_ranks_fails_the_run_with_its_hint(runs, tmp_path)
     last = (out.stdout + out.stderr).strip().splitlines()[-1]
     assert "exercise 05.1 allreduce_gradients: your gradients are 2.0x the reference's: did you divide the sum by " \
            "the world size (2)?" in last, last
+
+
+def test_typical_wrong_answers_get_their_hints():
+    """The checkers the notebooks call, given the usual mistakes (one process; 05.1 on two ranks is above)."""
+    import itertools
+
+    import torch
+    import torch.nn.functional as F
+
+    from workshop import models, pipeline, train
+    from workshop.launch import sweep
+
+    def fresh():
+        torch.manual_seed(0)
+        return models.get_model("small_cnn", num_classes=10)
+
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def no_zero_grad(model, optimizer, a, b):
+        loss = F.cross_entropy(model(a), b)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def no_step(model, optimizer, a, b):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(a), b)
+        loss.backward()
+        return loss
+
+    assert "clear the gradients (optimizer.zero_grad())" in train.check_train_step(no_zero_grad, fresh, x, y, 0.05).detail
+    assert "the weights did not move" in train.check_train_step(no_step, fresh, x, y, 0.05).detail
+    assert train.check_train_step(lambda m, o, a, b: train.train_step(m, o, a, b)[0], fresh, x, y, 0.05)
+
+    assert "GPipe's order" in pipeline.check_order(pipeline.gpipe).detail
+
+    def one_too_many(p, m, s):  # warms up with p - s forwards
+        w = min(p - s, m)
+        order = [("F", i) for i in range(w)]
+        for i in range(m - w):
+            order += [("F", w + i), ("B", i)]
+        return order + [("B", i) for i in range(m - w, m)]
+
+    assert "runs 5 forwards before its first backward, 1F1B 4" in pipeline.check_order(one_too_many).detail
+    assert pipeline.check_order(pipeline.one_f_one_b)
+
+    last_axis_slowest = lambda **a: [dict(zip(a, c[::-1])) for c in itertools.product(*reversed(list(a.values())))]  # noqa: E731
+    assert "in another order: the first axis changes slowest" in sweep.check_grid(last_axis_slowest).detail
+    assert sweep.check_grid(sweep.make_grid)

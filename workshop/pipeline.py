@@ -400,3 +400,33 @@ def apply_pipeline(model: TinyGPT, mesh, *, pp_dim: str = "pp", dp_dim: str = "d
     if mesh[dp_dim].size() > 1:
         apply_fsdp(stage, mesh[dp_dim])
     return stage
+
+
+def check_order(order, p_max: int = 4, m_max: int = 8):
+    """Exercise 09.1: a student's `order(p, m, s)` must give `one_f_one_b`'s order for every stage s of p <= `p_max`
+    stages and m <= `m_max` micro-batches. The hint names the first difference and the usual mistake behind it."""
+    from workshop.check import Match
+
+    for p in range(p_max, 0, -1):  # the largest first: there the usual mistakes differ from each other
+        for m in range(m_max, 0, -1):
+            for s in range(p):
+                got, want = [tuple(a) for a in order(p, m, s)], one_f_one_b(p, m, s)
+                if got == want:
+                    continue
+                where = f"stage {s} of p={p} with m={m}"
+                shown = " ".join(f"{k}{i}" for k, i in got[:12]) + (" ..." if len(got) > 12 else "")
+                if sorted(got) != sorted(want):
+                    return Match(False, f"{where} runs {shown}: each micro-batch 0..m-1 needs one F and one B")
+                early = next((i for k, i in got if k == "B" and got.index(("B", i)) < got.index(("F", i))), None)
+                if early is not None:
+                    return Match(False, f"{where} runs B{early} before F{early}: a backward needs its forward")
+                warmup = next(j for j, (k, _) in enumerate(got) if k == "B")
+                expected = next(j for j, (k, _) in enumerate(want) if k == "B")
+                if warmup != expected:
+                    if got == gpipe(p, m, s):
+                        return Match(False, f"{where}: that is GPipe's order (all forwards, then all backwards); 1F1B "
+                                            "starts the backwards after p - s - 1 forwards")
+                    return Match(False, f"{where} runs {warmup} forwards before its first backward, 1F1B {expected}: "
+                                        f"p - s - 1 = {p - s - 1} to fill the pipe (at most m), then it alternates F, B")
+                return Match(False, f"{where} runs {shown}; 1F1B runs " + " ".join(f"{k}{i}" for k, i in want))
+    return Match(True)

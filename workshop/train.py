@@ -100,3 +100,36 @@ def fit(model: nn.Module, train_loader, test_loader, *, epochs: int, lr: float, 
         val = evaluate(model, test_loader, device)
         history.append({"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc": val["acc"]})
     return history
+
+
+
+def check_train_step(step, make_model, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int = 2) -> check.Match:
+    """Exercise 01.1: `steps` calls of a student's `step(model, optimizer, x, y)` on a fresh model must leave the
+    weights of as many calls of `train_step` (SGD with momentum, `make_optimizer`). Two steps, so that gradients
+    left over from the first show in the second. The hint names the usual mistakes."""
+
+    def run(fn, n):
+        model = make_model()
+        optimizer = make_optimizer(model, lr)
+        return model, [fn(model, optimizer, x, y) for _ in range(n)]
+
+    def reference(model, optimizer, a, b):
+        return train_step(model, optimizer, a, b)[0]
+
+    mine, losses = run(step, steps)
+    ref, ref_losses = run(reference, steps)
+    match = check.same_weights(mine, ref)
+    if not match:
+        if check.same_weights(mine, run(reference, 0)[0]):
+            return check.Match(False, "the weights did not move: call loss.backward(), then optimizer.step()")
+        if check.same_weights(run(step, 1)[0], run(reference, 1)[0]):
+            return check.Match(False, "your first step is right, the second differs: clear the gradients "
+                                      "(optimizer.zero_grad()) before each backward, or they add up")
+        return check.Match(False, f"your weights are not the reference's after one step ({match.detail})")
+    if not all(isinstance(loss, torch.Tensor) and loss.numel() == 1 for loss in losses):
+        return check.Match(False, "return the batch's loss, the tensor that F.cross_entropy gave")
+    mine_first, ref_first = losses[0].item(), ref_losses[0].item()  # .item(): no warning about requires_grad
+    if abs(mine_first - ref_first) > 1e-5 * max(1.0, abs(ref_first)):
+        return check.Match(False, f"your first step returned {mine_first:.4f}, the batch's loss is {ref_first:.4f}: "
+                                  "return the loss computed in this step")
+    return match

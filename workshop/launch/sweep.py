@@ -238,3 +238,26 @@ def shared_cpus(found: list[dict]) -> dict | None:
         if len(at_once) > 1 and threads > t["cpus"] and (worst is None or threads > worst["threads"]):
             worst = {"host": t["host"], "tasks": len(at_once), "threads": threads, "cpus": t["cpus"]}
     return worst
+
+
+def check_grid(make: Callable[..., list[dict]]):
+    """Exercise 03.1: a student's `make(**axes)` must give `make_grid`'s configurations, in its order (the first
+    axis slowest), on a few grids. The hint names what differs."""
+    from workshop.check import Match
+
+    for axes in ({"lr": [0.1]}, {"lr": [0.01, 0.1], "batch_size": [32, 64, 128]},
+                 {"lr": [1, 2], "batch_size": [8, 16], "seed": [0, 1]}):
+        got, want = make(**axes), make_grid(**axes)
+        call = ", ".join(f"{k}={v}" for k, v in axes.items())
+        if not isinstance(got, list) or not all(isinstance(c, dict) for c in got):
+            return Match(False, f"make_grid({call}) gave a {type(got).__name__}: return a list of dicts, one per "
+                                "configuration")
+        if len(got) != len(want):
+            return Match(False, f"make_grid({call}) gave {len(got)} configurations, the grid has {len(want)}: every "
+                                "combination of one value per axis (itertools.product)")
+        if got != want:
+            if sorted(sorted(c.items()) for c in got) == sorted(sorted(c.items()) for c in want):
+                return Match(False, f"make_grid({call}) has every configuration, in another order: the first axis "
+                                    "changes slowest, as itertools.product(*axes.values()) gives them")
+            return Match(False, f"make_grid({call}) gave {got[:2]}..., expected {want[:2]}... (names from the axes)")
+    return Match(True)
