@@ -34,11 +34,16 @@ def test_student_copies_hold_no_solution_and_no_output(tmp_path):
         kept = [line for cid, lines in solutions(committed).items() for line in lines if line in cells[cid]]
         assert kept == [], f"{nb.name}: solution lines left in the student's copy"
         assert source.count("raise NotImplementedError()") >= len(student.exercises(copy))
+        for cell in copy["cells"]:  # a stub keeps its block's indentation: every cell still compiles
+            if cell["cell_type"] == "code":
+                compile("\n".join(line for line in "".join(cell["source"]).splitlines() if not line.startswith("%")),
+                        f"{nb.name}:{cell['id']}", "exec")
         assert all(c.get("outputs", []) == [] for c in copy["cells"] if c["cell_type"] == "code")
         assert "record" not in copy["metadata"].get("workshop", {})
         names += student.exercises(copy)
-    assert {"01.1 train_step", "03.1 make_grid", "05.1 allreduce_gradients", "05.2 wrap_for_ddp",
-            "09.1 one_f_one_b_order"} <= set(names)
+    assert {"01.1 train_step", "03.1 make_grid", "05.1 allreduce_gradients", "05.2 wrap_for_ddp", "06.1 shard_model",
+            "07.1 checkpoint_every_other", "08.1 mlp_slices", "09.1 one_f_one_b_order", "10.1 greedy_decode",
+            "11.1 find_straggler"} <= set(names)
 
 
 def test_a_copy_a_student_edited_is_kept_unless_forced(tmp_path, capsys):
@@ -92,8 +97,9 @@ def test_typical_wrong_answers_get_their_hints():
     import torch
     import torch.nn.functional as F
 
-    from workshop import models, pipeline, train
-    from workshop.launch import sweep
+    from workshop import activation_checkpointing, inference, models, pipeline, tp, train
+    from workshop.launch import faults, sweep
+    from workshop.measure import memory
 
     def fresh():
         torch.manual_seed(0)
@@ -129,6 +135,65 @@ def test_typical_wrong_answers_get_their_hints():
     assert "runs 5 forwards before its first backward, 1F1B 4" in pipeline.check_order(one_too_many).detail
     assert pipeline.check_order(pipeline.one_f_one_b)
 
+    w1, w2 = torch.randn(16, 8), torch.randn(8, 16)  # as nn.Linear stores A (8 -> 16) and B (16 -> 8)
+
+    def rows_of_w2(a, b, r, ranks):  # B split along w2's rows: a row split where a column split belongs
+        n, d = 16 // ranks, 8 // ranks
+        return a[r * n:(r + 1) * n], b[r * d:(r + 1) * d]
+
+    assert "you split w2 along its rows" in tp.check_mlp_slices(rows_of_w2, w1, w2).detail
+    assert tp.check_mlp_slices(lambda a, b, r, k: (a[r * 16 // k:(r + 1) * 16 // k], b[:, r * 16 // k:(r + 1) * 16 // k]),
+                               w1, w2)
+
+    torch.manual_seed(0)
+    lm, prompts = models.tinygpt("cpu").eval(), [torch.randint(0, 256, (1, 5))]
+
+    def no_cache(model, prompt, n):  # right tokens, the whole sequence fed every step
+        out = prompt
+        for _ in range(n):
+            out = torch.cat([out, model(out)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return out
+
+    assert "feed only the newest token" in inference.check_decode(no_cache, lm, prompts, 4).detail
+    assert inference.check_decode(lambda model, prompt, n: models.generate(model, prompt, n), lm, prompts, 4)
+
+    tokens = torch.randint(0, 256, (2, 16))
+    fresh_lm = lambda: (torch.manual_seed(0), models.tinygpt("cpu"))[1]  # noqa: E731
+    everything = memory.check_every_other(lambda blocks: activation_checkpointing.checkpoint_blocks(blocks, "full"),
+                                          fresh_lm, tokens, tokens)
+    assert "block 1 keeps" in everything.detail and "checkpoint every other block" in everything.detail
+
+    measured = [{"rank": 0, "work_s": [0.01], "wait_s": [0.05]}, {"rank": 1, "work_s": [0.06], "wait_s": [0.0]}]
+    longest_wait = lambda times: max(times, key=lambda t: sorted(t["wait_s"])[len(t["wait_s"]) // 2])["rank"]  # noqa: E731
+    assert "which waits longest" in faults.check_straggler(longest_wait, measured).detail
+    assert faults.check_straggler(lambda times: faults.slowest(times)[0], measured)
+
     last_axis_slowest = lambda **a: [dict(zip(a, c[::-1])) for c in itertools.product(*reversed(list(a.values())))]  # noqa: E731
     assert "in another order: the first axis changes slowest" in sweep.check_grid(last_axis_slowest).detail
     assert sweep.check_grid(sweep.make_grid)
+
+
+def test_sharding_only_the_root_is_named():
+    """Exercise 06.1's usual mistake, on a process group of one (fully_shard needs one)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from workshop import dist, models, sharding
+
+    dist.init()
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+
+        def fresh():
+            torch.manual_seed(0)
+            return models.tinygpt("cpu")
+
+        def root_only(model, mesh):
+            fully_shard(model, mesh=mesh)
+            return model
+
+        assert "only the root is a unit" in sharding.check_fully_shard(root_only, fresh, mesh).detail
+        assert sharding.check_fully_shard(lambda model, mesh: sharding.apply_fsdp(model, mesh), fresh, mesh)
+    finally:
+        dist.cleanup()

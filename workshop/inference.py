@@ -113,3 +113,33 @@ def known_word_share(texts: list[str], vocabulary: set[str]) -> float:
     of real words of the training text (1.0 when all are; 0.0 when there is no whole word)."""
     found = [w for t in texts for w in words(t)]
     return sum(w in vocabulary for w in found) / len(found) if found else 0.0
+
+
+def check_decode(decode, model: TinyGPT, prompts: list[torch.Tensor], new_tokens: int) -> Match:
+    """Exercise 10.1: a student's `decode(model, prompt, new_tokens)` must continue each prompt with the greedy
+    tokens of `models.generate` and, after the prompt, feed the model one token per step (what the KV cache is for).
+    The hint names what differs. Every rank runs the same prompts: the verdict is agreed."""
+    from workshop.models import generate
+
+    fed: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _module, args: fed.append(args[0].shape[1]))
+    try:
+        for prompt in prompts:
+            fed.clear()
+            with torch.no_grad():
+                got, want = decode(model, prompt, new_tokens), generate(model, prompt, new_tokens)
+            calls = list(fed[:len(fed) - new_tokens])  # the student's calls; the reference made `new_tokens`
+            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                return agree(Match(False, f"for a prompt of {prompt.shape[1]} tokens you returned {shape}, expected "
+                                          f"{tuple(want.shape)}: the prompt and {new_tokens} new tokens"))
+            if not torch.equal(got, want):
+                first = int((got[0] != want[0]).nonzero()[0]) - prompt.shape[1]
+                return agree(Match(False, f"new token {first} differs from greedy generation's: pick the argmax of the "
+                                          "last position's logits, and feed that token to the same cache"))
+            if calls[1:] and max(calls[1:]) > 1:
+                return agree(Match(False, f"after the prompt you fed the model {max(calls[1:])} tokens in one step: with "
+                                          "the cache, feed only the newest token (the cache holds the others)"))
+    finally:
+        hook.remove()
+    return agree(Match(True))

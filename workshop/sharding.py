@@ -226,3 +226,30 @@ def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: 
         engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, zero_optimizer
 
+
+
+def check_fully_shard(shard, make_model, mesh: DeviceMesh):
+    """Exercise 06.1: a student's `shard(model, mesh)` must make each block of `model.layers` an FSDP unit and then
+    the root, every parameter a DTensor on `mesh`. The hint names a missing unit. Every rank calls it."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from workshop.check import Match
+
+    model = shard(make_model(), mesh)
+    if model is None:
+        return Match(False, "return the model: fully_shard shards it in place, and the next cells train what you return")
+    blocks = list(model.layers)
+    if not any(isinstance(block, FSDPModule) for block in blocks):
+        return Match(False, "only the root is a unit, so forward gathers every parameter at once and the memory "
+                            "sharding saved comes back: fully_shard each block of model.layers first")
+    unwrapped = [i for i, block in enumerate(blocks) if not isinstance(block, FSDPModule)]
+    if unwrapped:
+        return Match(False, f"blocks {unwrapped} are not units of their own: fully_shard every block of model.layers")
+    if not isinstance(model, FSDPModule):
+        return Match(False, "the blocks are units, the root is not: fully_shard(model, mesh=mesh) after them (the root "
+                            "holds the embeddings, the final norm and the head)")
+    plain = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
+    if plain:
+        return Match(False, f"{len(plain)} parameters are not sharded (the first: {plain[0]}): shard the root last")
+    return Match(True)

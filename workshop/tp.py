@@ -425,3 +425,37 @@ def axonn_train(model: nn.Module, optimizer: torch.optim.Optimizer, loader, env:
         optimizer.step()
         losses.append(dist.global_mean(loss))
     return losses
+
+
+def check_mlp_slices(slices, w1: torch.Tensor, w2: torch.Tensor):
+    """Exercise 08.1: a student's `slices(w1, w2, rank, ranks)` must give rank r of 1, 2 and 4 ranks its slices of
+    Megatron's MLP as nn.Linear stores them: A's columns (w1's rows r*n:(r+1)*n) and B's rows (w2's columns). The
+    hint names a row split where a column split belongs, and the other usual mistakes."""
+    from workshop.check import Match
+
+    hidden, dim = w1.shape
+    for ranks in (1, 2, 4):
+        n = hidden // ranks
+        for r in range(ranks):
+            got = slices(w1, w2, r, ranks)
+            a, b = (tuple(got) + (None, None))[:2] if isinstance(got, (tuple, list)) else (None, None)
+            want_a, want_b = w1[r * n:(r + 1) * n], w2[:, r * n:(r + 1) * n]
+            where = f"rank {r} of {ranks}"
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+                return Match(False, f"{where}: return the two slices (A_r, B_r), tensors")
+            if a.shape != want_a.shape and ranks > 1 and torch.equal(a, w1[:, r * (dim // ranks):(r + 1) * (dim // ranks)]):
+                return Match(False, f"{where}: you split w1 along its columns; A's columns are w1's rows (nn.Linear "
+                                    "stores A transposed): a column split of A keeps rows of w1")
+            if b.shape != want_b.shape and ranks > 1 and torch.equal(b, w2[r * (dim // ranks):(r + 1) * (dim // ranks)]):
+                return Match(False, f"{where}: you split w2 along its rows; B is split by rows, which are w2's columns "
+                                    "(nn.Linear stores B transposed)")
+            if a.shape != want_a.shape or b.shape != want_b.shape:
+                return Match(False, f"{where}: slices of shapes {tuple(a.shape)} and {tuple(b.shape)}, expected "
+                                    f"{tuple(want_a.shape)} and {tuple(want_b.shape)} (n = hidden / ranks = {n})")
+            other = next((k for k in range(ranks) if k != r and torch.equal(a, w1[k * n:(k + 1) * n])), None)
+            if other is not None:
+                return Match(False, f"{where}: you took rank {other}'s slice of w1: rank r keeps hidden units r*n to (r+1)*n")
+            if not (torch.equal(a, want_a) and torch.equal(b, want_b)):
+                return Match(False, f"{where}: the shapes are right, the values are not w1[r*n:(r+1)*n] and "
+                                    "w2[:, r*n:(r+1)*n]: the same hidden units on both sides")
+    return Match(True)

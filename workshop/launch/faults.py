@@ -227,6 +227,36 @@ def slowest(times: list[dict]) -> tuple[int, float, float]:
             1e3 * statistics.median(wait[r] for r in others))
 
 
+def check_straggler(find, measured: list[dict]):
+    """Exercise 11.1: a student's `find(times)` must name the straggler of `straggle`'s times (`slowest`'s rank): on
+    made-up times where the usual mistakes pick another rank, then on the times measured here. The hint names the
+    mistake."""
+    from workshop.check import Match
+
+    def ranks(work_ms: list[list[float]], wait_ms: list[list[float]]) -> list[dict]:
+        return [{"rank": r, "work_s": [w / 1e3 for w in work], "wait_s": [w / 1e3 for w in wait]}
+                for r, (work, wait) in enumerate(zip(work_ms, wait_ms))]
+
+    # rank 2 works 50 ms longer every step; rank 0 waits longest for it; rank 1 had one slow step (a hiccup)
+    made_up = ranks([[10, 10, 10, 10], [10, 10, 400, 10], [60, 60, 60, 60], [10, 11, 10, 10]],
+                    [[55, 55, 55, 55], [50, 50, 0, 50], [0, 0, 0, 0], [50, 49, 50, 50]])
+    for name, times in (("made-up times", made_up), ("the times measured above", measured)):
+        want, got = slowest(times)[0], find(times)
+        if got == want:
+            continue
+        wait = {t["rank"]: statistics.median(t["wait_s"]) for t in times}
+        mean = {t["rank"]: statistics.mean(t["work_s"]) for t in times}
+        if len(times) > 1 and got == max(wait, key=wait.get):
+            return Match(False, f"on {name} you named rank {got}, which waits longest: the straggler is the rank the "
+                                f"others wait for, the one whose own work takes longest (rank {want})")
+        if got == max(mean, key=mean.get):
+            return Match(False, f"on {name} you named rank {got}, whose mean work is longest because of one slow step: "
+                                f"compare each rank's median work (rank {want})")
+        return Match(False, f"on {name} you named rank {got!r}, the straggler is rank {want}: the rank whose median "
+                            "own work per step is longest")
+    return Match(True)
+
+
 def plot_straggle(times: list[dict]):
     """Each rank's median step as a bar: its own work, then its wait inside the all-reduce."""
     import matplotlib.pyplot as plt

@@ -238,3 +238,39 @@ class saved_for_backward:
         self._hooks.__exit__(*exc)
         for handle in self._handles:
             handle.remove()
+
+
+def check_every_other(checkpoint_every_other, make_model, x: torch.Tensor, y: torch.Tensor):
+    """Exercise 07.1: a student's `checkpoint_every_other(blocks)` on a fresh TinyGPT's `layers` must leave blocks
+    0, 2, 4, ... keeping only their input for backward (what full checkpointing keeps) and the others everything,
+    with the gradients of no checkpointing. The hint names the block that differs and how."""
+    from workshop.check import Match, compare
+    from workshop.models import lm_loss
+
+    def run(model):
+        with saved_for_backward(model, {f"layer{i}": b for i, b in enumerate(model.layers)}) as saved:
+            loss = lm_loss(model(x), y)
+        loss.backward()
+        return saved
+
+    plain = make_model()
+    kept_plain = run(plain).by_module
+    model = make_model()
+    checkpoint_every_other(model.layers)
+    kept = run(model).by_module
+    block_input = x.shape[0] * x.shape[1] * model.dim * 4  # fp32 activations (B, T, dim)
+    for i in range(len(model.layers)):
+        got = kept.get(f"layer{i}", 0)
+        if i % 2 == 0 and got != block_input:
+            return Match(False, f"block {i} keeps {got:,} bytes for backward, a checkpointed block its input only "
+                                f"({block_input:,}): wrap the forward of blocks 0, 2, 4, ... in "
+                                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)")
+        if i % 2 == 1 and got != kept_plain.get(f"layer{i}", 0):
+            return Match(False, f"block {i} keeps {got:,} bytes, not everything ({kept_plain.get(f'layer{i}', 0):,}): "
+                                "checkpoint every other block (0, 2, 4, ...), leave the others as they are")
+    grads = compare(((f"grad{i}", p.grad, q.grad) for i, (p, q) in enumerate(zip(model.parameters(), plain.parameters()))),
+                    rtol=1e-5, atol=1e-8)
+    if not grads:
+        return Match(False, f"the gradients are not those of no checkpointing ({grads.detail}): a checkpoint recomputes "
+                            "the same forward, so wrap the block's own forward and change nothing else")
+    return Match(True)
