@@ -41,9 +41,10 @@ def test_student_copies_hold_no_solution_and_no_output(tmp_path):
         assert all(c.get("outputs", []) == [] for c in copy["cells"] if c["cell_type"] == "code")
         assert "record" not in copy["metadata"].get("workshop", {})
         names += student.exercises(copy)
-    assert {"01.1 train_step", "03.1 make_grid", "05.1 allreduce_gradients", "05.2 wrap_for_ddp", "06.1 shard_model",
-            "07.1 checkpoint_every_other", "08.1 mlp_slices", "09.1 one_f_one_b_order", "10.1 greedy_decode",
-            "11.1 find_straggler"} <= set(names)
+    assert {"01.1 train_step", "02.1 train_step", "03.1 make_grid", "04.1 reduce_gradients", "05.1 allreduce_gradients",
+            "05.2 wrap_for_ddp", "05.3 accumulate", "06.1 shard_model", "06.2 assign_owners",
+            "07.1 checkpoint_every_other", "08.1 mlp_slices", "09.1 one_f_one_b_order", "09.2 peak_in_flight",
+            "10.1 greedy_decode", "11.1 find_straggler"} <= set(names)
 
 
 def test_a_copy_a_student_edited_is_kept_unless_forced(tmp_path, capsys):
@@ -97,9 +98,9 @@ def test_typical_wrong_answers_get_their_hints():
     import torch
     import torch.nn.functional as F
 
-    from workshop import activation_checkpointing, inference, models, pipeline, tp, train
+    from workshop import activation_checkpointing, data_parallel, inference, models, pipeline, sharding, tp, train
     from workshop.launch import faults, sweep
-    from workshop.measure import memory
+    from workshop.measure import memory, perf
 
     def fresh():
         torch.manual_seed(0)
@@ -134,6 +135,12 @@ def test_typical_wrong_answers_get_their_hints():
 
     assert "runs 5 forwards before its first backward, 1F1B 4" in pipeline.check_order(one_too_many).detail
     assert pipeline.check_order(pipeline.one_f_one_b)
+    every_forward = lambda order: sum(1 for kind, _ in order if kind == "F")  # noqa: E731
+    assert "you counted every forward" in pipeline.check_in_flight(every_forward).detail
+    assert pipeline.check_in_flight(pipeline.in_flight)
+
+    assert "the largest share need not exceed" in sharding.check_owners(lambda sizes, n: [0] * len(sizes)).detail
+    assert "goes to rank" in sharding.check_owners(lambda sizes, n: list(range(len(sizes)))).detail
 
     w1, w2 = torch.randn(16, 8), torch.randn(8, 16)  # as nn.Linear stores A (8 -> 16) and B (16 -> 8)
 
@@ -163,6 +170,24 @@ def test_typical_wrong_answers_get_their_hints():
                                           fresh_lm, tokens, tokens)
     assert "block 1 keeps" in everything.detail and "checkpoint every other block" in everything.detail
 
+    image_model = lambda: (torch.manual_seed(0), models.get_model("small_cnn", norm="group"))[1]  # noqa: E731
+
+    def mean_of_replicas(replicas, model):
+        for p, *copies in zip(model.parameters(), *(r.parameters() for r in replicas)):
+            p.grad = sum(c.grad for c in copies) / len(copies)
+
+    assert "is the mean of theirs: sum them" in data_parallel.check_reduce(mean_of_replicas, image_model).detail
+
+    def forward_in_float32(model, optimizer, a, b, amp_dtype, scaler):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(a), b)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    assert "computed in torch.float32: run the forward and the loss inside torch.autocast" in perf.check_amp_step(
+        forward_in_float32, image_model(), x, y, torch.bfloat16).detail
+
     measured = [{"rank": 0, "work_s": [0.01], "wait_s": [0.05]}, {"rank": 1, "work_s": [0.06], "wait_s": [0.0]}]
     longest_wait = lambda times: max(times, key=lambda t: sorted(t["wait_s"])[len(t["wait_s"]) // 2])["rank"]  # noqa: E731
     assert "which waits longest" in faults.check_straggler(longest_wait, measured).detail
@@ -173,13 +198,14 @@ def test_typical_wrong_answers_get_their_hints():
     assert sweep.check_grid(sweep.make_grid)
 
 
-def test_sharding_only_the_root_is_named():
-    """Exercise 06.1's usual mistake, on a process group of one (fully_shard needs one)."""
+def test_hints_that_need_a_process_group():
+    """Exercise 06.1's and 05.3's usual mistakes, on a process group of one (fully_shard and DDP need one)."""
     import torch
+    import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from workshop import dist, models, sharding
+    from workshop import ddp, dist, models, sharding
 
     dist.init()
     try:
@@ -195,5 +221,18 @@ def test_sharding_only_the_root_is_named():
 
         assert "only the root is a unit" in sharding.check_fully_shard(root_only, fresh, mesh).detail
         assert sharding.check_fully_shard(lambda model, mesh: sharding.apply_fsdp(model, mesh), fresh, mesh)
+
+        image_model = lambda: (torch.manual_seed(0), models.get_model("small_cnn", norm="group"))[1]  # noqa: E731
+        g = torch.Generator().manual_seed(0)
+        micro_batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(3)]
+
+        def every_micro_batch_synced(model, optimizer, batches):  # Exercise 05.3 without no_sync
+            optimizer.zero_grad()
+            for x, y in batches:
+                (F.cross_entropy(model(x), y) / len(batches)).backward()
+            optimizer.step()
+
+        hint = ddp.check_accumulation(every_micro_batch_synced, image_model, micro_batches, 0.05, dist.get_env()).detail
+        assert "all-reduced 3 times, the accumulation needs 1" in hint
     finally:
         dist.cleanup()

@@ -139,3 +139,33 @@ def format_cpu_comparison(result: dict, replicas: int) -> str:
         f"({overhead / dp:.0%}). "
         f"DDP's {result['ddp_world_size']} processes took {ddp * 1e3:.0f} ms ({one / ddp:.2f}x one process).", 120)]
     return "\n".join(lines)
+
+
+def check_reduce(reduce, make_model: Callable[[], nn.Module]):
+    """Exercise 04.1: a student's `reduce(replicas, model)` must set each of `model`'s gradients to the sum of the
+    replicas' (made-up gradients, on 2 and 3 replicas). The hint names a mean, one replica taken alone, a gradient
+    left unset."""
+    from workshop.check import Match
+
+    for n in (2, 3):
+        model = make_model()
+        replicas = replicate(model, n)
+        g = torch.Generator().manual_seed(n)
+        for replica in replicas:
+            for p in replica.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+        reduce(replicas, model)
+        for (name, p), *copies in zip(model.named_parameters(), *(r.parameters() for r in replicas)):
+            want = torch.stack([c.grad for c in copies]).sum(0)
+            if p.grad is None:
+                return Match(False, f"{name}.grad is unset on the model after your reduce: the optimizer steps the model, "
+                                    "so its .grad must hold the sum")
+            if torch.allclose(p.grad, want, rtol=1e-5, atol=1e-6):
+                continue
+            if torch.allclose(p.grad * n, want, rtol=1e-5, atol=1e-6):
+                return Match(False, f"with {n} replicas {name}.grad is the mean of theirs: sum them, the loss's gradient "
+                                    "already divides by the whole batch")
+            if any(torch.allclose(p.grad, c.grad) for c in copies):
+                return Match(False, f"with {n} replicas {name}.grad is one replica's: sum over all of them")
+            return Match(False, f"with {n} replicas {name}.grad is not the sum of theirs")
+    return Match(True)

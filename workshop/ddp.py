@@ -182,7 +182,7 @@ def train_steps(model: nn.Module, optimizer, loader, device, *, grad_accum_steps
     (None when the model does it itself, as DDP does); micro steps that only accumulate run inside
     `no_sync()` when given. Returns the loss of each micro step on this rank."""
     model.train()
-    if hasattr(loader.sampler, "set_epoch"):
+    if hasattr(getattr(loader, "sampler", None), "set_epoch"):  # a DataLoader; a list of batches has no sampler
         loader.sampler.set_epoch(0)
     losses = []
     for i, (x, y) in enumerate(loader):
@@ -324,3 +324,43 @@ def check_ddp_pieces(model, loader, dataset, batch_size: int, env: DistEnv) -> c
                                   "its batches are the reference's")
     return check.Match(False, f"rank {r} reads samples {read[:4]}..., expected {mine[:4]}... (sample i on rank i mod "
                               f"the world size {n})")
+
+
+def check_accumulation(accumulate, make_model, micro_batches: list, lr: float, env: DistEnv) -> check.Match:
+    """Exercise 05.3: a student's `accumulate(model, optimizer, micro_batches)` on a fresh model in DDP must take the
+    step that `train_steps` takes with the same micro-batches accumulated, and all-reduce as few times: once, at the
+    last backward (the others inside `model.no_sync()`). The hint names the usual mistakes. Every rank calls it."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def wrapped():
+        model = apply_ddp(make_model(), env)
+        rounds = []
+
+        def counting(state, bucket):  # DDP calls it for each bucket it all-reduces
+            rounds.append(1)
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, counting)
+        return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), rounds
+
+    start = [p.detach().clone() for p in make_model().parameters()]
+    mine, optimizer, mine_rounds = wrapped()
+    accumulate(mine, optimizer, micro_batches)
+    ref, ref_optimizer, ref_rounds = wrapped()
+    train_steps(ref, ref_optimizer, micro_batches, env.device, grad_accum_steps=len(micro_batches), no_sync=ref.no_sync)
+    if len(mine_rounds) > len(ref_rounds):
+        return check.Match(False, f"your step all-reduced {len(mine_rounds)} times, the accumulation needs "
+                                  f"{len(ref_rounds)}: run the backward of every micro-batch but the last inside "
+                                  "model.no_sync()")
+    match = check.same_weights(mine.module, ref.module)
+    if match:
+        return match
+    moved = [torch.cat([(p.detach() - s).flatten() for p, s in zip(m.module.parameters(), start)]).norm().item()
+             for m in (mine, ref)]
+    n = len(micro_batches)
+    if n > 1 and moved[1] > 0 and abs(moved[0] / moved[1] - n) < 0.05 * n:
+        return check.Match(False, f"your step moved the weights {moved[0] / moved[1]:.1f}x as far as the reference's: "
+                                  f"divide each micro-batch's loss by the number of micro-batches ({n})")
+    if not mine_rounds:
+        return check.Match(False, "nothing was all-reduced: the last micro-batch's backward runs outside no_sync()")
+    return check.Match(False, f"your step is not the accumulated step of the micro-batches ({match.detail})")

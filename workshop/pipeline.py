@@ -430,3 +430,26 @@ def check_order(order, p_max: int = 4, m_max: int = 8):
                                         f"p - s - 1 = {p - s - 1} to fill the pipe (at most m), then it alternates F, B")
                 return Match(False, f"{where} runs {shown}; 1F1B runs " + " ".join(f"{k}{i}" for k, i in want))
     return Match(True)
+
+
+def check_in_flight(peak):
+    """Exercise 09.2: a student's `peak(order)` must give `in_flight(order)`, the most micro-batches a stage holds at
+    once, for GPipe's and 1F1B's orders of up to 4 stages and 8 micro-batches. The hint names the usual mistakes."""
+    from workshop.check import Match
+
+    for name, schedule in SCHEDULES.items():
+        for p in range(4, 0, -1):
+            for m in range(8, 0, -1):
+                for s in range(p):
+                    order = schedule(p, m, s)
+                    got, want = peak(order), in_flight(order)
+                    if got == want:
+                        continue
+                    where = f"{name}, stage {s} of p={p}, m={m}"
+                    forwards = sum(1 for k, _ in order if k == "F")
+                    if got == forwards and want != forwards:
+                        return Match(False, f"{where}: you counted every forward ({got}); a backward frees its "
+                                            f"micro-batch, so count down at each B and keep the largest count ({want})")
+                    return Match(False, f"{where}: you say {got}, the stage holds at most {want} at once "
+                                        "(+1 at each F, -1 at each B, the largest count)")
+    return Match(True)

@@ -253,3 +253,28 @@ def check_fully_shard(shard, make_model, mesh: DeviceMesh):
     if plain:
         return Match(False, f"{len(plain)} parameters are not sharded (the first: {plain[0]}): shard the root last")
     return Match(True)
+
+
+def check_owners(assign, sizes_list: list[list[int]] | None = None, world_sizes: tuple[int, ...] = (1, 2, 3, 4)):
+    """Exercise 06.2: a student's `assign(sizes, world_size)` (ZeRO-1: which rank steps each parameter tensor) must
+    give every tensor one owner among the ranks and no rank more than an even share plus the largest tensor, which
+    placing the largest tensors first on the least loaded rank guarantees. The hint names the tensor or the rank."""
+    from workshop.check import Match
+
+    sizes_list = sizes_list or [[512, 512, 64, 64, 8, 8, 8, 8], [1000, 10, 10, 10, 10, 10, 10, 10, 10, 10], [5, 5, 5, 5, 5]]
+    for sizes in sizes_list:
+        for n in world_sizes:
+            owner = assign(list(sizes), n)
+            if not isinstance(owner, (list, tuple)) or len(owner) != len(sizes):
+                return Match(False, f"for {len(sizes)} tensors on {n} ranks you returned {owner!r}: one rank per tensor, "
+                                    "in the tensors' order")
+            bad = [i for i, r in enumerate(owner) if not isinstance(r, int) or not 0 <= r < n]
+            if bad:
+                return Match(False, f"tensor {bad[0]} goes to rank {owner[bad[0]]!r}, but the ranks are 0 to {n - 1}")
+            load = [sum(s for s, r in zip(sizes, owner) if r == k) for k in range(n)]
+            bound = sum(sizes) / n + max(sizes)
+            if max(load) > bound:
+                return Match(False, f"sizes {sizes} on {n} ranks: rank {load.index(max(load))} steps {max(load):,} of "
+                                    f"{sum(sizes):,} elements; the largest share need not exceed {bound:,.0f}: give each "
+                                    "tensor, the largest first, to the rank with the least so far")
+    return Match(True)
