@@ -185,8 +185,8 @@ def test_typical_wrong_answers_get_their_hints():
         optimizer.step()
         return loss.detach()
 
-    assert "computed in torch.float32: run the forward and the loss inside torch.autocast" in perf.check_amp_step(
-        forward_in_float32, image_model(), x, y, torch.bfloat16).detail
+    assert "computed in torch.float32: run the forward and the loss inside torch.autocast" in train.check_amp_step(
+        forward_in_float32, perf.train_step, image_model(), x, y, torch.bfloat16).detail
 
     measured = [{"rank": 0, "work_s": [0.01], "wait_s": [0.05]}, {"rank": 1, "work_s": [0.06], "wait_s": [0.0]}]
     longest_wait = lambda times: max(times, key=lambda t: sorted(t["wait_s"])[len(t["wait_s"]) // 2])["rank"]  # noqa: E731

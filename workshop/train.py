@@ -133,3 +133,41 @@ def check_train_step(step, make_model, x: torch.Tensor, y: torch.Tensor, lr: flo
         return check.Match(False, f"your first step returned {mine_first:.4f}, the batch's loss is {ref_first:.4f}: "
                                   "return the loss computed in this step")
     return match
+
+
+def check_amp_step(step, reference, model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp_dtype: torch.dtype | None):
+    """Exercise 02.1: a student's `step(model, optimizer, x, y, amp_dtype, scaler)` on a copy of `model` must make
+    the update of `reference` (the same signature: notebook 02 passes `workshop.measure.perf.train_step`), loss and
+    weights, with the convolutions and matmuls in `amp_dtype`. The hint names a forward left in float32 and weights
+    cast to the low precision."""
+    import copy
+
+    from workshop.check import Match, compare
+
+    mine, ref = copy.deepcopy(model), copy.deepcopy(model)
+    opt_mine, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (mine, ref))
+    kind = x.device.type
+    scalers = [torch.amp.GradScaler(kind) if amp_dtype == torch.float16 else None for _ in range(2)]
+    computed = []
+    first = next(m for m in mine.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    hook = first.register_forward_hook(lambda _m, _args, out: computed.append(out.dtype))
+    try:
+        loss_mine = step(mine, opt_mine, x, y, amp_dtype, scalers[0])
+    finally:
+        hook.remove()
+    loss_ref = reference(ref, opt_ref, x, y, amp_dtype, scalers[1])
+    low = [name for name, p in mine.named_parameters() if p.dtype != torch.float32]
+    if low:
+        return Match(False, f"the weights became {mine.get_parameter(low[0]).dtype}: keep them float32; autocast casts "
+                            "each operation's inputs, and the optimizer steps the float32 weights")
+    if amp_dtype is not None and computed and computed[0] != amp_dtype:
+        return Match(False, f"the first {type(first).__name__} computed in {computed[0]}: run the forward and the loss "
+                            f"inside torch.autocast({kind!r}, dtype={amp_dtype}), the backward after it")
+    if not isinstance(loss_mine, torch.Tensor):
+        return Match(False, "return the loss, a tensor")
+    # close, not equal: on a GPU some kernels add in an order that changes from run to run
+    same = compare([("loss", loss_mine.detach(), loss_ref)] + [(name, p, q) for (name, p), q in
+                   zip(mine.named_parameters(), ref.parameters())], rtol=1e-3, atol=1e-6)
+    if not same:
+        return Match(False, f"your step's loss or weights are not the reference step's ({same.detail})")
+    return Match(True)
