@@ -11,6 +11,7 @@ import zlib
 import pytest
 
 from helpers import REPO
+from workshop.base.tables import WIDTH  # the columns the package wraps its printed lines to
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -79,7 +80,6 @@ def test_no_stderr_but_the_allowed(path):
     assert shown == [], f"{path.name} shows stderr or an error (cell index, text); mend its cause, or allow it with a reason"
 
 
-WIDTH = 120  # columns of a text output line: what a notebook shows without scrolling sideways
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

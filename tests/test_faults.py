@@ -11,9 +11,10 @@ import sys
 import pytest
 
 from helpers import STARTUP_S, launch
+from workshop.base.tables import WIDTH
 from workshop.base.world import local_ranks, without_launcher
 from workshop.launch import faults as workshop_faults
-from workshop.launch.doctor import HANGING, WIDTH, short_error, wrap
+from workshop.launch.doctor import HANGING, short_error, wrap
 from workshop.launch.faults import diagnose, main, read_traces
 
 TIMEOUT_S = 3  # the process group's timeout in these launches

@@ -19,13 +19,14 @@ step and the gather onto one device are what DDP's one process per device avoids
 from __future__ import annotations
 
 import copy
-import textwrap
 import threading
 import time
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+from workshop.base.tables import wrap
 
 
 def replicate(module: nn.Module, n: int) -> list[nn.Module]:
@@ -131,13 +132,13 @@ def format_cpu_comparison(result: dict, replicas: int) -> str:
     lines += [f"  {name:30s} {s * 1e3:8.1f} ms {s / dp:6.1%}" for name, s in phases.items()]
     overhead = sum(s for name, s in phases.items() if "threads" not in name and name != "optimizer step")
     threads = sum(s for name, s in phases.items() if "threads" in name)
-    lines += ["", textwrap.fill(
+    lines += ["", wrap(
         f"Split perfectly over {replicas} cores, one process's step would take {one / replicas * 1e3:.0f} ms. "
         f"DataParallel by hand took {dp * 1e3:.0f} ms ({one / dp:.2f}x one process): the threads' forward and "
         f"backward alone took {threads * 1e3:.0f} ms (threads of one interpreter take turns at its GIL), and "
         f"copying the model, scattering, gathering and reducing on the first device {overhead * 1e3:.0f} ms "
         f"({overhead / dp:.0%}). "
-        f"DDP's {result['ddp_world_size']} processes took {ddp * 1e3:.0f} ms ({one / ddp:.2f}x one process).", 120)]
+        f"DDP's {result['ddp_world_size']} processes took {ddp * 1e3:.0f} ms ({one / ddp:.2f}x one process).")]
     return "\n".join(lines)
 
 

@@ -10,6 +10,17 @@ bytes); bandwidths in GB/s (1e9 bytes), as data sheets and NCCL's tests give the
 from __future__ import annotations
 
 import re
+import textwrap
+
+WIDTH = 120  # columns of a printed line: a notebook's output and a log read in a terminal, without scrolling
+
+
+def wrap(text: str, first: str = "", rest: str = "  ") -> str:
+    """`text` in lines of at most WIDTH columns: the first starts with `first` (a bullet, "  1. "), the others with
+    `rest`, a hanging indent. Lines break at spaces only: a path, a flag, a host:port or a list stays whole."""
+    return textwrap.fill(text, WIDTH, initial_indent=first, subsequent_indent=rest, break_long_words=False,
+                         break_on_hyphens=False)
+
 
 _NUMBER = re.compile(r"^[-+]?[\d,]*\.?\d+(e[-+]?\d+)?x?\s*(%|[KMGT]i?B|B|ms|us|s|GB/s|/s)?$", re.IGNORECASE)
 

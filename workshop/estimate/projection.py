@@ -10,11 +10,10 @@ and marked where it does not fit.
 from __future__ import annotations
 
 import math
-import textwrap
 from dataclasses import dataclass, field
 
 from workshop.base import hardware
-from workshop.base.tables import gib, table
+from workshop.base.tables import gib, table, wrap
 from workshop.estimate.network import GPUS, Cluster, gpu_cluster, only
 from workshop.estimate.steps import STRATEGIES, Workload, ddp_step, fsdp_step, memory_per_gpu, tp_comm
 
@@ -120,7 +119,7 @@ def format_projection(proj: Projection, at: tuple[int, ...] | None = None) -> st
     return "\n".join([f"{proj.label}: {w.parameters:,} parameters, {proj.gpu}, micro batch {proj.micro_batch_size} per "
                       f"GPU,\ncompute {proj.compute_s * 1e3:.2f} ms per step; memory per GPU against {gib(cap)} usable",
                       table(["devices", "nodes", "memory", "step (ms)", "exposed comm (ms)", unit, "efficiency"], rows),
-                      textwrap.fill(scaling_summary(proj), 120)])
+                      wrap(scaling_summary(proj), rest="")])
 
 
 def scaling_summary(proj: Projection, floor: float = 0.8) -> str:

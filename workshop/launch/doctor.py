@@ -29,7 +29,6 @@ import os
 import re
 import socket
 import sys
-import textwrap
 import threading
 import time
 from collections import defaultdict
@@ -40,6 +39,7 @@ import torch
 import torch.distributed as tdist
 
 from workshop import dist
+from workshop.base import tables
 from workshop.base.hardware import device_type
 from workshop.base.params import positive
 from workshop.base.tables import table
@@ -47,7 +47,6 @@ from workshop.dist import DistEnv
 from workshop.measure import collectives, metrics
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NO_GROUP = 0, 1, 2, 3
-WIDTH = 120  # columns of a message's lines: a notebook's output and a log read in a terminal
 HANGING = "    "  # what starts each line that continues a message (Launched.said in faults joins them back)
 _PATTERN = 1024  # element i of every rank's tensor holds (rank + 1) + i % _PATTERN: a misplaced chunk shows
 
@@ -95,10 +94,8 @@ class Report:
 # --- what a rank sees alone ------------------------------------------------------------------------
 
 def wrap(text: str, first: str = "", rest: str = HANGING) -> str:
-    """`text` in lines of at most WIDTH columns: the first starts with `first` (a bullet, "  1. "), the others with
-    `rest`, a hanging indent. Lines break at spaces only: a path, a flag or a host:port stays whole."""
-    return textwrap.fill(text, WIDTH, initial_indent=first, subsequent_indent=rest, break_long_words=False,
-                         break_on_hyphens=False)
+    """`tables.wrap` with the doctor's hanging indent, which `faults.Launched.said` recognises."""
+    return tables.wrap(text, first, rest)
 
 
 def short_error(text: str) -> str:
@@ -309,7 +306,7 @@ def check_allreduce(env: DistEnv, nbytes: int, repeats: int = 5) -> dict:
 
 def format_ranks(reports: list[Report]) -> str:
     """One line per rank: where it runs, what it would use, how it reaches the rendezvous host."""
-    # CUDA_VISIBLE_DEVICES and OMP_NUM_THREADS shortened in the header: a rank's line fits WIDTH columns
+    # CUDA_VISIBLE_DEVICES and OMP_NUM_THREADS shortened in the header: a rank's line fits tables.WIDTH columns
     head = ("rank", "host", "local", "device", "GPU", "GPUs", "CUDA_VISIBLE", "rendezvous", "interface",
             "OMP threads", "CPUs", "torch")
     rows = []
@@ -323,7 +320,7 @@ def format_ranks(reports: list[Report]) -> str:
 
 
 def format_problems(problems: list[str]) -> str:
-    """`diagnose`'s problems as a bulleted list, each wrapped to WIDTH columns under its bullet."""
+    """`diagnose`'s problems as a bulleted list, each wrapped to tables.WIDTH columns under its bullet."""
     return "\n".join(wrap(p, "  - ", HANGING) for p in problems)
 
 

@@ -146,7 +146,7 @@ def diagnose(traces: dict[int, dict]) -> list[str]:
 
 
 def format_findings(findings: list[str], indent: str = "") -> str:
-    """`diagnose`'s findings, one paragraph each, wrapped to doctor.WIDTH columns with a hanging indent."""
+    """`diagnose`'s findings, one paragraph each, wrapped to tables.WIDTH columns with a hanging indent."""
     return "\n".join(wrap(finding, indent, indent + HANGING) for finding in findings)
 
 

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 from workshop.base import records
 from workshop.base.runs import REPO, RunError, display_path, find_runs, run_name, runs_root
+from workshop.base.tables import WIDTH
 from workshop.launch.options import check_notebook
 from workshop.launch.rundir import read_meta
 
@@ -41,7 +42,6 @@ SCRIPT = REPO / "scripts" / "run_notebook.sh"
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
           "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 ENDED_WITHOUT_RECORD = "ENDED"  # SLURM forgot the job, no accounting, and the run wrote no record
-WIDTH = 120  # columns of a printed command: a notebook's output lines fit in them
 
 
 class SlurmError(RuntimeError):

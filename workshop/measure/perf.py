@@ -30,7 +30,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import textwrap
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from workshop.base.hardware import device_type
-from workshop.base.tables import gib, table
+from workshop.base.tables import gib, table, wrap
 from workshop.data import CIFAR_MEAN, CIFAR_STD, PAD, AugmentedImages, augment_batch, load_images
 from workshop.dist import DistEnv, get_env
 from workshop.measure import metrics
@@ -55,13 +54,6 @@ CHANGES = {
     "compile": "+ torch.compile(model)",
     "resident": "+ data set on the device, augmented there in batches, no DataLoader",
 }
-WIDTH = 120  # columns of the printed tables' prose: a notebook's output lines fit in them
-
-
-def _fill(text: str) -> str:
-    """`text` in lines of WIDTH columns, the lines after the first indented by two spaces; words are not broken
-    (a variants="..." list stays whole)."""
-    return textwrap.fill(text, WIDTH, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
 
 
 @dataclass(frozen=True)
@@ -337,7 +329,7 @@ def format_variants(rows: list[dict]) -> str:
     r0 = rows[0]
     on_cuda = device_type(r0["device"]) == "cuda"
     lines = [
-        _fill(f"{r0['model']} ({r0['parameters']:,} parameters), batch {r0['batch_size']}, {r0['steps']} timed steps "
+        wrap(f"{r0['model']} ({r0['parameters']:,} parameters), batch {r0['batch_size']}, {r0['steps']} timed steps "
               f"after {r0['warmup']} warm-up, {r0['data']} data, on {r0['device']}; {r0['flops_per_step'] / 1e9:.2f} "
               "GFLOP per training step"),
         table(["variant", "samples/s", "speedup", "step (ms)", "1st step (s)", "peak memory", "MFU"],
@@ -347,7 +339,7 @@ def format_variants(rows: list[dict]) -> str:
                for r in rows], align="lrrrrrr"),
     ]
     baseline = r0.get("baseline")
-    lines.append(_fill(f"speedup: samples/s over {baseline}'s." + (
+    lines.append(wrap(f"speedup: samples/s over {baseline}'s." + (
         " peak memory: torch.cuda.max_memory_allocated over each variant." if on_cuda else
         " peak memory on CPU: the process's peak resident set so far (never reset): not comparable between rows.")))
     compiled = [r for r in rows if r["status"] == "ok" and r["compile_time_s"] is not None]
@@ -357,7 +349,7 @@ def format_variants(rows: list[dict]) -> str:
     lines += [f"MFU against {p}" for p in peaks] or ["MFU: not meaningful on CPU (no known peak FLOP/s), left empty"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(_fill(f"{r['variant']} skipped: {r['reason']}"))
+            lines.append(wrap(f"{r['variant']} skipped: {r['reason']}"))
     changes = []
     for r in rows:
         extra = (f" ({r['num_workers']} workers" + ("" if r["pin_memory"] else "; no pinning: no GPU to copy to") + ")"
@@ -492,9 +484,8 @@ def read_variants(rows: list[dict], noise: float = 0.1) -> str:
     if device_type(device) != "cuda":
         lines.append("This ran on a CPU, which has no tensor cores and no copy to the device to hide: what these changes "
                      "do on a GPU is measured there, by scripts/gpu_check.sh when a GPU is available.")
-    return "\n".join(_fill(line) for line in lines)
+    return "\n".join(wrap(line) for line in lines)
 
 
 def _before(measured: list[dict], row: dict) -> dict:
     return measured[measured.index(row) - 1]
-
