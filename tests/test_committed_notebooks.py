@@ -106,6 +106,31 @@ def test_every_checked_cell_goes_through_workshop_check(path):
     assert unchecked == [], f"{path.name}: checked cells (index) that only print: call check.require"
 
 
+# The library calls a student writes in their own script, each shown once as a plain call in a lesson's code cell
+IN_THE_OPEN = {
+    "05_ddp": ["init_process_group(", "DistributedSampler(", ".set_epoch(", "DistributedDataParallel(", ".no_sync()",
+               "L.Trainer(", "accelerator=", "devices=", "num_nodes=", "strategy=", "precision="],
+    "06_sharding": ["ZeroRedundancyOptimizer(", "fully_shard(", "MixedPrecisionPolicy(", "deepspeed.initialize("],
+    "07_memory": ["checkpoint("],
+    "08_tensor_parallelism": ["parallelize_module(", "ColwiseParallel(", "RowwiseParallel(", "SequenceParallel("],
+    "09_pipeline_parallelism": ["PipelineStage(", "ScheduleGPipe(", "Schedule1F1B(", ".step("],
+    "10_inference": ["init_device_mesh(", "KVCache("],
+}
+LESSON_CODE_LINES = 300  # at most, per lesson notebook: what is not the lesson lives in the package
+
+
+@pytest.mark.parametrize("name", sorted(IN_THE_OPEN))
+def test_the_library_calls_stand_in_the_open(name):
+    code = "\n".join("".join(c["source"]) for _, c in code_cells(REPO / "notebooks" / f"{name}.ipynb"))
+    assert [call for call in IN_THE_OPEN[name] if call not in code] == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_a_lesson_fits_a_session(path):
+    lines = sum(len("".join(c["source"]).splitlines()) for _, c in code_cells(path))
+    assert lines <= LESSON_CODE_LINES, f"{path.name}: {lines} lines of code; move what is not the lesson to workshop/"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_the_metadata_names_the_world_of_the_outputs(path):
     meta = json.loads(path.read_text())["metadata"].get("workshop", {})

@@ -54,6 +54,29 @@ def test_ring_allreduce_on_one_rank_leaves_the_tensor(clean_env):
         dist.cleanup()
 
 
+def test_the_epochs_check_names_a_missing_set_epoch_and_overlapping_shares(clean_env):
+    """Notebook 05's shuffled epochs (the 2-rank run: test_notebook_05), on one rank: the usual mistakes named."""
+    from torch.utils.data import DistributedSampler
+
+    from workshop import ddp
+
+    dist.init()
+    try:
+        sampler = DistributedSampler(range(8), num_replicas=1, rank=0, shuffle=True, seed=0)
+        orders = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            orders.append(list(sampler))
+        assert all(ddp.check_shuffled_epochs(orders, 8).values())
+        forgot = ddp.check_shuffled_epochs([orders[0], orders[0]], 8)["each epoch reads a new order"]
+        assert not forgot and "epoch 1 repeats the order of the one before: call sampler.set_epoch" in forgot.detail
+        twice = ddp.check_shuffled_epochs([orders[0], [0, 0, *orders[1][2:]]], 8)
+        assert not twice["each epoch deals every sample to one rank"] and "the same seed" in \
+            twice["each epoch deals every sample to one rank"].detail
+    finally:
+        dist.cleanup()
+
+
 def test_scatter_splits_unevenly_and_refuses_too_small_a_batch():
     chunks = data_parallel.scatter(torch.arange(7), 3)
     assert [c.tolist() for c in chunks] == [[0, 1, 2], [3, 4], [5, 6]]

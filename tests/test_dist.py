@@ -150,6 +150,28 @@ def test_trainer_sees_the_launchers_world():
     assert dist.make_trainer(env, max_epochs=1, logger=False, log_every_n_steps=10).log_every_n_steps == 10
 
 
+def test_lightning_builds_ddp_in_a_kernel_that_is_one_rank_and_counts_an_uneven_layout_as_one_node(monkeypatch):
+    """Notebook 05's L.Trainer(...) in the open: in a kernel Lightning refuses DDP (it would start the processes
+    itself) unless built inside dist.lightning_in_kernel(); the plugin gives it the rank."""
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.trainer.connectors import accelerator_connector
+
+    monkeypatch.setattr(accelerator_connector, "_IS_INTERACTIVE", True)  # as in JupyterLab or papermill
+    env = dist.DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2, launcher="torchrun")
+    devices, num_nodes = dist.lightning_layout(env)
+    kwargs = dict(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy="ddp", logger=False,
+                  plugins=[dist.lightning_environment(env)])
+    with pytest.raises(MisconfigurationException, match="interactive"):
+        L.Trainer(**kwargs)
+    with dist.lightning_in_kernel():
+        trainer = L.Trainer(**kwargs)
+    assert (trainer.world_size, trainer.global_rank, type(trainer.strategy).__name__) == (2, 1, "DDPStrategy")
+    assert accelerator_connector._IS_INTERACTIVE  # the patch lasted only while the Trainer was built
+    uneven = dist.DistEnv(rank=2, world_size=3, local_world_size=2, nodes=2, launcher="slurm")  # --ntasks=3, 2 nodes
+    assert dist.lightning_layout(uneven) == (3, 1) and dist.lightning_layout(env) == (2, 1)
+
+
 def test_one_process_gets_a_group_of_one(clean_env):
     dist.init()
     t = torch.ones(3)
@@ -159,20 +181,68 @@ def test_one_process_gets_a_group_of_one(clean_env):
 
 
 def test_the_process_group_is_left_at_exit_without_cleanup():
-    """A process that never calls dist.cleanup() leaves its group before interpreter finalization
-    (atexit handlers run last-registered first: the probe registered before init runs after the cleanup)."""
+    """A process that never calls dist.cleanup() leaves its group before interpreter finalization (atexit handlers
+    run last-registered first: the probe registered before init runs after the cleanup). The first group is made by
+    hand and adopted (notebook 05), the second by init; and importing workshop.dist imports torch._dynamo, before
+    any group (why: there)."""
     import subprocess
     import sys
 
-    code = ("import atexit, torch.distributed as t\n"
+    code = ("import atexit, sys, torch.distributed as t\n"
             "atexit.register(lambda: print('group alive at exit:', t.is_initialized()))\n"
             "from workshop import dist\n"
+            "print('torch._dynamo before any group:', 'torch._dynamo' in sys.modules)\n"
+            "t.init_process_group(backend='gloo', store=t.HashStore(), rank=0, world_size=1)\n"
+            "dist.init()\n"
+            "dist.cleanup()\n"
             "dist.init()\n"
             "print('group alive after init:', t.is_initialized())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK"))})
+                         env=world.without_launcher())
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["group alive after init: True", "group alive at exit: False"]
+    assert out.stdout.splitlines() == ["torch._dynamo before any group: True", "group alive after init: True",
+                                       "group alive at exit: False"]
+
+
+def test_a_group_made_by_hand_is_adopted_and_a_world_of_one_still_works(clean_env):
+    """Notebook 05 joins with init_process_group in a cell (a world of one: a HashStore, no port), then dist.init
+    adopts the group: the same group, once."""
+    env = dist.detect()
+    torch.distributed.init_process_group(backend=env.backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        group = torch.distributed.group.WORLD
+        assert dist.init(env) == env and dist.init() == env and dist.get_env() == env
+        assert torch.distributed.group.WORLD is group
+        t = torch.ones(3)
+        torch.distributed.all_reduce(t)
+        assert torch.equal(t, torch.ones(3))
+    finally:
+        dist.cleanup()
+    assert not torch.distributed.is_initialized()
+    assert dist.init().world_size == 1 and torch.distributed.is_initialized()  # with no group, init makes one
+    dist.cleanup()
+
+
+def test_a_group_of_ranks_made_by_hand_is_adopted_with_the_launchers_variables(clean_env):
+    """Rank 1 of 2 (torch's fake backend: a group with no peer, nothing sent): adopted, its backend taken, torchrun's
+    variables written for the libraries that read them and put back by cleanup; a group of another world refused."""
+    from dataclasses import replace
+
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    env = dist.DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2, master_addr="n1", master_port=29400,
+                       launcher="slurm")
+    torch.distributed.init_process_group(backend="fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        with pytest.raises(RuntimeError, match=r"is rank 1 of 2, but the launcher \(slurm\) started rank 3 of 4"):
+            dist.init(replace(env, rank=3, world_size=4))
+        assert "RANK" not in os.environ
+        assert dist.init(env) == replace(env, backend="fake")
+        assert [os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")] == \
+            ["1", "2", "1", "n1", "29400"]
+    finally:
+        dist.cleanup()
+    assert not torch.distributed.is_initialized() and "RANK" not in os.environ and "MASTER_ADDR" not in os.environ
 
 
 @pytest.mark.multirank

@@ -7,7 +7,7 @@ import torch
 
 from workshop import activation_checkpointing, models
 from workshop.estimate import planner, zero
-from workshop.measure import memory
+from workshop.measure import memory, step_memory
 
 
 def test_zero_paper_worked_example():
@@ -132,6 +132,43 @@ def test_checkpointing_keeps_less_and_changes_no_gradient():
         activation_checkpointing.checkpoint_blocks(model.layers, "some")
 
 
+def test_notebook_07s_batches_and_models_are_the_same_every_time():
+    assert step_memory.parse_sizes("64x4, 128X8") == [(64, 4), (128, 8)]
+    with pytest.raises(ValueError, match="write tokens x samples"):
+        step_memory.parse_sizes("64by4")
+    x, y = step_memory.token_batch(3, 16, seed=1)
+    assert x.shape == y.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1])  # the targets: the next tokens
+    assert torch.equal(step_memory.token_batch(3, 16, seed=1)[0], x)
+    assert not torch.equal(step_memory.token_batch(3, 16, seed=1, which=1)[0], x)
+    full = step_memory.tinygpt("cpu", "full", seed=0)
+    assert all("forward" in b.__dict__ for b in full.layers)  # checkpointed: the forward replaced on the block
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), step_memory.tinygpt("cpu", seed=0).parameters()))
+
+
+def test_the_ranks_loaders_split_the_global_batches_that_the_reference_steps_on():
+    xs, ys = step_memory.token_batch(12, 8, seed=0)  # 2 steps of a global batch of 6: 3 ranks x 2 samples
+    loaders = [list(step_memory.rank_loader(xs, ys, 6, 2, rank)) for rank in range(3)]
+    for k in range(2):
+        assert torch.equal(torch.cat([loader[k][0] for loader in loaders]), xs[6 * k:6 * (k + 1)])
+    torch.manual_seed(0)
+    model = models.TinyGPT(dim=32, depth=1, heads=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert step_memory.sgd_steps(model, xs, ys, 6, lr=0.1) is model
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_notebook_07s_tables_and_figures():
+    parts = {"A": {"params": 4e6, "grads": 4e6, "optimizer": 8e6, "activations": 2e6}}
+    text = step_memory.format_anatomy(parts, {"A": memory.Saved(2_000_000, {"layer0": 2_000_000})})
+    assert "params   4.00 MB ( 22%)" in text and "A 0.50x" in text and "A, MB saved by each block: layer0=2.00" in text
+    policies = {"none": {"saved": 8e6, "step_s": 0.010}, "full": {"saved": 1e6, "step_s": 0.013}}
+    text = step_memory.format_policies(policies, forward_s=0.003, repeats=5)
+    assert "12%" in text and "+3.0 ms" in text and "1.00" in text and "the fastest of 5 each" in text
+    assert step_memory.fastest(lambda: None, repeats=3) >= 0
+    assert len(step_memory.plot_anatomy(parts).axes[0].patches) == 4
+    assert len(step_memory.plot_policies(policies, 0.003).axes[0].collections) == 2
+
+
 # --- the planner ---------------------------------------------------------------------------------
 
 def test_the_planner_reproduces_korthikanti_et_al_selective_recomputation():
@@ -173,6 +210,21 @@ def test_the_planner_breaks_the_memory_down_and_says_what_fits():
                        (dict(checkpointing="some"), "checkpointing")):
         with pytest.raises(ValueError, match=match):
             planner.plan("7B", **bad)
+
+
+def test_the_planners_grid_and_record():
+    grid = planner.grid("llama2-70b", gpu="h100", world_size=64, tp=1, micro_batch=1, seq_len=4096)
+    assert list(grid) == [(ck, s) for ck in planner.CHECKPOINTING for s in planner.PLAN_STRATEGIES]
+    assert grid["full", "fsdp"].parts == planner.plan("llama2-70b", world_size=64, seq_len=4096,
+                                                      checkpointing="full").parts
+    lines = planner.format_grid(grid).splitlines()
+    assert lines[0] == "Llama 2 70B on 64 x H100, micro-batch 1 x 4096 tokens, tp 1: GB per GPU"
+    assert lines[1].split() == ["checkpointing", *planner.PLAN_STRATEGIES] and len(lines) == 2 + len(planner.CHECKPOINTING)
+    assert lines[-1].startswith("full") and lines[-1].endswith("fits")  # fsdp with full checkpointing: the last cell
+    record = grid["full", "fsdp"].record()
+    assert record["model"] == "Llama 2 70B" and record["fits"] and record["strategy"] == "fsdp"
+    assert record["total"] == sum(record["parts"].values()) and record["host"] == 0
+    assert len(planner.plot_plan(grid["none", "ddp"]).axes[0].patches) == len(grid["none", "ddp"].parts)
 
 
 def test_python_m_workshop_estimate_planner(capsys):

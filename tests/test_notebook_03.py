@@ -71,6 +71,7 @@ def test_records_once_per_configuration_and_usage(runs):
         results = {"wall_time_s": end - start, "start": start, "end": end, "devices": 1}
         path = sweep.write_record(folder, i, grid[i], task, notebook="nb", params={}, results=results)
         assert path == folder / f"config{i}" / "record.json"
+        assert [p.stat().st_mode & 0o777 for p in (folder, path.parent, path)] == [0o700, 0o700, 0o600]  # private
     with pytest.raises(sweep.SweepError, match="two tasks were given the same configuration"):
         sweep.write_record(folder, 0, grid[0], task, notebook="nb", params={}, results={})
     records, missing = sweep.collect(folder)

@@ -1,5 +1,6 @@
 """notebooks/05_ddp.ipynb on 2 local ranks (nbval runs it as one process; the committed notebook is a 2 x 2 SLURM
-run), and, as one process, a broken bucketed all-reduce that must fail the run."""
+run), as one process a broken bucketed all-reduce that must fail the run, and the calls a student copies (joining the
+group, set_epoch, Lightning's Trainer) standing in the open."""
 
 import json
 import re
@@ -41,6 +42,8 @@ def test_05_on_two_local_ranks(runs):
     text = (run / "05_ddp.ipynb").read_text()
     assert "ring all-reduce matches torch.distributed.all_reduce: True" in text
     assert "2 rank(s) on 1 node(s), 2 per node" in text
+    assert "each epoch deals every sample to one rank: True" in text  # the ranks' shuffled shares, after set_epoch
+    assert "Lightning with DDPStrategy" in text  # the Trainer written in the open, in a kernel that is one rank
     # the collectives' table shows both ranks: all-reduce of 1 and 2 is 3 on each, rank 1 received rank 0's 1
     cells = [c for c in json.loads(text)["cells"] if c["cell_type"] == "code" and "per_rank_table" in "".join(c["source"])]
     rows = [re.split(r"\s{2,}", line.strip()) for line in "".join(cells[0]["outputs"][0]["text"]).splitlines()[1:]]
@@ -61,6 +64,19 @@ def test_05_on_two_local_ranks(runs):
     for row in split.values():
         assert row["world_size"] == 2 and row["comm_s"] > 0
         assert 0 < row["efficiency_no_overlap"] <= row["efficiency_overlap"] <= 1
+
+
+def test_the_calls_a_student_copies_stand_in_the_open():
+    """Joining the group, the sampler's epochs and Lightning's Trainer are plain calls in code cells, outside any
+    exercise's solution (which the students' copies clear)."""
+    cells = json.loads((REPO / NB05).read_text())["cells"]
+    code = "\n".join(re.sub(r"### BEGIN SOLUTION.*?### END SOLUTION", "", "".join(c["source"]), flags=re.S)
+                     for c in cells if c["cell_type"] == "code")
+    for call in ("tdist.init_process_group(", "init_method=", "env = dist.init(env)", "DistributedSampler(",
+                 "sampler.set_epoch(epoch)", "L.Trainer(", "num_nodes=num_nodes", "strategy=\"ddp\"", "precision=",
+                 "plugins=[dist.lightning_environment(env)]"):
+        assert call in code, call
+    assert "make_trainer(" not in code  # the Trainer is built in the open here; later notebooks use the helper
 
 
 def test_a_broken_bucketed_all_reduce_fails_the_run_in_the_check_cell(runs, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""notebooks/07_memory.ipynb on 2 local ranks (FSDP2 with checkpointing over both), and its planner cell as JupyterLab
-runs it, with the widget, in this process. nbval runs the notebook as one process; the committed notebook is a 2 x 2
+"""notebooks/07_memory.ipynb on 2 local ranks (FSDP2 with checkpointing over both), and its planner cells as JupyterLab
+runs them, with the widget, in this process. nbval runs the notebook as one process; the committed notebook is a 2 x 2
 SLURM run; tests/test_browser.py moves the widget's controls in JupyterLab.
 
 The widget is not built under papermill: nbclient sometimes waits forever for a cell that builds an interactive
@@ -54,11 +54,11 @@ def test_the_planner_cell_builds_its_widget_and_follows_the_controls():
     params = next("".join(c["source"]) for c in cells if "parameters" in c["metadata"].get("tags", []))
     ns = {}
     exec(params, ns)
-    exec("import matplotlib.pyplot as plt\nfrom workshop import dist\nfrom workshop.base import hardware\n"
-         "from workshop.estimate import planner", ns)
-    cell = next(s for first, s in source.items() if first.startswith("# The planner as a bar"))
-    with mock.patch("workshop.base.progress.is_interactive", return_value=True):
-        exec(cell, ns)
+    exec("from workshop import dist\nfrom workshop.estimate import planner", ns)
+    for heading in ("# The planner for the parameters", "# The planner as a bar"):  # the table's cell makes `chosen`
+        cell = next(s for first, s in source.items() if first.startswith(heading))
+        with mock.patch("workshop.base.progress.is_interactive", return_value=True):
+            exec(cell, ns)
     sliders = ns["sliders"]
     controls = {c.description: c for c in sliders.children if getattr(c, "description", "")}
     assert {"model", "gpu", "strategy", "world_size", "tp", "micro_batch", "seq_len", "checkpointing",

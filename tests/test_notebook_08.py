@@ -7,13 +7,26 @@ import json
 
 import pytest
 
-from helpers import assert_checks_as_committed, run_notebook
+from helpers import REPO, assert_checks_as_committed, run_notebook
 from workshop.base import records
 
 NB08 = "notebooks/08_tensor_parallelism.ipynb"
 SMALL = ["-p", "steps", "2", "-p", "seq_len", "16"]
 CHECK = ["MLP split by hand matches", "Megatron block matches", "DTensor plan matches", "sequence-parallel plan matches",
+         "tp.apply_tp's plan is the one written above", "tp.apply_tp's sequence-parallel plan is sp_plan",
          "TP training matches", "2D training matches", "Lightning 2D matches"]
+
+
+def test_the_plan_is_written_and_applied_in_the_open():
+    """The DTensor API as a student writes it in a script: the plan a dict of ParallelStyles in a cell, applied with
+    parallelize_module there; tp.apply_tp, used later, is checked to hold the same plan (tp.same_plan)."""
+    cells = ["".join(c["source"]) for c in json.loads((REPO / NB08).read_text())["cells"] if c["cell_type"] == "code"]
+    code = "\n".join(cells)
+    for written in ('plan = {', '"layers.*.attention.wq": ColwiseParallel()', '"layers.*.feed_forward.w2": RowwiseParallel()',
+                    '"layers.*.ffn_norm": SequenceParallel()', "parallelize_module(fresh_model(), mesh[\"tp\"], plan)",
+                    "tp.same_plan(plan, sequence_parallel)"):
+        assert written in code, written
+    assert "tinygpt_tp_plan" not in code  # the package's plan is compared, not shown in place of the written one
 
 
 def assert_all_match(notebook):
@@ -31,6 +44,7 @@ def assert_record(run, world_size, dp_size, tp_size):
     assert (record.params["dp_size"], record.params["tp_size"]) == (dp_size, tp_size)
     results = record.results
     assert all(results["matches_dense"].values()) and all(results["matches_single_process"].values())
+    assert results["package_plan_is_written_plan"] == {"plan": True, "plan_sequence_parallel": True}
     assert results["block_allreduces"] == {"forward": 2, "backward": 2}
     assert results["collectives_layer0"]["plan"] == {"forward": {"all_reduce": 2}, "backward": {"all_reduce": 2}}
 

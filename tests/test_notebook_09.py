@@ -2,12 +2,27 @@
 (a 2 x 2 SLURM run: pp 2 x tp 2). nbval runs it as one process, a pipeline of one stage; the equivalences on 2, 4 and
 8 ranks, 3D included, are asserted once in tests/test_pipeline.py."""
 
+import json
+
 import pytest
 
-from helpers import assert_checks_as_committed, run_notebook
+from helpers import REPO, assert_checks_as_committed, run_notebook
 from workshop.base import records
 
 NB09 = "notebooks/09_pipeline_parallelism.ipynb"
+
+
+def test_the_library_is_called_in_the_open():
+    """torch.distributed.pipelining as a student writes it in a script: the stage wrapped, the schedules built and
+    stepped in a cell of the notebook, not inside the package."""
+    cells = ["".join(c["source"]) for c in json.loads((REPO / NB09).read_text())["cells"] if c["cell_type"] == "code"]
+    library = next(c for c in cells if "from torch.distributed.pipelining import" in c)
+    for call in ("PipelineStage(stage, s, p, env.device, group=pp_group)", "n_microbatches=microbatches",
+                 "loss_fn=models.lm_loss", "ScheduleGPipe(", "Schedule1F1B(", "ScheduleInterleaved1F1B(",
+                 "schedule.step(tokens_all, target=targets_all", "schedule.step(target=targets_all"):
+        assert call in library, call
+    assert not any("pipeline.library_schedule" in c or "pipeline.library_step" in c for c in cells)
+    assert not any("textwrap" in c for c in cells)  # lines are wrapped by workshop.base.tables.wrap
 
 
 @pytest.mark.multirank

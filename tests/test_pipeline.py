@@ -1,7 +1,7 @@
-"""Pipeline parallelism (workshop.pipeline): stages, schedules, sizes refused, and every pipelined version against
-one process on 8 gloo ranks in one launch (tests/multirank/pipeline_equivalence.py): pipelines of 2 and 4 stages
-from scratch and with torch.distributed.pipelining, the bubble of stages of known duration, the activations held,
-and 3D meshes."""
+"""Pipeline parallelism (workshop.pipeline): stages, schedules, sizes refused, what notebook 09 prints and draws of its
+measurements (workshop.measure.pipeline_view), and every pipelined version against one process on 8 gloo ranks in one
+launch (tests/multirank/pipeline_equivalence.py): pipelines of 2 and 4 stages from scratch and with
+torch.distributed.pipelining, the bubble of stages of known duration, the activations held, and 3D meshes."""
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ import torch
 from helpers import on_ranks
 from workshop import models, pipeline
 from workshop.estimate import placements, planner
+from workshop.measure import pipeline_view
 
 
 def test_blocks_are_split_as_evenly_as_possible():
@@ -58,6 +59,47 @@ def test_the_planner_counts_the_micro_batches_the_schedules_hold():
         for m in (1, 3, 8, 32):
             for name, schedule in pipeline.SCHEDULES.items():
                 assert planner.in_flight_microbatches(p, m, name) == pipeline.in_flight(schedule(p, m, 0)), (name, p, m)
+
+
+def test_the_bubble_parameter_is_a_list_of_micro_batch_counts():
+    assert pipeline.microbatch_counts("8,1,4,4") == [1, 4, 8]
+    assert pipeline.microbatch_counts(4) == [4]  # papermill's `-p bubble_microbatches 4`
+    for bad in ("", "1,x", "0,2", "1.5"):
+        with pytest.raises(ValueError, match="write whole numbers of at least 1, comma-separated"):
+            pipeline.microbatch_counts(bad)
+
+
+def test_what_notebook_09_shows_of_its_measurements():
+    """Two stages, one micro-batch: each computes 2 s of a 4 s step, the bubble (p-1)/(m+p-1) = 1/2."""
+    import matplotlib.pyplot as plt
+
+    timelines = [pipeline.Timeline(stage=0, events=[("F", 0, 0.0, 1.0), ("B", 0, 3.0, 4.0)]),
+                 pipeline.Timeline(stage=1, events=[("F", 0, 1.0, 2.0), ("B", 0, 2.0, 3.0)])]
+    assert pipeline.step_seconds(timelines) == 4.0
+    assert pipeline.bubble(timelines) == 0.5 == placements.bubble_fraction(2, 1)
+    row = dict(schedule="1f1b", p=2, m=1, step_s=4.0, measured=0.5, theory=0.5, unequal=0.5)
+    assert pipeline_view.bubble_table([row]).splitlines()[1].split() == ["1f1b", "2", "1", "4000.0", "50.0%", "50.0%",
+                                                                         "50.0%"]
+    held = pipeline_view.held_table([dict(schedule="gpipe", stage=0, one=2**20, peak=4 * 2**20, formula=4)])
+    assert held.splitlines()[1].split() == ["gpipe", "0", "1.0", "MiB", "4.0", "MiB", "4.00", "4"]
+    fig = pipeline_view.plot_schedules({("1f1b", 1): timelines}, [row], m=1)
+    assert [ax.get_title() for ax in fig.axes] == ["1f1b: p=2, m=1, bubble measured 50%, theory 50%"]
+    plt.close(fig)
+    assert pipeline_view.mesh_name({"pp": 2, "dp": 1, "tp": 2}) == "pp 2 x dp 1 x tp 2"
+    assert pipeline_view.mesh_3d({"pp": 2, "dp": 1, "tp": 1}, 0, torch.zeros(1)).startswith("mesh pp 2 x dp 1 x tp 1: "
+                                                                                           "a 1D subset (pp);")
+
+
+def test_the_placements_as_notebook_09_prints_and_records_them():
+    rows = placements.placements("llama2-70b", gpus=512, gpu="h100")
+    text = pipeline_view.placements_table(rows, top=3)
+    assert f"{sum(r.fits for r in rows)} of {len(rows)} placements fit; 3 shown. Why:" in text
+    assert [line[:3] for line in text.splitlines() if line[:1].isdigit() and "placements fit" not in line][-3:] == \
+        ["1. ", "2. ", "3. "]  # the reasons, numbered as the table's rows
+    assert all(len(line) <= 120 for line in text.splitlines())
+    records = pipeline_view.placement_records(rows, 8)
+    assert len(records) == 8 and set(records[0]) == {"dp", "tp", "pp", "microbatches", "strategy", "memory_bytes", "fits",
+                                                     "step_s", "reason"}
 
 
 def test_an_unknown_schedule_is_refused():

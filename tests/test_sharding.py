@@ -87,3 +87,71 @@ def test_a_missing_deepspeed_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed raises ImportError
     with pytest.raises(ImportError, match="pip install deepspeed"):
         sharding.import_deepspeed("cpu")
+
+
+# --- workshop.measure.sharded: notebook 06's bench (its 2-rank run: test_notebook_06) --------------------------------
+
+
+def bench_on(env, steps=2):
+    from workshop.measure import sharded
+
+    train_set, _, _ = data.get_text_dataset("synthetic", seq_len=16, num_train_tokens=(steps + 1) * 4 * 16 + 1)
+    loader = data.make_loader(train_set, 4)
+    return sharded.Bench(env, "cpu", seed=0, lr=3e-3, steps=steps, shard=loader), loader
+
+
+def test_the_bench_holds_a_version_against_the_one_process_run(env):
+    bench, loader = bench_on(env)
+    with pytest.raises(RuntimeError, match="hold_against"):
+        bench.same_weights(bench.fresh_model())
+    torch.manual_seed(1)
+    expected = torch.rand(1)
+    torch.manual_seed(1)
+    reference = bench.fresh_model()  # the seed's weights, the caller's random stream untouched
+    assert torch.equal(torch.rand(1), expected)
+    losses = bench.train(reference, torch.optim.AdamW(reference.parameters(), lr=bench.lr), loader)
+    assert len(losses) == bench.steps and all(p.grad is not None for p in reference.parameters())
+    bench.hold_against(reference, next(iter(loader)))
+
+    same = bench.fresh_model()
+    bench.train(same, torch.optim.AdamW(same.parameters(), lr=bench.lr), loader)
+    assert bench.same_weights(same) and bench.same_first_grads(bench.fresh_model())
+    untrained = bench.fresh_model()
+    assert not bench.same_weights(untrained)
+    with torch.no_grad():
+        next(untrained.parameters()).mul_(2)  # another model: other first gradients
+    assert not bench.same_first_grads(untrained)
+
+
+def test_the_record_keeps_the_keys_the_report_and_the_notebook_test_read():
+    from workshop.check import Match
+    from workshop.measure import sharded
+    from workshop.measure.memory import Measured
+
+    rank = {"params": 4.0, "grads": 4.0, "optimizer": 8.0, "total": 16.0}
+    measured = {"ddp": Measured(2.0, None, [rank, rank]), "zero1": Measured(4.0, 1000, [rank, rank])}
+    params = dict(size="cpu", steps=2, global_batch_size=8, micro_batch_size=4, seq_len=16)
+    results = sharded.results(params, checks={"ZeRO-1 by hand": Match(True)}, measured=measured, rows=[],
+                              memory_match=Match(False, "off"), held={True: 1, False: 2}, checkpoint_match=Match(True),
+                              reference_losses=[5.5], zero_against_ddp={})
+    assert results["matches_single_process"] == {"ZeRO-1 by hand": True} and results["memory_agrees"] is False
+    assert results["params_held_after_forward"] == {"reshard": 1, "no_reshard": 2}
+    assert results["measured_per_rank"]["zero1"] == [rank, rank]
+    ddp, zero1 = results["measurements"]
+    assert ddp["strategy"] == "ddp" and ddp["model"] == "tinygpt-cpu" and ddp["throughput"] == 2 * 8 * 16 / 2.0
+    assert (ddp["peak_memory_bytes"], ddp["memory_kind"]) == (16.0, "tensors")  # on CPU: the largest rank's tensors
+    assert (zero1["peak_memory_bytes"], zero1["memory_kind"], zero1["step_time_s"]) == (1000, "cuda", 2.0)
+    assert sharded.format_parts(rank) == "params 4 B, grads 4 B, optimizer 8 B"
+
+
+def test_zero_against_ddp_as_text_gives_multiples_of_ddp():
+    from workshop.measure import sharded
+
+    calls = {"all_reduce": {"calls": 2, "bytes": 2048}}
+    rows = {"ddp": {"step_time_s": 0.01, "collectives": calls, "collective_bytes": 2048},
+            "zero1": {"step_time_s": 0.03, "collectives": calls, "collective_bytes": 4096}}
+    ddp, zero1 = sharded.format_zero_against_ddp(rows).splitlines()[1:]
+    assert ddp.split()[:6] == ["ddp", "10.0", "ms", "1.00", "2.0", "KiB"] and "all_reduce 2 (2.0 KiB)" in ddp
+    assert zero1.split()[:4] == ["zero1", "30.0", "ms", "3.00"] and zero1.split()[6] == "2.00"
+    alone = {v: {**row, "collective_bytes": 0} for v, row in rows.items()}  # one process sends nothing
+    assert "nan" in sharded.format_zero_against_ddp(alone).splitlines()[1]

@@ -64,6 +64,22 @@ def test_plan_names_every_split_module():
     assert type(tp.tinygpt_tp_plan(sequence_parallel=True)["layers.*.ffn_norm"]).__name__ == "SequenceParallel"
 
 
+def test_a_written_plan_is_compared_with_the_package_s_entry_by_entry():
+    """Notebook 08 writes TinyGPT's plans out in cells; tp.same_plan holds them against tinygpt_tp_plan."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    for sp in (False, True):
+        assert tp.same_plan(dict(reversed(tp.tinygpt_tp_plan(sp).items())), sp)  # the order does not matter
+    no_norm = {name: style for name, style in tp.tinygpt_tp_plan(True).items() if name != "norm"}
+    assert tp.same_plan(no_norm, True).detail == "'norm' is only in the package plan"
+    assert not tp.same_plan(tp.tinygpt_tp_plan(True))  # the sequence-parallel plan is not the plain one
+    wrong = tp.tinygpt_tp_plan() | {"layers.*.feed_forward.w2": ColwiseParallel()}  # a row split written as a column
+    assert tp.same_plan(wrong).detail.startswith("layers.*.feed_forward.w2: ColwiseParallel(")
+    extra = tp.tinygpt_tp_plan() | {"layers.*.ffn_norm": RowwiseParallel(output_layouts=Shard(1))}
+    assert "'layers.*.ffn_norm' is only in the written plan" in tp.same_plan(extra).detail
+
+
 def test_static_cache_decoding_equals_generate():
     torch.manual_seed(0)
     model = models.tinygpt("cpu", max_seq_len=64).eval()

@@ -326,6 +326,26 @@ def check_ddp_pieces(model, loader, dataset, batch_size: int, env: DistEnv) -> c
                               f"the world size {n})")
 
 
+def check_shuffled_epochs(orders: list[list[int]], dataset_size: int) -> dict[str, check.Match]:
+    """`orders[e]`: the samples this rank's DistributedSampler dealt it in epoch e (after `sampler.set_epoch(e)`).
+    Gathered from every rank: in each epoch the ranks' shares together are the data set, each sample once (the same
+    permutation on every rank, each its slice), and each epoch reads another order than the one before. For
+    `check.require`; a collective: every rank calls it."""
+    everyone: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(everyone, orders)
+    dealt = [sorted(i for shares in everyone for i in shares[e]) for e in range(len(orders))]
+    once = all(d == list(range(dataset_size)) for d in dealt)
+    repeated = [e for e in range(1, len(orders)) if orders[e] == orders[e - 1]]
+    return {
+        "each epoch deals every sample to one rank": check.that(
+            once, "the ranks' shares overlap or miss samples: every rank's DistributedSampler needs the same seed, "
+                  "num_replicas=world size and its own rank"),
+        "each epoch reads a new order": check.that(
+            not repeated, f"epoch {repeated[0] if repeated else 0} repeats the order of the one before: call "
+                          "sampler.set_epoch(epoch) at the start of every epoch"),
+    }
+
+
 def check_accumulation(accumulate, make_model, micro_batches: list, lr: float, env: DistEnv) -> check.Match:
     """Exercise 05.3: a student's `accumulate(model, optimizer, micro_batches)` on a fresh model in DDP must take the
     step that `train_steps` takes with the same micro-batches accumulated, and all-reduce as few times: once, at the

@@ -9,21 +9,34 @@ step of several tasks, else one process) and adds the device: `cuda:local_rank` 
     dist.print0(env)           # only rank 0 prints
     trainer = dist.make_trainer(env, max_epochs=2)   # Lightning sees the same world
     dist.cleanup()
+
+A group made by hand (`torch.distributed.init_process_group(...)`, as notebook 05 shows) is adopted by `init(env)`.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import logging
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping
 from unittest import mock
 
 import torch
+
+# torch._dynamo before any process group, so here, at import: a group made by hand after `from workshop import dist`
+# (init_process_group in a notebook's cell, then adopted by init) comes after it too. Imported after a group exists
+# (DistributedDataParallel's constructor imports it, so do FSDP2 and Lightning), it keeps that group alive past
+# destroy_process_group: after DDP(...) and cleanup() the gloo worker threads still ran; imported before, they end. A
+# group that outlives cleanup() meets interpreter finalization with its worker threads running, and one that then
+# drops a finished all-reduce's tensors needs the GIL that finalization refuses it: the rank aborts ("terminate called
+# without an active exception"; a core dump of it shows ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> decref ->
+# take_gil -> pthread_exit -> std::terminate). The same symptom: pytorch/pytorch#107298.
+import torch._dynamo as _dynamo  # noqa: F401  (bound apart: `torch` stays this module's global)
 import torch.distributed as tdist
 
 from workshop.base import world
@@ -114,13 +127,17 @@ _STARTED = time.monotonic()  # when a notebook's setup cell imported this module
 
 
 def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
-    """Detect the world and join its process group.
+    """Detect the world and join its process group, or adopt the group this process made already.
 
     One process gets a group of its own (world size 1, no network): collectives and
     DistributedDataParallel then run unchanged and do nothing, so a notebook's cells are the same
     on 1 rank and on N. Safe to call again: a second call returns the same DistEnv and joins
     nothing. The timeout (default $WORKSHOP_DIST_TIMEOUT or 600 s) bounds how long a rank waits
-    for a dead peer.
+    for a dead peer (a group adopted keeps its own).
+
+    A group made by hand (`torch.distributed.init_process_group(...)` with `env`'s rank and world size) is adopted:
+    its rank and world size must be `env`'s, its backend is taken, and the rest is as for a group init makes (the
+    device set, the launcher variables written, the group left at exit).
     """
     global _ENV
     if _ENV is not None and env is None:
@@ -128,34 +145,57 @@ def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
     env = env or detect()
     if env.device_type == "cuda":
         torch.cuda.set_device(torch.device(env.device))
-    if not tdist.is_initialized():
-        # torch._dynamo first. Imported after a group exists (DistributedDataParallel's constructor imports it, so
-        # do FSDP2 and Lightning), it keeps that group alive past destroy_process_group: after DDP(...) and
-        # cleanup() the gloo worker threads still ran; imported before, they end. A group that outlives cleanup()
-        # meets interpreter finalization with its worker threads running, and one that then drops a finished
-        # all-reduce's tensors needs the GIL that finalization refuses it: the rank aborts ("terminate called
-        # without an active exception"; a core dump of it shows ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork
-        # -> decref -> take_gil -> pthread_exit -> std::terminate). The same symptom: pytorch/pytorch#107298.
-        import torch._dynamo as _dynamo  # noqa: F401  (bound apart: `torch` stays this module's global)
-
-        if env.is_distributed:
-            _join_world(env, timeout_s)
-        else:
-            tdist.init_process_group(backend=env.backend, store=tdist.HashStore(), rank=0, world_size=1)
-        # Leave the group while the interpreter is whole. A process that exits with a gloo group alive can abort
-        # in C++ ("terminate called without an active exception"): the group's worker threads still hold work
-        # whose tensors reach into Python during interpreter finalization (pytorch/pytorch#190489; the same fix
-        # proposed upstream in pytorch/pytorch#179291). A notebook that failed half-way, or forgot
-        # dist.cleanup(), then exits cleanly. Registered once: init() joins a group once per process.
-        atexit.register(cleanup)
+    if tdist.is_initialized():
+        env = _adopt(env)
+    elif env.is_distributed:
+        _join_world(env, timeout_s)
+    else:
+        tdist.init_process_group(backend=env.backend, store=tdist.HashStore(), rank=0, world_size=1)
+    if env.is_distributed:
+        _write_launcher_variables(env)
+    _leave_at_exit()
     _ENV = env
     return env
+
+
+def timeout(timeout_s: float | None = None) -> datetime.timedelta:
+    """How long a rank waits for the others, as init_process_group takes it: `timeout_s`, else
+    $WORKSHOP_DIST_TIMEOUT, else `workshop.base.world`'s default."""
+    return datetime.timedelta(seconds=world.timeout_s() if timeout_s is None else timeout_s)
+
+
+def _adopt(env: DistEnv) -> DistEnv:
+    """`env` for the group this process made already: what reads `env` (data shards, Lightning's plugin) must see the
+    world the group holds."""
+    rank, world_size = tdist.get_rank(), tdist.get_world_size()
+    if (rank, world_size) != (env.rank, env.world_size):
+        raise RuntimeError(
+            f"the process group made already is rank {rank} of {world_size}, but the launcher ({env.launcher}) "
+            f"started rank {env.rank} of {env.world_size}: make the group with rank=env.rank and "
+            "world_size=env.world_size of env = dist.detect()")
+    backend = str(tdist.get_backend())
+    return env if backend == env.backend else replace(env, backend=backend)
+
+
+_AT_EXIT = False  # cleanup() registered to run at exit
+
+
+def _leave_at_exit() -> None:
+    # Leave the group while the interpreter is whole. A process that exits with a gloo group alive can abort in C++
+    # ("terminate called without an active exception"): the group's worker threads still hold work whose tensors
+    # reach into Python during interpreter finalization (pytorch/pytorch#190489; the same fix proposed upstream in
+    # pytorch/pytorch#179291). A notebook that failed half-way, or forgot dist.cleanup(), then exits cleanly.
+    # Registered once per process; cleanup() is safe to run with no group.
+    global _AT_EXIT
+    if not _AT_EXIT:
+        atexit.register(cleanup)
+        _AT_EXIT = True
 
 
 _WRITTEN: dict[str, str | None] = {}  # the launcher variables init() set, with the values they had before
 
 
-def _join_world(env: DistEnv, timeout_s: float | None) -> None:
+def _write_launcher_variables(env: DistEnv) -> None:
     # Libraries that read the torchrun variables (device meshes, Lightning) see the same world. cleanup() puts back
     # what was there before, so a later detect() in this process reads the launcher that really started it.
     values = dict(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
@@ -164,13 +204,14 @@ def _join_world(env: DistEnv, timeout_s: float | None) -> None:
     for key, value in values.items():
         _WRITTEN.setdefault(key, os.environ.get(key))
         os.environ[key] = value
-    if timeout_s is None:
-        timeout_s = world.timeout_s()
+
+
+def _join_world(env: DistEnv, timeout_s: float | None) -> None:
     tdist.init_process_group(
         backend=env.backend,
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.rank, world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout(timeout_s),
     )
 
 
@@ -182,8 +223,8 @@ def cleanup() -> None:
         # A group still held by live objects (a DistributedDataParallel model in a script's globals, Lightning's
         # strategy) outlives destroy_process_group, and its gloo worker threads with it. A worker drops a finished
         # all-reduce (and the Python tensors it holds) just after the collective returns, and needs the GIL to do
-        # so; if the interpreter is finalizing by then, the rank aborts (see init). While such threads run, give
-        # them the GIL for a moment: a worker that drops a work is already waiting for it.
+        # so; if the interpreter is finalizing by then, the rank aborts (see the import of torch._dynamo). While such
+        # threads run, give them the GIL for a moment: a worker that drops a work is already waiting for it.
         if _gloo_threads():
             time.sleep(0.2)
     for key, value in _WRITTEN.items():
@@ -256,7 +297,9 @@ def global_mean(value: torch.Tensor) -> float:
 
 
 def lightning_environment(env: DistEnv):
-    """A Lightning ClusterEnvironment that reports exactly `env` (see `make_trainer`)."""
+    """A Lightning ClusterEnvironment that reports exactly `env`: pass it as `L.Trainer(plugins=[...])`. Lightning's
+    own SLURM detection would take a papermill kernel under sbatch, or a JupyterLab server started as a SLURM job,
+    for a world of its own; this plugin overrules it, and refuses a Trainer whose devices x nodes is another world."""
     from lightning.fabric.plugins.environments import ClusterEnvironment
 
     class WorkshopEnvironment(ClusterEnvironment):
@@ -322,6 +365,29 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def lightning_layout(env: DistEnv) -> tuple[int, int]:
+    """(devices, num_nodes) for Lightning's Trainer: ranks per node and nodes. Lightning counts devices per node, the
+    same on every node: an uneven layout (3 tasks on 2 nodes) is given to it as one node of world-size devices, the
+    same world (the plugin gives every rank its own rank)."""
+    return (env.local_world_size, env.num_nodes) if env.even_layout else (env.world_size, 1)
+
+
+@contextlib.contextmanager
+def lightning_in_kernel():
+    """Build a Lightning Trainer inside, in a kernel (JupyterLab, papermill) that is one rank of a world started by
+    torchrun or srun: there Lightning refuses multi-process strategies, fearing it would have to start the processes
+    itself. Each rank is a kernel already, and the plugin (`lightning_environment`) says so: the check does not apply
+    while the Trainer is built. No public route exists (checked on Lightning 2.6.6): DDPStrategy always builds a
+    launcher that is not "interactive compatible", even when the cluster environment creates the processes itself,
+    while ModelParallelStrategy builds none then. The patch lasts only while the Trainer is built; a script needs none
+    of it. What Lightning says that does not apply here is silenced once per process (`_quiet_lightning`)."""
+    from lightning.pytorch.trainer.connectors import accelerator_connector
+
+    _quiet_lightning()
+    with mock.patch.object(accelerator_connector, "_IS_INTERACTIVE", False):
+        yield
+
+
 def _check_strategy_fits_device(strategy, env: DistEnv) -> None:
     """Lightning's FSDP strategy (FSDP1) needs GPUs; on CPU say what runs there instead of failing
     deep inside Lightning. ModelParallelStrategy (FSDP2, tensor parallelism) runs on CPU."""
@@ -337,17 +403,13 @@ def _check_strategy_fits_device(strategy, env: DistEnv) -> None:
 
 
 def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
-    """A Lightning Trainer for this world: accelerator, devices, nodes and the cluster plugin
-    from `env`. Lightning's own SLURM detection would take a papermill kernel under sbatch, or a
-    JupyterLab server started as a SLURM job, for a world of its own; the plugin overrules it.
-    `strategy` defaults to "ddp" with more than one rank, else "auto"; every step is logged. The FSDP strategy on CPU
-    is refused with what to use instead (ModelParallelStrategy, which runs on CPU too). Unless
-    `enable_progress_bar` is given, Lightning's bar shows in JupyterLab only (`workshop.base.progress`).
-    Lightning counts devices per node, the same on every node: an uneven layout (3 tasks on 2 nodes)
-    is given to it as one node of world-size devices, the same world (the plugin gives every rank)."""
+    """A Lightning Trainer for this world, the call notebook 05 writes in the open: accelerator, devices and nodes
+    (`lightning_layout`) and the cluster plugin (`lightning_environment`) from `env`, built in a kernel too
+    (`lightning_in_kernel`). `strategy` defaults to "ddp" with more than one rank, else "auto"; every step is logged.
+    The FSDP strategy on CPU is refused with what to use instead (ModelParallelStrategy, which runs on CPU too).
+    Unless `enable_progress_bar` is given, Lightning's bar shows in JupyterLab only (`workshop.base.progress`)."""
     import lightning as L
 
-    _quiet_lightning()
     env = env or get_env()
     if strategy is None:
         strategy = "ddp" if env.is_distributed else "auto"
@@ -363,20 +425,7 @@ def make_trainer(env: DistEnv | None = None, strategy=None, **kwargs):
         if not kwargs["enable_progress_bar"]:
             callbacks = kwargs.get("callbacks") or []
             kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), progress.lightning_lines()]
-    # In a kernel Lightning refuses multi-process strategies, fearing it would have to start the
-    # processes itself. Here each rank is a kernel already, started by torchrun or srun, and the
-    # plugin says so: the check does not apply while the Trainer is built. No public route exists
-    # (checked on Lightning 2.6.6): DDPStrategy always builds a launcher that is not
-    # "interactive compatible", even when the cluster environment creates the processes itself,
-    # while ModelParallelStrategy builds none then. The patch lasts only while the Trainer is built.
-    from lightning.pytorch.trainer.connectors import accelerator_connector
-
-    with mock.patch.object(accelerator_connector, "_IS_INTERACTIVE", False):
-        return L.Trainer(
-            accelerator="gpu" if env.device_type == "cuda" else "cpu",
-            devices=env.local_world_size if env.even_layout else env.world_size,
-            num_nodes=env.num_nodes if env.even_layout else 1,
-            strategy=strategy,
-            plugins=plugins,
-            **kwargs,
-        )
+    devices, num_nodes = lightning_layout(env)
+    with lightning_in_kernel():
+        return L.Trainer(accelerator="gpu" if env.device_type == "cuda" else "cpu", devices=devices,
+                         num_nodes=num_nodes, strategy=strategy, plugins=plugins, **kwargs)

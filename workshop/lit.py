@@ -1,5 +1,6 @@
 """The classifier and the language model as LightningModules: Lightning owns the loop, the
-devices and the processes' cooperation; build its Trainer with `workshop.dist.make_trainer`.
+devices and the processes' cooperation; build its Trainer with `workshop.dist.make_trainer` (notebook 05 writes the
+same `L.Trainer(...)` call in the open, with `dist.lightning_environment(env)` as its plugin).
 
     module = lit.LitClassifier(models.get_model("small_cnn"), lr=0.05)
     trainer = dist.make_trainer(env, max_epochs=2)

@@ -10,8 +10,10 @@ From scratch, on any process group whose ranks are the stages in order (notebook
 
 Every stage sends its output activation to the next with `isend` and receives its input with `recv`; backward runs
 in the opposite direction with the gradient of that activation. A `Timeline` records when each stage computed what
-(`bubble`, `unequal_stage_bubble` and `plot_timeline` read it), and `LiveActivations` how many bytes of saved
-activations a stage holds. With the library: `library_schedule(...)` and `library_step(...)`.
+(`bubble` and `unequal_stage_bubble` read it; `workshop.measure.pipeline_view` draws it), and `LiveActivations` how
+many bytes of saved activations a stage holds. With the library (notebook 09 calls `PipelineStage(...)`,
+`ScheduleGPipe(...)` / `Schedule1F1B(...)` and `schedule.step(...)` in the open): `library_schedule(...)` and
+`library_step(...)`.
 
 3D: `make_mesh(env, pp_size, dp_size, tp_size)` builds a ("pp", "dp", "tp") mesh, tp innermost (inside a node),
 pp outermost (across nodes); `apply_pipeline(model, mesh)` keeps this rank's stage, splits it over mesh["tp"] with
@@ -116,6 +118,19 @@ def one_f_one_b(p: int, m: int, stage: int) -> list[tuple[str, int]]:
 SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
 
 
+def microbatch_counts(text) -> list[int]:
+    """The numbers of micro-batches in a comma-separated parameter ("1,2,4,8"; papermill passes `-p NAME 4` as the
+    number 4), sorted, each once; a ValueError says how to write them."""
+    try:
+        counts = sorted({int(n) for n in str(text).split(",")})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise ValueError(f"bubble_microbatches = {text!r}: write whole numbers of at least 1, comma-separated, "
+                         "e.g. 1,2,4,8")
+    return counts
+
+
 def in_flight(actions: list[tuple[str, int]]) -> int:
     """The most micro-batches whose forward has run and whose backward has not, at any point of `actions`: how
     many micro-batches' activations the stage holds at its peak."""
@@ -172,11 +187,16 @@ class Timeline:
         return out
 
 
+def step_seconds(timelines: list[Timeline]) -> float:
+    """The step's span: from the stages' common start to the end of the last event on any stage."""
+    return max(end for t in timelines for *_, end in t.events)
+
+
 def bubble(timelines: list[Timeline]) -> float:
     """The measured idle share of the step: for each stage 1 - (time computing) / (the step's span, from the common
     start to the last stage's last event), averaged over stages. Theory, for equal stages and no transfer time:
     (p - 1) / (m + p - 1)."""
-    span = max(end for t in timelines for *_, end in t.events)
+    span = step_seconds(timelines)
     return sum(1 - sum(end - begin for _, _, begin, end in t.events) / span for t in timelines) / len(timelines)
 
 
@@ -189,27 +209,6 @@ def unequal_stage_bubble(timelines: list[Timeline]) -> float:
     per_stage = [sum(end - begin for _, _, begin, end in t.events) / m for t in timelines]
     span = sum(per_stage) + (m - 1) * max(per_stage)
     return sum(1 - m * t / span for t in per_stage) / len(per_stage)
-
-
-def plot_timeline(timelines: list[Timeline], ax=None, title: str = ""):
-    """The pipeline diagram from measured timestamps: one row per stage, a box per forward (light) and backward
-    (dark), numbered by micro-batch; white is the bubble."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(timelines)))
-    colours = plt.get_cmap("tab10")
-    for row, t in enumerate(timelines):
-        for kind, i, begin, end in t.events:
-            colour = colours(i % 10)
-            ax.barh(row, end - begin, left=begin, color=colour, alpha=0.45 if kind == "F" else 0.95, edgecolor="black",
-                    linewidth=0.5)
-            ax.text((begin + end) / 2, row, f"{kind}{i}", ha="center", va="center", fontsize=7)
-    ax.set_yticks(range(len(timelines)), [f"stage {t.stage}" for t in timelines])
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds since the common start")
-    ax.set_title(title)
-    return ax
 
 
 class LiveActivations:

@@ -5,6 +5,7 @@ Notebook 06 writes the ideas in cells and checks these against one process.
     model, optimizer = apply_zero1(model, shard_mesh(env), lr=3e-3)   # DDP + ZeroRedundancyOptimizer
     model = apply_fsdp(model, shard_mesh(env))                          # fully_shard per block, then root
     model = apply_fsdp(model, hybrid_mesh(env))                         # replicate across nodes, shard within
+    deepspeed = init_deepspeed(env)                                     # then deepspeed.initialize(...) as usual
     engine, optimizer = apply_deepspeed(model, optimizer, config, env)   # DeepSpeed ZeRO stage 1, 2 or 3
     save_checkpoint(path, model, optimizer, step=step)   # one file per rank
     step = load_checkpoint(path, model, optimizer)       # on any number of ranks
@@ -89,7 +90,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: boo
     all-gather; the optimizer steps on the CPU. Shards the model in place and returns it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy(),
+    options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
+                   mp_policy=mp_policy or MixedPrecisionPolicy(),
                    offload_policy=offload_policy or OffloadPolicy())
     if not hasattr(model, "layers"):
         raise ValueError(f"apply_fsdp shards the blocks in `model.layers`; {type(model).__name__} has none")
@@ -98,13 +100,6 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: boo
         fully_shard(block, **options)
     fully_shard(model, **options)
     return model
-
-
-def bf16_policy():
-    """bf16 parameters and compute, fp32 gradient reduction: the usual FSDP2 policy on GPUs."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int | None = None) -> Path:
@@ -194,16 +189,15 @@ def import_deepspeed(device: str = "cpu"):
         raise ImportError(f"DeepSpeed is not installed ({err}): `pip install deepspeed`, or `make setup` / the conda "
                           "environment, which install it with the workshop") from err
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
-                            FutureWarning)
+    warnings.filterwarnings(
+        "ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning)
     return deepspeed
 
 
-def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict, env: DistEnv):
-    """`deepspeed.initialize` on the process group already started (dist.init): returns (engine, optimizer), the
-    engine to call for the forward, `engine.backward(loss)` and `engine.step()`; the optimizer is DeepSpeed's ZeRO
-    wrapper around `optimizer`, which it rebuilds over flat fp32 partitions (so a torch optimizer needs
-    "zero_allow_untested_optimizer" in `config`). `config` is DeepSpeed's JSON config as a dict."""
+def init_deepspeed(env: DistEnv):
+    """`import deepspeed` (`import_deepspeed`) and its communication started on the process group that dist.init
+    joined, so that `deepspeed.initialize(model=..., optimizer=..., config=...)` then runs as in a script started by
+    torchrun or the `deepspeed` launcher. Returns the module. Every rank calls it; a second call does nothing more."""
     import contextlib
     import importlib
     import os
@@ -217,15 +211,27 @@ def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: 
     no_shm = contextlib.nullcontext()
     if env.device_type == "cpu":
         # DeepSpeed's communication backend (TorchBackend) JIT-compiles a shared-memory all-reduce on the CPU
-        # accelerator (C++, through ninja and a compiler) when its process group starts, inside initialize; only
+        # accelerator (C++, through ninja and a compiler) when it starts, once per process; only
         # inference_all_reduce uses it, which training never calls, and every collective goes through the gloo group
         # without it. DeepSpeed has no setting for this (the op's compatibility check would itself compile test
-        # programs), so its builder is replaced for this call only.
+        # programs), so its builder is replaced while the backend starts here, and `deepspeed.initialize` later
+        # finds it started.
         no_shm = mock.patch.object(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
-    with no_shm:
-        engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    return engine, zero_optimizer
+    from deepspeed.accelerator import get_accelerator
 
+    with no_shm:
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())  # as initialize would
+    return deepspeed
+
+
+def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict, env: DistEnv):
+    """`deepspeed.initialize` on the process group already started (dist.init): returns (engine, optimizer), the
+    engine to call for the forward, `engine.backward(loss)` and `engine.step()`; the optimizer is DeepSpeed's ZeRO
+    wrapper around `optimizer`, which it rebuilds over flat fp32 partitions (so a torch optimizer needs
+    "zero_allow_untested_optimizer" in `config`). `config` is DeepSpeed's JSON config as a dict."""
+    deepspeed = init_deepspeed(env)
+    engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, zero_optimizer
 
 
 def check_fully_shard(shard, make_model, mesh: DeviceMesh):
@@ -238,7 +244,8 @@ def check_fully_shard(shard, make_model, mesh: DeviceMesh):
 
     model = shard(make_model(), mesh)
     if model is None:
-        return Match(False, "return the model: fully_shard shards it in place, and the next cells train what you return")
+        return Match(False, "return the model: fully_shard shards it in place, and the next cells train what you "
+                            "return")
     blocks = list(model.layers)
     if not any(isinstance(block, FSDPModule) for block in blocks):
         return Match(False, "only the root is a unit, so forward gathers every parameter at once and the memory "
@@ -261,13 +268,14 @@ def check_owners(assign, sizes_list: list[list[int]] | None = None, world_sizes:
     placing the largest tensors first on the least loaded rank guarantees. The hint names the tensor or the rank."""
     from workshop.check import Match
 
-    sizes_list = sizes_list or [[512, 512, 64, 64, 8, 8, 8, 8], [1000, 10, 10, 10, 10, 10, 10, 10, 10, 10], [5, 5, 5, 5, 5]]
+    sizes_list = sizes_list or [[512, 512, 64, 64, 8, 8, 8, 8], [1000, 10, 10, 10, 10, 10, 10, 10, 10, 10],
+                                [5, 5, 5, 5, 5]]
     for sizes in sizes_list:
         for n in world_sizes:
             owner = assign(list(sizes), n)
             if not isinstance(owner, (list, tuple)) or len(owner) != len(sizes):
-                return Match(False, f"for {len(sizes)} tensors on {n} ranks you returned {owner!r}: one rank per tensor, "
-                                    "in the tensors' order")
+                return Match(False, f"for {len(sizes)} tensors on {n} ranks you returned {owner!r}: one rank per "
+                                    "tensor, in the tensors' order")
             bad = [i for i, r in enumerate(owner) if not isinstance(r, int) or not 0 <= r < n]
             if bad:
                 return Match(False, f"tensor {bad[0]} goes to rank {owner[bad[0]]!r}, but the ranks are 0 to {n - 1}")
@@ -275,6 +283,6 @@ def check_owners(assign, sizes_list: list[list[int]] | None = None, world_sizes:
             bound = sum(sizes) / n + max(sizes)
             if max(load) > bound:
                 return Match(False, f"sizes {sizes} on {n} ranks: rank {load.index(max(load))} steps {max(load):,} of "
-                                    f"{sum(sizes):,} elements; the largest share need not exceed {bound:,.0f}: give each "
-                                    "tensor, the largest first, to the rank with the least so far")
+                                    f"{sum(sizes):,} elements; the largest share need not exceed {bound:,.0f}: give "
+                                    "each tensor, the largest first, to the rank with the least so far")
     return Match(True)

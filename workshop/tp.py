@@ -12,8 +12,9 @@ From scratch, on any process group (notebook 08 writes the same in cells first):
 
 With DTensor (a plan is data: a dict from module name to a ParallelStyle):
 
-    plan = tinygpt_tp_plan(sequence_parallel=False)
+    plan = tinygpt_tp_plan(sequence_parallel=False)  # notebook 08 writes the same dict out in a cell
     apply_tp(model, tp_mesh)                       # parallelize_module(model, tp_mesh, plan)
+    same_plan(written_plan, sequence_parallel)     # is a plan written out this one, entry by entry?
     mesh = make_mesh(env, dp_size=2, tp_size=2)    # ("dp", "tp"); tp inside a node
     apply_2d(model, mesh)                          # TP over mesh["tp"], then fully_shard over mesh["dp"]
 
@@ -298,6 +299,21 @@ def tinygpt_tp_plan(sequence_parallel: bool = False) -> dict:
         "norm": SequenceParallel(),
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
     }
+
+
+def same_plan(plan: dict, sequence_parallel: bool = False):
+    """Whether `plan` (notebook 08 writes TinyGPT's out in a cell) is `tinygpt_tp_plan(sequence_parallel)` entry by
+    entry: the same module names, each with the same style and layouts (a style's repr names them all), in any
+    order. A check.Match whose detail names the first entry that differs."""
+    from workshop.check import Match
+
+    package = tinygpt_tp_plan(sequence_parallel)
+    for name in sorted(set(plan) | set(package)):
+        if name not in plan or name not in package:
+            return Match(False, f"{name!r} is only in {'the package' if name in package else 'the written'} plan")
+        if repr(plan[name]) != repr(package[name]):
+            return Match(False, f"{name}: {plan[name]!r} written, {package[name]!r} in the package")
+    return Match(True)
 
 
 def apply_tp(model: TinyGPT, tp_mesh, *, sequence_parallel: bool = False) -> TinyGPT:

@@ -5,6 +5,7 @@ measures what these formulas count):
 
     planner.plan("llama2-70b", gpu="h100", strategy="fsdp", world_size=64, checkpointing="full").fits
     python -m workshop.estimate.planner 70B --gpu h100 --strategy fsdp --world-size 64 --checkpointing full
+    planner.widget("llama2-70b", "h100", "fsdp", 64, 1, 1, 4096, "full", "none")   # in JupyterLab: sliders, a bar
 
 With pipeline parallelism over pp stages (Huang et al. 2019, GPipe; Narayanan et al. 2021, "Efficient
 Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", section 2.2), world_size = dp x tp x pp
@@ -225,6 +226,11 @@ class Plan:
     def fits(self) -> bool:
         return self.total <= self.capacity
 
+    def record(self) -> dict:
+        """The plan as a run's record holds it: the settings, the model's name, the parts, host, total and verdict."""
+        return {**self.settings, "model": self.model.name, "parts": self.parts, "host": self.host, "total": self.total,
+                "fits": self.fits}
+
 
 def plan(model: str | float | ModelShape, *, gpu: str = "h100", strategy: str = "fsdp", world_size: int = 8,
          tp: int = 1, micro_batch: int = 1, seq_len: int = 2048, checkpointing: str = "none", offload: str = "none",
@@ -315,6 +321,78 @@ def format_plan(p: Plan) -> str:
     verdict = "fits" if p.fits else f"does not fit ({gib(p.total - p.capacity)} too much)"
     lines.append(f"{verdict} on {gpu} ({gib(p.gpu_bytes)})")
     return "\n".join(lines)
+
+
+def grid(model: str | float | ModelShape, **settings) -> dict[tuple[str, str], Plan]:
+    """`plan` of `model` for every checkpointing (CHECKPOINTING) and strategy (PLAN_STRATEGIES), each from the least
+    saving to the most, by (checkpointing, strategy); `settings` are `plan`'s other arguments."""
+    return {(ck, strategy): plan(model, strategy=strategy, checkpointing=ck, **settings)
+            for ck in CHECKPOINTING for strategy in PLAN_STRATEGIES}
+
+
+def format_grid(plans: dict[tuple[str, str], Plan]) -> str:
+    """`grid`'s plans as a table: GB per GPU and whether it fits, a row per checkpointing, a column per strategy."""
+    first = next(iter(plans.values()))
+    s = first.settings
+    lines = [f"{first.model.name} on {s['world_size']} x {s['gpu'].upper()}, micro-batch {s['micro_batch']} x "
+             f"{s['seq_len']} tokens, tp {s['tp']}: GB per GPU",
+             f"{'checkpointing':<14}" + "".join(f"{strategy:>16}" for strategy in PLAN_STRATEGIES)]
+    for ck in CHECKPOINTING:
+        cells = [f"{p.total / 1e9:9.1f} {'fits' if p.fits else 'no':>5}" for p in
+                 (plans[ck, strategy] for strategy in PLAN_STRATEGIES)]
+        lines.append(f"{ck:<14}" + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
+def plot_plan(p: Plan):
+    """The plan as one stacked bar of GB per GPU by part, the usable capacity dashed, the verdict in the title."""
+    from matplotlib.figure import Figure  # no pyplot: the figure is returned, not shown twice
+
+    s = p.settings
+    fig = Figure(figsize=(7, 1.8), layout="constrained")
+    ax = fig.add_subplot()
+    left = 0.0
+    for part, nbytes in p.parts.items():
+        ax.barh([0], [nbytes / 1e9], left=left, label=part)
+        left += nbytes / 1e9
+    ax.axvline(p.capacity / 1e9, color="black", ls="--", lw=1)
+    ax.set_yticks([])
+    ax.set_xlabel("GB per GPU (dashed: usable)")
+    ax.set_title(f"{p.model.name}, {s['world_size']} x {s['gpu'].upper()}, {s['strategy']}, checkpointing "
+                 f"{s['checkpointing']}: {'fits' if p.fits else 'does not fit'} ({p.total / 1e9:.1f} of "
+                 f"{p.capacity / 1e9:.0f} GB)", fontsize=9)
+    ax.legend(ncol=5, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.5))
+    return fig
+
+
+def widget(model: str, gpu: str, strategy: str, world_size: int, tp: int, micro_batch: int, seq_len: int,
+           checkpointing: str, offload: str):
+    """The planner in JupyterLab: a drop-down or slider per argument of `plan`, starting at the values given; each
+    change redraws the bar (`plot_plan`). Its `result` is the Plan of the controls' values (None where `plan`
+    refuses them, which it prints)."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    def show(model, gpu, strategy, world_size, tp, micro_batch, seq_len, checkpointing, offload):
+        try:
+            p = plan(model, gpu=gpu, strategy=strategy, world_size=world_size, tp=tp, micro_batch=micro_batch,
+                     seq_len=seq_len, checkpointing=checkpointing, offload=offload)
+        except ValueError as err:
+            print(f"not a configuration: {err}")
+            return None
+        display(plot_plan(p))
+        return p
+
+    return widgets.interactive(
+        show, model=widgets.Dropdown(options=list(dict.fromkeys([*MODELS, "7B", "70B", "405B", model])), value=model),
+        gpu=widgets.Dropdown(options=list(hardware.NODES), value=gpu),
+        strategy=widgets.Dropdown(options=PLAN_STRATEGIES, value=strategy),
+        world_size=widgets.SelectionSlider(options=sorted({2**i for i in range(13)} | {world_size}), value=world_size),
+        tp=widgets.SelectionSlider(options=sorted({1, 2, 4, 8} | {tp}), value=tp),
+        micro_batch=widgets.IntSlider(value=micro_batch, min=1, max=max(32, micro_batch)),
+        seq_len=widgets.SelectionSlider(options=sorted({2**i for i in range(9, 18)} | {seq_len}), value=seq_len),
+        checkpointing=widgets.Dropdown(options=CHECKPOINTING, value=checkpointing),
+        offload=widgets.Dropdown(options=OFFLOAD, value=offload))
 
 
 def main(argv: list[str] | None = None) -> int:

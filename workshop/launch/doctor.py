@@ -361,10 +361,6 @@ def main(argv: list[str] | None = None) -> int:
                                  f"({report.resolve_error}): no rank can reach it, so this rank stops now.")
         return EXIT_NO_GROUP
     where = f"the process group of {env.world_size} ranks at {env.master_addr}:{env.master_port}"
-    # dist.init imports torch._dynamo before it joins (why: there); imported here, its seconds on a busy node do
-    # not count against --timeout, which is the rendezvous's
-    import torch._dynamo as _dynamo  # noqa: F401  (bound apart: `torch` stays this module's global)
-
     _began = time.monotonic()
     # torch's store retries past its timeout (a connect that times out, then backoff: 5 s became 11 s with
     # torch 2.14), so the bound is kept here: at --timeout, say so and end this process

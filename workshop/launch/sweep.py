@@ -31,7 +31,7 @@ import torch
 
 from workshop import dist
 from workshop.base import records
-from workshop.base.runs import atomic_write_text, display_path, runs_root, timestamp
+from workshop.base.runs import atomic_write_text, display_path, make_folder, runs_root, timestamp
 from workshop.measure import metrics
 
 
@@ -142,8 +142,9 @@ def sweep_dir(sweep_id: str) -> Path:
 
 def start(folder: Path, grid: list[dict], sweep_id: str) -> Path:
     """Make the sweep folder and its sweep.json (the grid). Every task writes the same text; a
-    different grid already there is an error (a rerun into a sweep must use the sweep's grid)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    different grid already there is an error (a rerun into a sweep must use the sweep's grid). The folder is made
+    with the run folders' mode (700 unless $WORKSHOP_RUNS_MODE), as every run folder is."""
+    make_folder(folder)
     text = json.dumps({"sweep": sweep_id, "grid": grid}, indent=2) + "\n"
     path = folder / "sweep.json"
     if path.exists() and json.loads(path.read_text())["grid"] != json.loads(text)["grid"]:
@@ -166,7 +167,7 @@ def write_record(folder: Path, index: int, config: dict, t: Task, *, notebook: s
     if records.status(path.parent) == "ok":
         raise SweepError(f"configuration {index} of sweep {t.sweep_id} has a record already "
                          f"({display_path(path)}): two tasks were given the same configuration")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     task_info = {"index": index, "count": t.count, "launcher": t.launcher,
                  "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
                  "node": os.environ.get("SLURMD_NODENAME") or os.uname().nodename,  # n1, n2 on the local cluster

@@ -191,11 +191,16 @@ class Saved:
     by_module: dict = field(default_factory=dict)
 
 
+def blocks_of(model: nn.Module) -> dict[str, nn.Module]:
+    """A TinyGPT's blocks by the names `saved_for_backward` counts under: layer0, layer1, ..."""
+    return {f"layer{i}": block for i, block in enumerate(model.layers)}
+
+
 class saved_for_backward:
     """Count what a forward pass keeps for backward, on any device, from the saved tensors themselves
     (torch.autograd.graph.saved_tensors_hooks):
 
-        with memory.saved_for_backward(model, {f"layer{i}": b for i, b in enumerate(model.layers)}) as saved:
+        with memory.saved_for_backward(model, memory.blocks_of(model)) as saved:
             loss = models.lm_loss(model(x), y)
         saved.total, saved.by_module["layer0"]
 
@@ -248,7 +253,7 @@ def check_every_other(checkpoint_every_other, make_model, x: torch.Tensor, y: to
     from workshop.models import lm_loss
 
     def run(model):
-        with saved_for_backward(model, {f"layer{i}": b for i, b in enumerate(model.layers)}) as saved:
+        with saved_for_backward(model, blocks_of(model)) as saved:
             loss = lm_loss(model(x), y)
         loss.backward()
         return saved
