@@ -1,13 +1,17 @@
-"""The cost model's command line: projections, placements and the published results it must reproduce.
+"""The cost model's command line: projections, placements and the published results it is held to.
 
-    python -m workshop.estimate.costmodel project 70B --gpu h100 --strategy fsdp     # 1 to 4096 GPUs
+    python -m workshop.estimate.costmodel project 70B --gpu h100 --strategy fsdp     # 1 to 4096 GPUs, 4M tokens a step
+    python -m workshop.estimate.costmodel project 7B --weak --micro-batch-size 4     # the batch per GPU fixed instead
     python -m workshop.estimate.costmodel placements 70B --gpus 512 --gpu h100       # every dp x tp x pp
     python -m workshop.estimate.costmodel validate --out docs/results                # against published scaling
 
 The model itself, one module per part of `workshop.estimate`: `network` (alpha-beta links, a two-level cluster,
 the collectives' formulas and their calibration), `steps` (DDP, FSDP and tensor-parallel step times; memory per
-GPU from `planner`), `projection` (weak scaling to 4096 GPUs), `placements` (pipeline stages and dp x tp x pp),
-`published` (the results it is held to). `python -m workshop.measure.costcheck` holds it against measured steps.
+GPU from `planner`), `terms` (the per-GPU batch's GEMM efficiency, communication slowing overlapped compute, the
+elementwise work TP leaves whole), `scaling` (one step with every term), `projection` (strong scaling at a global
+batch, and weak scaling, to 4096 GPUs), `placements` (pipeline stages and dp x tp x pp), `published` (the results
+it is held to) and `validation` (their scores, controls and sensitivities). `python -m workshop.measure.costcheck`
+holds it against measured steps.
 """
 
 from __future__ import annotations
@@ -20,20 +24,25 @@ from workshop.base.params import positive
 from workshop.estimate import planner
 from workshop.estimate.network import GPUS
 from workshop.estimate.placements import GLOBAL_BATCH, SEQ_LEN, format_placements, placements
-from workshop.estimate.projection import format_projection, project
-from workshop.estimate.published import validate, validation_markdown
+from workshop.estimate.projection import format_projection, project, project_strong
 from workshop.estimate.steps import STRATEGIES, Workload
+from workshop.estimate.validation import validation_markdown
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workshop.estimate.costmodel", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("project", help="throughput, efficiency and memory from 1 to 4096 GPUs of a model of a given size")
+    p = sub.add_parser("project", help="throughput, efficiency and memory from 1 to 4096 GPUs of a model of a given "
+                                       "size")
     p.add_argument("size", help="parameters, e.g. 7B, 350M, 1.3e9, or a published model (llama2-70b, ...)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     p.add_argument("--strategy", choices=STRATEGIES, default="fsdp")
-    p.add_argument("--micro-batch-size", type=positive(int), default=4, help="sequences per GPU (default 4)")
-    p.add_argument("--seq-len", type=positive(int), default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--global-batch", type=positive(int), default=GLOBAL_BATCH,
+                   help=f"sequences per step, all GPUs together (default {GLOBAL_BATCH}: Llama 2's 4M tokens)")
+    p.add_argument("--weak", action="store_true", help="weak scaling instead: --micro-batch-size sequences per GPU, "
+                                                        "whatever the number of GPUs")
+    p.add_argument("--micro-batch-size", type=positive(int), default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--seq-len", type=positive(int), default=SEQ_LEN, help=f"tokens per sequence (default {SEQ_LEN})")
     p.add_argument("--mfu", type=positive(float), default=0.4, help="fraction of the GPU's peak that compute reaches "
                                                                       "(default 0.4)")
     p.add_argument("--tp", type=positive(int), default=8, help="tensor-parallel size of tp_fsdp (default 8)")
@@ -67,14 +76,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.micro_batch_size}, 1F1B, full activation checkpointing, compute at {args.mfu:.0%} of peak\n")
             print(format_placements(rows, args.top or None))
         elif args.command == "validate":
-            text = validation_markdown(validate())
+            text = validation_markdown()
             print(text)
             if args.out:
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / "costmodel_validation.md").write_text(text)
-        else:
+        elif args.weak:
             w = Workload.from_size(args.size, tokens_per_sample=args.seq_len)
             print(format_projection(project(w, args.gpu, args.strategy, args.micro_batch_size, args.mfu, tp=args.tp)))
+        else:
+            print(format_projection(project_strong(args.size, args.gpu, args.strategy, args.global_batch, args.seq_len,
+                                                   args.micro_batch_size, args.mfu, args.tp)))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,150 +1,313 @@
-"""Published scaling results with the hardware they were measured on, and the cost model's prediction of each:
-the model is held to them (tests/test_costmodel.py) and the comparison is written to
-docs/results/costmodel_validation.md.
+"""Published scaling results, each with the configuration its paper states, that the cost model is held to
+(`workshop.estimate.validation` predicts and scores them; tests/test_costmodel_validation.py holds the targets).
 
-    published.validate()      # rows: published and predicted efficiency, and their difference
-    python -m workshop.estimate.costmodel validate --out docs/results
+A row compares two configurations of one source: the base (the paper's own baseline) and the row. Efficiency rows
+publish the per-GPU throughput at the row over that at the base; throughput rows publish TFLOP/s per GPU at both,
+and the model is calibrated on the base only. Each row carries the facts it passes and where in the paper they
+stand; a choice the paper leaves open is a `Choice` of its source, with the value used, why, and the alternatives
+that the sensitivity table tries. No constant is set per row: the compute speed comes from the paper (Goyal's
+backprop time, Megatron's one-GPU TFLOP/s) or from the base row's published throughput, once per base.
+
+    published.SOURCES["narayanan2021"].rows()      # ZeRO-3 and PTD-P, 175B and 530B (Table 2)
+    published.rows()                               # every row of every source
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 from workshop.estimate.network import LINKS, Cluster, gpu_cluster, shared
-from workshop.estimate.steps import BACKWARD_SHARE, DDP_BUCKET_BYTES, Workload, ddp_step, fsdp_step, tp_comm
+from workshop.estimate.scaling import Setup
+from workshop.estimate.steps import BACKWARD_SHARE, DDP_BUCKET_BYTES
 
 
 @dataclass(frozen=True)
-class Published:
-    """A published scaling result and the configuration it was measured on, as the paper states it.
+class Row:
+    """A published point. kind "efficiency" (published: a fraction) or "throughput" (TFLOP/s per GPU, with the
+    base's in `base_published`). The base's compute speed: `compute_rate` (work per second of compute, where the
+    paper gives it) or solved from `base_rate` (published work per second per GPU at the base, communication
+    included). `lacks`: the term the model does not have that this row depends on, printed where it misses."""
 
-    Efficiency is the per-GPU throughput at `gpus` over that at `base_gpus` (weak scaling). The compute of a step
-    is `compute_s` where the paper gives it, else solved so that the model's step at `base_gpus` equals the
-    published `base_step_s`. strategy "ddp", "fsdp", or "tp_ddp" (Megatron: TP in the node, DDP across)."""
-
-    short: str
     source: str
-    efficiency: float
-    gpus: int
-    base_gpus: int
-    strategy: str
-    cluster: Cluster
-    workload: Workload
-    micro_batch_size: int
-    grad_bytes_per_param: int
-    gather_bytes_per_param: int = 2
-    compute_s: float | None = None
-    base_step_s: float | None = None
-    overlap: bool = True
-    bucket_bytes: float | None = DDP_BUCKET_BYTES
-    tp: int = 1
-    tp_allreduces_per_layer: int = 4
-    setup: str = ""
-
-    def step(self, compute_s: float, p: int) -> float:
-        w, cl, n = self.workload, self.cluster, self.workload.parameters
-        if self.strategy == "ddp":
-            return ddp_step(compute_s, self.grad_bytes_per_param * n, p, cl, self.overlap, self.bucket_bytes)
-        if self.strategy == "fsdp":
-            return fsdp_step(compute_s, self.gather_bytes_per_param * n, p, cl, w.layers + 1, self.overlap,
-                             grad_bytes=self.grad_bytes_per_param * n)
-        if p < self.tp:  # the one-GPU baseline of a smaller model, at the same compute per GPU
-            return compute_s
-        tp = tp_comm(w.activation_bytes_per_sample * self.micro_batch_size, w.layers, self.tp, cl.intra,
-                     self.tp_allreduces_per_layer)
-        return ddp_step(compute_s + tp, self.grad_bytes_per_param * n / self.tp, p // self.tp, cl, self.overlap,
-                        self.bucket_bytes, per_node=cl.per_node // self.tp)
-
-    def predicted(self) -> float:
-        compute = self.compute_s
-        if compute is None:  # bisection: the step grows with the compute
-            lo, hi = 0.0, self.base_step_s
-            for _ in range(60):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if self.step(mid, self.base_gpus) < self.base_step_s else (lo, mid)
-            compute = (lo + hi) / 2
-        return self.step(compute, self.base_gpus) / self.step(compute, self.gpus)
+    label: str
+    series: str
+    kind: str
+    published: float
+    base: Setup
+    setup: Setup
+    cite: str
+    facts: str
+    base_published: float = 1.0
+    compute_rate: float | None = None  # the base's compute alone: work per second, no communication
+    base_rate: float | None = None
+    lacks: str = ""
 
 
-def _goyal() -> Published:
-    # ResNet-50: 25,557,032 parameters (torchvision); fp32 training, fp32 gradients
-    w = Workload("ResNet-50", 25_557_032, 0.0)
-    return Published(
-        "Goyal 2017", "Goyal et al. 2017, Accurate, Large Minibatch SGD, arXiv:1706.02677: abstract and sec. 5.5 "
-        "(~90% from 8 to 256 GPUs), sec. 4.3 (hardware; backprop of ResNet-50 on one P100 takes 120 ms)",
-        0.90, 256, 8, "ddp", Cluster(LINKS["nvlink1-p100"], shared("eth-50g", 8), 8, "Big Basin"), w, 32, 4,
-        compute_s=0.120 / BACKWARD_SHARE,
-        setup="ResNet-50, 32 images per P100, 8 per server (NVLink), one 50 Gbit Ethernet NIC per server; compute "
-              "from the published 120 ms backprop; Caffe2 all-reduced gradient blobs as backprop produced them, "
-              "modelled as DDP's 25 MiB buckets")
+@dataclass(frozen=True)
+class Choice:
+    """A modelling choice the paper leaves open: the value `used` and `why`, and `alternatives` (label, keyword
+    arguments of the source's builder) that the sensitivity table tries."""
+
+    name: str
+    used: str
+    why: str
+    alternatives: tuple[tuple[str, dict], ...]
 
 
-def _megatron() -> Published:
-    # GPT-2 8.3B: 72 layers, hidden 3072, 32 heads, sequence 1024, vocabulary 50257 (Table 1); batch 8 per replica
-    layers, h, s, b, vocab = 72, 3072, 1024, 8, 50257
-    w = Workload.gpt("GPT-2 8.3B", layers, h, s, 8.3e9, heads=32)
-    # FLOPs of a step with the forward recomputed (Narayanan et al. 2021, eq. 3), at the 39 TFLOP/s of one V100
-    flops = 96 * b * s * layers * h**2 * (1 + s / (6 * h) + vocab / (16 * layers * h))
-    return Published(
-        "Megatron 2019", "Shoeybi et al. 2019, Megatron-LM, arXiv:1909.08053: abstract (76% of a 39 TFLOP/s "
-        "one-GPU baseline on 512 GPUs), sec. 5 (32 DGX-2H, 300 GB/s NVSwitch, 100 GB/s between servers over 8 "
-        "InfiniBand adapters), Table 1; Megatron-LM's training loop (github.com/NVIDIA/Megatron-LM, megatron/training.py, "
-        "DDP_impl local) all-reduces the fp16 gradients after the backward (fp32_allreduce off) and recomputes activations",
-        0.76, 512, 1, "tp_ddp", Cluster(LINKS["nvlink2-v100"], shared("ib-edr-100", 2), 16, "DGX-2H"), w, b, 2,
-        compute_s=flops / 8 / 39e12, overlap=False, bucket_bytes=None, tp=8, tp_allreduces_per_layer=6,
-        setup="8.3B GPT-2, 8-way TP x 64-way DP on 512 V100, 16 per node, batch 8 per replica of 1024 tokens")
+@dataclass(frozen=True)
+class Source:
+    key: str
+    citation: str
+    build: Callable[..., list[Row]]
+    choices: tuple[Choice, ...] = ()
+    left_out: str = ""  # published points of this source not in the set, and why
+
+    def rows(self, **choices) -> list[Row]:
+        return self.build(**choices)
 
 
-def _torchtitan(short: str, gpus: int, base: int, tps: float, base_tps: float, gather: int, source: str,
-                setup: str) -> Published:
-    # Llama 3.1 8B: 32 layers, dim 4096, 8.03e9 parameters; sequence 8192, local batch 2
-    w = Workload.gpt("Llama 3.1 8B", 32, 4096, 8192, 8.03e9, heads=32)
-    return Published(short, source, tps / base_tps, gpus, base, "fsdp", gpu_cluster("h100"), w, 2, 4,
-                     gather_bytes_per_param=gather, base_step_s=2 * 8192 / base_tps, setup=setup)
+def megatron_flops(batch: int, seq: int, layers: int, dim: int, vocab: int, factor: int = 96) -> float:
+    """FLOPs of one step of a GPT (Narayanan et al. 2021, eq. 3): factor B s l h^2 (1 + s/6h + V/16lh), factor 96
+    with the forward recomputed, 72 without."""
+    return factor * batch * seq * layers * dim**2 * (1 + seq / (6 * dim) + vocab / (16 * layers * dim))
 
 
-PUBLISHED = [
-    _goyal(),
-    _megatron(),
-    _torchtitan("torchtitan H100", 128, 8, 5605, 5762, 2,
-                "torchtitan, benchmarks/llama3_h100_202412_torchtitan.md, Tables 1 and 3 (FSDP: 5,762 tokens/s per "
-                "GPU on 8 H100, 5,605 on 128; 8 per host on NVLink, 400 Gb/s RDMA per GPU)",
-                "Llama 3.1 8B, FSDP2, bf16 all-gather and fp32 reduce-scatter (torchtitan's default), 2 x 8192 "
-                "tokens per GPU; compute solved from the 8-GPU step"),
-    _torchtitan("torchtitan H200", 64, 32, 10753, 10938, 1,
-                "torchtitan, benchmarks/llama3_8b_h200_2025-06_torchtitan.md (Trainy: FSDP + Float8, 10,938 "
-                "tokens/s per GPU on 4 nodes, 10,753 on 8; 8 H200 per host on NVLink, 400 Gb/s per GPU)",
-                "Llama 3.1 8B, FSDP2 with float8 all-gather (1 byte per parameter), fp32 reduce-scatter, 2 x 8192 "
-                "tokens per GPU; compute solved from the 32-GPU step"),
-]
+def palm_flops_per_token(params: float, layers: int, dim: int, seq: int) -> float:
+    """Model FLOPs per token as MFU counts them (Chowdhery et al. 2022, PaLM, appendix B): 6N + 12 l h s."""
+    return 6 * params + 12 * layers * dim * seq
 
 
-def validate(cases=None) -> list[dict]:
-    """Each published result against the model: rows short, source, setup, gpus, base_gpus, published,
-    predicted, difference (in efficiency points, predicted less published)."""
-    rows = []
-    for c in cases or PUBLISHED:
-        pred = c.predicted()
-        rows.append({"short": c.short, "source": c.source, "setup": c.setup, "gpus": c.gpus, "base_gpus": c.base_gpus,
-                     "published": c.efficiency, "predicted": pred, "difference": pred - c.efficiency})
-    return rows
+# --- Goyal et al. 2017 --------------------------------------------------------------------------------------------
+
+GOYAL = ("Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour, arXiv:1706.02677")
+RESNET50 = 25_557_032  # parameters (torchvision's ResNet-50)
 
 
-def validation_markdown(rows: list[dict]) -> str:
-    """The `validate` rows as docs/results/costmodel_validation.md, with how it was made and what it means."""
-    lines = ["# The cost model against published scaling results", "",
-             "Produced by `python -m workshop.estimate.costmodel validate --out docs/results` and checked by "
-             "`tests/test_costmodel.py`: each row feeds the cost model (`workshop.estimate`) the published configuration "
-             "(model, batch per GPU, GPUs per node, links, precision of the communication) and compares its predicted "
-             "scaling efficiency with the published one. No constant is set per row; the hardware is data, with its "
-             "source in `workshop/base/hardware.py` (`LINKS`) and `workshop/estimate/published.py` (`PUBLISHED`).", "",
-             "| result | GPUs (base) | published | predicted | difference | configuration | source |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['short']} | {r['gpus']} ({r['base_gpus']}) | {r['published']:.1%} | {r['predicted']:.1%} | "
-                     f"{r['difference'] * 100:+.1f} points | {r['setup']} | {r['source']} |")
-    lines += ["", "Efficiency is the throughput per GPU at the larger count over that at the base (weak scaling: the "
-              "same batch per GPU); Megatron's base is one GPU running a 1.2B model at 39 TFLOP/s, so its row compares "
-              "the FLOP/s per GPU at 512 GPUs with that.", ""]
-    return "\n".join(lines)
+def _goyal(bucket_bytes: float | None = DDP_BUCKET_BYTES) -> list[Row]:
+    big_basin = Cluster(LINKS["nvlink1-p100"], shared("eth-50g", 8), 8, "Big Basin")
+    base = Setup(8, "ddp", big_basin, "p100", work=1.0, params=RESNET50, grad_bytes=4, bucket_bytes=bucket_bytes)
+    return [Row("goyal2017", "ResNet-50 data parallel", "DDP", "efficiency", 0.90, base, replace(base, gpus=256),
+                "abstract and sec. 5.5: about 90% scaling efficiency from 8 to 256 GPUs",
+                "32 images per P100, 8 per Big Basin server on NVLink, one 50 Gbit Ethernet NIC per server (sec. 4.3, "
+                "5.5); fp32 gradients; compute from the backprop of one P100, 120 ms (sec. 4.3), as 2/3 of the step",
+                compute_rate=BACKWARD_SHARE / 0.120,
+                lacks="what slows 32 servers against one beyond the all-reduce: stragglers and jitter between servers, "
+                      "and Gloo's TCP all-reduce reaching less than the NIC's nominal 50 Gbit/s")]
 
+
+# --- Shoeybi et al. 2019, Megatron-LM ----------------------------------------------------------------------------
+
+MEGATRON = ("Shoeybi et al. 2019, Megatron-LM: Training Multi-Billion Parameter Language Models Using Model "
+            "Parallelism, arXiv:1909.08053")
+MEGATRON_FACTS = ("32 DGX-2H, 16 V100 per server on NVSwitch (300 GB/s), 100 GB/s between servers over 8 InfiniBand "
+                  "adapters (sec. 5); vocabulary 51,200, sequence 1024, batch 8 per model replica, 512 for model + "
+                  "data parallel (sec. 5.1); one-GPU baseline 1.2B (40 layers, hidden 1536) at 39 TFLOP/s (sec. 5.1.1); "
+                  "8.3B: 72 layers, hidden 3072 (Table 1)")
+TP_DUPLICATES = ("what the GEMM roofline and the duplicated elementwise passes miss of the per-GPU work shrinking: "
+                 "kernel launches and the lower efficiency of narrow GEMMs (App. D.2: 'the per-GPU computation "
+                 "decreases and the memory bandwidth and communication overheads begin to dominate')")
+HEADS = "the attention heads' GEMM shapes and softmax size (Table 7)"
+
+
+def _megatron(flops_factor: int = 96, grad_bytes: int = 2, tp_allreduces: int = 6) -> list[Row]:
+    dgx2 = Cluster(LINKS["nvlink2-v100"], shared("ib-edr-100", 2), 16, "DGX-2H")
+
+    def setup(gpus, tp, layers, dim, params):
+        w = megatron_flops(8, 1024, layers, dim, 51200, flops_factor) / tp
+        return Setup(gpus, "tp_dp", dgx2, "v100", w, params, layers, dim, 1024, micro_batch=8, tp=tp,
+                     grad_bytes=grad_bytes, bucket_bytes=None, tp_allreduces=tp_allreduces,
+                     recompute=tp_allreduces == 6)
+
+    base = setup(1, 1, 40, 1536, 1.2e9)
+    big = setup(8, 8, 72, 3072, 8.3e9)
+    rate = 39e12 / 1  # FLOP/s of the one-GPU baseline
+
+    def row(label, series, eff, s, cite, lacks=TP_DUPLICATES):
+        return Row("megatron2019", label, series, "efficiency", eff, base, s, cite, MEGATRON_FACTS,
+                   compute_rate=rate, lacks=lacks)
+
+    return [
+        row("8.3B, TP 8", "TP, weak", 0.77, big, "sec. 5.1.1: 8-way model parallel reaches 77% of linear scaling"),
+        row("8.3B, TP 8 x DP 64", "TP x DP", 0.74, replace(big, gpus=512),
+            "sec. 5.1.1: 74% on 512 GPUs (the abstract's 76% is 15.1 PFLOP/s over 512 x 39 TFLOP/s)",
+            lacks="a data-parallel all-reduce that costs less than the model's: from 8 GPUs (77%) to 512 (74%) the "
+                  "paper loses less than the model charges for it"),
+        row("8.3B, TP 8, 16 heads", "heads at TP 8", 0.82, big, "Table 7: 16 attention heads, 82%",
+            lacks=HEADS),
+        row("8.3B, TP 8, 24 heads", "heads at TP 8", 0.80, big, "Table 7: 24 attention heads, 80%",
+            lacks=HEADS),
+        *[row(f"1.2B strong, TP {t}", "TP, strong", speedup / t, replace(base, gpus=t, tp=t, work=base.work / t),
+              f"Table 8: speedup {speedup} on {t} GPUs at a fixed batch of 8")
+          for t, speedup in ((2, 1.64), (4, 2.34), (8, 2.98))],
+    ]
+
+
+# --- torchtitan (Liang et al.), H100, and Trainy's H200 run in torchtitan's benchmarks -----------------------------
+
+TORCHTITAN = ("torchtitan, benchmarks/llama3_h100_202412_torchtitan.md (github.com/pytorch/torchtitan, December "
+              "2024)")
+TRAINY = "torchtitan, benchmarks/llama3_8b_h200_2025-06_torchtitan.md (Trainy, June 2025)"
+JITTER = ("what slows more hosts against fewer beyond FSDP's collectives: stragglers and step jitter between hosts "
+          "(Sinha et al. 2022, SC22, measure 8% average performance variation between GPUs of one model); the "
+          "published throughput is one reading, at one step")
+
+
+def _llama8b(gpus, cluster, gpu, gather, grad) -> Setup:
+    return Setup(gpus, "fsdp", cluster, gpu, work=2 * 8192, params=8.03e9, layers=32, dim=4096, seq=8192,
+                 micro_batch=2, gather_bytes=gather, grad_bytes=grad)
+
+
+def _torchtitan(float8_gather: int = 2, reduce_bytes: int = 4) -> list[Row]:
+    base = _llama8b(8, gpu_cluster("h100"), "h100-hbm2e", 2, reduce_bytes)
+    facts = ("Llama 3.1 8B, FSDP, local batch 2 of 8192 tokens, selective activation checkpointing (Tables 1, 3); "
+             "8 H100 (96 GB HBM2e, 2.4 TB/s, 500 W) per host on NVLink, 400 Gb/s RDMA per GPU (Hardware)")
+    out = []
+    for label, at8, at128, gather in (("FSDP", 5762, 5605, 2), ("FSDP + compile", 6667, 6514, 2),
+                                      ("FSDP + compile + Float8", 8532, 8380, float8_gather)):
+        b = replace(base, gather_bytes=gather)
+        out.append(Row("torchtitan", f"Llama 3.1 8B, {label}", label, "efficiency", at128 / at8, b,
+                       replace(b, gpus=128), f"Tables 1 and 3: {at8:,} tokens/s per GPU on 8 GPUs, {at128:,} on 128",
+                       facts, base_rate=at8, lacks=JITTER))
+    return out
+
+
+def _trainy(reduce_bytes: int = 4) -> list[Row]:
+    h200 = Cluster(LINKS["nvlink4-h100"], LINKS["ib-ndr-400"], 8, "H200")
+    base = _llama8b(32, h200, "h200", 1, reduce_bytes)
+    return [Row("trainy2025", "Llama 3.1 8B, FSDP + Float8", "FSDP + Float8", "efficiency", 10753 / 10938, base,
+                replace(base, gpus=64), "Results table: 10,938 tokens/s per GPU on 4 nodes, 10,753 on 8",
+                "Llama 3.1 8B, local batch 2 of 8192 tokens, compile, float8 with FSDP's float8 all-gather "
+                "(1 byte per parameter) (Configuration); 8 H200 per host on NVLink, 400 Gb/s per GPU (Hardware)",
+                base_rate=10938, lacks=JITTER)]
+
+
+# --- Narayanan et al. 2021, Table 2: ZeRO-3 against PTD-P at a fixed global batch --------------------------------
+
+NARAYANAN = ("Narayanan et al. 2021, Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM, "
+             "arXiv:2104.04473")
+NARAYANAN_FACTS = ("DGX A100 80 GB, 8 per node on NVLink/NVSwitch, 8 x 200 Gb/s HDR InfiniBand per node (sec. 5); "
+                   "vocabulary 51,200, sequence 2048 (sec. 5.1); FLOPs by eq. 3; {shape}: by eq. 2 these give the "
+                   "table's {n}B parameters")
+ZERO3_LACKS = ("DeepSpeed ZeRO-3's own cost of gathering: from 768 GPUs on, the published step takes as long when "
+               "the GPUs double (a traffic per GPU that does not shrink, moved well below NCCL's rate on these links); "
+               "the model, at NCCL's rate, hides it behind the compute. With each GPU's gathers through its own NIC "
+               "(the sensitivity table) it comes closer; nothing here says DeepSpeed's did")
+SHAPES = {175: (96, 12288, 174.6e9), 530: (105, 20480, 529.6e9)}
+
+
+def _narayanan(virtual: int = 1, dp_grad_bytes: int = 4, tp_allreduces: int = 6,
+               zero3_units: str = "layer") -> list[Row]:
+    a100 = gpu_cluster("a100")
+    out = []
+    for size, z_rows, p_rows, pp in ((175, ((384, 1536, 4, 144), (768, 1536, 2, 88), (1536, 1536, 1, 44)),
+                                      ((384, 153), (768, 149), (1536, 141)), 12),
+                                     (530, ((640, 2560, 4, 138), (1120, 2240, 2, 98), (2240, 2240, 1, 48)),
+                                      ((560, 171), (1120, 167), (2240, 159)), 35)):
+        layers, dim, n = SHAPES[size]
+        facts = NARAYANAN_FACTS.format(shape=f"{layers} layers, hidden {dim}", n=n / 1e9)
+
+        def zero3(gpus, batch, mb):
+            units = layers + 1 if zero3_units == "layer" else 6 * layers
+            return Setup(gpus, "fsdp", a100, "a100-80", megatron_flops(batch, 2048, layers, dim, 51200) / gpus, n,
+                         layers, dim, 2048, micro_batch=mb, gather_bytes=2, grad_bytes=2, units=units,
+                         recompute=True)
+
+        def ptdp(gpus):
+            dp = gpus // (8 * pp)
+            batch = 1536 if size == 175 else 2240
+            return Setup(gpus, "3d", a100, "a100-80", megatron_flops(batch, 2048, layers, dim, 51200) / gpus, n,
+                         layers, dim, 2048, micro_batch=1, microbatches=batch // dp, tp=8, pp=pp, virtual=virtual,
+                         grad_bytes=dp_grad_bytes, tp_allreduces=tp_allreduces, recompute=True)
+
+        zb = zero3(*z_rows[0][:3])
+        for gpus, batch, mb, tflops in z_rows[1:]:
+            out.append(Row("narayanan2021", f"ZeRO-3 {size}B, {gpus} GPUs", f"ZeRO-3 {size}B", "throughput", tflops, zb,
+                           zero3(gpus, batch, mb), f"Table 2: ZeRO-3 {size}B, {z_rows[0][3]} TFLOP/s per GPU on "
+                           f"{z_rows[0][0]} GPUs, {tflops} on {gpus} (batch {batch}, micro-batch {mb})",
+                           facts + "; ZeRO-3 without model parallelism, fp16 gathers and gradients",
+                           base_published=z_rows[0][3], base_rate=z_rows[0][3] * 1e12, lacks=ZERO3_LACKS))
+        pb = ptdp(p_rows[0][0])
+        for gpus, tflops in p_rows[1:]:
+            out.append(Row("narayanan2021", f"PTD-P {size}B, {gpus} GPUs", f"PTD-P {size}B", "throughput", tflops, pb,
+                           ptdp(gpus), f"Table 2: PTD-P {size}B, {p_rows[0][1]} TFLOP/s per GPU on {p_rows[0][0]} "
+                           f"GPUs, {tflops} on {gpus} (model-parallel size {8 * pp}, micro-batch 1)",
+                           facts + f"; global batch {1536 if size == 175 else 2240} fixed (Table 2); model-parallel "
+                           f"size {8 * pp} as TP 8 inside a node x PP {pp} (sec. 3.3)",
+                           base_published=p_rows[0][1], base_rate=p_rows[0][1] * 1e12))
+    return out
+
+
+# --- Llama 3 (Llama Team, AI @ Meta 2024), Table 4 -----------------------------------------------------------------
+
+LLAMA3 = "Llama Team, AI @ Meta 2024, The Llama 3 Herd of Models, arXiv:2407.21783"
+
+
+def _llama3(micro_batch: int = 1, virtual: int = 8) -> list[Row]:
+    layers, dim, n, seq = 126, 16384, 405e9, 8192
+
+    def setup(gpus, dp, per_dp):
+        tokens = per_dp * dp * seq
+        return Setup(gpus, "3d", gpu_cluster("h100"), "h100", tokens * palm_flops_per_token(n, layers, dim, seq) / gpus,
+                     n, layers, dim, seq, micro_batch=micro_batch, microbatches=per_dp // micro_batch, tp=8, pp=16,
+                     virtual=virtual, dp_strategy="fsdp", grad_bytes=4, gather_bytes=2, tp_allreduces=4)
+
+    base = setup(8192, 64, 32)
+    return [Row("llama3", "405B, 16,384 GPUs", "Llama 3 405B", "throughput", 400, base, setup(16384, 128, 16),
+                "Table 4: 430 TFLOP/s per GPU on 8,192 GPUs (DP 64, batch 32 per DP group), 400 on 16,384 (DP 128, 16)",
+                "405B: 126 layers, model dimension 16,384 (Table 3); TP 8, PP 16, sequence 8192, 16M tokens per batch "
+                "(Table 4); interleaved schedule, bubble (PP - 1) / (V M), one layer less on the first and last stages "
+                "so that their first and last chunks hold only the embedding and the output: one layer per chunk, V = "
+                "8; no activation checkpointing; FSDP gathers once per step, reduce-scatters in fp32 (sec. 3.3.2); "
+                "8 H100 per server on NVLink, 400 Gb/s RoCE per GPU (sec. 3.3.1)",
+                base_published=430, base_rate=430e12)]
+
+
+SOURCES = {s.key: s for s in (
+    Source("goyal2017", GOYAL, _goyal, (
+        Choice("DDP bucket", "25 MiB (PyTorch DDP's default)", "the paper all-reduces gradient blobs as backprop "
+               "produces them without giving their size",
+               (("one bucket", {"bucket_bytes": None}), ("one per layer (54)", {"bucket_bytes": RESNET50 * 4 / 54}))),)),
+    Source("megatron2019", MEGATRON, _megatron, (
+        Choice("FLOP count", "96 B s l h^2 (...)", "activations are recomputed (Narayanan et al. 2021, eq. 3); the "
+               "paper does not say which count its 39 TFLOP/s used", (("72: no recomputation", {"flops_factor": 72}),)),
+        Choice("gradient precision", "fp16 (2 bytes)", "Megatron-LM's DDP_impl local all-reduces the fp16 gradients "
+               "(fp32_allreduce off by default)", (("fp32", {"grad_bytes": 4}),)),
+        Choice("TP all-reduces per layer", "6", "2 forward, 2 backward, 2 in the recomputed forward",
+               (("4: no recomputation", {"tp_allreduces": 4}),))),
+           left_out="Figure 5's other bars (2, 4 GPUs; 64, 128, 256 GPUs): the text gives no values and transcriptions "
+                    "of the figure disagree"),
+    Source("torchtitan", TORCHTITAN, _torchtitan, (
+        Choice("Float8 row's all-gather", "bf16 (2 bytes)", "Tables 1 and 3 do not say that FSDP's float8 all-gather "
+               "was on", (("float8 (1 byte)", {"float8_gather": 1}),)),
+        Choice("reduce-scatter precision", "fp32 (4 bytes)", "torchtitan's default mixed-precision reduce dtype",
+               (("bf16", {"reduce_bytes": 2}),))),
+           left_out="Tables 4 to 6 (70B and 405B at one GPU count each): no second count to scale against"),
+    Source("trainy2025", TRAINY, _trainy, (
+        Choice("reduce-scatter precision", "fp32 (4 bytes)", "torchtitan's default mixed-precision reduce dtype",
+               (("bf16", {"reduce_bytes": 2}),)),)),
+    Source("narayanan2021", NARAYANAN, _narayanan, (
+        Choice("PTD-P schedule", "1F1B, not interleaved", "Table 2 names no interleaving",
+               (("interleaved, 2 stages per GPU", {"virtual": 2}),)),
+        Choice("PTD-P gradient precision", "fp32 (4 bytes)", "Megatron-LM reduces its fp32 main gradients",
+               (("fp16", {"dp_grad_bytes": 2}),)),
+        Choice("PTD-P TP all-reduces per layer", "6", "activations recomputed (eq. 3 counts the recomputation)",
+               (("4", {"tp_allreduces": 4}),)),
+        Choice("ZeRO-3 gather unit", "one transformer layer", "FSDP's usual wrapping; DeepSpeed gathers each "
+               "module's parameters, prefetching several", (("each module: 6 per layer", {"zero3_units": "module"}),))),
+           left_out="Table 1 (weak scaling over model sizes: model and batch change with the GPUs) and the figures"),
+    Source("llama3", LLAMA3, _llama3, (
+        Choice("micro-batch", "1 sequence", "Table 4 gives the batch per DP group, not the micro-batch",
+               (("2 sequences", {"micro_batch": 2}),)),
+        Choice("pipeline chunks per GPU V", "8", "derived from sec. 3.3.2's first and last chunks (see the facts)",
+               (("4", {"virtual": 4}), ("1: not interleaved", {"virtual": 1})))),
+           left_out="the CP 16 row of Table 4 (131,072 tokens): the model has no context parallelism"),
+)}
+
+LEFT_OUT = ("Not in the set: the PyTorch FSDP paper (Zhao et al. 2023) and MegaScale's Megatron-LM baseline (Jiang "
+            "et al. 2024), whose batch sizes and networks could not be confirmed from the papers here.")
+
+
+def rows() -> list[Row]:
+    """Every row of every source, with the choices used."""
+    return [r for s in SOURCES.values() for r in s.rows()]

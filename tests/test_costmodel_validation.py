@@ -1,0 +1,117 @@
+"""The cost model against published scaling (workshop.estimate.validation): the validation set, the targets of issue 33
+held where the model meets them and its misses pinned where it does not (each with the term it lacks), the trivial
+predictors it must beat on every source, the terms that each buy something, the sensitivity table, and the document
+in docs/results that is the validation's output. The whole validation runs in well under a second."""
+
+from pathlib import Path
+
+import pytest
+
+from workshop.estimate import published, scaling, terms, validation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The rows over the 30% target today, and the series whose fall the model does not reproduce: an improvement or a
+# regression changes these sets, and the document says what each lacks.
+MISSES = {"1.2B strong, TP 2", "1.2B strong, TP 4", "1.2B strong, TP 8", "Llama 3.1 8B, FSDP",
+          "Llama 3.1 8B, FSDP + compile", "Llama 3.1 8B, FSDP + compile + Float8", "Llama 3.1 8B, FSDP + Float8",
+          "ZeRO-3 175B, 768 GPUs", "ZeRO-3 175B, 1536 GPUs", "ZeRO-3 530B, 1120 GPUs", "ZeRO-3 530B, 2240 GPUs"}
+TREND_MISSES = {("torchtitan", "FSDP"), ("torchtitan", "FSDP + compile"), ("narayanan2021", "ZeRO-3 175B"),
+                ("narayanan2021", "ZeRO-3 530B")}
+ORDERING_MISSES = {"megatron2019", "narayanan2021"}
+
+
+@pytest.fixture(scope="module")
+def scored():
+    return validation.score()
+
+
+def test_the_set_has_12_rows_from_5_sources_each_with_its_citation_and_facts(scored):
+    rows = [s["row"] for s in scored]
+    assert len(rows) >= 12 and len({r.source for r in rows}) >= 5
+    for r in rows:
+        assert r.cite and r.facts and r.kind in ("efficiency", "throughput") and r.source in published.SOURCES
+        assert (r.compute_rate is None) != (r.base_rate is None), r.label  # the base's speed: given or solved
+        assert r.setup.gpus > r.base.gpus or r.kind == "efficiency", r.label
+    assert all(s.citation for s in published.SOURCES.values())
+
+
+def test_errors_are_on_the_overhead_and_on_tflops(scored):
+    goyal = next(s for s in scored if s["row"].source == "goyal2017")
+    assert goyal["error"] == pytest.approx(abs((1 - goyal["predicted"]) - 0.10) / 0.10)
+    zero3 = next(s for s in scored if s["row"].label == "ZeRO-3 175B, 1536 GPUs")
+    assert zero3["error"] == pytest.approx(abs(zero3["predicted"] - 44) / 44)
+    # a throughput row is calibrated on its base: the base predicts its own published TFLOP/s
+    r = zero3["row"]
+    assert validation.predict(published.Row(**{**r.__dict__, "setup": r.base})) == pytest.approx(144, rel=1e-6)
+
+
+def test_targets_held_where_met_and_misses_pinned(scored):
+    t = validation.targets(scored)
+    assert {s["row"].label for s in t["misses"]} == MISSES
+    assert all(s["row"].lacks for s in t["misses"])  # each miss names the term it lacks
+    assert all(s["error"] <= validation.ROW_TARGET for s in scored if s["row"].label not in MISSES)
+    # the median misses the 15% target; it must not get worse than it is
+    assert not t["median_met"] and t["median"] < 0.40
+
+
+def test_the_model_beats_every_trivial_predictor_on_every_source(scored):
+    for x in validation.sources(scored):
+        for name, err in x["controls"].items():
+            assert x["model"] < err, (x["source"], name, x["model"], err)
+
+
+def test_orderings_and_trends(scored):
+    by_source = validation.sources(scored)
+    assert {x["source"] for x in by_source if not x["ordering"]} == ORDERING_MISSES
+    assert {(x["source"], k) for x in by_source for k, ok in x["trends"].items() if not ok} == TREND_MISSES
+    # PTD-P's flat line against ZeRO-3's collapse: the flat line is reproduced, the collapse is not
+    ptdp = next(s for s in scored if s["row"].label == "PTD-P 175B, 1536 GPUs")
+    zero3 = next(s for s in scored if s["row"].label == "ZeRO-3 175B, 1536 GPUs")
+    assert ptdp["error"] < 0.05 and zero3["predicted"] > 2 * zero3["row"].published
+
+
+def test_each_term_buys_what_the_document_says(scored):
+    off = {x["term"]: {m[0] for m in x["moved"]} for x in validation.terms_off(scored)}
+    assert off["per-GPU batch GEMM efficiency (roofline)"] == set()  # every row's GEMMs stay compute-bound
+    assert "ResNet-50 data parallel" in off["communication slowing overlapped compute"]
+    assert {"PTD-P 175B, 1536 GPUs", "405B, 16,384 GPUs"} <= off["pipeline schedule (fill and drain)"]
+    assert "8.3B, TP 8" in off["elementwise work TP leaves whole"]
+
+
+def test_sensitivities_disclose_the_choices_that_move_rows():
+    table = validation.sensitivities()
+    found = {(x["row"].source, x["choice"]) for x in table}
+    assert {("goyal2017", "DDP bucket"), ("megatron2019", "FLOP count"), ("megatron2019", "gradient precision"),
+            ("llama3", "pipeline chunks per GPU V"), ("narayanan2021", "collectives across nodes")} <= found
+    assert all(x["span"] > 2 and x["why"] and x["used"] for x in table)
+    bucket = next(x for x in table if x["choice"] == "DDP bucket")
+    assert dict(bucket["alternatives"])["one bucket"] < bucket["predicted"]
+
+
+def test_the_document_is_the_validations_output():
+    assert (ROOT / "docs/results/costmodel_validation.md").read_text() == validation.validation_markdown()
+
+
+def test_terms_by_hand():
+    # 2048 tokens of a 12288-wide layer: far above the A100's ridge point, compute-bound
+    assert terms.gemm_efficiency(2048, 12288, 8, "a100-80") == 1.0
+    # 16 tokens: intensity about 16 FLOP/byte against a ridge of 153: bandwidth-bound
+    assert 0.05 < terms.gemm_efficiency(16, 4096, 1, "a100-80") < 0.15
+    assert terms.overlap_slowdown("h100") == pytest.approx(24 / 132) and terms.overlap_slowdown("h100", 0) == 0
+    # (15 + 17) passes of 1024 tokens x 1024 wide in 2 bytes, on 2 layers, at 3.35 TB/s
+    assert terms.elementwise_seconds(1024, 1024, 2, "h100") == pytest.approx(32 * 1024 * 1024 * 2 * 2 / 3350e9)
+    assert terms.elementwise_seconds(1024, 1024, 2, "h100", recompute=True) == pytest.approx(
+        47 / 32 * terms.elementwise_seconds(1024, 1024, 2, "h100"))
+    with pytest.raises(ValueError, match="unknown GPU"):
+        terms.gemm_efficiency(10, 10, 1, "abacus")
+
+
+def test_step_with_accumulation_and_the_compute_only_control():
+    cl = published._goyal()[0].base.cluster
+    s = scaling.Setup(16, "ddp", cl, "p100", work=1.0, params=1e8, microbatches=4)
+    free = scaling.step_time(s, 1.0, scaling.Options(comm=False))
+    assert free == pytest.approx(1.0)  # no link, no cost: the compute alone
+    one = scaling.step_time(scaling.Setup(16, "ddp", cl, "p100", work=0.25, params=1e8), 1.0)
+    # accumulating 4 micro-batches: 3 of compute, then the one whose backward hides the buckets
+    assert scaling.step_time(s, 1.0) == pytest.approx(0.75 + one)

@@ -1,0 +1,139 @@
+"""One step of a configuration with every term of the cost model: the alpha-beta collectives of
+`workshop.estimate.network` arranged by `workshop.estimate.steps`, and the terms of `workshop.estimate.terms`. The
+validation against published results (`workshop.estimate.validation`) and the strong-scaling projection
+(`workshop.estimate.projection`) both run it.
+
+    DDP, FSDP   each GPU runs `microbatches` micro-batches and reduces once: DDP's buckets overlap the last
+                micro-batch's backward (`steps.ddp_step`); FSDP gathers once per step and reduce-scatters after the
+                last backward, prefetched unit by unit (`steps.fsdp_step`, as with reshard_after_forward=False)
+    TP x DP     Megatron 2019: TP all-reduces on the critical path, then the gradients' all-reduce, not overlapped
+    3D          TP x PP x DP: each micro-batch t = compute + TP all-reduces + the sends between stages; the step
+                (m + (p - 1) / v) t (Narayanan et al. 2021, sec. 2.2) + the data-parallel communication not hidden
+
+A step's compute is its GEMMs at `rate` (work per second), scaled by the per-GPU batch's GEMM efficiency against a
+reference, plus the elementwise work that tensor parallelism leaves whole; communication hidden behind compute
+slows it by `terms.overlap_slowdown` of its seconds. `Options` switches each term off.
+
+    scaling.step_time(setup, rate=150e12)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workshop.estimate import terms
+from workshop.estimate.network import AlphaBeta, Cluster
+from workshop.estimate.steps import DDP_BUCKET_BYTES, ddp_step, fsdp_step, tp_comm
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One configuration as the model runs it. `work`: per GPU per step, in the row's unit (FLOPs by the paper's
+    own count, tokens, or steps); strategy "ddp", "fsdp" (ZeRO-3 too), "tp_dp" (Megatron 2019: tensor parallel in
+    the node, DDP across, after the backward) or "3d" (TP x PP x DP, `dp_strategy` "ddp" or "fsdp")."""
+
+    gpus: int
+    strategy: str
+    cluster: Cluster
+    gpu: str  # a key of terms.GPU_FACTS
+    work: float
+    params: float
+    layers: int = 1
+    dim: int = 0
+    seq: int = 0
+    micro_batch: int = 1  # sequences per micro-batch
+    microbatches: int = 1  # per step on each GPU (the pipeline's m)
+    tp: int = 1
+    pp: int = 1
+    virtual: int = 1  # interleaved pipeline stages per GPU
+    dp_strategy: str = "ddp"
+    grad_bytes: float = 4
+    gather_bytes: float = 2
+    bucket_bytes: float | None = DDP_BUCKET_BYTES
+    units: int | None = None  # FSDP units (default: layers + 1)
+    tp_allreduces: int = 4
+    recompute: bool = False  # activations recomputed in the backward (a third pass of the forward)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The model's terms and global choices. curve: the per-GPU batch's GEMM efficiency; slowdown_blocks: SMs a
+    collective takes from overlapped compute (0: term off); bubble: the pipeline schedule's fill and drain; comm:
+    False prices every link at zero (the compute-only control); bandwidth, latency: scales of every link; node_rings:
+    a node's GPUs cross the network together (NCCL's rings, one per NIC), else each through its own NIC;
+    elementwise: the duplicated elementwise work, its passes scaled (0: off)."""
+
+    curve: bool = True
+    slowdown_blocks: int = terms.COMM_BLOCKS
+    bubble: bool = True
+    comm: bool = True
+    bandwidth: float = 1.0
+    latency: float = 1.0
+    node_rings: bool = True
+    elementwise: float = 1.0  # scale of the elementwise passes counted (0: term off)
+
+
+MODEL = Options()
+
+
+def _link(ab: AlphaBeta, o: Options) -> AlphaBeta:
+    if not o.comm:
+        return AlphaBeta(0.0, 0.0, ab.name)
+    return AlphaBeta(ab.alpha * o.latency, ab.beta / o.bandwidth, ab.name)
+
+
+def efficiency(s: Setup, o: Options) -> float:
+    return terms.gemm_efficiency(s.micro_batch * s.seq, s.dim, s.tp, s.gpu) if o.curve and s.dim else 1.0
+
+
+def elementwise(s: Setup, o: Options) -> float:
+    """Seconds per step of the LayerNorms, dropouts and residual additions of this GPU's layers."""
+    if not s.dim or not o.elementwise:
+        return 0.0
+    per_micro_batch = terms.elementwise_seconds(s.micro_batch * s.seq, s.dim, s.layers / s.pp, s.gpu, s.recompute,
+                                                o.elementwise)
+    return s.microbatches * per_micro_batch
+
+
+def step_time(s: Setup, rate: float, o: Options = MODEL, ref_efficiency: float = 1.0) -> float:
+    """Seconds of one step of `s` on a GPU whose GEMMs do `rate` work per second at the efficiency `ref_efficiency`
+    (the base's)."""
+    cl = Cluster(_link(s.cluster.intra, o), _link(s.cluster.inter, o), s.cluster.per_node, s.cluster.name)
+    compute = s.work / rate * ref_efficiency / efficiency(s, o) + elementwise(s, o)
+    slow = terms.overlap_slowdown(s.gpu, o.slowdown_blocks) if o.comm else 0.0
+    n, ring = s.params, None if o.node_rings else 1
+    if s.strategy in ("ddp", "fsdp"):
+        m = s.microbatches
+        def run(overlap):
+            if s.strategy == "ddp":  # the earlier micro-batches accumulate; the last one's backward hides the buckets
+                last = ddp_step(compute / m, s.grad_bytes * n, s.gpus, cl, overlap, s.bucket_bytes, per_node=ring)
+                return compute * (m - 1) / m + last
+            return fsdp_step(compute, s.gather_bytes * n, s.gpus, cl, s.units or s.layers + 1, overlap,
+                             grad_bytes=s.grad_bytes * n, per_node=ring)
+        on = run(True)
+        return on + slow * (run(False) - on)  # hidden communication slows the compute beside it
+    activations = s.micro_batch * s.seq * s.dim * 2  # one layer's (micro_batch, seq, dim) output in 2 bytes
+    if s.strategy == "tp_dp":
+        tp = tp_comm(activations, s.layers, s.tp, cl.intra, s.tp_allreduces)
+        per_node = 1 if ring else max(1, cl.per_node // s.tp)
+        return ddp_step(compute + tp, s.grad_bytes * n / s.tp, s.gpus // s.tp, cl, False, None, per_node=per_node)
+    if s.strategy != "3d":
+        raise ValueError(f"unknown strategy {s.strategy!r}")
+    m = s.microbatches
+    c = compute / m
+    tp = tp_comm(activations, round(s.layers / s.pp), s.tp, cl.intra, s.tp_allreduces)
+    p2p = 2 * s.virtual * (cl.inter.alpha + activations / s.tp * cl.inter.beta) if s.pp > 1 else 0.0
+    t = c + tp + p2p
+    bubble = (s.pp - 1) / s.virtual * t if o.bubble else 0.0
+    dp, per_gpu = s.gpus // (s.tp * s.pp), n / (s.tp * s.pp)
+    if s.dp_strategy == "ddp":  # after the pipeline's flush, one bucket, not overlapped (Megatron-LM's local DDP)
+        dp_s = ddp_step(0.0, s.grad_bytes * per_gpu, dp, cl, False, None, per_node=1)
+    else:  # FSDP without resharding: gathered before the first forward, reduce-scattered after the last backward
+        units = max(1, round(s.layers / s.pp))
+
+        def run(overlap):
+            return fsdp_step(m * c, s.gather_bytes * per_gpu, dp, cl, units, overlap, grad_bytes=s.grad_bytes * per_gpu,
+                             per_node=1) - m * c
+        on = run(True)
+        dp_s = on + slow * (run(False) - on)
+    return m * t + bubble + dp_s

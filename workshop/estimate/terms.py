@@ -1,0 +1,104 @@
+"""Three terms of the cost model that the alpha-beta collectives leave out, each with its source, and the GPU facts
+they read. `workshop.estimate.validation` switches each off in a sensitivity run to show what it buys.
+
+    gemm_efficiency   the per-GPU batch's compute efficiency: when a step is split over more GPUs at a fixed global
+                      batch, each GPU's matrix multiplications shrink. The roofline (Williams, Waterman and Patterson,
+                      "Roofline", CACM 2009): a GEMM of (M x K) by (K x N) in 2-byte numbers does 2MKN FLOPs on
+                      2(MK + KN + MN) bytes of HBM, so it runs at min(peak, intensity x bandwidth); a layer's four
+                      GEMMs (QKV, output projection, the MLP's two) weighted by their FLOPs. M is the tokens of a
+                      micro-batch, so the curve falls only when they are few.
+    overlap_slowdown  communication kernels slowing the compute they overlap with: an NCCL collective runs as
+                      thread blocks on the GPU's SMs, so the compute beside it gets the SMs it leaves. An H100's
+                      ncclAllGather launched 24 blocks on its 132 SMs while FSDP's prefetch overlapped a GEMM
+                      (NVIDIA developer forums, "Compute-communication overlap causes severe GEMM performance
+                      degradation because of tail effect", thread 337991, measured with Nsight Systems; the GEMM
+                      there slowed more, by a wave tail). The share taken is blocks / SMs, for as long as
+                      communication is hidden behind compute.
+    elementwise_seconds
+                      the work tensor parallelism does not split: Megatron's TP duplicates LayerNorm, dropout and
+                      the residual additions on every GPU of the group (Shoeybi et al. 2019, sec. 3), memory-bound
+                      work on (micro_batch, seq, dim) activations. Per layer, counted in passes over that tensor in
+                      2 bytes: forward 2 LayerNorms x 2 (read, write) + 2 dropouts x 2.5 (read, write, a 1-byte mask)
+                      + 2 residual additions x 3 (read two, write one) = 15; backward 2 x 3 + 2 x 2.5 + 2 x 3 = 17;
+                      the forward again where activations are recomputed. At the HBM's bandwidth.
+
+    terms.gemm_efficiency(tokens=2048, dim=12288, tp=8, gpu="a100-80")    # 1.0: compute-bound
+    terms.overlap_slowdown("h100")                                        # 24 / 132
+    terms.elementwise_seconds(tokens=8192, dim=3072, layers=72, gpu="v100", recompute=True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workshop.base import hardware
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    """What the terms need of a GPU: dense fp16/bf16 peak (FLOP/s), HBM bandwidth (bytes/s), SMs (data sheets)."""
+
+    name: str
+    peak: float
+    hbm: float
+    sms: int
+
+
+# Data sheets: P100 SXM2 (NVIDIA Tesla P100 white paper: 56 SMs, 21.2 TFLOP/s fp16, 732 GB/s), V100 SXM (Volta white
+# paper: 80 SMs, 900 GB/s), A100 80GB SXM (A100 data sheet: 108 SMs, 2,039 GB/s), H100 SXM (H100 data sheet: 132 SMs,
+# 3.35 TB/s), H100 with 96 GB HBM2e at 2.4 TB/s (as torchtitan's benchmark describes its GPUs), H200 SXM (4.8 TB/s).
+# Peaks from workshop.base.hardware where it has them.
+_PEAK = hardware.GPU_PEAK_TFLOPS
+GPU_FACTS = {g.name: g for g in (
+    GpuFacts("p100", 21.2e12, 732e9, 56),
+    GpuFacts("v100", _PEAK["V100"]["fp16"] * 1e12, 900e9, 80),
+    GpuFacts("a100-80", _PEAK["A100"]["bf16"] * 1e12, 2039e9, 108),
+    GpuFacts("h100", _PEAK["H100"]["bf16"] * 1e12, 3350e9, 132),
+    GpuFacts("h100-hbm2e", _PEAK["H100"]["bf16"] * 1e12, 2400e9, 132),
+    GpuFacts("h200", _PEAK["H200"]["bf16"] * 1e12, 4800e9, 132),
+)}
+
+# Thread blocks an NCCL collective occupies while it runs (the forum thread above, on an H100)
+COMM_BLOCKS = 24
+
+
+def _facts(gpu: str) -> GpuFacts:
+    if gpu not in GPU_FACTS:
+        raise ValueError(f"unknown GPU {gpu!r}; choose one of {', '.join(sorted(GPU_FACTS))}")
+    return GPU_FACTS[gpu]
+
+
+def gemm_efficiency(tokens: float, dim: int, tp: int = 1, gpu: str = "h100") -> float:
+    """The share of the GPU's peak a transformer layer's GEMMs reach on a micro-batch of `tokens` (module
+    docstring): 1.0 while they are compute-bound; 1.0 too for a model without a width (dim 0)."""
+    if dim <= 0:
+        return 1.0
+    if tokens <= 0 or tp < 1:
+        raise ValueError(f"tokens and tp must be positive, got {tokens} and {tp}")
+    g = _facts(gpu)
+    ridge = g.peak / g.hbm  # FLOP per byte where bandwidth stops limiting
+    flops = seconds = 0.0
+    for k, n in ((dim, 3 * dim / tp), (dim / tp, dim), (dim, 4 * dim / tp), (4 * dim / tp, dim)):
+        m = tokens
+        intensity = m * k * n / (m * k + k * n + m * n)  # 2MKN FLOPs over 2(MK + KN + MN) bytes
+        flops += m * k * n
+        seconds += m * k * n / min(1.0, intensity / ridge)
+    return flops / seconds
+
+
+def overlap_slowdown(gpu: str, blocks: int = COMM_BLOCKS) -> float:
+    """The share of the compute lost while a collective overlaps it: `blocks` of the GPU's SMs (module docstring)."""
+    if blocks < 0:
+        raise ValueError(f"blocks must be >= 0, got {blocks}")
+    return min(1.0, blocks / _facts(gpu).sms)
+
+
+FORWARD_PASSES, BACKWARD_PASSES = 15, 17  # per layer, over the (micro_batch, seq, dim) activations (module docstring)
+
+
+def elementwise_seconds(tokens: float, dim: int, layers: float, gpu: str, recompute: bool = False,
+                        scale: float = 1.0) -> float:
+    """Seconds of a micro-batch's LayerNorms, dropouts and residual additions on `layers` layers, whole on every GPU
+    of a tensor-parallel group (module docstring); `scale` multiplies the passes counted."""
+    passes = FORWARD_PASSES * (2 if recompute else 1) + BACKWARD_PASSES
+    return scale * passes * tokens * dim * 2 * layers / _facts(gpu).hbm
