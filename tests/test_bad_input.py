@@ -6,6 +6,9 @@ environment (after its `setup` made what it needs in a temporary folder) and exp
 the exit status and, in stderr, the message with {tmp} (the temporary folder) and {repo} filled in.
 Exit status 2: refused before anything runs, and nothing is written under the runs folder.
 Exit status 1: the notebook started and failed in a cell, which the message names.
+Exit status 0: diagnosed, and the run goes on (a layout's `warning:`, as workshop.dist says it on every rank).
+A layout is checked as a step's task sees it: `python -m workshop.launch.preflight` in the environment srun (or
+torchrun) gives that task, SLURM's variables written out by `step`.
 `test_the_readme_lists_every_case` keeps the README's table and this one the same.
 """
 
@@ -15,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +29,7 @@ import pytest
 import torch
 
 from helpers import REPO, RUN_NOTEBOOK
+from workshop.base.world import tasks_per_node
 
 FAIL = "tests/notebooks/fail_on_rank.ipynb"
 RESUME = "tests/notebooks/resume_training.ipynb"
@@ -46,6 +51,7 @@ class Case:
     unprivileged: bool = False  # needs permission checks that root skips (run without root's override)
     skip: Callable[[], str] | None = None  # a reason to skip here, or ""
     python: str = ""  # run `python -c` with this code instead of run_notebook.sh (args then empty)
+    module: str = ""  # run `python -m` with this module instead (a step's layout: workshop.launch.preflight)
 
 
 def _unreadable_notebook(tmp: Path) -> None:
@@ -125,6 +131,35 @@ def _parameters_file(text: str) -> Callable[[Path], None]:
     def setup(tmp: Path) -> None:
         (tmp / "params.yaml").write_text(text)
     return setup
+
+
+def _running_run(tmp: Path) -> None:
+    """A run that another launcher, alive on this host (this test's own process), writes now."""
+    _run_folder("running", [])(tmp)
+    record = tmp / "runs" / "earlier-fail_on_rank" / "record.json"
+    record.write_text(json.dumps({"notebook": "fail_on_rank", "status": "running",
+                                  "extra": {"launcher": {"host": socket.gethostname(), "pid": os.getpid()}}}))
+
+
+def _path_without_srun(tmp: Path) -> None:
+    (tmp / "bin").mkdir()
+    (tmp / "bin" / "bash").symlink_to(shutil.which("bash"))
+
+
+def step(procid: int, tasks: int, per_node: str, nodes: str, **extra) -> dict:
+    """The variables srun gives task `procid` of a step of `tasks` tasks on `nodes` (a plain list, no scontrol)."""
+    names = nodes.split(",")
+    counts = tasks_per_node(per_node)
+    node = next(i for i in range(len(counts)) if procid < sum(counts[:i + 1]))
+    return {"SLURM_JOB_ID": "4711", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(procid),
+            "SLURM_LOCALID": str(procid - sum(counts[:node])), "SLURM_NODEID": str(node),
+            "SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_STEP_TASKS_PER_NODE": per_node, "SLURM_STEP_NODELIST": nodes,
+            "SLURM_JOB_NODELIST": nodes, "SLURM_STEP_NUM_NODES": str(len(names)), "SLURM_JOB_NUM_NODES": str(len(names)),
+            "SLURMD_NODENAME": names[node], **extra}
+
+
+PREFLIGHT = "workshop.launch.preflight"
+TWO_NODES = "gpu017,gpu018"
 
 
 def _no_gpu_here() -> str:
@@ -273,8 +308,9 @@ CASES = [
          "error: WORKSHOP_LOG_EVERY='often': give a whole number of steps (0 for no lines)",
          env={"WORKSHOP_LOG_EVERY": "often"}),
     Case("--resume with another number of ranks", ["--nproc", "2", "--resume", "{tmp}/runs/earlier-fail_on_rank", FAIL], 2,
-         "error: {tmp}/runs/earlier-fail_on_rank ran as 1 rank(s), not 2: resume with the same number of ranks (its data "
-         "order and checkpoints depend on it)", setup=_run_folder("interrupted", [])),
+         "error: {tmp}/runs/earlier-fail_on_rank ran as 1 rank(s), not 2: resume with the same number of ranks "
+         "(fail_on_rank.ipynb does not declare that its checkpoints and data order survive another: its metadata has "
+         "no workshop.reshards)", setup=_run_folder("interrupted", [])),
     Case("--resume with another notebook", ["--resume", "{tmp}/runs/earlier-fail_on_rank", RESUME], 2,
          "error: {tmp}/runs/earlier-fail_on_rank is a run of fail_on_rank.ipynb, not of resume_training.ipynb: resume it "
          "with its own notebook", setup=_run_folder("interrupted", [])),
@@ -308,11 +344,87 @@ CASES = [
          "`wandb sync runs/<run>/wandb/offline-run-*` uploads it from a login node",
          env={"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9"},
          python="from workshop.measure import tracking; tracking.wandb_mode()"),
+    # the layouts students get wrong on a cluster: one line each, naming the #SBATCH option (or variable) to change
+    Case("one GPU per task on a node of several tasks", [], 0,
+         "warning: gpu017: each of its 2 tasks sees one GPU (CUDA_VISIBLE_DEVICES=1 here): SLURM binds a GPU to each "
+         "task (--gpus-per-task=1, --ntasks-per-gpu or --gpu-bind), so torch.cuda.set_device(LOCAL_RANK) fails above "
+         "local rank 0 (workshop.dist takes cuda:0); for ranks that train one model ask for #SBATCH --gpus-per-node=2 "
+         "with --ntasks-per-node=2 instead",
+         env=step(1, 2, "2", "gpu017", CUDA_VISIBLE_DEVICES="1", SLURM_GPUS_ON_NODE="2"), module=PREFLIGHT),
+    Case("GPUs split between tasks (--gpu-bind=closest)", [], 2,
+         "error: gpu017: each of its 4 tasks sees 2 of the node's 4 GPUs (CUDA_VISIBLE_DEVICES=2,3 here): SLURM split "
+         "them between the tasks (--gpu-bind=closest, or --gpus-per-task), so cuda:<local rank> points past a task's "
+         "share; drop --gpu-bind and ask for #SBATCH --gpus-per-node=4 with --ntasks-per-node=4",
+         env=step(2, 4, "4", "gpu017", CUDA_VISIBLE_DEVICES="2,3", SLURM_GPUS_ON_NODE="4"), module=PREFLIGHT),
+    Case("more tasks per node than GPUs", [], 2,
+         "error: gpu017 runs 4 tasks but has 2 GPU(s) (CUDA_VISIBLE_DEVICES=0,1): local ranks 2 to 3 would have none "
+         "of its own; ask for one task per GPU, #SBATCH --ntasks-per-node=2 (or --gpus-per-node=4)",
+         env=step(3, 4, "4", "gpu017", CUDA_VISIBLE_DEVICES="0,1", SLURM_GPUS_ON_NODE="2"), module=PREFLIGHT),
+    Case("torchrun with more ranks than GPUs", [], 2,
+         "error: {host} runs 2 tasks but has 1 GPU(s) (CUDA_VISIBLE_DEVICES=0): local rank 1 would have none of its "
+         "own; ask for one task per GPU, torchrun --nproc-per-node 1 (or a node with 2 GPUs)",
+         env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": "0"},
+         module=PREFLIGHT),
+    Case("GPUs left idle", [], 0,
+         "warning: gpu017 runs 2 task(s) but has 4 GPUs (CUDA_VISIBLE_DEVICES=0,1,2,3): 2 sit idle; ask for one task "
+         "per GPU, #SBATCH --ntasks-per-node=4 (or --gpus-per-node=2)",
+         env=step(0, 2, "2", "gpu017", CUDA_VISIBLE_DEVICES="0,1,2,3", SLURM_GPUS_ON_NODE="4"), module=PREFLIGHT),
+    Case("a job of more nodes than tasks", [], 0,
+         "warning: the job holds 2 nodes but its 1 task(s) run on 1: 1 node sits idle; start tasks on every node with "
+         "srun (#SBATCH --ntasks-per-node=<GPUs per node>, or 1 without GPUs), or ask for #SBATCH --nodes=1",
+         env={"SLURM_JOB_ID": "4711", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": TWO_NODES,
+              "SLURMD_NODENAME": "gpu017"}, module=PREFLIGHT),
+    Case("a rendezvous host that does not resolve from a node", [], 2,
+         "error: gpu018: the rendezvous host gpu017.invalid (the first node of gpu017.invalid,gpu018) does not "
+         "resolve here, so no rank here can reach it; export WORKSHOP_MASTER_ADDR=<an address of gpu017.invalid that "
+         "every node resolves> in the job script, or leave the node out (#SBATCH --exclude=gpu017.invalid)",
+         env=step(2, 4, "2(x2)", "gpu017.invalid,gpu018"), module=PREFLIGHT),
+    Case("gloo on the loopback with ranks on two nodes", [], 2,
+         "error: gpu018: gloo would listen on the loopback (GLOO_SOCKET_IFNAME=lo) while the ranks sit on several "
+         "nodes, which cannot reach it: the first collective would hang; export GLOO_SOCKET_IFNAME=<the interface "
+         "between the nodes> in the job script",
+         env=step(2, 4, "2(x2)", TWO_NODES, GLOO_SOCKET_IFNAME="lo", WORKSHOP_MASTER_ADDR="10.0.0.17"), module=PREFLIGHT),
+    Case("NCCL on the loopback with ranks on two nodes", [], 2,
+         "error: gpu018: NCCL_SOCKET_IFNAME=lo names the loopback while the ranks sit on several nodes, which cannot "
+         "reach it: NCCL would hang; set it to the interface between the nodes in the job script, or unset it to let "
+         "NCCL choose",
+         env=step(2, 4, "2(x2)", TWO_NODES, NCCL_SOCKET_IFNAME="lo", WORKSHOP_MASTER_ADDR="10.0.0.17",
+                  CUDA_VISIBLE_DEVICES="0,1", SLURM_GPUS_ON_NODE="2"), module=PREFLIGHT),
+    Case("RANK set without WORLD_SIZE", [], 0,
+         "warning: RANK=1 is set but WORLD_SIZE is not: this process runs alone, as rank 0 of 1; unset RANK (does the "
+         "job script or a .bashrc export it?), or start the ranks with srun or torchrun, which set both",
+         env={"RANK": "1"}, module=PREFLIGHT),
+    Case("a RANK past the WORLD_SIZE", [], 2,
+         "error: RANK=4 but WORLD_SIZE=4: ranks count from 0 to 3; let torchrun set RANK and WORLD_SIZE (the job "
+         "script or a .bashrc should not)", env={"RANK": "4", "WORLD_SIZE": "4"}, module=PREFLIGHT),
+    Case("a LOCAL_RANK past the LOCAL_WORLD_SIZE", [], 2,
+         "error: LOCAL_RANK=2 but LOCAL_WORLD_SIZE=2: ranks count from 0 to 1; let torchrun set LOCAL_RANK and "
+         "LOCAL_WORLD_SIZE (the job script or a .bashrc should not)",
+         env={"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, module=PREFLIGHT),
+    Case("more threads than the task's CPUs", [], 0,
+         "warning: gpu017: OMP_NUM_THREADS=4096 is more threads than this task has CPUs: they would take turns, "
+         "slower, not faster; export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK in the job script, or ask for #SBATCH "
+         "--cpus-per-task=4096", env=step(0, 2, "2", "gpu017", OMP_NUM_THREADS="4096"), module=PREFLIGHT),
+    Case("a rendezvous port that is not a number", [FAIL], 2,
+         "error: WORKSHOP_MASTER_PORT=abc: give the rendezvous port, a whole number from 1024 to 65535 (e.g. 29500), "
+         "or unset it to derive one from the job id", env={"WORKSHOP_MASTER_PORT": "abc"}),
+    Case("a run-folder mode that lets every user in", [FAIL], 2,
+         "error: WORKSHOP_RUNS_MODE=755 would let every user of this machine into your run folders: give 700 (only "
+         "you) or 750 (your group may read)", env={"WORKSHOP_RUNS_MODE": "755"}),
+    Case("a SLURM job id left over where srun is missing", [FAIL], 2,
+         "error: SLURM_JOB_ID=4711 says this runs in a SLURM job, but srun is not on PATH: load SLURM (module load "
+         "slurm), or, where the variable is left over (an ssh into a job's node, an exported environment), unset "
+         "SLURM_JOB_ID, or pass --nproc N to run the ranks here",
+         env={"SLURM_JOB_ID": "4711", "PATH": "{tmp}/bin"}, setup=_path_without_srun),
+    Case("--resume of a run that another launcher is writing", ["--resume", "{tmp}/runs/earlier-fail_on_rank", FAIL], 2,
+         "error: {tmp}/runs/earlier-fail_on_rank is being written by another run now: two runs must not write one run "
+         "folder; wait until it ends, or start a new run without --resume (its launcher, pid",
+         setup=_running_run),
 ]
 
 
 def _fill(text: str, tmp: Path) -> str:
-    return text.replace("{tmp}", str(tmp)).replace("{repo}", str(REPO))
+    return text.replace("{tmp}", str(tmp)).replace("{repo}", str(REPO)).replace("{host}", socket.gethostname())
 
 
 def _without_root_override() -> list[str]:
@@ -338,7 +450,8 @@ def test_bad_input(case: Case, tmp_path):
     env.update({k: _fill(v, tmp) for k, v in case.env.items()})
     before = sorted(p.name for p in (tmp / "runs").iterdir()) if (tmp / "runs").is_dir() else []
     prefix = _without_root_override() if case.unprivileged else []
-    command = [sys.executable, "-c", _fill(case.python, tmp)] if case.python else ["bash", str(RUN_NOTEBOOK)]
+    command = ([sys.executable, "-c", _fill(case.python, tmp)] if case.python else [sys.executable, "-m", case.module]
+               if case.module else ["bash", str(RUN_NOTEBOOK)])
     out = subprocess.run([*prefix, *command, *(_fill(a, tmp) for a in case.args)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == case.code, out.stderr[-3000:]
@@ -351,7 +464,7 @@ def test_bad_input(case: Case, tmp_path):
 def readme_row(case: Case) -> str:
     """The case's message as the README shows it: placeholders as <tmp>, <repo>, and a message of two lines on one
     (a table's cell holds one line)."""
-    return case.message.replace("{tmp}", "<tmp>").replace("{repo}", "<repo>").replace("\n", " ")
+    return case.message.replace("{tmp}", "<tmp>").replace("{repo}", "<repo>").replace("{host}", "<host>").replace("\n", " ")
 
 
 def test_the_readme_lists_every_case():
@@ -365,4 +478,4 @@ def test_the_readme_lists_every_case():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", matching[0])[1:-1]]
         assert cells[-2] == str(case.code), (case.name, cells)
         assert cells[-1].strip("`").strip().replace("\\|", "|") == readme_row(case), (case.name, cells[-1])
-    assert len(CASES) >= 49
+    assert len(CASES) >= 75

@@ -106,10 +106,13 @@ def test_the_backend_is_the_devices_unless_workshop_backend_says_otherwise():
 
 def test_device_per_local_rank():
     assert detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, cuda_count=4).device == "cuda:1"
-    # GPUs bound per task: every rank sees one GPU, its own
-    assert detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, cuda_count=1).device == "cuda:0"
-    with pytest.raises(RuntimeError, match="local rank 3 but only 2 GPUs"):
+    # GPUs bound per process (CUDA_VISIBLE_DEVICES=$LOCAL_RANK in a wrapper): every rank sees one GPU, its own
+    one_each = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "1"}
+    assert detect(one_each, cuda_count=1).device == "cuda:0"
+    with pytest.raises(RuntimeError, match="runs 4 tasks but has 2 GPU.s. .2 visible.: local ranks 2 to 3 would have"):
         detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}, cuda_count=2)
+    with pytest.raises(RuntimeError, match="local rank 1 would have none of its own"):  # two ranks, one GPU
+        detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, cuda_count=1)
 
 
 def test_init_and_cleanup_are_safe_twice(clean_env):

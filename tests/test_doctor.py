@@ -45,19 +45,27 @@ def test_the_same_local_rank_on_one_host_without_gpus_is_named():
         ".bashrc) setting LOCAL_RANK for every rank?"]
 
 
-def test_ranks_per_node_torch_versions_and_threads():
-    four = tuple(f"GPU-{i}" for i in range(4))
-    idle = [Report(rank=r, host="n1", local_rank=r, device=f"cuda:{r}", gpu_uuids=four) for r in range(2)]
-    assert diagnose(idle) == ["n1 runs 2 rank(s) and its ranks see 4 GPU(s): 2 GPU(s) idle. Start one rank per GPU: "
-                              "--ntasks-per-node=4 with --gpus-per-node=4 under SLURM, --nproc-per-node 4 under torchrun"]
-    mixed = [Report(rank=0, host="n1", torch_version="2.5.1"), Report(rank=1, host="n2", torch_version="2.4.0")]
-    assert diagnose(mixed)[0].startswith("the ranks run different torch versions: torch 2.4.0 on rank 1 (n2); "
-                                         "torch 2.5.1 on rank 0 (n1)")
-    crowded = [Report(rank=0, host="n1", omp_num_threads="8", cpus=2), Report(rank=1, host="n2", omp_num_threads="2", cpus=2)]
-    assert diagnose(crowded) == [
-        "rank 0 on n1 may use 2 CPU(s) but OMP_NUM_THREADS is 8: its threads would take turns on 2 CPU(s), slower, "
-        "not faster. Set OMP_NUM_THREADS to the CPUs per task (export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK), or ask "
-        "for --cpus-per-task=8"]
+def test_the_layouts_lines_come_first_each_once_then_torch_versions():
+    """What workshop.base.world.layout finds (tests/test_layout.py) is said once, though every rank of a node finds
+    it; then what only the gathered reports show."""
+    idle = ("n1 runs 2 task(s) but has 4 GPUs (CUDA_VISIBLE_DEVICES=0,1,2,3): 2 sit idle; ask for one task per GPU, "
+            "#SBATCH --ntasks-per-node=4 (or --gpus-per-node=2)")
+    two = [Report(rank=r, host="n1", local_rank=r, layout=(idle,), torch_version="2.5.1") for r in range(2)]
+    mixed = [*two, Report(rank=2, host="n2", torch_version="2.4.0")]
+    problems = diagnose(mixed)
+    assert problems[0] == idle and len(problems) == 2
+    assert problems[1].startswith("the ranks run different torch versions: torch 2.4.0 on rank 2 (n2); "
+                                  "torch 2.5.1 on ranks 0 and 1 (n1)")
+
+
+def test_a_rank_reports_its_layout(clean_env):
+    from workshop.launch.doctor import local_report
+
+    report = local_report(dist.detect(), environ={"OMP_NUM_THREADS": "4096", "SLURMD_NODENAME": "n1"})
+    assert report.layout == ("n1: OMP_NUM_THREADS=4096 is more threads than this task has CPUs: they would take "
+                             "turns, slower, not faster; export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK in the job "
+                             f"script, or ask for #SBATCH --cpus-per-task=4096 (this task may use {report.cpus})",)
+    assert report.cannot_run is None
 
 
 def test_a_healthy_world_gives_nothing():

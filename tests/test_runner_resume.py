@@ -4,6 +4,7 @@ keeps, what a run folder may hold of the environment, and the process tree a ran
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 
@@ -118,3 +119,79 @@ def test_the_launchers_options_are_read_once_with_the_rank_count_a_number(argv, 
 def test_a_rank_count_that_is_not_a_positive_integer_is_refused_where_it_is_read(value):
     with pytest.raises(RunError, match=f"the number of ranks must be a positive integer, got '{value}'"):
         runner.parse_launch(["--nproc", value, "nb.ipynb"])
+
+
+# --- a node lost -------------------------------------------------------------------------------------------------
+
+def lost_run(root, nranks=4):
+    """A run of 4 ranks on n1 and n2 whose n2 died: ranks 2 and 3 left only where they started; 0 and 1 were stopped."""
+    run = make_run(root, "job7-fail_on_rank", "running")
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "nranks": nranks, "slurm_job_id": "7"}))
+    for rank in range(nranks):
+        node = "n1" if rank < 2 else "n2"
+        rundir.started_path(run, rank).write_text(json.dumps({"rank": rank, "node": node, "started": "t"}))
+        if node == "n1":
+            rundir.status_path(run, rank).write_text(json.dumps(
+                {"rank": rank, "node": node, "returncode": -15, "notebook": f"nb{rank}", "ended_s": rank,
+                 "stopped_by": "SIGTERM", "error": "stopped by SIGTERM (another rank failed, or the job was cancelled)"}))
+    return run
+
+
+def test_a_lost_node_is_named_with_every_rank_it_ran_and_the_command_that_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "2(x2)")
+    monkeypatch.setattr(rundir, "_node_state", lambda node: ", which SLURM marks DOWN*" if node == "n2" else "")
+    run = lost_run(tmp_path)
+    assert rundir.collect(run, 1) == 1
+    reason = records.read(run / "record.json").reason
+    assert reason[0].startswith("node n2, which SLURM marks DOWN* was lost: ranks 2 and 3, every rank it ran, ended "
+                                "together without a word")
+    assert not any(r.startswith("rank 2") or r.startswith("rank 3") for r in reason)  # said once, as the node's
+    assert reason[1].startswith("rank 0 on n1 was stopped by SIGTERM")  # stopped, not a cause: not "first"
+    assert reason[-1] == (f"resume with: sbatch --nodes=2 --ntasks-per-node=2 --exclude=n2 [your other options] "
+                          f"scripts/run_notebook.sh --resume {run} tests/notebooks/fail_on_rank.ipynb")
+    assert records.read(run / "record.json").extra["lost_nodes"] == {"n2": [2, 3]}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].strip() == reason[-1] and "node n2" in err[1]
+
+
+def test_a_rank_alone_that_ended_without_a_word_is_not_a_lost_node(tmp_path, clean_env):
+    run = lost_run(tmp_path)
+    rundir.status_path(run, 3).write_text(json.dumps({"rank": 3, "node": "n2", "returncode": 1, "notebook": "nb3"}))
+    assert rundir.lost_nodes(rundir._all_statuses(run, 4)) == {}
+    assert rundir.collect(run, 1) == 1
+    reason = records.read(run / "record.json").reason
+    assert reason[0].startswith("rank 2 on n2 did not finish") and not any("resume with" in r for r in reason)
+
+
+def test_a_run_that_another_live_launcher_writes_is_not_resumed(tmp_path, clean_env):
+    run = make_run(tmp_path, "r", "interrupted")
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        records.write(run, records.Record(notebook=NB.stem, status="running",
+                                          extra={"launcher": {"host": socket.gethostname(), "pid": other.pid}}))
+        assert rundir.live_writer(run) == f"its launcher, pid {other.pid} on {socket.gethostname()}, is running; " \
+                                          f"kill -INT {other.pid} stops it"
+        with pytest.raises(RunError, match="is being written by another run now: two runs must not write one"):
+            rundir.reuse_run_dir(run, NB, [])
+    finally:
+        other.kill()
+        other.wait()
+    assert rundir.live_writer(run) is None  # its launcher gone (killed with its node, say): resumable
+
+
+def test_a_notebook_that_reshards_resumes_on_another_number_of_ranks_and_the_run_keeps_both_worlds(tmp_path):
+    run = make_run(tmp_path, "r", "failed")  # ran as 2 ranks
+    with pytest.raises(RunError, match=r"ran as 2 rank\(s\), not 1: resume with the same number of ranks \(fail_on_rank"
+                                       r".ipynb does not declare"):
+        rundir.reuse_run_dir(run, NB, [], nranks=1)
+    nb = json.loads(NB.read_text())
+    nb["metadata"]["workshop"] = {"reshards": "DCP checkpoints; batches by global sample index"}
+    elastic = tmp_path / NB.name
+    elastic.write_text(json.dumps(nb))
+    (run / "run.json").write_text(json.dumps({**json.loads((run / "run.json").read_text()), "notebook": str(elastic)}))
+    assert rundir.reuse_run_dir(run, elastic, [], nranks=1) == run.resolve()
+    meta = rundir.read_meta(run)
+    assert meta["nranks"] == 1 and meta["worlds"] == [{"attempt": 1, "nranks": 2}, {"attempt": 2, "nranks": 1}]

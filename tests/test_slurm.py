@@ -1,8 +1,10 @@
 """The SLURM path on a real SLURM (scripts/local_slurm.sh start): sbatch scripts/run_notebook.sh, as one
-2 x 2 job of a small probe notebook. A failing rank, a requeue, two jobs at once (test_reliability), a job array
-(test_notebook_03) and a submission from a portal's kernel (test_slurm_submit) are tested beside it."""
+2 x 2 job of a small probe notebook; the GPU layouts on the cluster's placeholder GPUs. A failing rank, a lost
+node, a requeue, two jobs at once (test_reliability), a job array (test_notebook_03) and a submission from a
+portal's kernel (test_slurm_submit) are tested beside it."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +36,28 @@ def test_two_nodes_with_two_ranks_each(slurm, runs):
     assert "probe loop: step 3/3" in log  # rank 0's progress as log lines, in the job's output
     assert (run / "slurm.out").resolve() == (REPO / "runs" / f"slurm-{job}.out").resolve()
     (REPO / "runs" / f"slurm-{job}.out").unlink()
+
+
+def test_gpu_layouts_on_the_placeholder_gpus_are_said_in_one_line(slurm):
+    """The local cluster's GPUs are placeholders, but SLURM sets CUDA_VISIBLE_DEVICES and SLURM_GPUS_ON_NODE as on a
+    GPU cluster: the layout check (torch-free, a second per task) says each mistake from them on CPU."""
+    import subprocess
+    import sys
+
+    from workshop.base.world import without_launcher
+
+    def said(*options):
+        env = without_launcher()
+        env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+        done = subprocess.run(["srun", "--nodes=1", "--ntasks-per-node=2", "--time=00:01:00", *options, sys.executable,
+                               "-m", "workshop.launch.preflight"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=120)
+        return done.returncode, sorted({line for line in done.stderr.splitlines() if not line.startswith("srun:")})
+
+    rc, lines = said("--gpus-per-task=1")
+    assert rc == 0 and len(lines) == 2 and all(line.startswith("warning: n1: each of its 2 tasks sees one GPU (CUDA_"
+                                                                "VISIBLE_DEVICES=") for line in lines), lines
+    rc, lines = said("--gpus-per-node=1")
+    assert rc == 2 and lines == ["error: n1 runs 2 tasks but has 1 GPU(s) (CUDA_VISIBLE_DEVICES=0): local rank 1 would "
+                                 "have none of its own; ask for one task per GPU, #SBATCH --ntasks-per-node=1 (or "
+                                 "--gpus-per-node=2)"], lines

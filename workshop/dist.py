@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -94,14 +95,9 @@ class DistEnv:
 def _device(local_rank: int, cuda_count: int) -> tuple[str, str]:
     if cuda_count == 0:
         return "cpu", "gloo"
-    if cuda_count == 1:  # GPUs bound per task (--gpus-per-task=1): each rank sees one
+    if cuda_count == 1:  # GPUs bound per task (--gpus-per-task=1): each rank sees one, its own
         return "cuda:0", "nccl"
-    if local_rank < cuda_count:
-        return f"cuda:{local_rank}", "nccl"
-    raise RuntimeError(
-        f"local rank {local_rank} but only {cuda_count} GPUs are visible on this node: ask for as "
-        "many GPUs per node as tasks per node (--gpus-per-node = --ntasks-per-node)"
-    )
+    return f"cuda:{local_rank}", "nccl"  # a local rank past the GPUs is refused by world.gpu_findings first
 
 
 def detect(
@@ -115,6 +111,10 @@ def detect(
     if cuda_count is None:
         cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     fields = world.world(e, hostnames)
+    if cuda_count:  # a rank without a GPU of its own, or GPUs split between tasks: refused here, in one line
+        fatal = [f for f in world.gpu_findings(e, fields, cuda_count) if f.fatal]
+        if fatal:
+            raise RuntimeError(fatal[0].text)
     device, backend = _device(fields.get("local_rank", 0), cuda_count)
     # $WORKSHOP_BACKEND overrides the device's choice: gloo between GPUs, to tell an NCCL problem from one of
     # the program (the launcher refuses other names, and nccl without a GPU, before anything runs)
@@ -126,14 +126,34 @@ _ENV: DistEnv | None = None
 _STARTED = time.monotonic()  # when a notebook's setup cell imported this module: the start of its own wall time
 
 
-def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
+def check_layout(env: DistEnv, environ: Mapping[str, str] | None = None, adopting: bool = False) -> list[str]:
+    """Say, before this rank joins the others, what is wrong with where it sits (`workshop.base.world.layout`): a
+    line on stderr per mistake, naming the #SBATCH option or variable to change. A mistake that cannot work (a
+    rendezvous host that does not resolve, gloo on the loopback across nodes, a RANK past WORLD_SIZE) raises
+    RuntimeError with its line; a GPU layout that cannot work on GPUs is only said on a rank that runs on CPU (the
+    local cluster's placeholder GPUs). Returns the lines said."""
+    e = os.environ if environ is None else environ
+    fields = {k: v for k, v in env.as_dict().items() if k not in ("device", "backend")}
+    cuda_count = torch.cuda.device_count() if env.device_type == "cuda" else 0
+    said = []
+    for finding in world.layout(e, fields, cuda_count=cuda_count, backend=env.backend):
+        if finding.fatal and not adopting and (cuda_count or not finding.gpu):
+            raise RuntimeError(finding.text)
+        cpu = " (this rank runs on CPU, so it goes on)" if finding.fatal and finding.gpu and not cuda_count else ""
+        said.append(f"warning: {finding.text}{cpu}")
+        print(said[-1], file=sys.stderr, flush=True)
+    return said
+
+
+def init(env: DistEnv | None = None, timeout_s: float | None = None, check: bool = True) -> DistEnv:
     """Detect the world and join its process group, or adopt the group this process made already.
 
     One process gets a group of its own (world size 1, no network): collectives and
     DistributedDataParallel then run unchanged and do nothing, so a notebook's cells are the same
     on 1 rank and on N. Safe to call again: a second call returns the same DistEnv and joins
     nothing. The timeout (default $WORKSHOP_DIST_TIMEOUT or 600 s) bounds how long a rank waits
-    for a dead peer (a group adopted keeps its own).
+    for a dead peer (a group adopted keeps its own). First the layout is checked (`check_layout`; `check=False`
+    leaves that to the caller, as the doctor does): a mistake is said in one line before anything waits.
 
     A group made by hand (`torch.distributed.init_process_group(...)` with `env`'s rank and world size) is adopted:
     its rank and world size must be `env`'s, its backend is taken, and the rest is as for a group init makes (the
@@ -143,6 +163,8 @@ def init(env: DistEnv | None = None, timeout_s: float | None = None) -> DistEnv:
     if _ENV is not None and env is None:
         return _ENV
     env = env or detect()
+    if check:
+        check_layout(env, adopting=tdist.is_initialized())
     if env.device_type == "cuda":
         torch.cuda.set_device(torch.device(env.device))
     if tdist.is_initialized():

@@ -72,6 +72,9 @@ def folder_mode() -> int:
     if not 0 <= mode <= 0o777 or not mode & 0o700 == 0o700:
         raise RunError(f"WORKSHOP_RUNS_MODE={text} is not an octal mode the owner can use: give three octal digits "
                        "starting with 7, e.g. 700 (only you) or 750 (your group may read)")
+    if mode & 0o007:  # a run folder holds notebooks, logs, checkpoints and the job's environment
+        raise RunError(f"WORKSHOP_RUNS_MODE={text} would let every user of this machine into your run folders: give "
+                       "700 (only you) or 750 (your group may read)")
     return mode
 
 

@@ -8,7 +8,9 @@ with what to do.
 
 Each rank first works out what it can alone (`local_report`): its host, rank and local rank (from
 `workshop.dist`), the device dist gives it, the GPUs it sees, the rendezvous address and whether it
-resolves, the local interface that routes to it, OMP_NUM_THREADS and the CPUs it may use. Then it joins
+resolves, the local interface that routes to it, OMP_NUM_THREADS and the CPUs it may use, and the layout's mistakes
+(`workshop.base.world.layout`, one line each naming the #SBATCH option to change; a layout no group survives stops
+the rank at once, as a rendezvous host that does not resolve does). Then it joins
 the group with a short timeout (--timeout, 30 s): a rank that cannot join says what failed and the
 checklist that fixes it, and exits within that time; a missing group never hangs. Joined, the ranks
 gather their reports; rank 0 prints one line per rank and what `diagnose` finds, then an all-reduce of
@@ -39,7 +41,7 @@ import torch
 import torch.distributed as tdist
 
 from workshop import dist
-from workshop.base import tables
+from workshop.base import tables, world
 from workshop.base.hardware import device_type
 from workshop.base.params import positive
 from workshop.base.tables import table
@@ -75,6 +77,8 @@ class Report:
     omp_num_threads: str | None = None
     cpus: int = 1  # CPUs this process may run on (its affinity)
     torch_version: str = torch.__version__
+    layout: tuple[str, ...] = ()  # what workshop.base.world.layout finds wrong with where this rank sits
+    cannot_run: str | None = None  # the first of those that no run survives (the rank stops before joining)
 
     @property
     def gpu(self) -> str | None:
@@ -83,12 +87,6 @@ class Report:
             return None
         index = int(self.device.split(":")[1]) if ":" in self.device else 0
         return self.gpu_uuids[index] if index < len(self.gpu_uuids) else None
-
-    @property
-    def omp_threads(self) -> int | None:
-        """OMP_NUM_THREADS as a number ("8", or "8,2" for nested levels: the first); None when unset or unreadable."""
-        first = (self.omp_num_threads or "").split(",")[0].strip()
-        return int(first) if first.isdigit() else None
 
 
 # --- what a rank sees alone ------------------------------------------------------------------------
@@ -145,6 +143,11 @@ def local_report(env: DistEnv, environ=os.environ) -> Report:
         or None,
         omp_num_threads=environ.get("OMP_NUM_THREADS"), cpus=len(os.sched_getaffinity(0)),
     )
+    cuda_count = torch.cuda.device_count() if env.device_type == "cuda" else 0
+    found = world.layout(environ, {k: v for k, v in env.as_dict().items() if k not in ("device", "backend")},
+                         cuda_count=cuda_count, backend=env.backend, cpus=fields["cpus"])
+    fields.update(layout=tuple(f.text for f in found),
+                  cannot_run=next((f.text for f in found if f.fatal and (cuda_count or not f.gpu)), None))
     if env.is_distributed:
         fields.update(master_addr=env.master_addr, master_port=env.master_port)
         try:
@@ -173,6 +176,8 @@ def _ranks(reports: list[Report]) -> str:
 def diagnose(reports: list[Report]) -> list[str]:
     """What is wrong with this world, one sentence each with what to do; [] when nothing is."""
     problems = []
+    for r in sorted(reports, key=lambda r: r.rank):  # the layout's lines first, each once (a node's ranks agree)
+        problems += [line for line in r.layout if line not in problems]
     by_host = defaultdict(list)
     for r in sorted(reports, key=lambda r: r.rank):
         by_host[r.host].append(r)
@@ -198,14 +203,6 @@ def diagnose(reports: list[Report]) -> list[str]:
                     f"{_ranks(group)} on {host} {both} have local rank {key}: they would share cuda:{key} on a GPU "
                     "node. Each rank on a node needs its own local rank (LOCAL_RANK under torchrun, SLURM_LOCALID "
                     "under srun): is something (the job script, a .bashrc) setting LOCAL_RANK for every rank?")
-        # As many ranks as GPUs on a node, where it has GPUs
-        gpus = {u for r in ranks for u in r.gpu_uuids}
-        if gpus and len(gpus) != len(ranks):
-            idle = f": {len(gpus) - len(ranks)} GPU(s) idle" if len(gpus) > len(ranks) else ""
-            problems.append(
-                f"{host} runs {len(ranks)} rank(s) and its ranks see {len(gpus)} GPU(s){idle}. Start one rank per GPU: "
-                f"--ntasks-per-node={len(gpus)} with --gpus-per-node={len(gpus)} under SLURM, "
-                f"--nproc-per-node {len(gpus)} under torchrun")
 
     versions = defaultdict(list)
     for r in reports:
@@ -216,12 +213,6 @@ def diagnose(reports: list[Report]) -> list[str]:
         problems.append(f"the ranks run different torch versions: {where}. Activate the same environment on every "
                         "node (the job script's `conda activate` or `source .venv/bin/activate`, before srun)")
 
-    for r in sorted(reports, key=lambda r: r.rank):
-        if r.omp_threads and r.omp_threads > r.cpus:
-            problems.append(
-                f"rank {r.rank} on {r.host} may use {r.cpus} CPU(s) but OMP_NUM_THREADS is {r.omp_threads}: its "
-                f"threads would take turns on {r.cpus} CPU(s), slower, not faster. Set OMP_NUM_THREADS to the CPUs "
-                f"per task (export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK), or ask for --cpus-per-task={r.omp_threads}")
     return problems
 
 
@@ -356,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return EXIT_NO_GROUP
     report = local_report(env)
+    if report.cannot_run and not report.resolve_error:  # a layout no group survives: said now, not after a timeout
+        _say_cannot_join(report, f"{report.cannot_run}; this rank stops now.")
+        return EXIT_NO_GROUP
     if report.resolve_error:
         _say_cannot_join(report, f"the rendezvous host {report.master_addr!r} does not resolve "
                                  f"({report.resolve_error}): no rank can reach it, so this rank stops now.")
@@ -368,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     watchdog.daemon = True
     watchdog.start()
     try:
-        dist.init(env, timeout_s=args.timeout)
+        dist.init(env, timeout_s=args.timeout, check=False)  # the layout is this command's own report
     except Exception as err:  # a refused connection, a bad interface, a timeout: say which, and what to check
         watchdog.cancel()
         detail = short_error(str(err).strip().splitlines()[0]) if str(err).strip() else ""

@@ -1,10 +1,20 @@
 """What cannot work on this machine, refused before a run starts: GPU-sized parameters or NCCL without a GPU, a data
 set asked for by name but not staged, settings a kernel would refuse only once it runs, more local ranks than the
-cores can carry. Without torch: the GPU is looked for in the driver's files."""
+cores can carry. Without torch: the GPU is looked for in the driver's files.
+
+As a command, the layout of the ranks checked without torch, in a second (`workshop.base.world.layout`, which
+workshop.dist says on every rank when it starts): one line per mistake, naming the #SBATCH option to change.
+
+    srun python -m workshop.launch.preflight          # in a job script, before the training's own srun
+    python -m workshop.launch.preflight               # this process (torchrun's variables, or none)
+
+Exit status: 0 nothing wrong, or only what the run survives (warning: lines); 2 a layout that cannot work (error:).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from workshop.base import progress, world
@@ -38,6 +48,7 @@ def check_environment(given: dict, papermill_args: list[str]) -> None:
                        "(gloo is used on CPU) or run on a GPU node")
     try:  # what the kernels would refuse only once they run
         world.timeout_s()
+        world.master_port_override()
         progress.log_every()
         progress.is_interactive()
     except ValueError as err:
@@ -63,3 +74,28 @@ def check_local_ranks(nranks: int) -> None:
         raise RunError(f"--nproc {nranks}: too many local ranks for this machine ({cores} core(s) for this process; at "
                        f"most {2 * cores}, twice the cores, run here): use fewer, or submit to SLURM for more "
                        f"(sbatch --ntasks={nranks} scripts/run_notebook.sh ...)")
+
+
+def gpu_count() -> int:
+    """The GPUs the driver lists (0 without one), for a layout read without torch."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+
+
+def main() -> int:
+    """The layout of this process among the ranks (see the module's docstring)."""
+    try:
+        fields = world.world()
+        findings = world.layout(fields=fields, cuda_count=gpu_count())
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for finding in findings:
+        print(f"{'error' if finding.fatal else 'warning'}: {finding.text}", file=sys.stderr)
+    if not findings:
+        print(f"rank {fields.get('rank', 0)} of {fields.get('world_size', 1)} ({fields['launcher']}): nothing wrong found")
+    return 2 if any(f.fatal for f in findings) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

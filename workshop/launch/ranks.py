@@ -22,7 +22,7 @@ import yaml
 from workshop.base import world
 from workshop.base.progress import DEFAULT_LOG_EVERY
 from workshop.base.runs import atomic_write_text
-from workshop.launch.rundir import failed_cell, output_notebook, rank_log, read_meta, status_path
+from workshop.launch.rundir import failed_cell, output_notebook, rank_log, read_meta, started_path, status_path
 
 KERNEL = "workshop-current"  # a kernel spec written per rank: always this interpreter
 # Longest Unix socket path: sun_path holds 108 bytes on Linux, 104 on macOS
@@ -91,10 +91,7 @@ def slurm_threads(environ) -> str | None:
         return None
     tasks = 1  # the batch step (a one-task job, an array task) runs one task on its node
     if environ.get("SLURM_STEP_ID", "").isdigit():  # an srun step: "2(x2),1" tasks on its nodes
-        per_node = []
-        for part in environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split(","):
-            count, _, repeat = part.partition("(x")
-            per_node += [int(count)] * int(repeat.rstrip(")") or 1)
+        per_node = world.tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE", "1"))
         node = int(environ.get("SLURM_NODEID", 0))
         tasks = per_node[node] if node < len(per_node) else per_node[0]
     return str(max(1, int(cpus) // tasks))
@@ -166,6 +163,9 @@ def run_rank(run: Path) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
+    # Where this rank runs, from its start: a rank killed with its node (SIGKILL, a node that fails) never writes
+    # how it ended, and `rundir.collect` names the node whose every rank left only this file
+    atomic_write_text(started_path(run, rank), json.dumps({"rank": rank, "node": node, "started": started}) + "\n")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:  # rank 0 also shows its progress in the job's output
@@ -183,8 +183,8 @@ def run_rank(run: Path) -> int:
         status.update(stopped_by=stopped[0], error=f"stopped by {stopped[0]} (another rank failed, or the job was cancelled)")
     if rc != 0:
         status.update(failed_cell(out, log))
-        where = f"cell {status['cell']} ({status['error']})" if "cell" in status else "before any cell ran"
-        print(f"rank {rank} on {node} failed in {where}: open {out} (log: {log})", file=sys.stderr, flush=True)
+        where = f"in cell {status['cell']} ({status['error']})" if "cell" in status else "before any cell ran"
+        print(f"rank {rank} on {node} failed {where}: open {out} (log: {log})", file=sys.stderr, flush=True)
     atomic_write_text(status_path(run, rank), json.dumps(status, indent=2) + "\n")
     return rc
 

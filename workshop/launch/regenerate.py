@@ -130,8 +130,9 @@ def run_world(run: Path) -> dict:
 
 def merge_outputs(committed: Path, executed: Path) -> None:
     """Put the executed notebook's outputs (scrubbed) into the committed one, cell by cell (matched by cell id, else
-    by position among the cells papermill did not inject), and the run's world into its metadata (workshop.ranks,
-    workshop.nodes). Source and other metadata of the committed notebook stay."""
+    by position among the cells papermill did not inject), and what `run_world` says of the run into its metadata
+    (workshop.ranks, workshop.nodes, and the digests workshop.record and, for the report, workshop.reported). Source
+    and other metadata of the committed notebook stay."""
     nb = json.loads(committed.read_text())
     meta = nb["metadata"].setdefault("workshop", {})
     for key in ("record", "reported"):  # a run that wrote no record leaves no digest of an earlier one

@@ -4,7 +4,8 @@
     parameters.yaml       what every rank's papermill reads
     record.json           the launcher's record from the start ("running"), replaced by the notebook's, settled by `collect`
     <notebook>.ipynb      rank 0's executed notebook; the other ranks' under ranks/ (`output_notebook`)
-    logs/rank<R>.log      each rank's output, and logs/rank<R>.status.json how it ended (`failed_cell`)
+    logs/rank<R>.log      each rank's output, logs/rank<R>.started.json where it runs, logs/rank<R>.status.json how
+                          it ended (`failed_cell`); a node whose ranks left only the first is named (`lost_nodes`)
     attempt<k>/           an earlier attempt's notebooks, logs and record, when the run was resumed (`reuse_run_dir`)
 
 A requeued SLURM job continues in the folder its previous start left (`requeued_run`).
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
+import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -61,6 +65,11 @@ def status_path(run: Path, rank: int) -> Path:
     return run / "logs" / f"rank{rank}.status.json"
 
 
+def started_path(run: Path, rank: int) -> Path:
+    """Where rank `rank` says, as it starts, where it runs: all that is left of a rank killed with its node."""
+    return run / "logs" / f"rank{rank}.started.json"
+
+
 def output_notebook(run: Path, notebook: Path, rank: int) -> Path:
     return run / f"{notebook.stem}.ipynb" if rank == 0 else run / "ranks" / f"{notebook.stem}.rank{rank}.ipynb"
 
@@ -81,6 +90,46 @@ def requeued_run(notebook: Path, root: Path | None = None) -> Path | None:
     return None
 
 
+def live_writer(run: Path) -> str | None:
+    """Who writes `run` now, other than this job, in words; None where nobody does. Its record says running and its
+    launcher lives: a SLURM job that squeue still lists, or a process on this host."""
+    try:
+        record = records.read(run)
+    except records.RecordError:
+        return None
+    if record.status != RUNNING:
+        return None
+    job = record.slurm_job_id
+    if job:
+        if job == os.environ.get("SLURM_JOB_ID") or not shutil.which("squeue"):
+            return None  # this job's own earlier start, requeued
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+        state = out.stdout.split()[:1] if out.returncode == 0 else []
+        return f"job {job} is {state[0]}; scancel {job} stops it" if state else None
+    launcher = record.extra.get("launcher") or {}
+    pid = launcher.get("pid")
+    if launcher.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return f"its launcher, pid {pid} on {launcher['host']}, is running; kill -INT {pid} stops it"
+
+
+def reshards(notebook: Path) -> str | None:
+    """Why `notebook` may resume on another number of ranks, as its metadata `workshop.reshards` says (its
+    checkpoints load on any world: DCP, or state every rank holds whole; its data order follows the global sample
+    index), else None: its runs resume on the number of ranks they started with."""
+    try:
+        why = json.loads(Path(notebook).read_text()).get("metadata", {}).get("workshop", {}).get("reshards")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return why if isinstance(why, str) and why else None
+
+
 def reuse_run_dir(run: Path, notebook: Path, papermill_args: list[str], nranks: int | None = None) -> Path:
     """Continue an interrupted or failed run in its own folder: the previous attempt's notebooks,
     logs and record move to attempt<k>/ (nothing is overwritten); checkpoints stay where they are."""
@@ -96,16 +145,25 @@ def reuse_run_dir(run: Path, notebook: Path, papermill_args: list[str], nranks: 
     if meta["papermill_args"] != papermill_args:
         raise RunError(f"{display_path(run)} was started with the parameters {' '.join(meta['papermill_args']) or '(none)'}"
                        f", not {' '.join(papermill_args) or '(none)'}: resume with the same ones, or start a new run")
-    if nranks is not None and meta["nranks"] != nranks:
+    if nranks is not None and meta["nranks"] != nranks and not reshards(notebook):
         raise RunError(f"{display_path(run)} ran as {meta['nranks']} rank(s), not {nranks}: resume with the same "
-                       "number of ranks (its data order and checkpoints depend on it)")
+                       f"number of ranks ({notebook.name} does not declare that its checkpoints and data order survive "
+                       "another: its metadata has no workshop.reshards)")
     if records.status(run) == "ok":
         raise RunError(f"{display_path(run)} finished already (record.json says ok): nothing to resume")
+    writer = live_writer(run)
+    if writer:
+        raise RunError(f"{display_path(run)} is being written by another run now: two runs must not write one run "
+                       f"folder; wait until it ends, or start a new run without --resume ({writer})")
     attempt = run / f"attempt{len(list(run.glob('attempt*'))) + 1}"
     attempt.mkdir(mode=0o700)
     for name in (f"{notebook.stem}.ipynb", "ranks", "logs", "record.json", "stop.requested"):
         if (run / name).exists():
             (run / name).rename(attempt / name)
+    if nranks is not None and meta["nranks"] != nranks:  # the record keeps every world the run had
+        meta["worlds"] = [*meta.get("worlds", [{"attempt": 1, "nranks": meta["nranks"]}]),
+                          {"attempt": meta.get("attempts", 1) + 1, "nranks": nranks}]
+        meta["nranks"] = nranks
     meta["attempts"] = meta.get("attempts", 1) + 1
     meta["resumed"] = _now()
     meta["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")
@@ -179,13 +237,93 @@ def failed_cell(executed: Path, log: Path | None = None) -> dict:
 
 
 def _statuses(run: Path, nranks: int) -> list[dict]:
-    found = []
+    """The statuses of the ranks that said how they ended."""
+    return [st for st in _all_statuses(run, nranks).values() if st and "returncode" in st]
+
+
+def _all_statuses(run: Path, nranks: int) -> dict[int, dict | None]:
+    """Each rank's status: how it ended, else only where it started (no returncode), else None (it never started)."""
+    found = {}
     for rank in range(nranks):
-        try:
-            found.append(json.loads(status_path(run, rank).read_text()))
-        except (OSError, ValueError):
-            pass
+        found[rank] = None
+        for path in (status_path(run, rank), started_path(run, rank)):
+            try:
+                found[rank] = json.loads(path.read_text())
+                break
+            except (OSError, ValueError):
+                continue
     return found
+
+
+def _listed(ranks: list[int]) -> str:
+    """"rank 3", "ranks 2 and 3", "ranks 0, 1 and 2"."""
+    words = [str(r) for r in sorted(ranks)]
+    return f"rank {words[0]}" if len(words) == 1 else f"ranks {', '.join(words[:-1])} and {words[-1]}"
+
+
+def lost_nodes(statuses: dict[int, dict | None]) -> dict[str, list[int]]:
+    """The nodes whose every rank ended without a word (started, by its first status, but never said how it ended):
+    {node: its ranks}. A node that failed, was rebooted, or whose tasks the out-of-memory killer took."""
+    by_node: dict[str, list[int]] = {}
+    for rank, st in statuses.items():
+        if st and st.get("node"):
+            by_node.setdefault(st["node"], []).append(rank)
+    lost = {node: ranks for node, ranks in by_node.items() if all("returncode" not in statuses[r] for r in ranks)}
+    return {} if len(by_node) > 1 and len(lost) == len(by_node) else lost  # every node gone: the job, not a node
+
+
+def _node_state(node: str) -> str:
+    """What SLURM says of `node` where it says something is wrong (", which SLURM marks DOWN+NOT_RESPONDING"), else
+    ""."""
+    if not os.environ.get("SLURM_JOB_ID") or not shutil.which("scontrol"):
+        return ""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "node", node], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    state = re.search(r"\bState=(\S+)", out)
+    reason = re.search(r"\bReason=(.*?)(?: \w+=|$)", out)
+    if not state or not re.search(r"DOWN|DRAIN|FAIL|NOT_RESPONDING|\*", state.group(1)):
+        return ""
+    return f", which SLURM marks {state.group(1)}" + (f" ({reason.group(1).strip()})" if reason else "")
+
+
+def resume_command(run: Path, meta: dict, exclude: list[str] = ()) -> str:
+    """The command that resumes `run` in its folder: sbatch with the job's nodes and tasks per node, the lost nodes
+    left out (and, for a notebook that `reshards`, on as many fewer nodes), under SLURM; else the local launcher with
+    the same number of ranks."""
+    nb = display_path(meta["notebook"])
+    args = " ".join(meta["papermill_args"])
+    if meta.get("slurm_job_id"):
+        nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+        per_node = world.tasks_per_node(os.environ.get("SLURM_TASKS_PER_NODE") or str(meta["nranks"]))[0]
+        if exclude and nodes > len(exclude) and reshards(Path(meta["notebook"])):  # on the nodes left, now
+            nodes -= len(exclude)
+        size = f"--nodes={nodes} --ntasks-per-node={per_node}" + (f" --exclude={','.join(exclude)}" if exclude else "")
+        how = f"sbatch {size} [your other options] scripts/run_notebook.sh"
+    else:
+        how = f"scripts/run_notebook.sh --nproc {meta['nranks']}"
+    return f"{how} --resume {display_path(run)} {nb} {args}".rstrip()
+
+
+def _lost_lines(run: Path, meta: dict, statuses: dict[int, dict | None]) -> tuple[list[str], dict[str, list[int]]]:
+    """The lost nodes and a line for each: those whose ranks ended without a word, and those SLURM marks down (when
+    a node's slurmd stops answering, SLURM ends the job: its ranks may still have said SIGTERM)."""
+    lost = lost_nodes(statuses)
+    nodes = sorted({st["node"] for st in statuses.values() if st and st.get("node")})
+    troubled = any(st is None or st.get("returncode", 1) != 0 for st in statuses.values())
+    states = {node: _node_state(node) for node in nodes} if troubled and len(nodes) > 1 else {}
+    for node, state in states.items():
+        if state and node not in lost:
+            lost[node] = [r for r, st in statuses.items() if st and st.get("node") == node]
+    lines = []
+    for node, ranks in lost.items():
+        what = ("ended together without a word (the node failed or rebooted, its tasks were killed, or it ran out of "
+                "memory)" if all("returncode" not in statuses[r] for r in ranks) else
+                "ended together, stopped with the job when SLURM lost the node")
+        lines.append(f"node {node}{states.get(node, '')} was lost: {_listed(ranks)}, every rank it ran, {what}: see "
+                     f"{rank_log(run, ranks[0])}")
+    return lines, lost
 
 
 def collect(run: Path, launcher_rc: int, interrupted: str | None = None) -> int:
@@ -200,21 +338,28 @@ def collect(run: Path, launcher_rc: int, interrupted: str | None = None) -> int:
         args = " ".join(meta["papermill_args"])
         by_hand = f"resume with: {how} --resume {run} {display_path(meta['notebook'])} {args}".rstrip()
         resume = ("the job requeues itself and resumes here" if slurm and interrupted.startswith("SIGUSR1") else by_hand)
-        reason = [f"{interrupted}: " + (saved[0]["error"] if saved else "the ranks stopped without a checkpoint"), resume]
-        write_record(run, meta, "interrupted", reason, checkpointed=bool(saved))
+        lost_lines, lost = _lost_lines(run, meta, _all_statuses(run, meta["nranks"]))
+        if lost:  # SLURM ends a job whose node failed with SIGTERM: the node is the cause
+            resume = "resume with: " + resume_command(run, meta, list(lost))
+        reason = [*lost_lines, f"{interrupted}: " + (saved[0]["error"] if saved else "the ranks stopped without a "
+                                                     "checkpoint"), resume]
+        write_record(run, meta, "interrupted", reason, checkpointed=bool(saved), lost_nodes=lost)
         print(f"\nRUN INTERRUPTED: {run}", file=sys.stderr)
         for line in reason:
             print(f"  {line}", file=sys.stderr)
         return INTERRUPTED
-    problems, failed = [], []
-    for rank in range(meta["nranks"]):
-        path = status_path(run, rank)
-        if not path.exists():
-            problems.append(f"rank {rank} did not finish (killed, or stopped when another rank failed): "
-                            f"see {rank_log(run, rank)}")
+    statuses = _all_statuses(run, meta["nranks"])
+    problems, lost = _lost_lines(run, meta, statuses)
+    on_lost = {rank for ranks in lost.values() for rank in ranks}  # said once, as their node's
+    failed = []
+    for rank, st in statuses.items():
+        if rank in on_lost:
             continue
-        st = json.loads(path.read_text())
-        if st["returncode"] != 0:
+        if st is None or "returncode" not in st:
+            where = f" on {st['node']}" if st else ""
+            problems.append(f"rank {rank}{where} did not finish (killed, or stopped when another rank failed): "
+                            f"see {rank_log(run, rank)}")
+        elif st["returncode"] != 0:
             failed.append(st)
     # the rank that failed first is the cause; the others mostly failed because it had gone
     failed.sort(key=lambda st: st.get("ended_s", 0))
@@ -225,12 +370,14 @@ def collect(run: Path, launcher_rc: int, interrupted: str | None = None) -> int:
             where = f"was {st['error']}"
         else:
             where = "failed before any cell ran"
-        first = " first" if i == 0 and len(failed) > 1 else ""
+        first = " first" if i == 0 and len(failed) > 1 and "stopped_by" not in st else ""  # a stopped rank: no cause
         problems.append(f"rank {st['rank']} on {st['node']}{first} {where}: open {st['notebook']}")
     if launcher_rc != 0 and not problems:
         problems.append(f"the launcher exited with {launcher_rc}: see {run / 'logs'}")
+    if lost:  # last, where a user looks first: what to run now
+        problems.append("resume with: " + resume_command(run, meta, list(lost)))
     if problems and records.status(run) in (None, RUNNING):  # a failed run is recorded as failed, never dropped
-        write_record(run, meta, "failed", problems)
+        write_record(run, meta, "failed", problems, lost_nodes=lost)
     if not problems and records.status(run) == RUNNING:  # a notebook that writes no record of its own
         record.unlink()
     if problems:

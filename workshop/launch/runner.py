@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,10 @@ def launch(argv: list[str]) -> int:
                        "(conda activate workshop, or source .venv/bin/activate), or set WORKSHOP_PYTHON")
     job = os.environ.get("SLURM_JOB_ID")
     srun = bool(job) and nproc is None  # under SLURM (sbatch, salloc) the ranks are the job's tasks
+    if srun and shutil.which("srun") is None:
+        raise RunError(f"SLURM_JOB_ID={job} says this runs in a SLURM job, but srun is not on PATH: load SLURM (module "
+                       "load slurm), or, where the variable is left over (an ssh into a job's node, an exported "
+                       "environment), unset SLURM_JOB_ID, or pass --nproc N to run the ranks here")
     nranks = world.srun_tasks() if srun else (nproc or 1)
     if not srun:
         check_local_ranks(nranks)
