@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: run test setup lab kernel notebooks student lint slurm-up slurm-down slurm-status
 
-run: setup  ## execute every notebook (CPU, synthetic data, local ranks), then the scaling report (12); prints where it is
+run: setup  ## execute every notebook (CPU, synthetic data, local ranks), then the scaling report (13); prints where it is
 	$(BIN)/python -m workshop.launch.runner series
 
 # Three pytest workers on two cores, each of whose processes runs one thread (conftest.py): the tests spend much

@@ -42,13 +42,13 @@ LONGEST_FIRST = (
     "tests/test_reliability.py",  # 297
     "tests/test_bad_input.py",  # 189
     "tests/test_doctor.py",  # 170
-    "notebooks/10_inference.ipynb",  # 132
-    "notebooks/11_when_things_go_wrong.ipynb",  # 116
+    "notebooks/11_inference.ipynb",  # 132
+    "notebooks/12_when_things_go_wrong.ipynb",  # 116
     "tests/test_notebook_03.py",  # 104
-    "tests/test_notebook_11.py",  # 101
+    "tests/test_notebook_12.py",  # 101
     "tests/test_browser.py",  # 90
-    "tests/test_student_runs.py",  # about 80 (11 student copies to their last check)
-    "tests/test_notebook_10.py",  # 67
+    "tests/test_student_runs.py",  # about 90 (12 student copies to their last check)
+    "tests/test_notebook_11.py",  # 67
     "notebooks/03_task_parallelism.ipynb",  # 66
     "notebooks/01_baseline.ipynb",  # 64
     "tests/test_tp.py",  # 60

@@ -107,11 +107,11 @@ step 08_tensor_parallel nb 08_tensor_parallelism 08_tensor_parallelism.yaml -p s
     -- -p model_size cpu -p seq_len 32 -p micro_batch_size 4
 step 09_pipeline nb 09_pipeline_parallelism 09_pipeline_parallelism.yaml -p timing_repeats 1 -p bubble_microbatches 1,4 \
     -- -p model_size cpu -p seq_len 32 -p micro_batch_size 2 -p bubble_microbatches 2 -p timing_repeats 1
-step 10_inference nb 10_inference 10_inference.yaml -p train_steps 60 -p max_new_tokens 48 -p timing_repeats 2 \
+step 11_inference nb 11_inference 11_inference.yaml -p train_steps 60 -p max_new_tokens 48 -p timing_repeats 2 \
     -- -p model_size cpu -p seq_len 64 -p batch_size 16 -p train_steps 20 -p max_new_tokens 16 -p compile_decoding False
 # the debugging notebook's CPU run is the tests' (nbval and 2 ranks); on a GPU its own ranks use NCCL and CUDA
 if [[ -n $gpu ]]; then
-    step 11_when_things_go_wrong notebook notebooks/11_when_things_go_wrong.ipynb
+    step 12_when_things_go_wrong notebook notebooks/12_when_things_go_wrong.ipynb
 fi
 
 "$PYTHON" - "$runs" "${gpu:-}" "${check_only:-}" "${steps[@]}" <<'EOF'

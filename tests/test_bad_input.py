@@ -290,14 +290,14 @@ CASES = [
     Case("a model size that does not exist", ["notebooks/06_sharding.ipynb", "-p", "size", "huge"], 2,
          "error: parameter size = 'huge' must be one of cpu, small, gpu (the rules are in 06_sharding.ipynb's "
          "parameters cell)"),
-    Case("a compile mode that does not exist", ["notebooks/10_inference.ipynb", "-p", "compile_mode", "max"], 2,
+    Case("a compile mode that does not exist", ["notebooks/11_inference.ipynb", "-p", "compile_mode", "max"], 2,
          "error: parameter compile_mode = 'max' must be one of default, reduce-overhead, max-autotune (the rules are in "
-         "10_inference.ipynb's parameters cell)"),
-    Case("a sampling temperature of 0", ["notebooks/10_inference.ipynb", "-p", "temperature", "0"], 2,
-         "error: parameter temperature = 0 must be above 0 (the rules are in 10_inference.ipynb's parameters cell)"),
-    Case("a provoked hang that would never time out", ["notebooks/11_when_things_go_wrong.ipynb", "-p", "fault_timeout",
+         "11_inference.ipynb's parameters cell)"),
+    Case("a sampling temperature of 0", ["notebooks/11_inference.ipynb", "-p", "temperature", "0"], 2,
+         "error: parameter temperature = 0 must be above 0 (the rules are in 11_inference.ipynb's parameters cell)"),
+    Case("a provoked hang that would never time out", ["notebooks/12_when_things_go_wrong.ipynb", "-p", "fault_timeout",
                                                         "0"], 2,
-         "error: parameter fault_timeout = 0 must be above 0, at most 30 (the rules are in 11_when_things_go_wrong.ipynb's "
+         "error: parameter fault_timeout = 0 must be above 0, at most 30 (the rules are in 12_when_things_go_wrong.ipynb's "
          "parameters cell)"),
     Case("more local ranks than the machine can run", ["--nproc", "999", FAIL], 2,
          "error: --nproc 999: too many local ranks for this machine"),

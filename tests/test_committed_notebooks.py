@@ -114,7 +114,8 @@ IN_THE_OPEN = {
     "07_memory": ["checkpoint("],
     "08_tensor_parallelism": ["parallelize_module(", "ColwiseParallel(", "RowwiseParallel(", "SequenceParallel("],
     "09_pipeline_parallelism": ["PipelineStage(", "ScheduleGPipe(", "Schedule1F1B(", ".step("],
-    "10_inference": ["init_device_mesh(", "KVCache("],
+    "10_long_sequences_and_experts": ["isend(", "irecv(", "all_to_all_single(", "context_parallel("],
+    "11_inference": ["init_device_mesh(", "KVCache("],
 }
 LESSON_CODE_LINES = 300  # at most, per lesson notebook: what is not the lesson lives in the package
 
@@ -173,11 +174,11 @@ def test_the_report_read_the_records_of_the_committed_notebooks():
     """`make notebooks` writes into each notebook's metadata the digest of the record its run wrote (record) and into
     the report's the digests of the records it read (reported): the report is stale when they differ."""
     metas = {p.stem: json.loads(p.read_text())["metadata"].get("workshop", {}) for p in NOTEBOOKS}
-    report = metas.pop("12_scaling_report")
+    report = metas.pop("13_scaling_report")
     made = {stem: [meta["record"]] for stem, meta in metas.items() if "record" in meta}
     assert made, "no committed notebook names its record: run `make notebooks`"
     reported = report.get("reported", {})
     differ = {stem: (reported.get(stem), made.get(stem)) for stem in sorted({*made, *reported})
               if reported.get(stem) != made.get(stem)}
-    assert differ == {}, ("the committed report (12) read other records than the committed notebooks wrote (notebook: "
+    assert differ == {}, ("the committed report (13) read other records than the committed notebooks wrote (notebook: "
                           f"(read, written)): {differ}; run `make notebooks`, which makes the report again, last")

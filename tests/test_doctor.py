@@ -2,7 +2,7 @@
 planted misconfiguration and with a rendezvous host that does not resolve (refused at once), and as SLURM steps: 2
 nodes x 2 tasks (healthy), 3 tasks over 2 nodes, a rendezvous address nobody answers on, a port already taken. A
 launch that does not end within its bound fails the test; after every launch no process that carried its marker
-may remain. Notebook 11's checked cell covers the rest on local ranks (nbval, test_notebook_11): its report of
+may remain. Notebook 12's checked cell covers the rest on local ranks (nbval, test_notebook_12): its report of
 every rank and exact all-reduce, and four ways ranks fail to meet, each within its bound."""
 
 import os

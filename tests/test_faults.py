@@ -1,8 +1,8 @@
 """workshop.launch.faults: `diagnose` on made-up Flight Recorder traces, then faults provoked for real: a rank that skips
 an all-reduce on two SLURM nodes (the traces name the rank behind), and a broadcast where the others all-reduce on 2
 torchrun ranks, found from the traces after the timeout. Every launch ends within its bound and leaves no process
-behind (helpers.launch). Notebook 11 provokes the rest, and its checked cell asserts them, as one process (nbval)
-and on 2 ranks (test_notebook_11): the hang on local ranks with the rank and collective named, the mismatch at
+behind (helpers.launch). Notebook 12 provokes the rest, and its checked cell asserts them, as one process (nbval)
+and on 2 ranks (test_notebook_12): the hang on local ranks with the rank and collective named, the mismatch at
 once under TORCH_DISTRIBUTED_DEBUG=DETAIL, and the slowed rank found from each rank's work and wait."""
 
 import re

@@ -182,19 +182,19 @@ def test_make_run_series_ends_with_the_report(runs, tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(WORKSHOP_RUNS=str(tmp_path / "made"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
-    out = subprocess.run([sys.executable, "-m", "workshop.launch.runner", "series", "notebooks/12_scaling_report.ipynb",
+    out = subprocess.run([sys.executable, "-m", "workshop.launch.runner", "series", "notebooks/13_scaling_report.ipynb",
                           "tests/notebooks/fail_on_rank.ipynb"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (series,) = (tmp_path / "made").iterdir()
     folders_by_name = {p.name.split("-", 2)[-1]: p.name for p in series.iterdir()}
-    assert sorted(folders_by_name) == ["12_scaling_report", "fail_on_rank"]
-    assert out.stdout.index("fail_on_rank.ipynb") < out.stdout.index("12_scaling_report.ipynb")  # the report last
+    assert sorted(folders_by_name) == ["13_scaling_report", "fail_on_rank"]
+    assert out.stdout.index("fail_on_rank.ipynb") < out.stdout.index("13_scaling_report.ipynb")  # the report last
     assert "Executing" not in out.stdout  # papermill's progress is in the run folders, one line a notebook here
     assert (series / folders_by_name["fail_on_rank"] / "logs" / "launcher.log").is_file()
-    (report_md,) = series.glob("*-12_scaling_report/report/report.md")
+    (report_md,) = series.glob("*-13_scaling_report/report/report.md")
     assert "scaling report:" in out.stdout and report_md.name in out.stdout.split("scaling report:")[1]
-    nb = (report_md.parent.parent / "12_scaling_report.ipynb").read_text()
+    nb = (report_md.parent.parent / "13_scaling_report.ipynb").read_text()
     assert "reporting on:" in nb and series.name in nb  # the series' folder was passed as `runs`
 
 

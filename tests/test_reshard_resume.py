@@ -1,7 +1,7 @@
 """workshop.reshard (`python -m workshop.reshard`: train, save, resume) as one process: FSDP2 and DDP train alike, and a
 checkpoint of another model is refused with what differs. That a checkpoint resumes on other world sizes with the
 losses of the run that was never interrupted (written on 2 ranks, resumed on 4 and on 1; one file per writing rank)
-is notebook 11's checked cell, asserted as one process by nbval and on 2 ranks by test_notebook_11."""
+is notebook 12's checked cell, asserted as one process by nbval and on 2 ranks by test_notebook_12."""
 
 import subprocess
 import sys

@@ -44,7 +44,7 @@ def test_student_copies_hold_no_solution_and_no_output(tmp_path):
     assert {"01.1 train_step", "02.1 train_step", "03.1 make_grid", "04.1 reduce_gradients", "05.1 allreduce_gradients",
             "05.2 wrap_for_ddp", "05.3 accumulate", "06.1 shard_model", "06.2 assign_owners",
             "07.1 checkpoint_every_other", "08.1 mlp_slices", "09.1 one_f_one_b_order", "09.2 peak_in_flight",
-            "10.1 greedy_decode", "11.1 find_straggler"} <= set(names)
+            "10.1 online_update", "10.2 dispatch", "11.1 greedy_decode", "12.1 find_straggler"} <= set(names)
 
 
 def test_a_copy_a_student_edited_is_kept_unless_forced(tmp_path, capsys):

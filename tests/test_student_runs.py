@@ -56,17 +56,22 @@ WRONG = {
                               "you split w2 along its rows"),
     "09_pipeline_parallelism": ("09.1 one_f_one_b_order", """
         return gpipe_order(p, m, s)""", "GPipe's order"),
-    "10_inference": ("10.1 greedy_decode", """
+    "10_long_sequences_and_experts": ("10.1 online_update", """
+        m_new = torch.maximum(m, scores.amax(dim=-1))
+        p = torch.exp(scores - m_new.unsqueeze(-1))
+        return m_new, total + p.sum(dim=-1), acc + p @ v  # the old sum and output not rescaled to the new maximum""",
+                                      r"rescale the old sum by exp\(m - m_new\)"),
+    "11_inference": ("11.1 greedy_decode", """
         for _ in range(new_tokens):  # the whole sequence fed at every step, the cache unused
             tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)""",
                      "feed only the newest token"),
-    "11_when_things_go_wrong": ("11.1 find_straggler", """
+    "12_when_things_go_wrong": ("12.1 find_straggler", """
         return max(times, key=lambda t: statistics.median(t["wait_s"]))["rank"]  # the one that waits longest""",
                                 "which waits longest"),
 }
 # Smaller runs of the cells before the checks (as papermill's -p would give them)
-SMALL = {"10_inference": {"train_steps": 10, "max_new_tokens": 8},
-         "11_when_things_go_wrong": {"provoke": False, "straggle_steps": 3}}
+SMALL = {"11_inference": {"train_steps": 10, "max_new_tokens": 8},
+         "12_when_things_go_wrong": {"provoke": False, "straggle_steps": 3}}
 LESSONS = sorted(p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb") if student.exercises(
     json.loads(p.read_text())))
 

@@ -87,7 +87,7 @@ def test_loss_falls_well_below_uniform():
 
 
 def test_decode_flops_and_kv_cache_bytes_match_what_a_decoding_step_does():
-    """The formulas of notebook 10 against FlopCounterMode's count of one cached decoding step (matmuls and
+    """The formulas of notebook 11 against FlopCounterMode's count of one cached decoding step (matmuls and
     scaled_dot_product_attention) and against the bytes the KVCache holds."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode

@@ -1,7 +1,7 @@
 """Tensor parallelism (workshop.tp) and fixed-shape decoding (workshop.inference): the size checks, and 2D training
 (FSDP2 x TP, by hand and with Lightning) against one process on 4 gloo ranks (tests/multirank/tp_equivalence.py).
 Tensor parallelism on 2 ranks against one process is notebook 08's checked cells (test_notebook_08), tensor-parallel
-decoding notebook 10's (test_notebook_10)."""
+decoding notebook 11's (test_notebook_11)."""
 
 
 import pytest

@@ -1,5 +1,5 @@
 """Generation: decoding at fixed shapes (eager or compiled with torch.compile, CUDA graphs through
-mode="reduce-overhead"), the prompts file that users extend, and whether two decodings agree. Notebook 10
+mode="reduce-overhead"), the prompts file that users extend, and whether two decodings agree. Notebook 11
 uses it, and times it with `metrics.timed` (tokens/s, latency per token); tensor-parallel generation is
 `models.generate` on a model split by `tp.apply_tp` (every rank runs the same loop and gets the same tokens).
 
@@ -116,7 +116,7 @@ def known_word_share(texts: list[str], vocabulary: set[str]) -> float:
 
 
 def check_decode(decode, model: TinyGPT, prompts: list[torch.Tensor], new_tokens: int) -> Match:
-    """Exercise 10.1: a student's `decode(model, prompt, new_tokens)` must continue each prompt with the greedy
+    """Exercise 11.1: a student's `decode(model, prompt, new_tokens)` must continue each prompt with the greedy
     tokens of `models.generate` and, after the prompt, feed the model one token per step (what the KV cache is for).
     The hint names what differs. Every rank runs the same prompts: the verdict is agreed."""
     from workshop.models import generate

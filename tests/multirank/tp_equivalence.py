@@ -5,7 +5,7 @@
 Training with FSDP2 x TP (apply_2d) and with Lightning's ModelParallelStrategy. Every rank computes the
 one-process reference itself. Tensor parallelism on 2 ranks (the column/row layers and the Megatron block
 by hand, the DTensor plan with and without sequence parallelism, training with it) is notebook 08's checked
-cells, and tensor-parallel decoding notebook 10's, each run on 2 ranks by its test_notebook_NN.
+cells, and tensor-parallel decoding notebook 11's, each run on 2 ranks by its test_notebook_NN.
 """
 
 import sys

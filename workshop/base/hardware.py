@@ -49,7 +49,14 @@ GPU_PEAK_TFLOPS = {
     "A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
     "L40S": {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6},
     "V100": {"fp16": 125, "fp32": 15.7},  # no bf16, no TF32
+    "P100": {"fp16": 21.2, "fp32": 10.6},  # P100 SXM2 (NVIDIA Tesla P100 white paper)
 }
+
+# Streaming multiprocessors and HBM bandwidth (bytes/s) from the data sheets, by the same names: P100 SXM2 (Tesla
+# P100 white paper), V100 SXM (Volta white paper), A100 80GB SXM (A100 data sheet), H100 SXM and H200 SXM (their data
+# sheets). The cost model's roofline and overlap terms read them (workshop.estimate.terms).
+GPU_SMS = {"P100": 56, "V100": 80, "A100": 108, "H100": 132, "H200": 132}
+GPU_HBM_BYTES_PER_S = {"P100": 732e9, "V100": 900e9, "A100": 2039e9, "H100": 3350e9, "H200": 4800e9}
 
 
 @dataclass(frozen=True)

@@ -194,10 +194,11 @@ def project_strong(model="70B", gpu: str = "h100", strategy: str = "fsdp", globa
 
 
 def format_strong(proj: Projection, at: tuple[int, ...] | None = None) -> str:
-    """A strong-scaling projection as a table: per-GPU batch, memory, step, tokens/s and MFU per GPU, efficiency."""
+    """A strong-scaling projection as a table: per-GPU batch, memory, step, tokens/s and MFU per GPU, efficiency;
+    the rows that do not run say why under it."""
     w, cap = proj.workload, hardware.MEMORY_MARGIN * GPUS[proj.gpu]["memory"]
     base = next((r["devices"] for r in proj.rows if r["fits"]), None)
-    rows = []
+    rows, notes = [], []
     for r in proj.rows:
         if at is not None and r["devices"] not in at:
             continue
@@ -209,20 +210,21 @@ def format_strong(proj: Projection, at: tuple[int, ...] | None = None) -> str:
                                 f"{r['mfu']:.1%}", f"{r['efficiency']:.1%}"])
         else:
             alt = f"; fits with {', '.join(r['fits_with'])}" if r["fits_with"] else ""
-            why = "does not fit" if r["reason"] == "memory" else r["reason"]
-            rows.append(head + ["-", "-", "-", "-", f"{why}{alt}"])
+            why = "does not fit in memory" if r["reason"] == "memory" else r["reason"]
+            rows.append(head + ["-", "-", "-", "-", "-"])
+            notes.append(wrap(f"{r['devices']} GPUs: {why}{alt}", first="  ", rest="    "))
     tokens = proj.global_batch * w.tokens_per_sample
     terms_off = "" if proj.gpu in _FACTS else (f" (no SM or HBM figures for {proj.gpu} here: without the GEMM "
                                                 "efficiency, overlap and elementwise terms)")
-    return "\n".join([f"{proj.label}: {w.parameters:,} parameters, {proj.gpu}{terms_off}, strong scaling at a global "
-                      f"batch of {proj.global_batch} sequences of {w.tokens_per_sample} tokens ({tokens / 1e6:.1f}M tokens), "
-                      f"micro-batch {proj.micro_batch_size}, full activation checkpointing;\nmemory per GPU against "
-                      f"{gib(cap)} usable; efficiency: "
-                      + (f"tokens/s per GPU against {base} GPUs, the fewest where it fits" if base else
-                         "none, it fits nowhere"),
-                      table(["devices", "nodes", "sequences per GPU (micro-batches x size)", "memory", "step (s)",
-                             "exposed comm (s)", "tokens/s per GPU", "MFU", "efficiency"], rows),
-                      wrap(scaling_summary(proj), rest="")])
+    intro = (f"{proj.label}: {w.parameters:,} parameters, {proj.gpu}{terms_off}, strong scaling at a global batch of "
+             f"{proj.global_batch} sequences of {w.tokens_per_sample} tokens ({tokens / 1e6:.1f}M tokens), micro-batch "
+             f"{proj.micro_batch_size}, full activation checkpointing; memory per GPU against {gib(cap)} usable; "
+             "efficiency: " + (f"tokens/s per GPU against {base} GPUs, the fewest where it fits" if base else
+                               "none, it fits nowhere"))
+    return "\n".join([wrap(intro, rest=""),
+                      table(["devices", "nodes", "sequences per GPU", "memory", "step (s)", "exposed comm (s)",
+                             "tokens/s per GPU", "MFU", "efficiency"], rows),
+                      *notes, wrap(scaling_summary(proj), rest="")])
 
 
 def format_projection(proj: Projection, at: tuple[int, ...] | None = None) -> str:

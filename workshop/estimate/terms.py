@@ -44,18 +44,22 @@ class GpuFacts:
     sms: int
 
 
-# Data sheets: P100 SXM2 (NVIDIA Tesla P100 white paper: 56 SMs, 21.2 TFLOP/s fp16, 732 GB/s), V100 SXM (Volta white
-# paper: 80 SMs, 900 GB/s), A100 80GB SXM (A100 data sheet: 108 SMs, 2,039 GB/s), H100 SXM (H100 data sheet: 132 SMs,
-# 3.35 TB/s), H100 with 96 GB HBM2e at 2.4 TB/s (as torchtitan's benchmark describes its GPUs), H200 SXM (4.8 TB/s).
-# Peaks from workshop.base.hardware where it has them.
-_PEAK = hardware.GPU_PEAK_TFLOPS
+# Peaks, SMs and HBM bandwidth from workshop.base.hardware (its data sheets); "h100-hbm2e" is the H100 with 96 GB of
+# HBM2e at 2.4 TB/s that torchtitan's benchmark describes its GPUs as.
+_PEAK, _SMS, _HBM = hardware.GPU_PEAK_TFLOPS, hardware.GPU_SMS, hardware.GPU_HBM_BYTES_PER_S
+
+
+def _from_sheet(name: str, gpu: str, precision: str, hbm: float | None = None) -> GpuFacts:
+    return GpuFacts(name, _PEAK[gpu][precision] * 1e12, hbm or _HBM[gpu], _SMS[gpu])
+
+
 GPU_FACTS = {g.name: g for g in (
-    GpuFacts("p100", 21.2e12, 732e9, 56),
-    GpuFacts("v100", _PEAK["V100"]["fp16"] * 1e12, 900e9, 80),
-    GpuFacts("a100-80", _PEAK["A100"]["bf16"] * 1e12, 2039e9, 108),
-    GpuFacts("h100", _PEAK["H100"]["bf16"] * 1e12, 3350e9, 132),
-    GpuFacts("h100-hbm2e", _PEAK["H100"]["bf16"] * 1e12, 2400e9, 132),
-    GpuFacts("h200", _PEAK["H200"]["bf16"] * 1e12, 4800e9, 132),
+    _from_sheet("p100", "P100", "fp16"),
+    _from_sheet("v100", "V100", "fp16"),
+    _from_sheet("a100-80", "A100", "bf16"),
+    _from_sheet("h100", "H100", "bf16"),
+    _from_sheet("h100-hbm2e", "H100", "bf16", hbm=2400e9),
+    _from_sheet("h200", "H200", "bf16"),
 )}
 
 # Thread blocks an NCCL collective occupies while it runs (the forum thread above, on an H100)

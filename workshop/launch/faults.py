@@ -228,7 +228,7 @@ def slowest(times: list[dict]) -> tuple[int, float, float]:
 
 
 def check_straggler(find, measured: list[dict]):
-    """Exercise 11.1: a student's `find(times)` must name the straggler of `straggle`'s times (`slowest`'s rank): on
+    """Exercise 12.1: a student's `find(times)` must name the straggler of `straggle`'s times (`slowest`'s rank): on
     made-up times where the usual mistakes pick another rank, then on the times measured here. The hint names the
     mistake."""
     from workshop.check import Match

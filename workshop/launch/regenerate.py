@@ -8,7 +8,7 @@ says so (`dist.describe`). Every other notebook is executed as one process. Eith
 
 Only the outputs and execution counts come back into the committed notebook, with the world they came from
 (metadata `workshop.ranks` and `workshop.nodes`, from the run's run.json) and the digest of the record it wrote
-(`workshop.record`); its source, cell ids and other metadata stay. The report (12) runs last, whichever notebooks
+(`workshop.record`); its source, cell ids and other metadata stay. The report (13) runs last, whichever notebooks
 are made again, over the latest run of every notebook, and its metadata names the records it read
 (`workshop.reported`): tests/test_committed_notebooks.py fails when they are not the committed notebooks' own.
 Outputs lose what would churn from one run to the next or leak this machine: the repository's absolute path, the
@@ -116,7 +116,7 @@ def _scrub_output(out: dict) -> dict:
 
 def run_world(run: Path) -> dict:
     """What a run of scripts/run_notebook.sh says of itself: its world, from the run.json its launcher wrote (ranks,
-    nodes); the digest of its record.json, where it wrote one (record); and for the report (12), the digests of the
+    nodes); the digest of its record.json, where it wrote one (record); and for the report (13), the digests of the
     records it read (reported), so that a test can tell whether the committed report read the committed runs."""
     launched = json.loads((run / "run.json").read_text())
     world = {"ranks": int(launched["nranks"]), "nodes": int(launched.get("environment", {}).get("SLURM_JOB_NUM_NODES", 1))}
@@ -158,7 +158,7 @@ def regenerate(notebooks: list[Path], local: bool = False) -> int:
         print(f"no SLURM cluster answers{' (--local)' if local else ''}: multi-rank notebooks run as {RANKS} local ranks "
               "(torchrun), and their first output says so; `make slurm-up` for 2 nodes x 2 ranks", flush=True)
     # a runs folder inside the repository (the nodes of a cluster share it, not every /tmp), of a fixed name so the
-    # report (12) prints the same folder every time. It keeps the latest run of each notebook: regenerating some
+    # report (13) prints the same folder every time. It keeps the latest run of each notebook: regenerating some
     # notebooks replaces their runs only, and the report, run last, reads the latest run of every notebook.
     runs = REPO / "runs" / "make-notebooks"
     runs.mkdir(parents=True, exist_ok=True)

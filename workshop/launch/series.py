@@ -12,7 +12,7 @@ from pathlib import Path
 
 from workshop.base.runs import display_path, find_runs, new_run_dir
 
-REPORT_NOTEBOOK = "12_scaling_report"  # run last by `series`, over the runs the series made
+REPORT_NOTEBOOK = "13_scaling_report"  # run last by `series`, over the runs the series made
 
 
 def declared_ranks(notebook: Path) -> int:
@@ -25,7 +25,7 @@ def declared_ranks(notebook: Path) -> int:
 
 def series(notebooks: list[Path]) -> int:
     """Run the notebooks in order, each as its declared number of local ranks, all into one folder
-    of this series (runs/<time>-series/); the scaling report (notebook 12), when among them, runs
+    of this series (runs/<time>-series/); the scaling report (notebook 13), when among them, runs
     last over that folder. Then list each one's run folder and say where the report is. Non-zero if
     any failed."""
     root = new_run_dir("series")  # runs/<time>-series: every run of this series under it

@@ -191,7 +191,7 @@ def write_baseline_record(run, params: dict, *, plain: dict, lightning: dict, da
     """Notebook 01's record.json (rank 0 writes it; other ranks get None). `plain` and `lightning` are what each
     loop measured: wall_time_s, and where known peak_memory_bytes, val_acc, val_loss. Their samples/s are computed
     from params' epochs and num_train; both also go into "measurements" in the keys workshop.measure.report reads
-    (notebook 12), the plain loop as the baseline. `extra` keys go into the record beside them (`tracking`)."""
+    (notebook 13), the plain loop as the baseline. `extra` keys go into the record beside them (`tracking`)."""
     samples = params["epochs"] * params["num_train"]
     loops = {name: {**measured, "samples_per_s": throughput(samples, measured["wall_time_s"])}
              for name, measured in (("plain", plain), ("lightning", lightning))}

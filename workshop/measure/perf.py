@@ -296,7 +296,7 @@ def run_variants(model_name: str, batch_size: int, steps: int, warmup: int, vari
 
 def results(rows: list[dict], **extra) -> dict:
     """A record's results for the rows of `run_variants`: every row, the fastest variant, `extra` (notebook 02: the
-    FLOPs of a step, the trace files), and the measured rows in the keys workshop.measure.report reads (notebook 12)."""
+    FLOPs of a step, the trace files), and the measured rows in the keys workshop.measure.report reads (notebook 13)."""
     best = best_variant(rows)
     return {"rows": rows, "best": best["variant"] if best else None, **extra, "measurements": report_measurements(rows)}
 

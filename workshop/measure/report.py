@@ -161,7 +161,7 @@ def find_runs(root: Path, notebook: str | None = None, sweep: str | None = None,
         name = str(rec.get("notebook") or path.parent.name)
         status = str(rec.get("status", "ok"))
         if status == "running" and path.parent.resolve() == this_run:
-            continue  # the run that makes this report (notebook 12 over its series)
+            continue  # the run that makes this report (notebook 13 over its series)
         if status == "running" and not still_running(rec):  # the launcher's first record, never settled
             status, reason = "incomplete", (f"{reason}; the launcher is gone: killed with SIGKILL, out of memory, or on a "
                                             "failed node (see the ranks' logs in its folder)")
