@@ -137,8 +137,8 @@ def _running_run(tmp: Path) -> None:
     """A run that another launcher, alive on this host (this test's own process), writes now."""
     _run_folder("running", [])(tmp)
     record = tmp / "runs" / "earlier-fail_on_rank" / "record.json"
-    record.write_text(json.dumps({"notebook": "fail_on_rank", "status": "running",
-                                  "extra": {"launcher": {"host": socket.gethostname(), "pid": os.getpid()}}}))
+    record.write_text(json.dumps({"notebook": "fail_on_rank", "status": "running",  # as rundir.write_record writes it
+                                  "launcher": {"host": socket.gethostname(), "pid": os.getpid()}}))
 
 
 def _path_without_srun(tmp: Path) -> None:

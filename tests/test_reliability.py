@@ -1,11 +1,15 @@
-"""Reliability, on local ranks and on the local SLURM cluster: a rank that fails ends every process
-in bounded time, and so does a node lost on SLURM (every process of its tasks killed), which is named; a run
-interrupted by SIGUSR1 (the time-limit warning) resumes in its own folder to the weights of an uninterrupted run
-(on SLURM: a job beside it, so two jobs share the nodes at once); run folders on a shared cluster (mode, no
-secrets). Times are printed (pytest -s); the bound of 90 s is the requirement."""
+"""Reliability, on local ranks and on the local SLURM cluster: a rank that fails ends every process in bounded time,
+and so does a node lost on SLURM (every process of its tasks killed), which is named, and the run resumes on the node
+left with the losses of an uninterrupted run; a run interrupted by SIGUSR1 (the time-limit warning) resumes in its own
+folder to the weights of an uninterrupted run (on SLURM: a job beside it, so two jobs share the nodes at once); run
+folders on a shared cluster (mode, no secrets). Times are printed (pytest -s); the bound of 90 s is the requirement."""
 
+import filecmp
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +21,7 @@ import pytest
 import torch
 
 from helpers import REPO, RUN_NOTEBOOK, run_notebook, slurm_env
+from workshop import reshard
 from workshop.base import records
 from workshop.base import runs as runs_module
 from workshop.measure import report
@@ -247,14 +252,33 @@ def node_tasks(job: str, node: str) -> list[psutil.Process]:
     return found
 
 
+def step_losses(log: Path) -> dict[int, float]:
+    """{step: the global batch's loss} of every step that a rank 0's log of the resume notebook shows."""
+    return {int(step): float(loss) for step, loss in re.findall(r"^step (\d+) loss (\S+)\s*$", log.read_text(), re.M)}
+
+
+LOST_STEPS, LOST_SAVED = 8, 4  # the killed run's steps and its first checkpoint; killed past it, before the second
+LOST_ARGS = ["-p", "steps", str(LOST_STEPS), "-p", "checkpoint_every", str(LOST_SAVED), "-p", "step_sleep_s", "0.5"]
+
+
 @pytest.mark.slurm
-def test_on_slurm_a_lost_node_ends_the_job_in_bounded_time_and_is_named(slurm, runs):
-    """2 nodes x 2 tasks; every process of n2's tasks killed at once mid-run (SIGKILL: the node died, or the
-    out-of-memory killer took them). The job ends within the bound; its last lines and its record name n2, say that
-    both of its ranks ended together, and end with the command that resumes the run."""
+def test_on_slurm_a_lost_node_is_named_and_the_run_resumes_on_the_node_left(slurm, runs, tmp_path):
+    """2 nodes x 2 tasks; past the first checkpoint, every process of n2's tasks killed at once (SIGKILL: the node
+    died, or the out-of-memory killer took them). The job ends within the bound; its last lines and its record name
+    n2, say that both of its ranks ended together, and end with the command that resumes the run on the node left.
+    That command, run (1 node x 2 tasks), continues from the checkpoint with the losses of an uninterrupted run of 2
+    ranks from the same checkpoint (2 local ranks, at the same time), and with the 4 ranks' losses of the steps they
+    ran past it: each step trains on the same samples on any world. The record keeps both worlds."""
+    began = time.monotonic()
     job = submit(runs, "--time=00:10:00", "--nodes=2", "--ntasks-per-node=2", "scripts/run_notebook.sh", RESUME,
-                 *RESUME_ARGS, "-p", "step_sleep_s", "0.5")
-    run = wait_for_step(runs, 2, pattern=f"job{job}-*")
+                 *LOST_ARGS)
+    run = wait_for_step(runs, LOST_SAVED, pattern=f"job{job}-*")  # its checkpoint written: its line comes after
+    reference = tmp_path / "checkpoint"  # the same checkpoint, for 2 ranks never interrupted, started at once
+    shutil.copytree(run / "checkpoints", reference)
+    reference_run = subprocess.Popen(  # local ranks (slurm_env: no variable of a job), beside the job
+        ["bash", str(RUN_NOTEBOOK), "--nproc", "2", RESUME, *LOST_ARGS, "-p", "checkpoint_dir", str(reference)],
+        cwd=REPO, env=slurm_env(tmp_path / "reference"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(runs, LOST_SAVED + 1, pattern=f"job{job}-*")  # a step past the checkpoint: both worlds ran it
     killed = node_tasks(job, "n2")
     assert killed, "no process of n2's tasks found"
     for proc in killed:
@@ -269,12 +293,39 @@ def test_on_slurm_a_lost_node_ends_the_job_in_bounded_time_and_is_named(slurm, r
     print("\n".join(last[-5:]))
     lost = "node n2 was lost: ranks 2 and 3, every rank it ran, ended together without a word"
     assert any(line.strip().startswith(lost) for line in last[-4:]), log[-3000:]
-    assert last[-1].strip().startswith("resume with: sbatch --nodes=2 --ntasks-per-node=2 --exclude=n2 ") and \
-        last[-1].strip().endswith(f"scripts/run_notebook.sh --resume {run} {RESUME} {' '.join(RESUME_ARGS)} -p "
-                                  "step_sleep_s 0.5"), last[-4:]
+    command = f"scripts/run_notebook.sh --resume {run} {RESUME} {' '.join(LOST_ARGS)}"
+    assert last[-1].strip() == "resume with: sbatch --nodes=1 --ntasks-per-node=2 --exclude=n2 [your other options] " \
+                               + command, last[-4:]  # the notebook reshards: on the node left
     record = records.read(run / "record.json")
-    assert record.status == "failed" and record.reason[0].startswith(lost) and record.extra["lost_nodes"] == {"n2": [2, 3]}
-    (REPO / "runs" / f"slurm-{job}.out").unlink()
+    assert record.status == "failed" and record.reason[0].startswith(lost)
+    assert record.extra["lost_nodes"] == {"n2": [2, 3]}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step{LOST_SAVED}.pt"]
+    assert filecmp.cmp(run / "checkpoints" / f"step{LOST_SAVED}.pt", reference / f"step{LOST_SAVED}.pt", shallow=False)
+
+    resumed = submit(runs, "--time=00:10:00", *shlex.split(last[-1].strip().removeprefix("resume with: sbatch ")
+                                                           .replace(" [your other options]", "")))
+    _, err = reference_run.communicate(timeout=300)
+    assert reference_run.returncode == 0, err[-3000:]
+    wait_gone(resumed, 300)
+    print(f"lost, resumed and compared in {time.monotonic() - began:.1f} s")
+    record = records.read(run / "record.json")
+    assert record.status == "ok" and record.slurm_job_id == resumed and record.dist["world_size"] == 2, record.reason
+    assert record.results["start_step"] == LOST_SAVED
+    assert record.extra["worlds"] == [{"attempt": 1, "nranks": 4}, {"attempt": 2, "nranks": 2}]
+    after = step_losses(run / "logs" / "rank0.log")
+    uninterrupted = step_losses(only_run(tmp_path / "reference") / "logs" / "rank0.log")
+    on_four = {step: loss for step, loss in step_losses(run / "attempt1" / "logs" / "rank0.log").items()
+               if step > LOST_SAVED}
+    assert sorted(after) == sorted(uninterrupted) == list(range(LOST_SAVED + 1, LOST_STEPS + 1)), (after, uninterrupted)
+    assert on_four and sorted(on_four) == list(range(LOST_SAVED + 1, max(on_four) + 1)), on_four
+    for reference_losses in (uninterrupted, on_four):
+        steps = sorted(reference_losses)
+        torch.testing.assert_close(torch.tensor([after[s] for s in steps], dtype=torch.float64),
+                                   torch.tensor([reference_losses[s] for s in steps], dtype=torch.float64),
+                                   **reshard.TOLERANCE)
+    assert leftover(run) == []
+    for done in (job, resumed):
+        (REPO / "runs" / f"slurm-{done}.out").unlink()
 
 
 @pytest.mark.slurm

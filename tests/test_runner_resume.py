@@ -182,7 +182,7 @@ def test_a_run_that_another_live_launcher_writes_is_not_resumed(tmp_path, clean_
     assert rundir.live_writer(run) is None  # its launcher gone (killed with its node, say): resumable
 
 
-def test_a_notebook_that_reshards_resumes_on_another_number_of_ranks_and_the_run_keeps_both_worlds(tmp_path):
+def test_a_notebook_that_reshards_resumes_on_another_number_of_ranks_and_the_run_keeps_both_worlds(tmp_path, clean_env):
     run = make_run(tmp_path, "r", "failed")  # ran as 2 ranks
     with pytest.raises(RunError, match=r"ran as 2 rank\(s\), not 1: resume with the same number of ranks \(fail_on_rank"
                                        r".ipynb does not declare"):
@@ -195,3 +195,9 @@ def test_a_notebook_that_reshards_resumes_on_another_number_of_ranks_and_the_run
     assert rundir.reuse_run_dir(run, elastic, [], nranks=1) == run.resolve()
     meta = rundir.read_meta(run)
     assert meta["nranks"] == 1 and meta["worlds"] == [{"attempt": 1, "nranks": 2}, {"attempt": 2, "nranks": 1}]
+    # the resumed attempt ends well: the notebook's own record keeps both worlds too
+    (run / "logs").mkdir()
+    rundir.status_path(run, 0).write_text(json.dumps({"rank": 0, "node": "n1", "returncode": 0, "notebook": "nb0"}))
+    records.write(run, records.Record(notebook=NB.stem, status="ok"))
+    assert rundir.collect(run, 0) == 0
+    assert records.read(run).extra["worlds"] == meta["worlds"]

@@ -502,7 +502,7 @@ def block_activation_bytes(seq_len: int, batch: int, dim: int, heads: int, cp: i
     keeps what a fused kernel keeps, for this rank's tokens only."""
     from workshop.estimate.planner import gpt_layer_activation_bytes
 
-    return gpt_layer_activation_bytes(seq_len // cp, batch, dim, heads, value_bytes=value_bytes)
+    return gpt_layer_activation_bytes(seq_len, batch, dim, heads, value_bytes=value_bytes, cp=cp)
 
 
 def imbalance(values) -> float:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workshop.check import Match, agree, compare
+from workshop.estimate.network import moe_all_to_all_bytes
 from workshop.models import FeedForward
 from workshop.parallel_dims import build_mesh
 
@@ -325,10 +326,10 @@ def all_to_all_bytes(table: torch.Tensor, rank: int, dim: int, value_bytes: int 
     return dict(forward=(out + back) * dim * value_bytes, backward=(out + back) * dim * value_bytes)
 
 
-def balanced_all_to_all_bytes(tokens: int, top_k: int, dim: int, ep: int, value_bytes: int = 4) -> float:
-    """The same for a router that spreads a rank's tokens x top_k assignments evenly over the experts, none dropped:
-    2 tokens top_k dim value_bytes (ep - 1) / ep forward, as much backward."""
-    return 2 * tokens * top_k * dim * value_bytes * (ep - 1) / ep
+# The same for a router that spreads a rank's tokens x top_k assignments evenly over the experts, none dropped:
+# 2 tokens top_k dim value_bytes (ep - 1) / ep forward, as much backward. Its one home is the cost model's network
+# (`workshop.estimate.network.moe_all_to_all_bytes`), which prices the all-to-all on a cluster with it.
+balanced_all_to_all_bytes = moe_all_to_all_bytes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,19 +33,27 @@ SEQ, GLOBAL_BATCH, STEPS, SAVED, LR = 16, 24, 6, 3, 3e-3  # GLOBAL_BATCH divisib
 MODEL = dict(size="cpu", depth=2, max_seq_len=SEQ)  # the smallest named size, two blocks: seconds on 2 cores
 MODEL_NAME = "tinygpt-cpu-depth2"
 STRATEGIES = ("fsdp", "ddp")
+# How close a resumed run's losses stay to the uninterrupted run's: the world size changes only the order of the sums
+# (fp32 rounding, about 1e-7 relative per step); a lost gradient, a wrong scale or another batch differs by 1e-2 or more
+TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 
 
-def check_world(env: DistEnv) -> None:
-    if GLOBAL_BATCH % env.world_size:
-        raise ValueError(f"the global batch of {GLOBAL_BATCH} sequences does not split evenly over {env.world_size} "
-                         f"ranks: run on a number of ranks that divides it (1, 2, 3, 4, 6, ...)")
+def share(env: DistEnv, global_batch: int) -> slice:
+    """This rank's positions in a global batch of `global_batch` samples: the contiguous block rank * n .. (rank + 1)
+    * n - 1, n = global_batch / world_size. On any world the ranks together take positions 0 .. global_batch - 1, so
+    a step trains on the same samples whatever the number of ranks (a sampler's order for its own world would not)."""
+    if global_batch % env.world_size:
+        divisors = ", ".join(str(n) for n in range(1, global_batch + 1) if global_batch % n == 0)
+        raise ValueError(f"the global batch of {global_batch} samples does not split evenly over {env.world_size} "
+                         f"ranks: run on a number of ranks that divides it ({divisors})")
+    n = global_batch // env.world_size
+    return slice(env.rank * n, (env.rank + 1) * n)
 
 
 def batch(env: DistEnv, text, step: int):
     """This rank's share of global batch `step` (1-based): (x, y), each (GLOBAL_BATCH / world_size, SEQ)."""
-    share = GLOBAL_BATCH // env.world_size
-    first = (step - 1) * GLOBAL_BATCH + env.rank * share
-    xs, ys = zip(*(text[i] for i in range(first, first + share)))
+    mine, first = share(env, GLOBAL_BATCH), (step - 1) * GLOBAL_BATCH
+    xs, ys = zip(*(text[i] for i in range(first + mine.start, first + mine.stop)))
     return torch.stack(xs).to(env.device), torch.stack(ys).to(env.device)
 
 
@@ -78,7 +86,7 @@ def load(folder: Path, strategy: str, model, optimizer) -> int:
 def run(env: DistEnv, mode: str, folder: Path, strategies=STRATEGIES) -> dict[str, dict[int, float]]:
     """"train": steps 1..STEPS, checkpointed after SAVED; "resume": from the checkpoint to STEPS. Every rank
     returns {strategy: {step: the global batch's loss}}; rank 0 also writes it to DIR/losses-<mode>-<world>.json."""
-    check_world(env)
+    share(env, GLOBAL_BATCH)  # refuses a world that does not divide the global batch, before any step
     folder = Path(folder)
     text, _, _ = data.get_text_dataset("synthetic", seq_len=SEQ, num_train_tokens=STEPS * GLOBAL_BATCH * SEQ + 1)
     losses = {}

@@ -15,6 +15,8 @@ them, src/graph/tuning.cc: every step of the ring pays one hop, the steps that c
                         bytes    2 n * max((g-1)/g beta_intra, beta_inter / g)
     all-gather,         latency  (p-1-N) alpha_intra + N alpha_inter             (ring; n: the whole tensor)
     reduce-scatter      bytes    (p-1)/p n * max((g-1)/g beta_intra, beta_inter / g)
+    all-to-all          max((g-1) (alpha_intra + n/p beta_intra), (p-g) (alpha_inter + n/p beta_inter))
+                        (pairwise exchange; n: what one rank sends in all, n/p to each rank, itself included)
 
 The bytes term: NCCL runs one ring (or tree) per NIC of a node, so a node's g GPUs cross the network together
 at g times a GPU's share, while inside the node each GPU forwards (g-1)/g of the traffic over NVLink; the
@@ -25,6 +27,15 @@ Inside one node (N = 1) it is the ring. On one link (an AlphaBeta) these are the
 
     network.all_reduce(100e6, 16, network.gpu_cluster("h100"))   # seconds, on 2 nodes of 8 H100
     network.calibrate(rows)          # AlphaBeta(alpha=..., beta=...) from rows {bytes, time_s, world_size}
+
+The all-to-all has no ring: every rank sends a different piece to every other (Thakur, Rabenseifner and Gropp 2005,
+the pairwise exchange for long messages: p - 1 steps of n/p bytes). NCCL posts the p - 1 sends together; those to
+the g - 1 peers of the node go over NVLink while those to the p - g ranks of other nodes go through the GPU's NIC at
+the same time, so the slower of the two sets the pace. Mixture-of-experts layers run two per layer forward (dispatch
+the tokens to their experts, combine the outputs back) and two backward (`moe_all_to_all_bytes`):
+
+    network.all_to_all(64e6, 16, network.gpu_cluster("h100"))         # seconds, 16 ranks on 2 nodes of 8
+    network.moe_all_to_all_bytes(tokens=4096, top_k=2, dim=4096, ep=8, value_bytes=2)   # bytes leaving a rank
 """
 
 from __future__ import annotations
@@ -182,6 +193,41 @@ def all_gather(nbytes: float, p: int, link: Cluster | AlphaBeta | str, per_node:
 def reduce_scatter(nbytes: float, p: int, link: Cluster | AlphaBeta | str, per_node: int | None = None) -> float:
     """Seconds of a ring reduce-scatter of an `nbytes` input: the all-gather's steps, the other way round."""
     return all_gather(nbytes, p, link, per_node)
+
+
+def all_to_all_split(nbytes: float, p: int, link: Cluster | AlphaBeta | str,
+                     per_node: int | None = None) -> tuple[float, float]:
+    """(bytes one rank sends to the other ranks of its node, bytes it sends to other nodes) in an all-to-all on `p`
+    ranks of a send buffer of `nbytes`, nbytes / p to each rank: (g - 1) / p and (p - g) / p of it; the 1 / p for
+    itself stays. g: the group's ranks per node (`per_node` where the group holds fewer GPUs of each node)."""
+    _check(nbytes, p)
+    g, _ = _shape(p, _cluster(link), per_node)
+    return (g - 1) / p * nbytes, (p - g) / p * nbytes
+
+
+def all_to_all(nbytes: float, p: int, link: Cluster | AlphaBeta | str, per_node: int | None = None) -> float:
+    """Seconds of an all-to-all whose send buffer on each rank has `nbytes`: the sends inside the node (g - 1
+    messages on NVLink) and those across nodes (p - g through the GPU's share of the network) at the same time,
+    the slower of the two (module docstring). One link: (p - 1) alpha + (p - 1) / p n beta."""
+    if p == 1:
+        _check(nbytes, p)
+        return 0.0
+    cl = _cluster(link)
+    g, _ = _shape(p, cl, per_node)
+    intra, inter = all_to_all_split(nbytes, p, cl, per_node)
+    return max((g - 1) * cl.intra.alpha + intra * cl.intra.beta, (p - g) * cl.inter.alpha + inter * cl.inter.beta)
+
+
+def moe_all_to_all_bytes(tokens: int, top_k: int, dim: int, ep: int, value_bytes: int = 4) -> float:
+    """Bytes that leave one rank in one mixture-of-experts layer's forward, for a router that spreads the rank's
+    `tokens` x `top_k` assignments evenly over the experts of `ep` ranks, none dropped (GShard, Lepikhin et al.
+    2020): dispatch sends each assignment's `dim` values to its expert's rank, combine brings the output back, and
+    (ep - 1) / ep of each goes to another rank: 2 tokens top_k dim value_bytes (ep - 1) / ep. Backward sends the
+    gradients of both, as many again. `all_to_all_split` says how much of it crosses nodes."""
+    for name, value in (("tokens", tokens), ("top_k", top_k), ("dim", dim), ("ep", ep), ("value_bytes", value_bytes)):
+        if not isinstance(value, int) or value < (0 if name == "tokens" else 1):
+            raise ValueError(f"{name} must be a whole number of at least {0 if name == 'tokens' else 1}, got {value!r}")
+    return 2 * tokens * top_k * dim * value_bytes * (ep - 1) / ep
 
 
 # --- calibration ---------------------------------------------------------------------------------

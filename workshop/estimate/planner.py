@@ -21,6 +21,17 @@ and a GPU of the first stage, the most loaded one, holds
     planner.plan("llama2-70b", strategy="ddp", world_size=512, tp=8, pp=4, microbatches=64, seq_len=4096,
                  checkpointing="full").fits
     python -m workshop.estimate.planner llama2-70b --strategy ddp --world-size 512 --tp 8 --pp 4 --microbatches 64
+
+With context parallelism over cp ranks (`workshop.context_parallel`), world_size = dp x tp x pp x cp and a rank
+keeps the activations of seq_len / cp tokens: attention's queries are its own, its keys the whole sequence's, so
+unfused attention's scores shrink by cp, not cp^2. The cp ranks hold the same weights and sum their gradients, so the
+states shard over dp x cp (Megatron-LM's data-parallel group "with context parallel", torchtitan's dp_shard_cp); a
+mixture of experts splits its experts over ep of those ranks (torchtitan's expert parallelism; `workshop.experts`):
+
+    planner.gpt_layer_activation_bytes(2048, 1, 128, 4, cp=2)   # one TinyGPT block's bytes per rank, cp 2
+    planner.plan("llama3-405b", strategy="fsdp", world_size=16384, tp=8, pp=16, cp=16, seq_len=131072,
+                 attention="fused", checkpointing="full", microbatches=16).fits
+    planner.plan("mixtral-8x7b", strategy="fsdp", world_size=64, ep=8, seq_len=4096, checkpointing="full")
 """
 
 from __future__ import annotations
@@ -46,6 +57,17 @@ class ModelShape:
     dim: int
     heads: int
     vocab: int = 0
+    kv_heads: int = 0  # grouped-query attention's key/value heads (0: as many as heads): the bytes CP moves
+    experts: int = 0  # a mixture of experts: experts per layer (0: dense), each token to top_k of them
+    top_k: int = 0
+    expert_parameters: float = 0.0  # of all experts of all layers, within `parameters`
+
+    @property
+    def active_parameters(self) -> float:
+        """Parameters a token passes through: the dense ones and top_k of the experts of each layer."""
+        if not self.experts:
+            return self.parameters
+        return self.parameters - self.expert_parameters * (1 - self.top_k / self.experts)
 
 
 # Published shapes: GPT-3 (Brown et al. 2020, table 2.1), MT-NLG (Smith et al. 2022), Llama 2 (Touvron et al. 2023).
@@ -58,6 +80,15 @@ MODELS = {
     "llama2-7b": ModelShape("Llama 2 7B", 6.74e9, 32, 4096, 32, 32000),
     "llama2-13b": ModelShape("Llama 2 13B", 13.0e9, 40, 5120, 40, 32000),
     "llama2-70b": ModelShape("Llama 2 70B", 69.0e9, 80, 8192, 64, 32000),
+    # Llama 3 405B (Llama Team, AI @ Meta 2024, "The Llama 3 Herd of Models", arXiv:2407.21783, table 3): 126
+    # layers, model dimension 16,384, 128 attention heads, 8 key/value heads, vocabulary 128,000
+    "llama3-405b": ModelShape("Llama 3 405B", 405e9, 126, 16384, 128, 128000, kv_heads=8),
+    # Mixtral 8x7B (Jiang et al. 2024, "Mixtral of Experts", arXiv:2401.04088, table 1 and section 2): 32 layers,
+    # dim 4096, 32 heads, 8 key/value heads, vocabulary 32,000, 8 experts, top 2, 47B parameters; each expert a
+    # SwiGLU MLP of hidden_dim 14,336 (3 matrices), so the experts hold 32 x 8 x 3 x 4096 x 14336 of them and a
+    # token passes through about 13B, as the paper says
+    "mixtral-8x7b": ModelShape("Mixtral 8x7B", 47e9, 32, 4096, 32, 32000, kv_heads=8, experts=8, top_k=2,
+                               expert_parameters=32 * 8 * 3 * 4096 * 14336),
 }
 PLAN_STRATEGIES = ("ddp", "zero1", "zero2", "fsdp")
 SCHEDULES = ("gpipe", "1f1b")
@@ -105,9 +136,12 @@ def find_model(model: str | float | ModelShape) -> ModelShape:
 # --- activations ----------------------------------------------------------------------------------
 
 def gpt_layer_activation_bytes(seq_len: int, batch: int, dim: int, heads: int, mlp_ratio: int = 4,
-                               value_bytes: int = 4) -> int:
+                               value_bytes: int = 4, cp: int = 1) -> int:
     """Bytes one `models.GPTBlock` saves for backward, derived from its code (fp32, no dropout, attention by
-    `scaled_dot_product_attention`'s fused kernel), with s = seq_len, b = batch, h = dim, a = heads:
+    `scaled_dot_product_attention`'s fused kernel), with s = seq_len, b = batch, h = dim, a = heads; with context
+    parallelism on each of `cp` ranks, s = seq_len / cp: ring attention (`workshop.context_parallel`) keeps what the
+    fused kernel keeps, for this rank's queries, keys and values only (the blocks that pass round the ring are not
+    kept), and every other layer works token by token:
 
         values of s*b*h each          first LayerNorm: its input 1, its output 1 (the input of wq, wk, wv)
                                       attention: q, k, v 3, its output 1 (the input of wo, the same storage)
@@ -120,9 +154,17 @@ def gpt_layer_activation_bytes(seq_len: int, batch: int, dim: int, heads: int, m
     Korthikanti et al. 2022 (`korthikanti_layer_bytes`) count s*b*h*(34 + 5*a*s/h) bytes in 16-bit: the same
     16 values at 2 bytes (32), 2 dropout masks of 1 byte (2), and the a*s*s attention scores, softmax and
     dropout (5*a*s*s*b) that a fused attention kernel never stores: it recomputes them in backward."""
+    seq_len = _tokens_per_rank(seq_len, cp)
     values = (8 + 2 * mlp_ratio) * seq_len * batch * dim * value_bytes
     statistics = (2 * 2 + heads) * seq_len * batch * 4
     return values + statistics
+
+
+def _tokens_per_rank(seq_len: int, cp: int) -> int:
+    if not isinstance(cp, int) or cp < 1 or seq_len % cp:
+        raise ValueError(f"a sequence of {seq_len} tokens does not split over cp = {cp!r} ranks; choose a cp that "
+                         f"divides it")
+    return seq_len // cp
 
 
 def korthikanti_layer_bytes(seq_len: int, batch: int, dim: int, heads: int) -> float:
@@ -133,9 +175,11 @@ def korthikanti_layer_bytes(seq_len: int, batch: int, dim: int, heads: int) -> f
 
 
 def transformer_activation_bytes(seq_len: int, batch: int, dim: int, heads: int, layers: int,
-                                 checkpointing: str = "none", tp: int = 1, attention: str = "unfused") -> float:
+                                 checkpointing: str = "none", tp: int = 1, attention: str = "unfused",
+                                 cp: int = 1) -> float:
     """Bytes of activations a transformer keeps for backward, in 16-bit (Korthikanti et al. 2022, table 2), with
-    tensor and sequence parallelism over `tp` ranks, per layer s b h (34 + 5 a s / h) / t:
+    tensor and sequence parallelism over `tp` ranks, per layer s b h (34 + 5 a s / h) / t; with context parallelism
+    over `cp` ranks, s / cp tokens per rank, each query's scores against all s keys: s b h (34 + 5 a s / h) / (t cp):
 
         "none"       every layer keeps all of it
         "selective"  every layer keeps s b h 34 / t: the attention's a s^2 scores, softmax and dropout are
@@ -146,8 +190,8 @@ def transformer_activation_bytes(seq_len: int, batch: int, dim: int, heads: int,
         raise ValueError(f"unknown checkpointing {checkpointing!r}; use one of {', '.join(CHECKPOINTING)}")
     if attention not in ("unfused", "fused"):
         raise ValueError(f"attention is 'unfused' or 'fused', not {attention!r}")
-    sbh = seq_len * batch * dim
-    scores = 0 if attention == "fused" else 5 * heads * seq_len / dim
+    sbh = _tokens_per_rank(seq_len, cp) * batch * dim  # this rank's tokens
+    scores = 0 if attention == "fused" else 5 * heads * seq_len / dim  # against all seq_len keys
     full = sbh * (34 + scores) / tp
     if checkpointing == "none":
         return layers * full
@@ -182,6 +226,13 @@ def stage_parameters(model: str | float | ModelShape, pp: int = 1, virtual_stage
     embedding = shape.vocab * shape.dim
     per_layer = (shape.parameters - 2 * embedding) / shape.layers
     return stage_layers(shape.layers, pp, virtual_stages) * per_layer + embedding
+
+
+def stage_expert_parameters(model: str | float | ModelShape, pp: int = 1, virtual_stages: int = 1) -> float:
+    """The experts' share of `stage_parameters`: those of the stage's layers (0 for a dense model)."""
+    shape = model_shape(model)
+    layers = stage_layers(shape.layers, pp, virtual_stages) if pp > 1 else shape.layers
+    return shape.expert_parameters * layers / shape.layers
 
 
 def in_flight_microbatches(pp: int, microbatches: int, schedule: str = "1f1b", virtual_stages: int = 1) -> float:
@@ -235,10 +286,14 @@ class Plan:
 def plan(model: str | float | ModelShape, *, gpu: str = "h100", strategy: str = "fsdp", world_size: int = 8,
          tp: int = 1, micro_batch: int = 1, seq_len: int = 2048, checkpointing: str = "none", offload: str = "none",
          attention: str = "unfused", states: str = "fp32_adam", units: int | None = None, pp: int = 1,
-         microbatches: int | None = None, schedule: str = "1f1b", virtual_stages: int = 1) -> Plan:
-    """The memory per GPU of training `model` on `world_size` GPUs: tensor parallelism over `tp` of them and
-    pipeline parallelism over `pp` stages (the model split first), `strategy` over the world_size / (tp x pp)
-    data-parallel ranks (ddp, zero1, zero2, fsdp = ZeRO-3). With pp > 1, a GPU of the first stage: its
+         microbatches: int | None = None, schedule: str = "1f1b", virtual_stages: int = 1, cp: int = 1,
+         ep: int = 1) -> Plan:
+    """The memory per GPU of training `model` on `world_size` GPUs: tensor parallelism over `tp` of them,
+    pipeline parallelism over `pp` stages (the model split first) and context parallelism over `cp` (each sequence
+    split), `strategy` over the dp = world_size / (tp x pp x cp) data-parallel ranks (ddp, zero1, zero2, fsdp =
+    ZeRO-3), the states sharded over dp x cp; a mixture-of-experts model's experts split over `ep` of those dp x cp
+    ranks, their states sharded over the dp x cp / ep that hold the same experts. With pp > 1, a GPU of the first
+    stage: its
     `stage_parameters` (its layers and the embedding) and the activations of the `in_flight_microbatches` of
     `schedule` ("gpipe" or "1f1b"; `virtual_stages` > 1: interleaved 1F1B) out of `microbatches` per step
     (default pp: as many as stages).
@@ -248,9 +303,10 @@ def plan(model: str | float | ModelShape, *, gpu: str = "h100", strategy: str = 
       paper's bf16 parameters and gradients with fp32 master weights and moments (16 bytes per parameter both);
     - unsharded (fsdp): the bf16 parameters of the unit that computes and of the one prefetched, and the fp32
       gradients of one unit before its reduce-scatter (`units` = the stage's layers + 1 unless given);
-    - activations: `transformer_activation_bytes` (16-bit, sequence parallel with tp) of the stage's layers
-      times the micro-batches in flight (with full checkpointing one layer at a time is recomputed, once);
-      the logits and the CUDA workspace are not counted;
+    - activations: `transformer_activation_bytes` (16-bit, sequence parallel with tp, seq_len / cp tokens) of the
+      stage's layers times the micro-batches in flight (with full checkpointing one layer at a time is recomputed,
+      once); the logits, the CUDA workspace and a mixture of experts' dispatch buffers and top_k expert passes per
+      token are not counted (its layers count as dense ones);
     - offload "optimizer" (ZeRO-Offload) keeps the optimizer states on the host, "params" (FSDP2's
       CPUOffloadPolicy, fsdp only) the sharded parameters, gradients and optimizer states."""
     shape = model_shape(model)
@@ -264,7 +320,8 @@ def plan(model: str | float | ModelShape, *, gpu: str = "h100", strategy: str = 
         raise ValueError("offload 'params' is FSDP2's CPUOffloadPolicy: it needs strategy fsdp")
     microbatches = pp if microbatches is None else microbatches
     for name, value in (("world_size", world_size), ("tp", tp), ("micro_batch", micro_batch), ("seq_len", seq_len),
-                        ("pp", pp), ("microbatches", microbatches), ("virtual_stages", virtual_stages)):
+                        ("pp", pp), ("microbatches", microbatches), ("virtual_stages", virtual_stages), ("cp", cp),
+                        ("ep", ep)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
     if schedule not in SCHEDULES:
@@ -274,28 +331,39 @@ def plan(model: str | float | ModelShape, *, gpu: str = "h100", strategy: str = 
                          f"'1f1b' and pp > 1, got {schedule!r} and pp {pp}")
     if world_size % tp:
         raise ValueError(f"world_size {world_size} does not split into tensor-parallel groups of {tp}")
-    if world_size % (tp * pp):
-        raise ValueError(f"world_size {world_size} does not split into groups of tp x pp = {tp} x {pp} = {tp * pp} "
-                         f"GPUs; choose tp x pp dividing {world_size}")
-    dp = world_size // (tp * pp)
+    if world_size % (tp * pp * cp):
+        names = "tp x pp" + (" x cp" if cp > 1 else "")
+        raise ValueError(f"world_size {world_size} does not split into groups of {names} = {tp} x {pp}"
+                         f"{f' x {cp}' if cp > 1 else ''} = {tp * pp * cp} GPUs; choose {names} dividing {world_size}")
+    _tokens_per_rank(seq_len, cp)
+    dp = world_size // (tp * pp * cp)
+    replicas = dp * cp  # ranks that hold the same weights and sum their gradients
+    if ep > 1 and (not shape.experts or shape.experts % ep or replicas % ep):
+        raise ValueError(f"ep {ep} splits the experts over data- and context-parallel ranks: it needs a mixture of "
+                         f"experts whose {shape.experts} experts and dp x cp = {replicas} ranks it divides")
     layers = stage_layers(shape.layers, pp, virtual_stages) if pp > 1 else shape.layers
-    n = stage_parameters(shape, pp, virtual_stages) / tp
+    experts = stage_expert_parameters(shape, pp, virtual_stages) / (tp * ep)  # this GPU's experts' parameters
+    dense = (stage_parameters(shape, pp, virtual_stages) - experts * tp * ep) / tp
+    n = dense + experts
     stage = {"fsdp": "zero3"}.get(strategy, strategy)
-    held = zero.predict(n, dp, stage, preset=states)
+    held = zero.predict(dense, replicas, stage, preset=states)
+    if experts:
+        other = zero.predict(experts, replicas // ep, stage, preset=states)
+        held = zero.RankMemory(**{k: getattr(held, k) + getattr(other, k) for k in ("params", "grads", "optimizer")})
     units = units or layers + 1
     in_flight = in_flight_microbatches(pp, microbatches, schedule, virtual_stages)
     parts = {"params": held.params, "grads": held.grads, "optimizer": held.optimizer,
-             "unsharded": (2 * 2 + 4) * n / units if strategy == "fsdp" and dp > 1 else 0.0,
+             "unsharded": (2 * 2 + 4) * n / units if strategy == "fsdp" and replicas > 1 else 0.0,
              "activations": transformer_activation_bytes(seq_len, micro_batch, shape.dim, shape.heads,
                                                          layers * in_flight,
-                                                         checkpointing, tp, attention) if shape.dim else 0.0}
+                                                         checkpointing, tp, attention, cp) if shape.dim else 0.0}
     moved = {"none": (), "optimizer": ("optimizer",), "params": ("params", "grads", "optimizer")}[offload]
     host = sum(parts[k] for k in moved)
     parts.update({k: 0.0 for k in moved})
     settings = dict(gpu=gpu, strategy=strategy, world_size=world_size, tp=tp, micro_batch=micro_batch, seq_len=seq_len,
                     checkpointing=checkpointing, offload=offload, attention=attention, states=states, pp=pp,
                     microbatches=microbatches, schedule=schedule, virtual_stages=virtual_stages, dp=dp,
-                    stage_layers=layers, in_flight=in_flight)
+                    stage_layers=layers, in_flight=in_flight, cp=cp, ep=ep)
     return Plan(shape, settings, parts, host, hardware.NODES[gpu].memory_GB * 1e9)
 
 
@@ -306,6 +374,8 @@ def format_plan(p: Plan) -> str:
              f"{p.model.heads} heads",
              f"{s['world_size']} x {gpu}, {s['strategy']}" + (f" x tensor parallel {s['tp']}" if s["tp"] > 1 else "")
              + (f" x pipeline parallel {s['pp']}" if s["pp"] > 1 else "")
+             + (f" x context parallel {s['cp']}" if s["cp"] > 1 else "")
+             + (f", experts over {s['ep']}" if s["ep"] > 1 else "")
              + f"; micro-batch {s['micro_batch']} x {s['seq_len']} tokens; checkpointing {s['checkpointing']}; "
              f"offload {s['offload']}; {s['attention']} attention"]
     if s["pp"] > 1:
@@ -409,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=positive(int), default=8, help="GPUs in all (default 8)")
     parser.add_argument("--tp", type=positive(int), default=1, help="tensor-parallel size, inside the world (default 1)")
     parser.add_argument("--pp", type=positive(int), default=1, help="pipeline stages, inside the world (default 1)")
+    parser.add_argument("--cp", type=positive(int), default=1, help="context-parallel size: ranks each sequence is "
+                                                                     "split over, inside the world (default 1)")
+    parser.add_argument("--ep", type=positive(int), default=1, help="expert-parallel size of a mixture of experts: "
+                                                                     "ranks its experts are split over (default 1)")
     parser.add_argument("--microbatches", type=positive(int), help="micro-batches per step through the pipeline "
                                                                     "(default: pp)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default 1f1b)")
@@ -423,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_plan(plan(args.model, gpu=args.gpu, strategy=args.strategy, world_size=args.world_size, tp=args.tp,
                                micro_batch=args.micro_batch, seq_len=args.seq_len, checkpointing=args.checkpointing,
                                offload=args.offload, attention=args.attention, pp=args.pp,
-                               microbatches=args.microbatches, schedule=args.schedule)))
+                               microbatches=args.microbatches, schedule=args.schedule, cp=args.cp, ep=args.ep)))
     except ValueError as err:
         parser.error(str(err))
     return 0

@@ -380,6 +380,10 @@ def collect(run: Path, launcher_rc: int, interrupted: str | None = None) -> int:
         write_record(run, meta, "failed", problems, lost_nodes=lost)
     if not problems and records.status(run) == RUNNING:  # a notebook that writes no record of its own
         record.unlink()
+    if not problems and meta.get("worlds") and record.exists():  # the notebook's record keeps every world the run had
+        kept = records.read(record)
+        kept.extra.setdefault("worlds", meta["worlds"])
+        records.write(run, kept)
     if problems:
         print(f"\nRUN FAILED: {run}", file=sys.stderr)
         for p in problems:
