@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from workshop.base.runs import REPO, atomic_write_text, display_path, find_runs, runs_root
+from workshop.launch.regenerate import run_world
 from workshop.launch.series import REPORT_NOTEBOOK
 from workshop.launch.student import exercises
 
@@ -67,12 +68,10 @@ def machine_time(series: Path, notebook: str) -> dict | None:
         ended = [json.loads(p.read_text()) for p in sorted((run / "logs").glob("rank*.status.json"))]
         if not (run / "run.json").is_file() or not ended:
             continue
-        launched = json.loads((run / "run.json").read_text())
+        started = json.loads((run / "run.json").read_text())["started"]
         record = json.loads((run / "record.json").read_text()) if (run / "record.json").is_file() else {}
         last = max(datetime.fromisoformat(e["ended"]) for e in ended)
-        return {"seconds": (last - datetime.fromisoformat(launched["started"])).total_seconds(),
-                "ranks": int(launched["nranks"]),
-                "nodes": int(launched.get("environment", {}).get("SLURM_JOB_NUM_NODES", 1)),
+        return {"seconds": (last - datetime.fromisoformat(started)).total_seconds(), **run_world(run),
                 "ok": all(e.get("returncode") == 0 for e in ended), "git": record.get("git"),
                 "cpus": (record.get("hardware") or {}).get("cpus")}
     return None
