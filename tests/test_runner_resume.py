@@ -201,3 +201,23 @@ def test_a_notebook_that_reshards_resumes_on_another_number_of_ranks_and_the_run
     records.write(run, records.Record(notebook=NB.stem, status="ok"))
     assert rundir.collect(run, 0) == 0
     assert records.read(run).extra["worlds"] == meta["worlds"]
+
+
+def test_every_lesson_restarts_on_the_nodes_left(tmp_path, clean_env, monkeypatch, capsys):
+    """A lesson reads nothing an earlier attempt left: its run lost on 2 nodes x 2 ranks resumes on the node left."""
+    lessons = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert len(lessons) >= 13
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "2(x2)")
+    for lesson in lessons:
+        assert rundir.reshards(lesson) == rundir.RESTARTS, lesson.name
+        run = tmp_path / lesson.stem
+        (run / "logs").mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"notebook": str(lesson), "nranks": 4, "papermill_args": [],
+                                                  "slurm_job_id": "7"}))
+        records.write(run, records.Record(notebook=lesson.stem, status="failed"))
+        assert rundir.resume_command(run, rundir.read_meta(run), exclude=["n2"]).startswith(
+            "sbatch --nodes=1 --ntasks-per-node=2 --exclude=n2 ")
+        assert rundir.reuse_run_dir(run, lesson, [], nranks=2) == run.resolve()
+        assert rundir.read_meta(run)["worlds"] == [{"attempt": 1, "nranks": 4}, {"attempt": 2, "nranks": 2}]
+        assert f"on 2 rank(s), where it ran on 4: {lesson.name} says it keeps no state" in capsys.readouterr().err

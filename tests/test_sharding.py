@@ -51,7 +51,12 @@ def test_one_process_fsdp_checkpoint_round_trip(env, tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     models.lm_loss(model(x), x).backward()
     optimizer.step()
+    # an earlier save in the folder, by four ranks: its shards go, or they would sit beside this one's
+    (tmp_path / "ckpt").mkdir()
+    for r in range(4):
+        (tmp_path / "ckpt" / f"__{r}_0.distcp").write_bytes(b"earlier")
     sharding.save_checkpoint(tmp_path / "ckpt", model, optimizer)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".metadata", "__0_0.distcp"]
     fresh = sharding.apply_fsdp(models.tinygpt("cpu", depth=2), sharding.shard_mesh(env))
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     sharding.load_checkpoint(tmp_path / "ckpt", fresh, fresh_opt)

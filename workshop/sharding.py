@@ -106,7 +106,9 @@ def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, st
     """A sharded checkpoint with torch.distributed.checkpoint: every rank writes its own shards of
     the model and optimizer state (no gather on rank 0) into the folder `path`, plus one metadata
     file; with `step`, the training step it was taken after (`load_checkpoint` returns it). Every
-    rank must call it with the same path on a file system they all see."""
+    rank must call it with the same path on a file system they all see. A checkpoint already in that folder is
+    replaced whole."""
+    import torch.distributed as tdist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -114,6 +116,14 @@ def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, st
     state = {"model": model_state, "optimizer": optim_state}
     if step is not None:  # AdamW's own "step" counts its updates, not where the data order stands: kept apart
         state["step"] = torch.tensor(int(step))
+    # DCP writes one file per rank and the metadata, and leaves what else the folder holds: a run restarted on fewer
+    # ranks would keep the shards of the ranks that are gone beside the new ones. Rank 0 clears the earlier save first.
+    group = tdist.is_available() and tdist.is_initialized()
+    if not group or tdist.get_rank() == 0:
+        for old in [*Path(path).glob("*.distcp"), Path(path, ".metadata")]:
+            old.unlink(missing_ok=True)
+    if group:
+        tdist.barrier()
     dcp.save(state, checkpoint_id=str(path))
     return Path(path)
 

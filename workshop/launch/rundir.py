@@ -119,14 +119,22 @@ def live_writer(run: Path) -> str | None:
     return f"its launcher, pid {pid} on {launcher['host']}, is running; kill -INT {pid} stops it"
 
 
+# What a lesson's metadata `workshop.reshards: "restarts"` stands for: it reads nothing an earlier attempt left, so a
+# resume is a new start in the same folder, on whatever world it gets (every check compares with one process)
+RESTARTS = ("it keeps no state between attempts (what it checkpoints, it writes and reads in one attempt): a resume "
+            "runs it again from its first cell, on the ranks it gets")
+
+
 def reshards(notebook: Path) -> str | None:
     """Why `notebook` may resume on another number of ranks, as its metadata `workshop.reshards` says (its
     checkpoints load on any world: DCP, or state every rank holds whole; its data order follows the global sample
-    index), else None: its runs resume on the number of ranks they started with."""
+    index; or "restarts": `RESTARTS`), else None: its runs resume on the number of ranks they started with."""
     try:
         why = json.loads(Path(notebook).read_text()).get("metadata", {}).get("workshop", {}).get("reshards")
     except (OSError, ValueError, AttributeError):
         return None
+    if why == "restarts":
+        return RESTARTS
     return why if isinstance(why, str) and why else None
 
 
@@ -163,6 +171,8 @@ def reuse_run_dir(run: Path, notebook: Path, papermill_args: list[str], nranks: 
     if nranks is not None and meta["nranks"] != nranks:  # the record keeps every world the run had
         meta["worlds"] = [*meta.get("worlds", [{"attempt": 1, "nranks": meta["nranks"]}]),
                           {"attempt": meta.get("attempts", 1) + 1, "nranks": nranks}]
+        print(f"resuming {display_path(run)} on {nranks} rank(s), where it ran on {meta['nranks']}: "
+              f"{notebook.name} says {reshards(notebook)}", file=sys.stderr)
         meta["nranks"] = nranks
     meta["attempts"] = meta.get("attempts", 1) + 1
     meta["resumed"] = _now()
