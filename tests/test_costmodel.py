@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workshop.estimate import costmodel, network, placements, planner, projection, steps
+from workshop.estimate import costmodel, network, placements, planner, projection, steps, terms
 from workshop.measure import costcheck
 
 LINK = network.AlphaBeta(alpha=1e-5, beta=1e-9)  # 10 us per message, 1 GB/s
@@ -279,7 +279,9 @@ def test_strong_projection_at_llama2s_global_batch():
     assert (base["per_gpu_sequences"], base["microbatches"], base["efficiency"]) == (32, 32, 1.0)
     assert mid["per_gpu_sequences"] == 16 and last["per_gpu_sequences"] == 1
     assert mid["throughput"] == pytest.approx(1024 * 4096 / 64 / mid["step_s"])
-    assert 1 > mid["efficiency"] > last["efficiency"] and base["mfu"] == pytest.approx(0.4, abs=0.005)
+    # the compute at 40% of the peak, at the pace of the slowest of the 32 GPUs (terms.straggler_factor)
+    assert 1 > mid["efficiency"] > last["efficiency"]
+    assert base["mfu"] == pytest.approx(0.4 / terms.straggler_factor(32), abs=0.005)
     assert not too_many["fits"] and too_many["reason"] == "1024 sequences do not split into 2048 replicas x 1"
     assert too_many["fits_with"] == ["tp_fsdp"]  # 256 replicas of 8 GPUs do split it
     text = projection.format_projection(proj)

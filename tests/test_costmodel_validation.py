@@ -3,6 +3,7 @@ held where the model meets them and its misses pinned where it does not (each wi
 predictors it must beat on every source, the terms that each buy something, the sensitivity table, and the document
 in docs/results that is the validation's output. The whole validation runs in well under a second."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # The rows over the 30% target today, and the series whose fall the model does not reproduce: an improvement or a
 # regression changes these sets, and the document says what each lacks.
 MISSES = {"1.2B strong, TP 2", "1.2B strong, TP 4", "1.2B strong, TP 8", "Llama 3.1 8B, FSDP",
-          "Llama 3.1 8B, FSDP + compile", "Llama 3.1 8B, FSDP + compile + Float8", "Llama 3.1 8B, FSDP + Float8",
+          "Llama 3.1 8B, FSDP + compile", "Llama 3.1 8B, FSDP + Float8",
           "ZeRO-3 175B, 768 GPUs", "ZeRO-3 175B, 1536 GPUs", "ZeRO-3 530B, 1120 GPUs", "ZeRO-3 530B, 2240 GPUs"}
-TREND_MISSES = {("torchtitan", "FSDP"), ("torchtitan", "FSDP + compile"), ("narayanan2021", "ZeRO-3 175B"),
-                ("narayanan2021", "ZeRO-3 530B")}
+TREND_MISSES = {("torchtitan", "FSDP"), ("narayanan2021", "ZeRO-3 175B"), ("narayanan2021", "ZeRO-3 530B")}
 ORDERING_MISSES = {"megatron2019", "narayanan2021"}
 
 
@@ -52,7 +52,7 @@ def test_targets_held_where_met_and_misses_pinned(scored):
     assert all(s["row"].lacks for s in t["misses"])  # each miss names the term it lacks
     assert all(s["error"] <= validation.ROW_TARGET for s in scored if s["row"].label not in MISSES)
     # the median misses the 15% target; it must not get worse than it is
-    assert not t["median_met"] and t["median"] < 0.40
+    assert not t["median_met"] and t["median"] < 0.20
 
 
 def test_the_model_beats_every_trivial_predictor_on_every_source(scored):
@@ -77,6 +77,9 @@ def test_each_term_buys_what_the_document_says(scored):
     assert "ResNet-50 data parallel" in off["communication slowing overlapped compute"]
     assert {"PTD-P 175B, 1536 GPUs", "405B, 16,384 GPUs"} <= off["pipeline schedule (fill and drain)"]
     assert "8.3B, TP 8" in off["elementwise work TP leaves whole"]
+    # the slowest GPU: every efficiency row, whose base has fewer GPUs than the row
+    assert {s["row"].label for s in scored if s["row"].kind == "efficiency"} <= off[
+        "the slowest GPU setting the step (stragglers)"]
 
 
 def test_sensitivities_disclose_the_choices_that_move_rows():
@@ -105,13 +108,22 @@ def test_terms_by_hand():
         47 / 32 * terms.elementwise_seconds(1024, 1024, 2, "h100"))
     with pytest.raises(ValueError, match="unknown GPU"):
         terms.gemm_efficiency(10, 10, 1, "abacus")
+    # the slowest of 8 GPUs on a band of 8%: at 8/9 of it, against one GPU's mean at half of it
+    assert terms.straggler_factor(8) == pytest.approx((1 + 0.08 * 8 / 9) / 1.04) == pytest.approx(1.0299, abs=1e-4)
+    assert terms.straggler_factor(1) == 1.0 and terms.straggler_factor(512, spread=0.0) == 1.0
+    # more GPUs, slower, but never past the band's far edge
+    assert terms.straggler_factor(8) < terms.straggler_factor(128) < 1.08 / 1.04
 
 
 def test_step_with_accumulation_and_the_compute_only_control():
     cl = published._goyal()[0].base.cluster
     s = scaling.Setup(16, "ddp", cl, "p100", work=1.0, params=1e8, microbatches=4)
-    free = scaling.step_time(s, 1.0, scaling.Options(comm=False))
+    alike = replace(scaling.MODEL, straggler=0.0)  # every GPU as fast as the next
+    free = scaling.step_time(s, 1.0, replace(alike, comm=False))
     assert free == pytest.approx(1.0)  # no link, no cost: the compute alone
-    one = scaling.step_time(scaling.Setup(16, "ddp", cl, "p100", work=0.25, params=1e8), 1.0)
+    one = scaling.step_time(scaling.Setup(16, "ddp", cl, "p100", work=0.25, params=1e8), 1.0, alike)
     # accumulating 4 micro-batches: 3 of compute, then the one whose backward hides the buckets
-    assert scaling.step_time(s, 1.0) == pytest.approx(0.75 + one)
+    assert scaling.step_time(s, 1.0, alike) == pytest.approx(0.75 + one)
+    # the model validated is the model that projects: the compute at the pace of the slowest of the 16 GPUs
+    assert validation.MODEL is scaling.MODEL and scaling.step_time(s, 1.0) > scaling.step_time(s, 1.0, alike)
+    assert scaling.step_time(s, 1.0, replace(validation.MODEL, comm=False)) == pytest.approx(terms.straggler_factor(16))

@@ -92,8 +92,8 @@ def _goyal(bucket_bytes: float | None = DDP_BUCKET_BYTES) -> list[Row]:
                 "32 images per P100, 8 per Big Basin server on NVLink, one 50 Gbit Ethernet NIC per server (sec. 4.3, "
                 "5.5); fp32 gradients; compute from the backprop of one P100, 120 ms (sec. 4.3), as 2/3 of the step",
                 compute_rate=BACKWARD_SHARE / 0.120,
-                lacks="what slows 32 servers against one beyond the all-reduce: stragglers and jitter between servers, "
-                      "and Gloo's TCP all-reduce reaching less than the NIC's nominal 50 Gbit/s")]
+                lacks="what slows 32 servers against one beyond the all-reduce and the slowest GPU: step jitter "
+                      "between servers, and Gloo's TCP all-reduce reaching less than the NIC's nominal 50 Gbit/s")]
 
 
 # --- Shoeybi et al. 2019, Megatron-LM ----------------------------------------------------------------------------
@@ -148,9 +148,10 @@ def _megatron(flops_factor: int = 96, grad_bytes: int = 2, tp_allreduces: int = 
 TORCHTITAN = ("torchtitan, benchmarks/llama3_h100_202412_torchtitan.md (github.com/pytorch/torchtitan, December "
               "2024)")
 TRAINY = "torchtitan, benchmarks/llama3_8b_h200_2025-06_torchtitan.md (Trainy, June 2025)"
-JITTER = ("what slows more hosts against fewer beyond FSDP's collectives: stragglers and step jitter between hosts "
-          "(Sinha et al. 2022, SC22, measure 8% average performance variation between GPUs of one model); the "
-          "published throughput is one reading, at one step")
+JITTER = ("what slows more hosts against fewer beyond FSDP's collectives and the slowest GPU of a static 8% band "
+          "(terms.straggler_factor, Sinha et al. 2022): step-to-step jitter between hosts (the slowest GPU changing "
+          "from step to step, which a static band does not grow with), for which no measured distribution is cited "
+          "here; the published throughput is one reading, at one step")
 
 
 def _llama8b(gpus, cluster, gpu, gather, grad) -> Setup:
@@ -192,7 +193,10 @@ NARAYANAN_FACTS = ("DGX A100 80 GB, 8 per node on NVLink/NVSwitch, 8 x 200 Gb/s 
 ZERO3_LACKS = ("DeepSpeed ZeRO-3's own cost of gathering: from 768 GPUs on, the published step takes as long when "
                "the GPUs double (a traffic per GPU that does not shrink, moved well below NCCL's rate on these links); "
                "the model, at NCCL's rate, hides it behind the compute. With each GPU's gathers through its own NIC "
-               "(the sensitivity table) it comes closer; nothing here says DeepSpeed's did")
+               "(the sensitivity table) it comes closer; nothing here says DeepSpeed's did. DeepSpeed's ZeRO-3 of the "
+               "time gathered well below the link's rate (DeepSpeed issue #1174, June 2021, version 0.3.16: a forward "
+               "of 480 ms under ZeRO-3 against 60 ms under ZeRO-2 on one 8 x A100 NVLink server; grouped all-gathers "
+               "came later, pull request #1188), but no rate that would price the gathers is published")
 SHAPES = {175: (96, 12288, 174.6e9), 530: (105, 20480, 529.6e9)}
 
 

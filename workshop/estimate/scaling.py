@@ -11,8 +11,9 @@ validation against published results (`workshop.estimate.validation`) and the st
                 (m + (p - 1) / v) t (Narayanan et al. 2021, sec. 2.2) + the data-parallel communication not hidden
 
 A step's compute is its GEMMs at `rate` (work per second), scaled by the per-GPU batch's GEMM efficiency against a
-reference, plus the elementwise work that tensor parallelism leaves whole; communication hidden behind compute
-slows it by `terms.overlap_slowdown` of its seconds. `Options` switches each term off.
+reference, plus the elementwise work that tensor parallelism leaves whole, at the pace of the slowest of the step's
+GPUs (`terms.straggler_factor`); communication hidden behind compute slows it by `terms.overlap_slowdown` of its
+seconds. `Options` switches each term off.
 
     scaling.step_time(setup, rate=150e12)
 """
@@ -61,7 +62,8 @@ class Options:
     collective takes from overlapped compute (0: term off); bubble: the pipeline schedule's fill and drain; comm:
     False prices every link at zero (the compute-only control); bandwidth, latency: scales of every link; node_rings:
     a node's GPUs cross the network together (NCCL's rings, one per NIC), else each through its own NIC;
-    elementwise: the duplicated elementwise work, its passes scaled (0: off)."""
+    elementwise: the duplicated elementwise work, its passes scaled (0: off); straggler: the band of identical GPUs'
+    step times, the slowest of the step's GPUs setting its pace (0: off)."""
 
     curve: bool = True
     slowdown_blocks: int = terms.COMM_BLOCKS
@@ -71,6 +73,7 @@ class Options:
     latency: float = 1.0
     node_rings: bool = True
     elementwise: float = 1.0  # scale of the elementwise passes counted (0: term off)
+    straggler: float = terms.SPREAD
 
 
 MODEL = Options()
@@ -99,7 +102,8 @@ def step_time(s: Setup, rate: float, o: Options = MODEL, ref_efficiency: float =
     """Seconds of one step of `s` on a GPU whose GEMMs do `rate` work per second at the efficiency `ref_efficiency`
     (the base's)."""
     cl = Cluster(_link(s.cluster.intra, o), _link(s.cluster.inter, o), s.cluster.per_node, s.cluster.name)
-    compute = s.work / rate * ref_efficiency / efficiency(s, o) + elementwise(s, o)
+    pace = terms.straggler_factor(s.gpus, o.straggler)  # every GPU waits for the slowest at each collective
+    compute = (s.work / rate * ref_efficiency / efficiency(s, o) + elementwise(s, o)) * pace
     slow = terms.overlap_slowdown(s.gpu, o.slowdown_blocks) if o.comm else 0.0
     n, ring = s.params, None if o.node_rings else 1
     if s.strategy in ("ddp", "fsdp"):

@@ -21,10 +21,21 @@ they read. `workshop.estimate.validation` switches each off in a sensitivity run
                       2 bytes: forward 2 LayerNorms x 2 (read, write) + 2 dropouts x 2.5 (read, write, a 1-byte mask)
                       + 2 residual additions x 3 (read two, write one) = 15; backward 2 x 3 + 2 x 2.5 + 2 x 3 = 17;
                       the forward again where activations are recomputed. At the HBM's bandwidth.
+    straggler_factor  GPUs in lockstep wait for the slowest: a synchronous step (every collective a barrier) ends
+                      when its slowest GPU does. Identical GPUs are not equally fast: Sinha et al., "Not All GPUs Are
+                      Created Equal: Characterizing Variability in Large-Scale, Accelerator-Rich Systems", SC22
+                      (arXiv:2208.11035v3, abstract), measure "8% (max 22%) average performance variation" between
+                      GPUs of one cluster and SKU, over more than 90% of the GPUs of five clusters, from manufacturing
+                      variability and power management (the SC22 programme's abstract, over four of the clusters,
+                      gives 32%, max 72%). The abstract does not define the variation; read here as the width of a
+                      band in which each GPU's step time lies, uniformly, a static band (the same GPU slow at every
+                      step): the slowest of N lies on average at N / (N + 1) of the band, one GPU at 1 / 2, so N GPUs
+                      in lockstep take (1 + spread N / (N + 1)) / (1 + spread / 2) of one GPU's mean time.
 
     terms.gemm_efficiency(tokens=2048, dim=12288, tp=8, gpu="a100-80")    # 1.0: compute-bound
     terms.overlap_slowdown("h100")                                        # 24 / 132
     terms.elementwise_seconds(tokens=8192, dim=3072, layers=72, gpu="v100", recompute=True)
+    terms.straggler_factor(8)                                             # 1.0299: the slowest of 8
 """
 
 from __future__ import annotations
@@ -106,3 +117,15 @@ def elementwise_seconds(tokens: float, dim: int, layers: float, gpu: str, recomp
     of a tensor-parallel group (module docstring); `scale` multiplies the passes counted."""
     passes = FORWARD_PASSES * (2 if recompute else 1) + BACKWARD_PASSES
     return scale * passes * tokens * dim * 2 * layers / _facts(gpu).hbm
+
+
+# The band of step times of identical GPUs: Sinha et al. 2022's average over clusters (module docstring)
+SPREAD = 0.08
+
+
+def straggler_factor(gpus: int, spread: float = SPREAD) -> float:
+    """The expected step time of `gpus` GPUs in lockstep over one GPU's mean: the slowest of them, each GPU's time
+    uniform on a band of width `spread` (module docstring); 1.0 for one GPU or a spread of 0 (term off)."""
+    if gpus < 1 or spread < 0:
+        raise ValueError(f"gpus must be >= 1 and spread >= 0, got {gpus} and {spread}")
+    return (1 + spread * gpus / (gpus + 1)) / (1 + spread / 2)

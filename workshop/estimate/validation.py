@@ -29,8 +29,8 @@ CONSTANT_MFU = 0.4
 
 
 def _rate(r: Row, o: Options) -> float:
-    """Work per second of the GEMMs, at the base's efficiency: from the paper's compute time, or solved so that
-    the base's step equals its published throughput."""
+    """Work per second of the GEMMs, at the base's efficiency: from the paper's compute time (one GPU's, so at no
+    straggler's pace), or solved so that the base's step equals its published throughput."""
     if r.compute_rate is not None:
         return r.base.work / (r.base.work / r.compute_rate - elementwise(r.base, o))
     target = r.base.work / r.base_rate  # the base's published step
@@ -121,7 +121,8 @@ def sources(scored: list[dict]) -> list[dict]:
 TERMS = (("per-GPU batch GEMM efficiency (roofline)", {"curve": False}),
          ("communication slowing overlapped compute", {"slowdown_blocks": 0}),
          ("pipeline schedule (fill and drain)", {"bubble": False}),
-         ("elementwise work TP leaves whole", {"elementwise": 0.0}))
+         ("elementwise work TP leaves whole", {"elementwise": 0.0}),
+         ("the slowest GPU setting the step (stragglers)", {"straggler": 0.0}))
 
 GLOBAL_CHOICES = (
     ("collectives across nodes", "a node's GPUs together, one ring per NIC (NCCL)",
@@ -133,6 +134,8 @@ GLOBAL_CHOICES = (
      (("8", {"slowdown_blocks": 8}), ("0: term off", {"slowdown_blocks": 0}))),
     ("elementwise passes per layer", "15 forward, 17 backward", "counted op by op (terms.elementwise_seconds)",
      (("half", {"elementwise": 0.5}), ("twice", {"elementwise": 2.0}))),
+    ("band of identical GPUs' speeds", f"{terms.SPREAD:.0%}", "Sinha et al. 2022's average over clusters; no row's "
+     "paper measures its own GPUs", (("22%: the largest average they report", {"straggler": 0.22}),)),
 )
 
 
