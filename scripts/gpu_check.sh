@@ -107,6 +107,9 @@ step 08_tensor_parallel nb 08_tensor_parallelism 08_tensor_parallelism.yaml -p s
     -- -p model_size cpu -p seq_len 32 -p micro_batch_size 4
 step 09_pipeline nb 09_pipeline_parallelism 09_pipeline_parallelism.yaml -p timing_repeats 1 -p bubble_microbatches 1,4 \
     -- -p model_size cpu -p seq_len 32 -p micro_batch_size 2 -p bubble_microbatches 2 -p timing_repeats 1
+# context parallelism through torch's context_parallel (CUDA attention kernels only) against one process; the ring
+# and the experts as well, on one GPU
+step 10_long_sequences notebook notebooks/10_long_sequences_and_experts.ipynb ${gpu:+-p seq_len 8192 -p seq_lens 2048,8192}
 step 11_inference nb 11_inference 11_inference.yaml -p train_steps 60 -p max_new_tokens 48 -p timing_repeats 2 \
     -- -p model_size cpu -p seq_len 64 -p batch_size 16 -p train_steps 20 -p max_new_tokens 16 -p compile_decoding False
 # the debugging notebook's CPU run is the tests' (nbval and 2 ranks); on a GPU its own ranks use NCCL and CUDA

@@ -58,6 +58,11 @@ def test_the_plan_shards_states_over_dp_x_cp_and_splits_the_experts_over_ep():
 
 def test_all_to_all_bytes_have_one_home_and_match_the_layer():
     assert experts.balanced_all_to_all_bytes is network.moe_all_to_all_bytes
+    # the layer's count from a routing table is the cost model's formula on that table (torch -> lists, no copy of it)
+    uneven = torch.tensor([[3, 1, 2, 0], [1, 1, 4, 2]])
+    assert experts.all_to_all_bytes(uneven, 1, 2)["forward"] == network.routed_all_to_all_bytes(uneven.tolist(), 1, 2)
+    assert network.routed_all_to_all_bytes(network.even_routing(64, 2, 8, 4), 3, 32) == network.moe_all_to_all_bytes(
+        64, 2, 32, 4)
     # notebook 10's defaults: 64 tokens per rank, top 2, dim 32, fp32, on 2 ranks: half of each way leaves
     assert network.moe_all_to_all_bytes(64, 2, 32, 2, 4) == 2 * 64 * 2 * 32 * 4 / 2
     assert network.moe_all_to_all_bytes(64, 2, 32, 1) == 0
@@ -140,3 +145,14 @@ def test_python_m_workshop_estimate_placements(capsys):
     assert "without EP" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         placements.main(["moe", "--top", "-1"])
+
+
+def test_the_cost_models_placements_command_searches_cp_and_ep(capsys):
+    from workshop.estimate import costmodel
+
+    assert costmodel.main(["placements", "mixtral-8x7b", "--gpus", "64", "--ep", "1,2", "--cp", "1,2", "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| ep |" in out and "| cp |" in out and " wins, " in out and "without EP: at best" in out
+    with pytest.raises(SystemExit):
+        costmodel.main(["placements", "70B", "--cp", "0"])
+    assert "give whole numbers of at least 1, comma-separated" in capsys.readouterr().err

@@ -318,6 +318,16 @@ def global_mean(value: torch.Tensor) -> float:
     return total.item() / (tdist.get_world_size() if tdist.is_initialized() else 1)
 
 
+def global_max(value: float) -> float:
+    """The largest over the ranks of a number each rank has (a pass ends when its slowest rank does). Every rank must
+    call it."""
+    largest = torch.tensor(float(value))
+    if tdist.is_initialized():
+        largest = largest.to(get_env().device)  # NCCL reduces only tensors on the GPU
+        tdist.all_reduce(largest, op=tdist.ReduceOp.MAX)
+    return largest.item()
+
+
 def lightning_environment(env: DistEnv):
     """A Lightning ClusterEnvironment that reports exactly `env`: pass it as `L.Trainer(plugins=[...])`. Lightning's
     own SLURM detection would take a papermill kernel under sbatch, or a JupyterLab server started as a SLURM job,

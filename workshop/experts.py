@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workshop.check import Match, agree, compare
-from workshop.estimate.network import moe_all_to_all_bytes
+from workshop.estimate.network import moe_all_to_all_bytes, routed_all_to_all_bytes
 from workshop.models import FeedForward
 from workshop.parallel_dims import build_mesh
 
@@ -315,20 +315,14 @@ def routing_table(layer: ExpertParallelMoE) -> torch.Tensor:
 
 
 def all_to_all_bytes(table: torch.Tensor, rank: int, dim: int, value_bytes: int = 4) -> dict:
-    """Bytes rank `rank`'s all-to-alls send to other ranks in one step of the layer, derived from the routing table
-    (ep, E): dispatch sends its rows for experts elsewhere, combine sends back the rows other ranks sent to its
-    experts, dim x value_bytes each; backward sends the gradients of both, as many."""
-    table = table.cpu()
-    ep, E = table.shape
-    home = torch.arange(E) // (E // ep)  # the rank each expert lives on
-    out = int(table[rank][home != rank].sum())
-    back = int(table[:, home == rank].sum() - table[rank][home == rank].sum())
-    return dict(forward=(out + back) * dim * value_bytes, backward=(out + back) * dim * value_bytes)
+    """Bytes rank `rank`'s all-to-alls send to other ranks in one step of the layer, forward and backward: the cost
+    model's `network.routed_all_to_all_bytes` on the routing table (ep, E) the step counted."""
+    sent = int(routed_all_to_all_bytes(table.cpu().tolist(), rank, dim, value_bytes))
+    return dict(forward=sent, backward=sent)
 
 
 # The same for a router that spreads a rank's tokens x top_k assignments evenly over the experts, none dropped:
-# 2 tokens top_k dim value_bytes (ep - 1) / ep forward, as much backward. Its one home is the cost model's network
-# (`workshop.estimate.network.moe_all_to_all_bytes`), which prices the all-to-all on a cluster with it.
+# 2 tokens top_k dim value_bytes (ep - 1) / ep forward, as much backward; what the planner prices.
 balanced_all_to_all_bytes = moe_all_to_all_bytes
 
 

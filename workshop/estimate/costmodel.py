@@ -3,6 +3,9 @@
     python -m workshop.estimate.costmodel project 70B --gpu h100 --strategy fsdp     # 1 to 4096 GPUs, 4M tokens a step
     python -m workshop.estimate.costmodel project 7B --weak --micro-batch-size 4     # the batch per GPU fixed instead
     python -m workshop.estimate.costmodel placements 70B --gpus 512 --gpu h100       # every dp x tp x pp
+    python -m workshop.estimate.costmodel placements llama3-405b --gpus 16384 --global-batch 128 --seq-len 131072 \
+        --cp 1,2,4,8,16 --attention fused                                                # ... x cp
+    python -m workshop.estimate.costmodel placements mixtral-8x7b --gpus 64 --ep 1,2,4,8 # ... x ep
     python -m workshop.estimate.costmodel validate --out docs/results                # against published scaling
 
 The model itself, one module per part of `workshop.estimate`: `network` (alpha-beta links, a two-level cluster,
@@ -23,10 +26,21 @@ from pathlib import Path
 from workshop.base.params import positive
 from workshop.estimate import planner
 from workshop.estimate.network import GPUS
-from workshop.estimate.placements import GLOBAL_BATCH, SEQ_LEN, format_placements, placements
+from workshop.estimate.placements import GLOBAL_BATCH, SEQ_LEN, format_placements, placements, why
 from workshop.estimate.projection import format_projection, project, project_strong
 from workshop.estimate.steps import STRATEGIES, Workload
 from workshop.estimate.validation import validation_markdown
+
+
+def sizes(text: str) -> tuple[int, ...]:
+    """"1,2,4" -> (1, 2, 4): sizes of a parallel dimension to search, whole numbers of at least 1."""
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers of at least 1, comma-separated, e.g. 1,2,4")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mfu", type=positive(float), default=0.4, help="fraction of the GPU's peak that compute reaches "
                                                                       "(default 0.4)")
     p.add_argument("--tp", type=positive(int), default=8, help="tensor-parallel size of tp_fsdp (default 8)")
-    pl = sub.add_parser("placements", help="every dp x tp x pp of a model on a number of GPUs, fastest first")
+    pl = sub.add_parser("placements", help="every dp x tp x pp (x cp, x ep) of a model on a number of GPUs, fastest "
+                                           "first, and why the first wins")
     pl.add_argument("model", help="a published model (llama2-70b, gpt3-175b, ...), its size (70B: Llama 2 70B), or "
                                   "another size, shaped as usual")
     pl.add_argument("--gpus", type=positive(int), default=512, help="GPUs in all (default 512)")
@@ -59,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
                                                                        "(default 0.4)")
     pl.add_argument("--strategy", choices=("ddp", "fsdp", "both"), default="both",
                     help="data-parallel strategy over the replicas (default both)")
+    pl.add_argument("--cp", type=sizes, default=(1,), help="context-parallel sizes to search, e.g. 1,2,4,8,16 "
+                                                            "(default 1: none)")
+    pl.add_argument("--ep", type=sizes, help="expert-parallel sizes to search, for a mixture of experts (default: every "
+                                             "divisor of its experts)")
+    pl.add_argument("--attention", choices=("unfused", "fused"), default="unfused",
+                    help="attention's activations: unfused keeps the S x S scores, fused (flash) does not "
+                         "(default unfused)")
     pl.add_argument("--top", type=int, default=10, help="rows to show (default 10; 0: all)")
     v = sub.add_parser("validate", help="the model against published scaling results")
     v.add_argument("--out", type=Path, help="also write costmodel_validation.md here")
@@ -69,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "placements":
             strategies = ("ddp", "fsdp") if args.strategy == "both" else (args.strategy,)
             rows = placements(args.model, args.gpus, args.gpu, args.global_batch, args.micro_batch_size, args.seq_len,
-                              strategies, args.mfu)
+                              strategies, args.mfu, cps=args.cp, eps=args.ep, attention=args.attention)
             shape = planner.find_model(args.model)
             print(f"{shape.name} ({shape.parameters / 1e9:.3g}B parameters, {shape.layers} layers) on {args.gpus} "
                   f"{args.gpu}: {args.global_batch} sequences of {args.seq_len} tokens per step, micro-batch "
                   f"{args.micro_batch_size}, 1F1B, full activation checkpointing, compute at {args.mfu:.0%} of peak\n")
             print(format_placements(rows, args.top or None))
+            print("\n" + why(rows))
         elif args.command == "validate":
             text = validation_markdown()
             print(text)

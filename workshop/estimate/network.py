@@ -218,16 +218,31 @@ def all_to_all(nbytes: float, p: int, link: Cluster | AlphaBeta | str, per_node:
     return max((g - 1) * cl.intra.alpha + intra * cl.intra.beta, (p - g) * cl.inter.alpha + inter * cl.inter.beta)
 
 
+def even_routing(tokens: float, top_k: int, experts: int, ep: int) -> list[list[float]]:
+    """The routing table (ep rows of `experts` counts) of a router that spreads each rank's `tokens` x `top_k`
+    assignments evenly over the experts, none dropped (GShard, Lepikhin et al. 2020)."""
+    return [[tokens * top_k / experts] * experts for _ in range(ep)]
+
+
+def routed_all_to_all_bytes(routing: list[list[float]], rank: int, dim: int, value_bytes: int = 4) -> float:
+    """Bytes that leave rank `rank` in one mixture-of-experts layer's forward, from its ep group's routing table
+    (ep rows of E counts: row i, column e, the rows rank i sends to expert e, which lives on rank e // (E / ep)):
+    dispatch sends the rank's rows for experts elsewhere, combine sends back the rows the other ranks sent to its
+    experts, `dim` values of `value_bytes` each. Backward sends the gradients of both, as many again."""
+    ep, experts = len(routing), len(routing[0])
+    home = [e // (experts // ep) for e in range(experts)]
+    out = sum(n for e, n in enumerate(routing[rank]) if home[e] != rank)
+    back = sum(row[e] for i, row in enumerate(routing) if i != rank for e in range(experts) if home[e] == rank)
+    return (out + back) * dim * value_bytes
+
+
 def moe_all_to_all_bytes(tokens: int, top_k: int, dim: int, ep: int, value_bytes: int = 4) -> float:
-    """Bytes that leave one rank in one mixture-of-experts layer's forward, for a router that spreads the rank's
-    `tokens` x `top_k` assignments evenly over the experts of `ep` ranks, none dropped (GShard, Lepikhin et al.
-    2020): dispatch sends each assignment's `dim` values to its expert's rank, combine brings the output back, and
-    (ep - 1) / ep of each goes to another rank: 2 tokens top_k dim value_bytes (ep - 1) / ep. Backward sends the
-    gradients of both, as many again. `all_to_all_split` says how much of it crosses nodes."""
+    """`routed_all_to_all_bytes` of an even router (`even_routing`): 2 tokens top_k dim value_bytes (ep - 1) / ep,
+    on every rank. Backward sends as many again. `all_to_all_split` says how much of it crosses nodes."""
     for name, value in (("tokens", tokens), ("top_k", top_k), ("dim", dim), ("ep", ep), ("value_bytes", value_bytes)):
         if not isinstance(value, int) or value < (0 if name == "tokens" else 1):
             raise ValueError(f"{name} must be a whole number of at least {0 if name == 'tokens' else 1}, got {value!r}")
-    return 2 * tokens * top_k * dim * value_bytes * (ep - 1) / ep
+    return routed_all_to_all_bytes(even_routing(tokens, top_k, ep, ep), 0, dim, value_bytes)
 
 
 # --- calibration ---------------------------------------------------------------------------------

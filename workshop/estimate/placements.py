@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workshop.estimate.placements", description="Every dp x tp x pp "
                                      "x cp (x ep) placement of a long-context run or a mixture of experts, fastest "
                                      "first, and why the first wins. The cost model's `placements` command places "
-                                     "dp x tp x pp.")
+                                     "any model, with --cp and --ep.")
     parser.add_argument("example", choices=sorted(EXAMPLES), help="long-context: Llama 3 405B at 131,072 tokens on "
                         "16,384 H100; moe: Mixtral 8x7B on 64 H100")
     parser.add_argument("--gpus", type=positive(int), help="GPUs in all (default: the example's)")

@@ -87,6 +87,16 @@ def timed(fn, *, new_tokens: int, batch_size: int, device="cpu", repeats: int = 
     return out, Timing(new_tokens, batch_size, best)
 
 
+def fastest(fn, repeats: int = 1, device="cpu") -> float:
+    """Seconds of the fastest of `repeats` calls of `fn()` (each synchronised on CUDA, as `Timer` does)."""
+    best = float("inf")
+    for _ in range(repeats):
+        with Timer(device) as t:
+            fn()
+        best = min(best, t.elapsed)
+    return best
+
+
 def throughput(samples: int, seconds: float) -> float:
     """samples/s (or tokens/s when `samples` counts tokens)."""
     return samples / seconds if seconds > 0 else float("nan")

@@ -11,14 +11,13 @@ Memory here is in MB (1e6 bytes), as the notebook prints it: its models are smal
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
 from workshop import activation_checkpointing, models
 from workshop.base.hardware import device_type
 from workshop.base.tables import table, wrap
+from workshop.measure.metrics import fastest  # noqa: F401 (notebook 07 times with step_memory.fastest)
 
 MB = 1e6
 PARTS = ("params", "grads", "optimizer", "activations")  # a step's memory, in the order the notebook stacks it
@@ -62,22 +61,6 @@ def resnet_stages(resnet: nn.Module) -> dict[str, nn.Module]:
 
 
 # --- timing -----------------------------------------------------------------------------------------
-
-def fastest(fn, repeats: int, device="cpu") -> float:
-    """Seconds of the fastest of `repeats` calls of `fn()`; on CUDA synchronised before and after each (kernels run
-    asynchronously: without it the clock stops at the launch)."""
-    cuda = device_type(device) == "cuda"
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
 
 def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     """One forward and backward of the next-token loss, the gradients of the last one kept."""
