@@ -47,7 +47,7 @@ LONGEST_FIRST = (
     "tests/test_notebook_03.py",  # 104
     "tests/test_notebook_12.py",  # 101
     "tests/test_browser.py",  # 90
-    "tests/test_student_runs.py",  # about 90 (12 student copies to their last check)
+    "tests/test_student_runs.py",  # about 60 (a student copy of each lesson to its last check, at small sizes)
     "tests/test_notebook_11.py",  # 67
     "notebooks/03_task_parallelism.ipynb",  # 66
     "notebooks/01_baseline.ipynb",  # 64

@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_checks_as_committed, run_notebook
 from workshop.base import records
 
-NB11 = "notebooks/12_when_things_go_wrong.ipynb"
+NB12 = "notebooks/12_when_things_go_wrong.ipynb"
 CHILDREN = ("workshop.launch.faults", "workshop.launch.doctor", "workshop.reshard")
 CHECKS_OF_FAULTS = "92a06525"  # the checked cell of sections 2 and 3, which provoke = False leaves out
 
@@ -25,12 +25,12 @@ def children_running() -> list[str]:
 
 
 @pytest.mark.multirank
-def test_11_on_two_local_ranks(runs):
-    out = run_notebook("--nproc", 2, NB11, "-p", "provoke", "False")
+def test_12_on_two_local_ranks(runs):
+    out = run_notebook("--nproc", 2, NB12, "-p", "provoke", "False")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
     text = (run / "12_when_things_go_wrong.ipynb").read_text()
-    assert_checks_as_committed(run / "12_when_things_go_wrong.ipynb", NB11, skip=(CHECKS_OF_FAULTS,))
+    assert_checks_as_committed(run / "12_when_things_go_wrong.ipynb", NB12, skip=(CHECKS_OF_FAULTS,))
     assert "sections 2 and 3 not run (provoke = False)" in text
     for line in ("one-GPU batch size per rank differs from one process: True",
                  "BatchNorm per rank differs from one process:          True",

@@ -69,8 +69,20 @@ WRONG = {
         return max(times, key=lambda t: statistics.median(t["wait_s"]))["rank"]  # the one that waits longest""",
                                 "which waits longest"),
 }
-# Smaller runs of the cells before the checks (as papermill's -p would give them)
-SMALL = {"11_inference": {"train_steps": 10, "max_new_tokens": 8},
+# Smaller runs of the cells before the checks (as papermill's -p would give them): the checks test the exercises on
+# inputs of their own, so the lesson's sizes only cost time here (the sizes of each notebook's own tests)
+SMALL = {"01_baseline": {"epochs": 1, "num_train": 512, "num_test": 256, "profile_steps": 1},
+         "02_single_device_performance": {"dataset": "synthetic", "batch_size": 8, "steps": 2, "warmup": 1,
+                                          "profile_steps": 1},
+         "03_task_parallelism": {"lrs": "0.05,0.2", "steps": 3, "num_train": 256, "num_test": 128},
+         "04_data_parallel": {"batch_size": 8, "steps": 2, "warmup": 1, "profile_steps": 1},
+         "05_ddp": {"split_models": "small_cnn,vit_tiny", "split_steps": 1, "allreduce_sizes": "4KiB,1MiB",
+                    "scaling_steps": 3},
+         "07_memory": {"timing_repeats": 2, "sizes": "64x4"},
+         "08_tensor_parallelism": {"steps": 2, "seq_len": 16},
+         "09_pipeline_parallelism": {"bubble_microbatches": "1,4", "timing_repeats": 1},
+         "10_long_sequences_and_experts": {"seq_len": 512, "seq_lens": "128,256", "timing_repeats": 1},
+         "11_inference": {"train_steps": 10, "max_new_tokens": 8},
          "12_when_things_go_wrong": {"provoke": False, "straggle_steps": 3}}
 LESSONS = sorted(p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb") if student.exercises(
     json.loads(p.read_text())))

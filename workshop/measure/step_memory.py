@@ -4,7 +4,7 @@ notebook 07, whose cells keep the measurements themselves (`memory.saved_for_bac
 
     model = step_memory.tinygpt("cpu", "full", seed=0)                  # the same weights, every block checkpointed
     x, y = step_memory.token_batch(4, 64, seed=0)                        # (4, 64) tokens and their next tokens
-    seconds = step_memory.fastest(lambda: step_memory.forward_backward(model, x, y), repeats=10)
+    seconds = metrics.fastest(lambda: step_memory.forward_backward(model, x, y), repeats=10)
 
 Memory here is in MB (1e6 bytes), as the notebook prints it: its models are small and its figures compare bytes.
 """
@@ -17,7 +17,7 @@ from torch import nn
 from workshop import activation_checkpointing, models
 from workshop.base.hardware import device_type
 from workshop.base.tables import table, wrap
-from workshop.measure.metrics import fastest  # noqa: F401 (notebook 07 times with step_memory.fastest)
+from workshop.measure.metrics import fastest
 
 MB = 1e6
 PARTS = ("params", "grads", "optimizer", "activations")  # a step's memory, in the order the notebook stacks it
