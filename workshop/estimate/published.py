@@ -190,13 +190,17 @@ NARAYANAN = ("Narayanan et al. 2021, Efficient Large-Scale Language Model Traini
 NARAYANAN_FACTS = ("DGX A100 80 GB, 8 per node on NVLink/NVSwitch, 8 x 200 Gb/s HDR InfiniBand per node (sec. 5); "
                    "vocabulary 51,200, sequence 2048 (sec. 5.1); FLOPs by eq. 3; {shape}: by eq. 2 these give the "
                    "table's {n}B parameters")
-ZERO3_LACKS = ("DeepSpeed ZeRO-3's own cost of gathering: from 768 GPUs on, the published step takes as long when "
-               "the GPUs double (a traffic per GPU that does not shrink, moved well below NCCL's rate on these links); "
-               "the model, at NCCL's rate, hides it behind the compute. With each GPU's gathers through its own NIC "
-               "(the sensitivity table) it comes closer; nothing here says DeepSpeed's did. DeepSpeed's ZeRO-3 of the "
-               "time gathered well below the link's rate (DeepSpeed issue #1174, June 2021, version 0.3.16: a forward "
-               "of 480 ms under ZeRO-3 against 60 ms under ZeRO-2 on one 8 x A100 NVLink server; grouped all-gathers "
-               "came later, pull request #1188), but no rate that would price the gathers is published")
+ZERO3_LACKS = ("gathers whose time grows with the GPU count: from 768 GPUs on, the published step takes as long when "
+               "the GPUs double, while the model's gathers, at the rate DeepSpeed issue #1174 measured inside one "
+               "8-GPU node (terms.gather_rate), take as long at every count and only the compute halves; the same "
+               "gathers leave the base so little of its step that its GEMMs are calibrated well above PTD-P's on the "
+               "same GPUs (the bases table). Gathers that slow with the nodes they cross (NCCL's ring has p - 1 "
+               "steps; DeepSpeed fetching module by module, many small operations) would take less at the base and "
+               "more at scale; no measurement of DeepSpeed's gathers across nodes is cited here")
+DEEPSPEED = ("ZeRO-3 without model parallelism, fp16 gathers and gradients; 'We integrated ZeRO into our codebase "
+             "using the DeepSpeed Python library' (sec. 5.2): DeepSpeed's ZeRO-3 as of the paper (arXiv:2104.04473, "
+             "April 2021), before DeepSpeed's pull request #1188 (June 2021) made its gathers faster "
+             "(implementation 'deepspeed-2021', terms.gather_rate)")
 SHAPES = {175: (96, 12288, 174.6e9), 530: (105, 20480, 529.6e9)}
 
 
@@ -215,7 +219,7 @@ def _narayanan(virtual: int = 1, dp_grad_bytes: int = 4, tp_allreduces: int = 6,
             units = layers + 1 if zero3_units == "layer" else 6 * layers
             return Setup(gpus, "fsdp", a100, "a100-80", megatron_flops(batch, 2048, layers, dim, 51200) / gpus, n,
                          layers, dim, 2048, micro_batch=mb, gather_bytes=2, grad_bytes=2, units=units,
-                         recompute=True)
+                         recompute=True, implementation="deepspeed-2021")
 
         def ptdp(gpus):
             dp = gpus // (8 * pp)
@@ -229,7 +233,7 @@ def _narayanan(virtual: int = 1, dp_grad_bytes: int = 4, tp_allreduces: int = 6,
             out.append(Row("narayanan2021", f"ZeRO-3 {size}B, {gpus} GPUs", f"ZeRO-3 {size}B", "throughput", tflops, zb,
                            zero3(gpus, batch, mb), f"Table 2: ZeRO-3 {size}B, {z_rows[0][3]} TFLOP/s per GPU on "
                            f"{z_rows[0][0]} GPUs, {tflops} on {gpus} (batch {batch}, micro-batch {mb})",
-                           facts + "; ZeRO-3 without model parallelism, fp16 gathers and gradients",
+                           facts + "; " + DEEPSPEED,
                            base_published=z_rows[0][3], base_rate=z_rows[0][3] * 1e12, lacks=ZERO3_LACKS))
         pb = ptdp(p_rows[0][0])
         for gpus, tflops in p_rows[1:]:
@@ -297,8 +301,8 @@ SOURCES = {s.key: s for s in (
                (("fp16", {"dp_grad_bytes": 2}),)),
         Choice("PTD-P TP all-reduces per layer", "6", "activations recomputed (eq. 3 counts the recomputation)",
                (("4", {"tp_allreduces": 4}),)),
-        Choice("ZeRO-3 gather unit", "one transformer layer", "FSDP's usual wrapping; DeepSpeed gathers each "
-               "module's parameters, prefetching several", (("each module: 6 per layer", {"zero3_units": "module"}),))),
+        Choice("ZeRO-3 gather unit", "one transformer layer", "FSDP's usual wrapping; DeepSpeed fetches module by "
+               "module (#1188's fetch_sub_module)", (("each module: 6 per layer", {"zero3_units": "module"}),))),
            left_out="Table 1 (weak scaling over model sizes: model and batch change with the GPUs) and the figures"),
     Source("llama3", LLAMA3, _llama3, (
         Choice("micro-batch", "1 sequence", "Table 4 gives the batch per DP group, not the micro-batch",

@@ -6,6 +6,11 @@ validation against published results (`workshop.estimate.validation`) and the st
     DDP, FSDP   each GPU runs `microbatches` micro-batches and reduces once: DDP's buckets overlap the last
                 micro-batch's backward (`steps.ddp_step`); FSDP gathers once per step and reduce-scatters after the
                 last backward, prefetched unit by unit (`steps.fsdp_step`, as with reshard_after_forward=False)
+    ZeRO-3      DeepSpeed's as of early 2021 (`implementation` "deepspeed-2021"): every micro-batch gathers each
+                unit before its forward and again before its backward, synchronously (not behind compute), at the
+                rate `terms.gather_rate` derives from DeepSpeed issue #1174 or the links' where slower; the
+                gradients' reduce-scatter at the links' rate, beside the next unit's backward as FSDP's
+                (`Options.deepspeed_*` the alternatives)
     TP x DP     Megatron 2019: TP all-reduces on the critical path, then the gradients' all-reduce, not overlapped
     3D          TP x PP x DP: each micro-batch t = compute + TP all-reduces + the sends between stages; the step
                 (m + (p - 1) / v) t (Narayanan et al. 2021, sec. 2.2) + the data-parallel communication not hidden
@@ -23,8 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from workshop.estimate import terms
-from workshop.estimate.network import AlphaBeta, Cluster
-from workshop.estimate.steps import DDP_BUCKET_BYTES, ddp_step, fsdp_step, tp_comm
+from workshop.estimate.network import AlphaBeta, Cluster, all_gather, reduce_scatter
+from workshop.estimate.steps import BACKWARD_SHARE, DDP_BUCKET_BYTES, ddp_step, fsdp_step, tp_comm
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class Setup:
     units: int | None = None  # FSDP units (default: layers + 1)
     tp_allreduces: int = 4
     recompute: bool = False  # activations recomputed in the backward (a third pass of the forward)
+    implementation: str = "fsdp"  # how "fsdp" runs: "fsdp" (prefetched, the links' rate) or "deepspeed-2021"
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,11 @@ class Options:
     False prices every link at zero (the compute-only control); bandwidth, latency: scales of every link; node_rings:
     a node's GPUs cross the network together (NCCL's rings, one per NIC), else each through its own NIC;
     elementwise: the duplicated elementwise work, its passes scaled (0: off); straggler: the band of identical GPUs'
-    step times, the slowest of the step's GPUs setting its pace (0: off)."""
+    step times, the slowest of the step's GPUs setting its pace (0: off); deepspeed: a "deepspeed-2021" setup's own
+    gathers (False: run as "fsdp"), at `deepspeed_rate` bytes/s per GPU, `deepspeed_gathers` per unit and
+    micro-batch (2: forward, backward; 3: the recomputed forward too), prefetched behind compute if
+    `deepspeed_overlap`, its reduce-scatter `deepspeed_reduce`: "overlapped" (NCCL's rate, behind the next unit's
+    backward), "exposed" (NCCL's rate, after it) or "synchronous" (at `deepspeed_rate`, after it)."""
 
     curve: bool = True
     slowdown_blocks: int = terms.COMM_BLOCKS
@@ -74,6 +84,11 @@ class Options:
     node_rings: bool = True
     elementwise: float = 1.0  # scale of the elementwise passes counted (0: term off)
     straggler: float = terms.SPREAD
+    deepspeed: bool = True
+    deepspeed_rate: float = terms.DEEPSPEED_2021_RATE
+    deepspeed_gathers: int = 2
+    deepspeed_overlap: bool = False
+    deepspeed_reduce: str = "overlapped"
 
 
 MODEL = Options()
@@ -106,6 +121,10 @@ def step_time(s: Setup, rate: float, o: Options = MODEL, ref_efficiency: float =
     compute = (s.work / rate * ref_efficiency / efficiency(s, o) + elementwise(s, o)) * pace
     slow = terms.overlap_slowdown(s.gpu, o.slowdown_blocks) if o.comm else 0.0
     n, ring = s.params, None if o.node_rings else 1
+    if s.implementation not in ("fsdp", "deepspeed-2021"):
+        raise ValueError(f"unknown implementation {s.implementation!r}")
+    if s.strategy == "fsdp" and s.implementation == "deepspeed-2021" and o.deepspeed:
+        return _deepspeed_2021(s, compute, cl, o, slow, ring)
     if s.strategy in ("ddp", "fsdp"):
         m = s.microbatches
         def run(overlap):
@@ -141,3 +160,31 @@ def step_time(s: Setup, rate: float, o: Options = MODEL, ref_efficiency: float =
         on = run(True)
         dp_s = on + slow * (run(False) - on)
     return m * t + bubble + dp_s
+
+
+def _deepspeed_2021(s: Setup, compute: float, cl: Cluster, o: Options, slow: float, ring: int | None) -> float:
+    """A ZeRO-3 step of DeepSpeed before its pull request #1188 (module docstring): per micro-batch and unit,
+    `o.deepspeed_gathers` gathers at `o.deepspeed_rate` (the links' time where slower), not overlapped; the forward
+    and backward compute; the reduce-scatter as `o.deepspeed_reduce` says."""
+    u, m, p = s.units or s.layers + 1, s.microbatches, s.gpus
+    unit_bytes, grad_bytes = s.gather_bytes * s.params / u, s.grad_bytes * s.params / u
+    link = all_gather(unit_bytes, p, cl, ring)
+    ag = terms.synchronous_gather_seconds(unit_bytes, p, o.deepspeed_rate, link) if o.comm and p > 1 else 0.0
+    rs = reduce_scatter(grad_bytes, p, cl, ring) if p > 1 else 0.0
+    if o.deepspeed_reduce == "synchronous":
+        rs = terms.synchronous_gather_seconds(grad_bytes, p, o.deepspeed_rate, rs) if o.comm and p > 1 else 0.0
+    elif o.deepspeed_reduce not in ("overlapped", "exposed"):
+        raise ValueError(f"unknown deepspeed_reduce {o.deepspeed_reduce!r}")
+    f, b = (1 - BACKWARD_SHARE) * compute / (m * u), BACKWARD_SHARE * compute / (m * u)
+    if o.deepspeed_overlap:  # the alternative: prefetched one unit ahead at that rate, as steps.fsdp_step
+        if o.deepspeed_gathers != 2 or o.deepspeed_reduce != "overlapped":
+            raise ValueError("prefetched gathers are priced with 2 gathers and the reduce-scatter overlapped")
+        on = ag + (u - 1) * max(f, ag) + f + ag + (u - 1) * max(b, ag + rs) + b + rs
+        hidden = u * (f + b + 2 * ag + rs) - on
+        return m * (on + slow * hidden)
+    gathers = o.deepspeed_gathers * u * ag
+    if o.deepspeed_reduce == "overlapped":  # each unit's reduce-scatter beside the next unit's backward
+        on = u * f + b + (u - 1) * max(b, rs) + rs
+        hidden = u * (f + b) + u * rs - on
+        return m * (gathers + on + slow * hidden)
+    return m * (gathers + u * (f + b + rs))
