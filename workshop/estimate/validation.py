@@ -134,7 +134,7 @@ TERMS = (("per-GPU batch GEMM efficiency (roofline)", {"curve": False}),
          ("pipeline schedule (fill and drain)", {"bubble": False}),
          ("elementwise work TP leaves whole", {"elementwise": 0.0}),
          ("the slowest GPU setting the step (stragglers)", {"straggler": 0.0}),
-         ("DeepSpeed ZeRO-3's gathers of 2021 (synchronous, #1174's rate)", {"deepspeed": False}))
+         ("DeepSpeed ZeRO-3's gathers of 2021 (tensor by tensor, synchronous)", {"deepspeed": False}))
 
 GLOBAL_CHOICES = (
     ("collectives across nodes", "a node's GPUs together, one ring per NIC (NCCL)",
@@ -148,15 +148,16 @@ GLOBAL_CHOICES = (
      (("half", {"elementwise": 0.5}), ("twice", {"elementwise": 2.0}))),
     ("band of identical GPUs' speeds", f"{terms.SPREAD:.0%}", "Sinha et al. 2022's average over clusters; no row's "
      "paper measures its own GPUs", (("22%: the largest average they report", {"straggler": 0.22}),)),
-    ("DeepSpeed ZeRO-3's gathers (2021)", f"synchronous, {terms.DEEPSPEED_2021_RATE / 1e9:.1f} GB/s per GPU "
-     "(#1174), forward and backward, the reduce-scatter at the links' rate behind the next unit's backward",
-     "#1188: the gathers before it 'not async at all'; the rows (April 2021) predate it; the backward must re-gather "
-     "what the forward released; nothing cited prices DeepSpeed's reduce-scatter",
-     ((f"after #1188, {terms.DEEPSPEED_1188_RATE / 1e9:.1f} GB/s", {"deepspeed_rate": terms.DEEPSPEED_1188_RATE}),
-      ("prefetched behind compute, #1174's rate", {"deepspeed_overlap": True}),
-      ("the reduce-scatter after the backward", {"deepspeed_reduce": "exposed"}),
-      ("the reduce-scatter synchronous at #1174's rate", {"deepspeed_reduce": "synchronous"}),
-      ("a third gather for the recomputed forward", {"deepspeed_gathers": 3}))),
+    ("DeepSpeed ZeRO-3's gathers (2021)", f"tensor by tensor, synchronous, {terms.DEEPSPEED_2021_OP * 1e6:.0f} us "
+     "each besides the links' time (#1069); before forward, recomputed forward and backward; the reduce-scatter at "
+     "the links' rate behind the next unit's backward", "#1069 timed one gather (130 + 250 us) and #1188 found each "
+     "one synchronous; at that cost bing_bert's 1,040 tensors take the 420 ms #1174 measured; the rows recompute "
+     "(eq. 3), and ZeRO-3 releases what each forward used; nothing cited prices DeepSpeed's reduce-scatter",
+     ((f"#1174 read per byte, {terms.DEEPSPEED_2021_RATE / 1e9:.1f} GB/s, 2 gathers",
+       {"deepspeed_rate": terms.DEEPSPEED_2021_RATE, "deepspeed_gathers": 2}),
+      ("#1069's rounder 0.5 ms per tensor", {"deepspeed_op": 0.5e-3}),
+      ("2 gathers: none for the recomputed forward", {"deepspeed_gathers": 2}),
+      ("the reduce-scatter after the backward", {"deepspeed_reduce": "exposed"}))),
 )
 
 
