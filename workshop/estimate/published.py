@@ -151,7 +151,9 @@ TRAINY = "torchtitan, benchmarks/llama3_8b_h200_2025-06_torchtitan.md (Trainy, J
 JITTER = ("what slows more hosts against fewer beyond FSDP's collectives and the slowest GPU of a static 8% band "
           "(terms.straggler_factor, Sinha et al. 2022): step-to-step jitter between hosts (the slowest GPU changing "
           "from step to step, which a static band does not grow with), for which no measured distribution is cited "
-          "here; the published throughput is one reading, at one step")
+          "here. The published throughput is one reading per count, and the counts may not share hardware: "
+          "torchtitan's authors found that their runs spanned regions, a 128-GPU run faster than the 8-GPU one for "
+          "that reason (torchtitan issue #619), so a loss of 2 points lies within such differences")
 
 
 def _llama8b(gpus, cluster, gpu, gather, grad) -> Setup:
