@@ -384,15 +384,17 @@ def _quiet_lightning() -> None:
     rank-zero notes (INFO; warnings still show), its hint to use srun (the processes were started
     by srun or torchrun already, and the plugin tells it so), a deprecation inside its own code, a
     validation step left unused on purpose, and its advice to sync epoch metrics (in a world of one
-    process there is nothing to sync; with more ranks they are synced)."""
+    process there is nothing to sync; with more ranks they are synced). The warning filters go in at every call:
+    code that restores the filters it found (`warnings.catch_warnings`, as pytest does around each test) drops them
+    again, and Python keeps one copy of a filter added twice."""
     global _LIGHTNING_QUIET
-    if _LIGHTNING_QUIET:
-        return
-    _LIGHTNING_QUIET = True
     warnings.filterwarnings("ignore", message=r".*`srun` command is available")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no `val_dataloader`")
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True\)`")
+    if _LIGHTNING_QUIET:
+        return
+    _LIGHTNING_QUIET = True
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -412,7 +414,7 @@ def lightning_in_kernel():
     while the Trainer is built. No public route exists (checked on Lightning 2.6.6): DDPStrategy always builds a
     launcher that is not "interactive compatible", even when the cluster environment creates the processes itself,
     while ModelParallelStrategy builds none then. The patch lasts only while the Trainer is built; a script needs none
-    of it. What Lightning says that does not apply here is silenced once per process (`_quiet_lightning`)."""
+    of it. What Lightning says that does not apply here is silenced (`_quiet_lightning`)."""
     from lightning.pytorch.trainer.connectors import accelerator_connector
 
     _quiet_lightning()
