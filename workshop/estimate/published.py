@@ -308,8 +308,10 @@ SOURCES = {s.key: s for s in (
                (("2 sequences", {"micro_batch": 2}),)),
         Choice("pipeline chunks per GPU V", "8", "derived from sec. 3.3.2's first and last chunks (see the facts)",
                (("4", {"virtual": 4}), ("1: not interleaved", {"virtual": 1})))),
-           left_out="the CP 16 row of Table 4 (131,072 tokens): the step validated here (scaling.py) has no context "
-                    "parallelism yet; placements.py searches cp but is not scored"),
+           left_out="the CP 16 row of Table 4 (131,072 tokens, 380 TFLOP/s): at that length attention is more than "
+                    "half of the FLOPs the paper's count (PaLM's) gives, and it runs at the speed of its own kernels, "
+                    "of which no measurement is cited here, while the model prices every FLOP at the base's GEMM "
+                    "speed; placements.py searches cp but is not scored"),
 )}
 
 LEFT_OUT = ("Not in the set: the PyTorch FSDP paper (Zhao et al. 2023) and MegaScale's Megatron-LM baseline (Jiang "
