@@ -270,7 +270,7 @@ def test_the_collective_counter_counts_each_collective_and_its_whole_tensor(clea
         with collectives.CollectiveCounter() as counted:
             tdist.all_reduce(torch.ones(10))
             tdist.all_reduce(torch.ones(6, dtype=torch.float64))
-            tdist.all_gather_into_tensor(whole, part)
+            tdist.all_gather_single(whole, part)
             tdist.broadcast(torch.ones(3), src=0)
             torch.ones(4) * 2  # not a collective
         assert counted.calls == {"all_reduce": {"calls": 2, "bytes": 40 + 48}, "all_gather": {"calls": 1, "bytes": 32},
