@@ -214,7 +214,7 @@ def _narayanan(virtual: int = 1, dp_grad_bytes: int = 4, tp_allreduces: int = 6,
         layers, dim, n = SHAPES[size]
         facts = NARAYANAN_FACTS.format(shape=f"{layers} layers, hidden {dim}", n=n / 1e9)
 
-        def zero3(gpus, batch, mb):
+        def zero3(gpus, batch, mb):  # every unit as a layer's tensors: the last (embeddings, final LayerNorm) has 4
             return Setup(gpus, "fsdp", a100, "a100-80", megatron_flops(batch, 2048, layers, dim, 51200) / gpus, n,
                          layers, dim, 2048, micro_batch=mb, gather_bytes=2, grad_bytes=2, tensors=zero3_tensors,
                          recompute=True, implementation="deepspeed-2021")
